@@ -1,0 +1,434 @@
+"""The CA directory and the operations on it, each one locked and all-or-nothing.
+
+Every change goes through ``openssl req``/``openssl ca`` so that the directory
+stays a plain openssl CA that an operator can inspect with openssl alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from capsule_ca.errors import CAError
+from capsule_ca.profiles import Usage, render_extfile
+from capsule_ca.xmppaddr import check_bare_jid, san_jids
+
+MIN_RSA_BITS = 2048
+USER_DAYS = 365
+SERVER_DAYS = 825
+
+
+@dataclass(frozen=True)
+class CertRecord:
+    """One line of the CA's ``index.txt``."""
+
+    serial: str
+    status: str  # "valid", "revoked" or "expired"
+    subject: str  # the CN: a bare JID, or a domain for server certificates
+    usage: str
+    expires: dt.datetime
+    path: Path
+
+    def pem(self) -> bytes:
+        return self.path.read_bytes()
+
+
+@dataclass(frozen=True)
+class ServerFiles:
+    """What ``issue-server`` writes: the key, the certificate, cert+root, and cert+key."""
+
+    key: Path
+    cert: Path
+    chain: Path
+    combined: Path
+    serial: str
+
+
+def _asn1_time(value: str) -> dt.datetime:
+    fmt = "%y%m%d%H%M%SZ" if len(value) == 13 else "%Y%m%d%H%M%SZ"
+    return dt.datetime.strptime(value, fmt).replace(tzinfo=dt.UTC)
+
+
+def _openssl_time(value: dt.datetime) -> str:
+    return value.astimezone(dt.UTC).strftime("%Y%m%d%H%M%SZ")
+
+
+def _subject_field(subject: str, field: str) -> str:
+    for part in subject.split("/"):
+        key, _, val = part.partition("=")
+        if key == field:
+            return val
+    return ""
+
+
+def _dn_escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("/", "\\/").replace("+", "\\+")
+
+
+class Authority:
+    """A tier-one CA kept in ``directory``; ``passphrase`` unlocks the root key for signing."""
+
+    def __init__(self, directory: str | os.PathLike[str], passphrase: bytes | None = None):
+        self.dir = Path(directory).resolve()
+        self._passphrase = passphrase
+        if not (self.dir / "openssl.cnf").is_file() or not self.root_path.is_file():
+            raise CAError(f"{self.dir} is not a CA directory (run `capsule-ca init` first)")
+
+    # -- paths -----------------------------------------------------------------
+    @property
+    def root_path(self) -> Path:
+        return self.dir / "root.pem"
+
+    @property
+    def crl_path(self) -> Path:
+        return self.dir / "crl.pem"
+
+    @property
+    def root_pem(self) -> bytes:
+        return self.root_path.read_bytes()
+
+    # -- creation --------------------------------------------------------------
+    @classmethod
+    def init(
+        cls,
+        directory: str | os.PathLike[str],
+        name: str,
+        passphrase: bytes,
+        key_bits: int = 3072,
+        days: int = 3650,
+        crl_days: int = 30,
+    ) -> Authority:
+        """Create the directory layout, the encrypted root key and the self-signed root."""
+        target = Path(directory).resolve()
+        if len(passphrase) < 4:
+            raise CAError("the CA passphrase must have at least 4 characters")
+        if key_bits < 3072:
+            raise CAError(f"the root key must have at least 3072 bits, not {key_bits}")
+        if not name.strip() or any(c in name for c in "/\n\\"):
+            raise CAError(f"bad CA name {name!r}")
+        if target.exists() and any(target.iterdir()):
+            raise CAError(f"{target} exists and is not empty; refusing to overwrite a CA")
+        created = not target.exists()
+        try:
+            (target / "private").mkdir(parents=True, mode=0o700)
+            (target / "newcerts").mkdir()
+            template = resources.files("capsule_ca").joinpath("openssl.cnf.in").read_text()
+            config = (
+                template.replace("@DIR@", str(target).replace("$", "\\$"))
+                .replace("@NAME@", name)
+                .replace("@DAYS@", str(USER_DAYS))
+                .replace("@CRL_DAYS@", str(crl_days))
+            )
+            (target / "openssl.cnf").write_text(config)
+            (target / "index.txt").write_text("")
+            (target / "index.txt.attr").write_text("unique_subject = no\n")
+            (target / "serial").write_text(os.urandom(8).hex().upper().lstrip("0") + "\n")
+            (target / "crlnumber").write_text("01\n")
+            _run_openssl(
+                [
+                    "req", "-new", "-x509", "-config", str(target / "openssl.cnf"),
+                    "-newkey", f"rsa:{key_bits}", "-sha256", "-days", str(days),
+                    "-extensions", "v3_root", "-keyout", str(target / "private/root.key"),
+                    "-out", str(target / "root.pem"), "-passout", "fd:{fd}",
+                ],
+                passphrase,
+            )
+            os.chmod(target / "private/root.key", 0o600)
+        except BaseException:
+            if created:
+                shutil.rmtree(target, ignore_errors=True)
+            else:
+                for child in target.iterdir():
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+            raise
+        authority = cls(target, passphrase)
+        authority.gencrl()
+        return authority
+
+    # -- queries ---------------------------------------------------------------
+    def records(self) -> list[CertRecord]:
+        """Every certificate the CA has issued, in issuing order."""
+        now = dt.datetime.now(dt.UTC)
+        out = []
+        for line in (self.dir / "index.txt").read_text().splitlines():
+            fields = line.split("\t")
+            if len(fields) != 6:
+                continue
+            flag, expiry, _revoked, serial, _file, subject = fields
+            expires = _asn1_time(expiry)
+            status = {"V": "valid", "R": "revoked", "E": "expired"}[flag]
+            if status == "valid" and expires <= now:
+                status = "expired"
+            out.append(
+                CertRecord(
+                    serial=serial,
+                    status=status,
+                    subject=_subject_field(subject, "CN"),
+                    usage=_subject_field(subject, "OU"),
+                    expires=expires,
+                    path=self.dir / "newcerts" / f"{serial}.pem",
+                )
+            )
+        return out
+
+    def valid_for(self, jid: str, usage: Usage | None = None) -> list[CertRecord]:
+        return [
+            r
+            for r in self.records()
+            if r.status == "valid" and r.subject == jid and (usage is None or r.usage == usage.value)
+        ]
+
+    # -- issuance --------------------------------------------------------------
+    def issue(
+        self,
+        csr_pem: bytes,
+        jid: str,
+        usage: Usage,
+        email: str | None = None,
+        replace: bool = False,
+        not_before: dt.datetime | None = None,
+        not_after: dt.datetime | None = None,
+    ) -> CertRecord:
+        """Certify the CSR's key for ``jid`` (SAN id-on-xmppAddr) with the key usage of ``usage``."""
+        if usage is Usage.SERVER:
+            raise CAError("use issue-server for server certificates")
+        try:
+            check_bare_jid(jid)
+        except ValueError as exc:
+            raise CAError(str(exc)) from None
+        _check_csr(csr_pem, jid, email)
+        san = [("xmpp", jid)] + ([("email", email)] if email else [])
+        with self._transaction():
+            existing = self.valid_for(jid, usage)
+            if existing and not replace:
+                raise CAError(
+                    f"{jid} already has a valid {usage.value} certificate "
+                    f"(serial {existing[0].serial}); pass --replace to revoke it and issue anew"
+                )
+            for old in existing:
+                self._revoke_locked(old, "superseded")
+            return self._sign(csr_pem, usage, jid, san, not_before, not_after)
+
+    def issue_server(
+        self,
+        domain: str,
+        out_dir: str | os.PathLike[str],
+        fqdn: str | None = None,
+        ips: Sequence[str] = (),
+        key_bits: int = 2048,
+    ) -> ServerFiles:
+        """A TLS server key and certificate with SAN DNS for the domain (and FQDN), EKU serverAuth."""
+        if not domain or any(c in domain for c in "/@ \t\n"):
+            raise CAError(f"bad domain {domain!r}")
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        names = [("DNS", domain)] + ([("DNS", fqdn)] if fqdn and fqdn != domain else [])
+        names += [("IP", ip) for ip in ips]
+        with tempfile.TemporaryDirectory() as tmp:
+            key, csr = Path(tmp) / "key.pem", Path(tmp) / "csr.pem"
+            _run_openssl(
+                [
+                    "req", "-new", "-newkey", f"rsa:{key_bits}", "-nodes", "-keyout", str(key),
+                    "-out", str(csr), "-subj", f"/CN={_dn_escape(domain)}",
+                ]
+            )
+            with self._transaction():
+                record = self._sign(csr.read_bytes(), Usage.SERVER, domain, names, None, None)
+            files = ServerFiles(
+                key=out / "server.key",
+                cert=out / "server.crt",
+                chain=out / "chain.pem",
+                combined=out / "server.pem",
+                serial=record.serial,
+            )
+            cert = record.pem()
+            files.key.touch(mode=0o600)
+            files.key.write_bytes(key.read_bytes())
+            files.cert.write_bytes(cert)
+            files.chain.write_bytes(cert + self.root_pem)
+            files.combined.touch(mode=0o600)
+            files.combined.write_bytes(cert + key.read_bytes())
+        return files
+
+    # -- revocation ------------------------------------------------------------
+    def revoke(self, serial: str | None = None, jid: str | None = None) -> list[CertRecord]:
+        """Revoke one certificate by serial, or every valid certificate of a JID; refresh the CRL."""
+        if (serial is None) == (jid is None):
+            raise CAError("give exactly one of --serial or --jid")
+        with self._transaction():
+            if serial is not None:
+                wanted = serial.upper().lstrip("0")
+                targets = [r for r in self.records() if r.serial.lstrip("0") == wanted]
+                if not targets:
+                    raise CAError(f"no certificate with serial {serial}")
+                if targets[0].status == "revoked":
+                    raise CAError(f"certificate {serial} is already revoked")
+            else:
+                targets = [r for r in self.records() if r.subject == jid and r.status == "valid"]
+                if not targets:
+                    raise CAError(f"no valid certificate for {jid}")
+            for record in targets:
+                self._revoke_locked(record, "unspecified")
+            self._gencrl_locked()
+        return targets
+
+    def gencrl(self) -> Path:
+        """Write a fresh CRL signed by the root to ``crl.pem``."""
+        with self._transaction():
+            self._gencrl_locked()
+        return self.crl_path
+
+    # -- internals -------------------------------------------------------------
+    def _need_passphrase(self) -> bytes:
+        if self._passphrase is None:
+            raise CAError("this operation needs the CA passphrase")
+        return self._passphrase
+
+    def _check_passphrase(self) -> None:
+        try:
+            _run_openssl(
+                ["pkey", "-in", str(self.dir / "private/root.key"), "-passin", "fd:{fd}", "-noout"],
+                self._need_passphrase(),
+            )
+        except CAError:
+            raise CAError("wrong CA passphrase (cannot unlock the root key)") from None
+
+    def _ca(self, args: list[str]) -> None:
+        _run_openssl(
+            ["ca", "-batch", "-config", str(self.dir / "openssl.cnf"), "-passin", "fd:{fd}", *args],
+            self._need_passphrase(),
+        )
+
+    def _sign(
+        self,
+        csr_pem: bytes,
+        usage: Usage,
+        name: str,
+        san: list[tuple[str, str]],
+        not_before: dt.datetime | None,
+        not_after: dt.datetime | None,
+    ) -> CertRecord:
+        serial = (self.dir / "serial").read_text().strip()
+        with tempfile.TemporaryDirectory() as tmp:
+            csr, ext, cert = Path(tmp) / "req.pem", Path(tmp) / "ext.cnf", Path(tmp) / "out.pem"
+            csr.write_bytes(csr_pem)
+            ext.write_text(render_extfile(usage, san))
+            days = SERVER_DAYS if usage is Usage.SERVER else USER_DAYS
+            validity = ["-days", str(days)]
+            if not_before:
+                validity += ["-startdate", _openssl_time(not_before)]
+            if not_after:
+                validity += ["-enddate", _openssl_time(not_after)]
+            self._ca(
+                [
+                    "-notext", "-in", str(csr), "-out", str(cert), "-extfile", str(ext),
+                    "-extensions", "leaf", "-subj",
+                    f"/OU={usage.value}/CN={_dn_escape(name)}", *validity,
+                ]
+            )
+        for record in self.records():
+            if record.serial == serial:
+                return record
+        raise CAError(f"openssl ca did not record serial {serial}")
+
+    def _revoke_locked(self, record: CertRecord, reason: str) -> None:
+        self._ca(["-revoke", str(record.path), "-crl_reason", reason])
+
+    def _gencrl_locked(self) -> None:
+        with tempfile.NamedTemporaryFile(dir=self.dir, suffix=".tmp", delete=False) as tmp:
+            pass
+        try:
+            self._ca(["-gencrl", "-out", tmp.name])
+            _run_openssl(["crl", "-in", tmp.name, "-noout"])  # refuse to publish a CRL openssl can't read
+            os.replace(tmp.name, self.crl_path)
+        finally:
+            Path(tmp.name).unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """Hold the CA lock; on any failure put every file back as it was."""
+        with open(self.dir / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._check_passphrase()
+            before = {p: p.read_bytes() for p in self.dir.iterdir() if p.is_file()}
+            certs = set((self.dir / "newcerts").iterdir())
+            try:
+                yield
+            except BaseException:
+                for path in self.dir.iterdir():
+                    if path.is_file() and path not in before:
+                        path.unlink()
+                for path, data in before.items():
+                    path.write_bytes(data)
+                for path in set((self.dir / "newcerts").iterdir()) - certs:
+                    path.unlink()
+                raise
+
+
+def _check_csr(csr_pem: bytes, jid: str, email: str | None) -> None:
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError:
+        raise CAError("the CSR is not a PEM certificate request") from None
+    if not csr.is_signature_valid:
+        raise CAError("the CSR's self-signature does not verify")
+    key = csr.public_key()
+    if not isinstance(key, rsa.RSAPublicKey) or key.key_size < MIN_RSA_BITS:
+        raise CAError(f"the CSR must carry an RSA key of at least {MIN_RSA_BITS} bits")
+    try:
+        san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return
+    except ValueError as exc:
+        raise CAError(f"the CSR has a malformed extension: {exc}") from None
+    try:
+        asked = san_jids(san)
+    except ValueError as exc:
+        raise CAError(f"the CSR's xmppAddr is malformed: {exc}") from None
+    if any(j != jid for j in asked):
+        raise CAError(f"the CSR asks for {', '.join(asked)} but the certificate is for {jid}")
+    emails = san.get_values_for_type(x509.RFC822Name)
+    if any(e != email for e in emails):
+        raise CAError(f"the CSR asks for e-mail {', '.join(emails)}, not {email or 'none'}")
+    if san.get_values_for_type(x509.DNSName):
+        raise CAError("a user CSR must not ask for DNS names")
+
+
+def _run_openssl(args: list[str], secret: bytes | None = None) -> str:
+    """Run ``openssl``; ``{fd}`` in args becomes a pipe carrying ``secret`` (never argv or env)."""
+    read_fd = write_fd = -1
+    try:
+        if secret is not None:
+            read_fd, write_fd = os.pipe()
+            os.write(write_fd, secret + b"\n")
+            os.close(write_fd)
+            write_fd = -1
+            args = [a.replace("{fd}", str(read_fd)) for a in args]
+        proc = subprocess.run(
+            ["openssl", *args],
+            capture_output=True,
+            text=True,
+            pass_fds=(read_fd,) if read_fd >= 0 else (),
+            check=False,
+        )
+    finally:
+        for fd in (read_fd, write_fd):
+            if fd >= 0:
+                os.close(fd)
+    if proc.returncode != 0:
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        detail = next((ln for ln in lines if "error" in ln.lower()), lines[-1] if lines else "")
+        raise CAError(f"openssl {args[0]} failed: {detail.strip()}")
+    return proc.stdout

@@ -1,0 +1,140 @@
+"""``capsule-ca``: the command line of the tier-one CA."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import sys
+from pathlib import Path
+
+from capsule_ca.authority import Authority
+from capsule_ca.errors import CAError
+from capsule_ca.profiles import Usage
+
+PASSPHRASE_ENV = "CAPSULE_CA_PASSPHRASE"
+
+
+def read_passphrase(args: argparse.Namespace, confirm: bool = False) -> bytes:
+    """From --passphrase-file, then $CAPSULE_CA_PASSPHRASE, then a prompt (twice when creating)."""
+    if args.passphrase_file:
+        try:
+            text = Path(args.passphrase_file).read_text().rstrip("\r\n")
+        except OSError as exc:
+            raise CAError(f"cannot read passphrase file: {exc.strerror}") from None
+        return text.encode()
+    if os.environ.get(PASSPHRASE_ENV):
+        return os.environ[PASSPHRASE_ENV].encode()
+    if not sys.stdin.isatty():
+        raise CAError(f"no passphrase: use --passphrase-file, ${PASSPHRASE_ENV} or a terminal")
+    first = getpass.getpass("CA passphrase: ")
+    if confirm and getpass.getpass("Repeat the CA passphrase: ") != first:
+        raise CAError("the passphrases differ")
+    return first.encode()
+
+
+def _authority(args: argparse.Namespace) -> Authority:
+    return Authority(args.dir, read_passphrase(args))
+
+
+def cmd_init(args: argparse.Namespace) -> None:
+    ca = Authority.init(args.dir, args.name, read_passphrase(args, confirm=True), args.key_bits)
+    print(f"CA {args.name!r} created in {ca.dir}; root certificate: {ca.root_path}")
+
+
+def cmd_issue_server(args: argparse.Namespace) -> None:
+    out = args.out or Path(args.dir) / "servers" / args.domain
+    files = _authority(args).issue_server(args.domain, out, args.fqdn, args.ip or [])
+    print(f"serial {files.serial}: key {files.key}, cert {files.cert}, chain {files.chain}, "
+          f"cert+key {files.combined}")
+
+
+def cmd_issue(args: argparse.Namespace) -> None:
+    try:
+        csr = Path(args.csr).read_bytes()
+    except OSError as exc:
+        raise CAError(f"cannot read CSR {args.csr}: {exc.strerror}") from None
+    record = _authority(args).issue(csr, args.jid, Usage(args.usage), args.email, args.replace)
+    if args.out:
+        Path(args.out).write_bytes(record.pem())
+        print(f"serial {record.serial}: {args.usage} certificate for {args.jid} -> {args.out}")
+    else:
+        sys.stdout.write(record.pem().decode())
+
+
+def cmd_revoke(args: argparse.Namespace) -> None:
+    for record in _authority(args).revoke(serial=args.serial, jid=args.jid):
+        print(f"revoked {record.serial} ({record.usage} {record.subject})")
+
+
+def cmd_crl(args: argparse.Namespace) -> None:
+    print(_authority(args).gencrl())
+
+
+def cmd_list(args: argparse.Namespace) -> None:
+    ca = Authority(args.dir)
+    print(f"{'SERIAL':<18} {'JID / DOMAIN':<36} {'USAGE':<8} {'STATUS':<8} EXPIRES")
+    for r in ca.records():
+        print(f"{r.serial:<18} {r.subject:<36} {r.usage:<8} {r.status:<8} "
+              f"{r.expires:%Y-%m-%d %H:%M}Z")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="capsule-ca", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help_text: str, secret: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("dir", help="the CA directory")
+        if secret:
+            p.add_argument("--passphrase-file", help=f"file holding the CA passphrase "
+                           f"(else ${PASSPHRASE_ENV}, else a prompt)")
+        return p
+
+    p = command("init", "create a CA: encrypted root key and self-signed root certificate")
+    p.add_argument("--name", required=True, help="the CA's name (subject O and CN)")
+    p.add_argument("--key-bits", type=int, default=3072, help="root RSA key size (default 3072)")
+    p.set_defaults(func=cmd_init)
+
+    p = command("issue-server", "issue a TLS server key and certificate")
+    p.add_argument("--domain", required=True, help="the XMPP domain (SAN DNS)")
+    p.add_argument("--fqdn", help="the host's FQDN, also put in the SAN (Openfire needs both)")
+    p.add_argument("--ip", action="append", help="an IP address for the SAN (repeatable)")
+    p.add_argument("--out", help="output directory (default DIR/servers/DOMAIN)")
+    p.set_defaults(func=cmd_issue_server)
+
+    p = command("issue", "certify a user's CSR for a bare JID")
+    p.add_argument("--csr", required=True, help="the PEM certificate request")
+    p.add_argument("--jid", required=True, help="the bare JID to bind (SAN id-on-xmppAddr)")
+    p.add_argument("--email", help="an e-mail address for the SAN (rfc822Name)")
+    p.add_argument("--usage", required=True, choices=[u.value for u in Usage if u is not Usage.SERVER])
+    p.add_argument("--replace", action="store_true",
+                   help="revoke the JID's valid certificate of this usage and issue a new one")
+    p.add_argument("--out", help="write the certificate here (default: standard output)")
+    p.set_defaults(func=cmd_issue)
+
+    p = command("revoke", "revoke a certificate by serial, or all of a JID's valid ones")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--serial")
+    group.add_argument("--jid")
+    p.set_defaults(func=cmd_revoke)
+
+    command("crl", "write a fresh CRL to DIR/crl.pem").set_defaults(func=cmd_crl)
+    command("list", "list issued certificates", secret=False).set_defaults(func=cmd_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except CAError as exc:
+        print(f"capsule-ca: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

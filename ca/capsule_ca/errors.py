@@ -1,0 +1,5 @@
+"""Errors of the CA: each carries one line a user can act on."""
+
+
+class CAError(Exception):
+    """A CA operation was refused or failed; the CA directory is unchanged."""

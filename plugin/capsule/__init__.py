@@ -1,0 +1,1 @@
+"""Capsule: end-to-end encrypted, signed encapsulated messages for slixmpp."""
