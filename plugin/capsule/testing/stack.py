@@ -1,0 +1,460 @@
+"""A private XMPP stack on loopback: MariaDB plus ejabberd or Prosody, TLS from our own CA.
+
+Everything lives in one directory (configs, data, logs, the CA, ``stack.json`` with ports and
+PIDs), so several stacks can run side by side and ``stop`` only ever ends its own processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import string
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from capsule_ca import Authority, CAError
+from capsule.testing.processes import (
+    StackError,
+    free_port,
+    log_tail,
+    pid_alive,
+    port_open,
+    terminate,
+    wait_for,
+)
+from capsule.testing.xmpp import LoginError, probe_login, run_sync
+
+SERVERS = ("ejabberd", "prosody")
+DEFAULT_DOMAIN = "capsule.test"
+OFFLINE_QUOTA = 10000
+MAX_SESSIONS = 50
+PROBE_USER = "capsule-probe"
+
+
+def _render(template: str, target: Path, **values: Any) -> None:
+    text = resources.files("capsule.testing").joinpath("templates", template).read_text()
+    target.write_text(string.Template(text).substitute(values))
+
+
+def _run(cmd: list[str], what: str, env: dict[str, str] | None = None, stdin: str = "") -> str:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, input=stdin, check=False)
+    if proc.returncode != 0:
+        raise StackError(f"{what} failed: {(proc.stderr or proc.stdout).strip()[-400:]}")
+    return proc.stdout
+
+
+@dataclass
+class StackState:
+    """What ``stack.json`` records about a started stack."""
+
+    server: str
+    domain: str
+    dir: str
+    ca_dir: str
+    c2s_port: int
+    db_port: int
+    http_port: int = 0
+    db_password: str = field(default_factory=lambda: secrets.token_hex(12))
+    probe_password: str = field(default_factory=lambda: secrets.token_hex(12))
+    pids: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ca_root(self) -> Path:
+        return Path(self.ca_dir) / "root.pem"
+
+    @property
+    def db_name(self) -> str:
+        return self.server
+
+    def exports(self) -> str:
+        values = {
+            "CAPSULE_SERVER": self.server,
+            "CAPSULE_DOMAIN": self.domain,
+            "CAPSULE_HOST": "127.0.0.1",
+            "CAPSULE_C2S_PORT": str(self.c2s_port),
+            "CAPSULE_HTTP_PORT": str(self.http_port),
+            "CAPSULE_DB_PORT": str(self.db_port),
+            "CAPSULE_DB_SOCKET": str(Path(self.dir) / "mariadb/mysqld.sock"),
+            "CAPSULE_CA_DIR": self.ca_dir,
+            "CAPSULE_CA_ROOT": str(self.ca_root),
+        }
+        return "\n".join(f"export {k}={json.dumps(v)}" for k, v in values.items())
+
+
+class MariaDB:
+    """A private mariadbd with its own datadir, socket and port."""
+
+    def __init__(self, state: StackState):
+        self.state = state
+        self.dir = Path(state.dir) / "mariadb"
+        self.cnf = self.dir / "my.cnf"
+
+    def start(self) -> int:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _render("my.cnf", self.cnf, dir=self.dir, port=self.state.db_port)
+        if not (self.dir / "data/mysql").is_dir():
+            _run(
+                ["mariadb-install-db", f"--defaults-file={self.cnf}", "--skip-test-db",
+                 "--auth-root-authentication-method=socket"],
+                "mariadb-install-db",
+            )
+        log = open(self.dir / "mariadbd.out", "ab")  # noqa: SIM115 - handed to the child
+        proc = subprocess.Popen(
+            ["mariadbd", f"--defaults-file={self.cnf}"],
+            stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+        log.close()
+        ping = ["mariadb-admin", f"--defaults-file={self.cnf}", "ping"]
+        ready = wait_for(
+            lambda: subprocess.run(ping, capture_output=True, check=False).returncode == 0
+            or proc.poll() is not None,
+            30,
+        )
+        if not ready or proc.poll() is not None:
+            raise StackError(f"MariaDB did not start:\n{log_tail(self.dir / 'mariadb.log')}")
+        return proc.pid
+
+    @property
+    def marker(self) -> str:
+        return str(self.cnf)
+
+    def sql(self, statement: str, database: str | None = None) -> str:
+        cmd = ["mariadb", f"--defaults-file={self.cnf}", "-N", "-B"]
+        return _run(cmd + ([database] if database else []), "SQL", stdin=statement)
+
+    def ensure_database(self, name: str, user: str, password: str) -> None:
+        grants = "".join(
+            f"CREATE USER IF NOT EXISTS '{user}'@'{host}' IDENTIFIED BY '{password}';"
+            f"ALTER USER '{user}'@'{host}' IDENTIFIED BY '{password}';"
+            f"GRANT ALL ON `{name}`.* TO '{user}'@'{host}';"
+            for host in ("127.0.0.1", "localhost")
+        )
+        self.sql(
+            f"CREATE DATABASE IF NOT EXISTS `{name}` "
+            f"CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci;{grants}"
+        )
+
+
+class XMPPServer(ABC):
+    """One XMPP server implementation, configured inside the stack directory."""
+
+    name: str
+
+    def __init__(self, state: StackState):
+        self.state = state
+        self.dir = Path(state.dir) / self.name
+
+    @property
+    def marker(self) -> str:
+        return str(self.dir)
+
+    @abstractmethod
+    def configure(self, db: MariaDB, server_files: dict[str, Path]) -> None: ...
+
+    @abstractmethod
+    def start(self) -> int:
+        """Start the server; return its PID (the port may not be open yet)."""
+
+    @abstractmethod
+    def register(self, user: str, password: str) -> None: ...
+
+    @abstractmethod
+    def unregister(self, user: str) -> None: ...
+
+    @property
+    @abstractmethod
+    def log(self) -> Path: ...
+
+
+class Ejabberd(XMPPServer):
+    name = "ejabberd"
+
+    @property
+    def log(self) -> Path:
+        return self.dir / "logs/ejabberd.log"
+
+    def _env(self) -> dict[str, str]:
+        return {**os.environ, "HOME": str(self.dir / "home")}
+
+    def _ctl(self, *args: str) -> str:
+        return _run(["ejabberdctl", "--config-dir", str(self.dir), *args], "ejabberdctl",
+                    env=self._env())
+
+    def configure(self, db: MariaDB, server_files: dict[str, Path]) -> None:
+        for sub in ("logs", "spool", "home", "modules.d"):
+            (self.dir / sub).mkdir(parents=True, exist_ok=True)
+        shutil.copy(server_files["combined"], self.dir / "server.pem")
+        os.chmod(self.dir / "server.pem", 0o600)
+        shutil.copy("/etc/ejabberd/inetrc", self.dir / "inetrc")
+        cookie_path = self.dir / "home/.erlang.cookie"
+        if not cookie_path.exists():
+            cookie_path.write_text(secrets.token_hex(16))
+            os.chmod(cookie_path, 0o400)
+        s = self.state
+        _render("ejabberdctl.cfg", self.dir / "ejabberdctl.cfg", dir=self.dir,
+                node=f"capsule{s.c2s_port}", dist_port=free_port(),
+                cookie=cookie_path.read_text().strip())
+        _render("ejabberd.yml", self.dir / "ejabberd.yml", dir=self.dir, domain=s.domain,
+                ca_root=s.ca_root, db_port=s.db_port, db_name=s.db_name, db_user=s.db_name,
+                db_password=s.db_password, c2s_port=s.c2s_port, http_port=s.http_port,
+                max_sessions=MAX_SESSIONS, offline_quota=OFFLINE_QUOTA)
+        if not db.sql("SHOW TABLES LIKE 'users'", s.db_name).strip():
+            schema = Path("/usr/share/ejabberd/sql/mysql.new.sql").read_text()
+            db.sql(schema, s.db_name)
+
+    def start(self) -> int:
+        pidfile = self.dir / "ejabberd.pid"
+        pidfile.unlink(missing_ok=True)
+        self._ctl("start")
+        if not wait_for(pidfile.exists, 30):
+            raise StackError("ejabberd wrote no PID file")
+        wait_for(lambda: pidfile.read_text().strip() != "", 5)
+        return int(pidfile.read_text().strip())
+
+    def _api(self, command: str, payload: dict[str, str]) -> None:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.state.http_port}/api/{command}",
+            data=json.dumps(payload).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10):  # noqa: S310 - loopback URL
+                pass
+        except urllib.error.HTTPError as exc:
+            raise StackError(f"ejabberd API {command}: {exc.code} {exc.read()[:200]!r}") from None
+
+    def register(self, user: str, password: str) -> None:
+        self._api("register", {"user": user, "host": self.state.domain, "password": password})
+
+    def unregister(self, user: str) -> None:
+        self._api("unregister", {"user": user, "host": self.state.domain})
+
+
+class Prosody(XMPPServer):
+    name = "prosody"
+
+    @property
+    def log(self) -> Path:
+        return self.dir / "prosody.log"
+
+    @property
+    def config(self) -> Path:
+        return self.dir / "prosody.cfg.lua"
+
+    def configure(self, db: MariaDB, server_files: dict[str, Path]) -> None:
+        (self.dir / "data").mkdir(parents=True, exist_ok=True)
+        for key, target in (("cert", "server.crt"), ("key", "server.key")):
+            shutil.copy(server_files[key], self.dir / target)
+        s = self.state
+        _render("prosody.cfg.lua", self.config, dir=self.dir, domain=s.domain,
+                db_port=s.db_port, db_name=s.db_name, db_user=s.db_name,
+                db_password=s.db_password, c2s_port=s.c2s_port)
+
+    def start(self) -> int:
+        out = open(self.dir / "prosody.out", "ab")  # noqa: SIM115 - handed to the child
+        proc = subprocess.Popen(
+            ["prosody", "--config", str(self.config), "-F"],
+            stdout=out, stderr=out, stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+        out.close()
+        return proc.pid
+
+    def _ctl(self, *args: str) -> None:
+        _run(["prosodyctl", "--config", str(self.config), *args], "prosodyctl")
+
+    def register(self, user: str, password: str) -> None:
+        self._ctl("register", user, self.state.domain, password)
+
+    def unregister(self, user: str) -> None:
+        self._ctl("deluser", f"{user}@{self.state.domain}")
+
+
+def _server_class(name: str) -> type[XMPPServer]:
+    classes: dict[str, type[XMPPServer]] = {"ejabberd": Ejabberd, "prosody": Prosody}
+    if name not in classes:
+        raise StackError(f"unknown server {name!r}; choose one of {', '.join(SERVERS)}")
+    return classes[name]
+
+
+class Stack:
+    """Start, stop and use one private stack kept in ``directory``."""
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        server: str = "ejabberd",
+        domain: str = DEFAULT_DOMAIN,
+        ca_dir: str | os.PathLike[str] | None = None,
+    ):
+        self.dir = Path(directory).resolve()
+        self.state_path = self.dir / "stack.json"
+        self._server_name = server
+        _server_class(server)
+        self._domain = domain
+        self._ca_dir = Path(ca_dir).resolve() if ca_dir else self.dir / "ca"
+        self.state = self._load_state()
+
+    # -- state -----------------------------------------------------------------
+    def _load_state(self) -> StackState | None:
+        try:
+            data = json.loads(self.state_path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise StackError(f"{self.state_path} is unreadable: {exc}") from None
+        return StackState(**data)
+
+    def _save_state(self) -> None:
+        assert self.state is not None
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.touch(mode=0o600)
+        tmp.write_text(json.dumps(asdict(self.state), indent=2))
+        os.replace(tmp, self.state_path)
+
+    @property
+    def info(self) -> StackState:
+        if self.state is None:
+            raise StackError(f"no stack in {self.dir}; run `scripts/stack start` first")
+        return self.state
+
+    def _parts(self) -> tuple[MariaDB, XMPPServer]:
+        state = self.info
+        return MariaDB(state), _server_class(state.server)(state)
+
+    def running(self) -> dict[str, bool]:
+        """Which of the stack's recorded processes are alive."""
+        if self.state is None:
+            return {}
+        db, server = self._parts()
+        markers = {"mariadb": db.marker, "server": server.marker}
+        return {name: pid_alive(pid, markers[name]) for name, pid in self.state.pids.items()}
+
+    # -- lifecycle -------------------------------------------------------------
+    def start(self) -> StackState:
+        """Start the stack and return once a real XMPP login succeeded."""
+        alive = self.running()
+        if alive and all(alive.values()) and len(alive) == 2:
+            try:
+                self.probe()
+                return self.info
+            except LoginError:
+                pass
+        if self.state is not None:
+            self.stop()  # stale or half-dead: clean it before starting anew
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.state = StackState(
+            server=self._server_name, domain=self._domain, dir=str(self.dir),
+            ca_dir=str(self._ca_dir), c2s_port=free_port(), db_port=free_port(),
+            http_port=free_port(),
+        )
+        db, server = self._parts()
+        try:
+            self.state.pids["mariadb"] = db.start()
+            self._save_state()
+            db.ensure_database(self.state.db_name, self.state.db_name, self.state.db_password)
+            server.configure(db, self._server_files())
+            self._start_server(server)
+            server.register(PROBE_USER, self.state.probe_password)
+            self.probe()
+        except BaseException as exc:
+            excerpt = log_tail(server.log)
+            self.stop()
+            if isinstance(exc, StackError | LoginError | CAError):
+                raise StackError(f"{exc}\n--- {server.log} ---\n{excerpt}") from None
+            raise
+        return self.state
+
+    def _start_server(self, server: XMPPServer) -> None:
+        state = self.info
+        state.pids["server"] = server.start()
+        self._save_state()
+        up = wait_for(
+            lambda: port_open(state.c2s_port) or not pid_alive(state.pids["server"], server.marker),
+            60,
+        )
+        if not up or not port_open(state.c2s_port):
+            raise StackError(f"{server.name} did not open port {state.c2s_port}")
+        if state.http_port and server.name == "ejabberd":
+            wait_for(lambda: port_open(state.http_port), 20)
+
+    def restart_server(self) -> None:
+        """Restart the XMPP server only (MariaDB keeps running): offline data must survive."""
+        db, server = self._parts()
+        terminate(self.info.pids.pop("server", 0), server.marker)
+        self._start_server(server)
+        self.probe()
+
+    def stop(self) -> None:
+        """End this stack's own processes (server first, then MariaDB) and wait for them."""
+        if self.state is None:
+            return
+        db, server = self._parts()
+        for name, marker in (("server", server.marker), ("mariadb", db.marker)):
+            pid = self.state.pids.pop(name, None)
+            if pid:
+                terminate(pid, marker)
+        self.state_path.unlink(missing_ok=True)
+        self.state = None
+
+    def probe(self, timeout: float = 30.0) -> float:
+        """Log in as the probe account; return the seconds it took (retrying while not ready)."""
+        state = self.info
+        start = time.monotonic()
+        jid = f"{PROBE_USER}@{state.domain}"
+        while True:
+            try:
+                run_sync(lambda: probe_login(jid, state.probe_password, "127.0.0.1",
+                                             state.c2s_port, state.ca_root))
+                return time.monotonic() - start
+            except LoginError as exc:
+                if "authentication" in str(exc) or time.monotonic() - start > timeout:
+                    raise
+                time.sleep(0.2)
+
+    # -- CA and accounts -------------------------------------------------------
+    def _server_files(self) -> dict[str, Path]:
+        state = self.info
+        ca_dir = Path(state.ca_dir)
+        passphrase_file = self.dir / "ca-passphrase"
+        if os.environ.get("CAPSULE_CA_PASSPHRASE"):
+            passphrase = os.environ["CAPSULE_CA_PASSPHRASE"].encode()
+        elif passphrase_file.exists():
+            passphrase = passphrase_file.read_bytes().strip()
+        elif ca_dir == self.dir / "ca" and not ca_dir.exists():
+            passphrase_file.touch(mode=0o600)
+            passphrase_file.write_text(secrets.token_urlsafe(24))
+            passphrase = passphrase_file.read_bytes().strip()
+        else:
+            raise StackError(f"the CA {ca_dir} needs its passphrase in $CAPSULE_CA_PASSPHRASE")
+        if not (ca_dir / "root.pem").exists():
+            Authority.init(ca_dir, "Capsule Test", passphrase)
+        ca = Authority(ca_dir, passphrase)
+        out = self.dir / "tls"
+        if not (out / "server.pem").exists():
+            ca.issue_server(state.domain, out, fqdn=f"xmpp.{state.domain}", ips=["127.0.0.1"])
+        return {"cert": out / "server.crt", "key": out / "server.key",
+                "combined": out / "server.pem", "chain": out / "chain.pem"}
+
+    def authority(self) -> Authority:
+        """The stack's CA, unlocked (only for a CA the stack created itself)."""
+        return Authority(self.info.ca_dir, (self.dir / "ca-passphrase").read_bytes().strip())
+
+    def adduser(self, user: str, password: str) -> str:
+        self._parts()[1].register(user, password)
+        return f"{user}@{self.info.domain}"
+
+    def deluser(self, user: str) -> None:
+        self._parts()[1].unregister(user)
+
+    def sql(self, statement: str) -> str:
+        """Run SQL in the server's database (the admin's view of what the server stored)."""
+        return self._parts()[0].sql(statement, self.info.db_name)

@@ -1,0 +1,32 @@
+-- Private Prosody of a Capsule test stack: loopback only, SQL storage in the stack's MariaDB.
+-- mod_limits is not loaded (no rate limit); offline storage has no per-user cap.
+run_as_root = true
+daemonize = false
+pidfile = "$dir/prosody.pid"
+data_path = "$dir/data"
+admin_socket = "$dir/prosody.sock"
+log = { info = "$dir/prosody.log" }
+interfaces = { "127.0.0.1" }
+local_interfaces = { "127.0.0.1" }
+c2s_ports = { $c2s_port }
+c2s_direct_tls_ports = {}
+s2s_ports = {}
+http_ports = {}
+https_ports = {}
+c2s_require_encryption = true
+s2s_require_encryption = true
+authentication = "internal_hashed"
+storage = "sql"
+sql = { driver = "MySQL", database = "$db_name", username = "$db_user", password = "$db_password", host = "127.0.0.1", port = $db_port }
+default_archive_policy = true
+archive_expires_after = "never"
+max_archive_query_results = 250
+modules_enabled = {
+  "roster"; "saslauth"; "tls"; "disco"; "carbons"; "pep"; "private"; "vcard4"; "vcard_legacy";
+  "mam"; "offline"; "ping"; "admin_shell"; "smacks";
+}
+modules_disabled = { "s2s" }
+ssl = { certificate = "$dir/server.crt", key = "$dir/server.key" }
+
+VirtualHost "$domain"
+  ssl = { certificate = "$dir/server.crt", key = "$dir/server.key" }

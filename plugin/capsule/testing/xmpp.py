@@ -1,0 +1,84 @@
+"""Log slixmpp clients in over STARTTLS, trusting only our CA, and fail fast instead of hanging."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from slixmpp import ClientXMPP
+
+T = TypeVar("T")
+
+
+class LoginError(Exception):
+    """An XMPP login failed: bad credentials, untrusted certificate, or no server."""
+
+
+def tls_context(ca_root: str | Path) -> ssl.SSLContext:
+    """A TLS client context that trusts only ``ca_root`` and checks the host name."""
+    context = ssl.create_default_context(cafile=str(ca_root))
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+async def login(
+    client: ClientXMPP,
+    host: str,
+    port: int,
+    ca_root: str | Path,
+    timeout: float = 20.0,
+) -> ClientXMPP:
+    """Connect ``client`` and wait for its session, or raise LoginError with the reason."""
+    client.ssl_context = tls_context(ca_root)
+    client.enable_direct_tls = False
+    loop = asyncio.get_running_loop()
+    outcome: asyncio.Future[None] = loop.create_future()
+
+    def settle(error: str | None) -> Callable[[Any], None]:
+        def handler(_event: Any) -> None:
+            if outcome.done():
+                return
+            if error is None:
+                outcome.set_result(None)
+            else:
+                outcome.set_exception(LoginError(f"{client.boundjid.bare}: {error}"))
+
+        return handler
+
+    handlers = {
+        "session_start": settle(None),
+        "failed_all_auth": settle("authentication failed (wrong user or password)"),
+        "ssl_invalid_chain": settle("server certificate not trusted by our CA"),
+        "connection_failed": settle(f"cannot connect to {host}:{port}"),
+    }
+    for event, handler in handlers.items():
+        client.add_event_handler(event, handler)
+    client.connect(host, port)
+    try:
+        await asyncio.wait_for(outcome, timeout)
+    except BaseException as exc:
+        client.abort()
+        if isinstance(exc, TimeoutError):
+            raise LoginError(f"{client.boundjid.bare}: no session within {timeout:.0f} s") from None
+        raise
+    finally:
+        for event, handler in handlers.items():
+            client.del_event_handler(event, handler)
+    return client
+
+
+async def probe_login(jid: str, password: str, host: str, port: int, ca_root: str | Path) -> None:
+    """Log in once and out again: the proof that a server really serves."""
+    client = ClientXMPP(jid, password)
+    await login(client, host, port, ca_root)
+    await client.disconnect()
+
+
+def run_sync(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run a coroutine to completion from sync code, even if the caller's thread has a loop."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, factory()).result()
