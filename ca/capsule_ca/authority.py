@@ -10,6 +10,7 @@ import contextlib
 import datetime as dt
 import fcntl
 import os
+import secrets
 import shutil
 import subprocess
 import tempfile
@@ -134,7 +135,7 @@ class Authority:
             (target / "openssl.cnf").write_text(config)
             (target / "index.txt").write_text("")
             (target / "index.txt.attr").write_text("unique_subject = no\n")
-            (target / "serial").write_text(os.urandom(8).hex().upper().lstrip("0") + "\n")
+            (target / "serial").write_text(f"{secrets.randbits(62) | 1 << 62:016X}\n")
             (target / "crlnumber").write_text("01\n")
             _run_openssl(
                 [

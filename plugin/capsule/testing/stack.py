@@ -6,6 +6,8 @@ PIDs), so several stacks can run side by side and ``stop`` only ever ends its ow
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import secrets
@@ -201,7 +203,9 @@ class Ejabberd(XMPPServer):
             os.chmod(cookie_path, 0o400)
         s = self.state
         _render("ejabberdctl.cfg", self.dir / "ejabberdctl.cfg", dir=self.dir,
-                node=f"capsule{s.c2s_port}", dist_port=free_port(),
+                # mnesia ties the spool to the node name: keep it stable per directory
+                node="capsule" + hashlib.sha256(str(self.dir).encode()).hexdigest()[:10],
+                dist_port=free_port(),
                 cookie=cookie_path.read_text().strip())
         _render("ejabberd.yml", self.dir / "ejabberd.yml", dir=self.dir, domain=s.domain,
                 ca_root=s.ca_root, db_port=s.db_port, db_name=s.db_name, db_user=s.db_name,
@@ -363,6 +367,8 @@ class Stack:
             db.ensure_database(self.state.db_name, self.state.db_name, self.state.db_password)
             server.configure(db, self._server_files())
             self._start_server(server)
+            with contextlib.suppress(StackError):  # left over from an earlier run
+                server.unregister(PROBE_USER)
             server.register(PROBE_USER, self.state.probe_password)
             self.probe()
         except BaseException as exc:

@@ -1,0 +1,107 @@
+"""pytest fixtures for bot-to-bot tests over a real server, in the manner of aioxmpp's provisioners.
+
+The stack starts once per test session per server (ejabberd, Prosody; restrict with
+``CAPSULE_SERVERS=ejabberd``), every test gets fresh accounts and logged-in clients, and
+everything is torn down even when tests fail. A missing server is a failure, never a skip.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from slixmpp import ClientXMPP
+
+from capsule.testing.stack import SERVERS, Stack
+from capsule.testing.xmpp import login
+
+_REQUIRED = {
+    "ejabberd": ["ejabberdctl", "mariadbd", "mariadb-install-db"],
+    "prosody": ["prosody", "prosodyctl", "mariadbd", "mariadb-install-db"],
+}
+
+
+def _servers() -> list[str]:
+    wanted = [s.strip() for s in os.environ.get("CAPSULE_SERVERS", ",".join(SERVERS)).split(",")]
+    unknown = set(wanted) - set(SERVERS)
+    if unknown:
+        raise pytest.UsageError(f"CAPSULE_SERVERS names unknown servers: {sorted(unknown)}")
+    return [s for s in wanted if s]
+
+
+@dataclass(frozen=True)
+class Account:
+    user: str
+    password: str
+    jid: str
+
+
+@pytest.fixture(scope="session", params=_servers())
+def xmpp_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+               ) -> Iterator[Stack]:
+    """A running private stack for one server, shared by the whole test session."""
+    server = request.param
+    missing = [tool for tool in _REQUIRED[server] if not shutil.which(tool)]
+    if missing:
+        pytest.fail(f"{server} stack needs {', '.join(missing)}: run ./scripts/test, which "
+                    f"installs them (apt-get install ejabberd prosody mariadb-server ...)")
+    stack = Stack(tmp_path_factory.mktemp(server), server)
+    stack.start()
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.fixture
+def new_account(xmpp_stack: Stack) -> Iterator[Callable[[str], Account]]:
+    """Make fresh accounts (``new_account("alice")``); they are deleted after the test."""
+    made: list[Account] = []
+
+    def make(prefix: str = "user") -> Account:
+        user = f"{prefix}-{secrets.token_hex(4)}"
+        password = secrets.token_urlsafe(12)
+        account = Account(user, password, xmpp_stack.adduser(user, password))
+        made.append(account)
+        return account
+
+    yield make
+    for account in made:
+        try:
+            xmpp_stack.deluser(account.user)
+        except Exception:  # noqa: BLE001 - a dead stack must not hide the test's own result
+            pass
+
+
+ConnectFn = Callable[..., Awaitable[ClientXMPP]]
+
+
+@pytest_asyncio.fixture
+async def connect(xmpp_stack: Stack) -> AsyncIterator[ConnectFn]:
+    """Log a client in over STARTTLS verified against the stack's CA; disconnected afterwards.
+
+    ``await connect(account)`` builds a plain ClientXMPP; pass ``client=`` to log in your own
+    (a bot with plugins registered). Initial presence is sent so the offline queue flushes.
+    """
+    clients: list[ClientXMPP] = []
+
+    async def do_connect(account: Account, client: ClientXMPP | None = None,
+                         presence: bool = True, **kwargs: Any) -> ClientXMPP:
+        client = client or ClientXMPP(account.jid, account.password, **kwargs)
+        clients.append(client)
+        state = xmpp_stack.info
+        await login(client, "127.0.0.1", state.c2s_port, state.ca_root)
+        if presence:
+            client.send_presence()
+        return client
+
+    yield do_connect
+    for client in clients:
+        if client.is_connected():
+            await client.disconnect(wait=1)

@@ -1,0 +1,93 @@
+"""The private stack: TLS verified against our CA, offline messages across a restart, clear
+login failures, and a lifecycle that never leaves or kills processes it does not own."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import ssl
+
+import pytest
+from slixmpp import ClientXMPP
+
+from capsule.testing.processes import pid_alive
+from capsule.testing.stack import Stack
+from capsule.testing.xmpp import LoginError, login
+
+
+async def test_login_verifies_server_certificate_against_our_ca(xmpp_stack, new_account, connect):
+    alice = new_account("alice")
+    client = await connect(alice)
+    cert = client.transport.get_extra_info("ssl_object").getpeercert()
+    sans = [value for kind, value in cert["subjectAltName"] if kind == "DNS"]
+    assert xmpp_stack.info.domain in sans
+
+
+async def test_server_certificate_rejected_without_our_ca(xmpp_stack, new_account):
+    alice = new_account("alice")
+    client = ClientXMPP(alice.jid, alice.password)
+    state = xmpp_stack.info
+    # the system trust store does not know our CA
+    client.ssl_context = ssl.create_default_context()
+    client.enable_direct_tls = False
+    outcome: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    client.add_event_handler("ssl_invalid_chain", lambda _e: outcome.done() or
+                             outcome.set_result("invalid chain"))
+    client.add_event_handler("session_start", lambda _e: outcome.done() or
+                             outcome.set_result("session"))
+    client.connect("127.0.0.1", state.c2s_port)
+    try:
+        assert await asyncio.wait_for(outcome, 20) == "invalid chain"
+    finally:
+        client.abort()
+
+
+async def test_bad_password_fails_fast_with_clear_error(xmpp_stack, new_account):
+    alice = new_account("alice")
+    client = ClientXMPP(alice.jid, "not-" + alice.password)
+    state = xmpp_stack.info
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    with pytest.raises(LoginError, match="authentication failed"):
+        await login(client, "127.0.0.1", state.c2s_port, state.ca_root, timeout=20)
+    assert loop.time() - began < 15  # an error, not the timeout
+
+
+async def test_offline_message_survives_server_restart(xmpp_stack, new_account, connect):
+    alice, bob = new_account("alice"), new_account("bob")
+    sender = await connect(alice)
+    sender.send_message(mto=bob.jid, mbody="kept while you were away", mtype="chat")
+    await asyncio.sleep(0.5)  # let the server store it before the restart
+    await sender.disconnect(wait=1)
+    await asyncio.to_thread(xmpp_stack.restart_server)
+
+    receiver = ClientXMPP(bob.jid, bob.password)
+    got: asyncio.Queue[str] = asyncio.Queue()
+    receiver.add_event_handler("message", lambda msg: got.put_nowait(msg["body"]))
+    await connect(bob, client=receiver)
+    assert await asyncio.wait_for(got.get(), 15) == "kept while you were away"
+    user = bob.user
+    rows = xmpp_stack.sql("SELECT COUNT(*) FROM spool WHERE username='%s'" % user) \
+        if xmpp_stack.info.server == "ejabberd" else xmpp_stack.sql(
+            "SELECT COUNT(*) FROM prosodyarchive WHERE user='%s' AND store='offline'" % user)
+    assert rows.strip() == "0"  # delivered, so gone from the offline store
+
+
+def test_lifecycle_idempotent_start_stale_cleanup_and_stop(xmpp_stack, tmp_path):
+    stack = Stack(tmp_path / "own", xmpp_stack.info.server, ca_dir=None)
+    first = stack.start()
+    pids = dict(first.pids)
+    assert stack.start().pids == pids  # starting a running stack is harmless
+    markers = {"server": str(tmp_path / "own" / xmpp_stack.info.server),
+               "mariadb": str(tmp_path / "own" / "mariadb")}
+    os.kill(pids["server"], signal.SIGKILL)  # a crash leaves a stale stack
+    assert pid_alive(pids["mariadb"], markers["mariadb"])
+    again = Stack(tmp_path / "own", xmpp_stack.info.server).start()
+    assert again.pids["server"] != pids["server"]
+    assert not pid_alive(pids["mariadb"], markers["mariadb"])  # the stale one was cleaned
+    Stack(tmp_path / "own").stop()
+    assert not any(pid_alive(pid, markers[name]) for name, pid in again.pids.items())
+    assert not (tmp_path / "own" / "stack.json").exists()
+    # the shared session stack was left alone
+    assert all(xmpp_stack.running().values())
