@@ -209,6 +209,8 @@ class Authority:
             check_bare_jid(jid)
         except ValueError as exc:
             raise CAError(str(exc)) from None
+        if not_before and not_after and not_after <= not_before:
+            raise CAError("the validity window must end after it starts")
         _check_csr(csr_pem, jid, email)
         san = [("xmpp", jid)] + ([("email", email)] if email else [])
         with self._transaction():

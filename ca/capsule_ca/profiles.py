@@ -6,12 +6,12 @@ user input) lives in its own section, never spliced into a comma-separated list.
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 from capsule_ca.xmppaddr import ID_ON_XMPPADDR
 
 
-class Usage(str, Enum):
+class Usage(StrEnum):
     """What a certificate is for; also stored as the subject's OU."""
 
     SIGN = "sign"

@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import string
@@ -21,9 +22,10 @@ from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from capsule_ca import Authority, CAError
+
 from capsule.testing.processes import (
     StackError,
     free_port,
@@ -109,7 +111,7 @@ class MariaDB:
                  "--auth-root-authentication-method=socket"],
                 "mariadb-install-db",
             )
-        log = open(self.dir / "mariadbd.out", "ab")  # noqa: SIM115 - handed to the child
+        log = open(self.dir / "mariadbd.out", "ab")
         proc = subprocess.Popen(
             ["mariadbd", f"--defaults-file={self.cnf}"],
             stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
@@ -264,7 +266,7 @@ class Prosody(XMPPServer):
                 db_password=s.db_password, c2s_port=s.c2s_port)
 
     def start(self) -> int:
-        out = open(self.dir / "prosody.out", "ab")  # noqa: SIM115 - handed to the child
+        out = open(self.dir / "prosody.out", "ab")
         proc = subprocess.Popen(
             ["prosody", "--config", str(self.config), "-F"],
             stdout=out, stderr=out, stdin=subprocess.DEVNULL, start_new_session=True,
@@ -348,7 +350,7 @@ class Stack:
         alive = self.running()
         if alive and all(alive.values()) and len(alive) == 2:
             try:
-                self.probe()
+                self.probe(timeout=5)
                 return self.info
             except LoginError:
                 pass
@@ -394,7 +396,7 @@ class Stack:
 
     def restart_server(self) -> None:
         """Restart the XMPP server only (MariaDB keeps running): offline data must survive."""
-        db, server = self._parts()
+        server = self._parts()[1]
         terminate(self.info.pids.pop("server", 0), server.marker)
         self._start_server(server)
         self.probe()
@@ -460,6 +462,22 @@ class Stack:
 
     def deluser(self, user: str) -> None:
         self._parts()[1].unregister(user)
+
+    _STORE_QUERIES: ClassVar[dict[tuple[str, str], str]] = {
+        ("ejabberd", "archive"): "SELECT xml FROM archive WHERE username='{u}' ORDER BY timestamp",
+        ("ejabberd", "offline"): "SELECT xml FROM spool WHERE username='{u}' ORDER BY seq",
+        ("prosody", "archive"):
+            "SELECT value FROM prosodyarchive WHERE user='{u}' AND store='archive' ORDER BY sort_id",
+        ("prosody", "offline"):
+            "SELECT value FROM prosodyarchive WHERE user='{u}' AND store='offline' ORDER BY sort_id",
+    }
+
+    def stored(self, store: str, user: str) -> list[str]:
+        """The stanzas the server stored for ``user`` in ``store`` ("archive" or "offline")."""
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", user):
+            raise StackError(f"unexpected user name {user!r}")
+        query = self._STORE_QUERIES[(self.info.server, store)].format(u=user)
+        return [line for line in self.sql(query).splitlines() if line]
 
     def sql(self, statement: str) -> str:
         """Run SQL in the server's database (the admin's view of what the server stored)."""

@@ -1,0 +1,39 @@
+# shellcheck shell=bash
+# Sourced by scripts/demo, scripts/test and scripts/stack: installs what is missing, safely rerun.
+# Debian packages (as root), then the virtualenv .venv with Capsule and its Python deps.
+
+CAPSULE_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+APT_PACKAGES=(openssl mariadb-server mariadb-client ejabberd erlang-p1-mysql prosody
+              lua-dbi-mysql lua-unbound python3 python3-venv shellcheck)
+
+capsule_setup() {
+    local missing=()
+    local pkg
+    for pkg in "${APT_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
+    done
+    if ((${#missing[@]})); then
+        if [ "$(id -u)" -ne 0 ]; then
+            echo "setup: missing Debian packages: ${missing[*]} (run as root to install them)" >&2
+            return 1
+        fi
+        echo "setup: installing ${missing[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            "${missing[@]}" >/dev/null
+    fi
+    local venv="$CAPSULE_ROOT/.venv"
+    local stamp="$venv/.capsule-deps"
+    local want
+    want=$(sha256sum "$CAPSULE_ROOT/pyproject.toml" | cut -d' ' -f1)
+    if [ ! -x "$venv/bin/python" ]; then
+        echo "setup: creating $venv"
+        python3 -m venv "$venv"
+    fi
+    if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+        echo "setup: installing Python dependencies into $venv"
+        "$venv/bin/python" -m pip install -q --upgrade pip
+        "$venv/bin/python" -m pip install -q -e "${CAPSULE_ROOT}[test,dev]"
+        echo "$want" >"$stamp"
+    fi
+}

@@ -1,0 +1,247 @@
+"""capsule-ca, checked with independent tools: the openssl CLI, cryptography and pyOpenSSL."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+from capsule_ca import Authority, CAError
+from capsule_ca.cli import main as ca_main
+from capsule_ca.profiles import Usage
+from capsule_ca.xmppaddr import ID_ON_XMPPADDR, cert_jids
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from OpenSSL import crypto
+
+PASS = b"correct horse battery"
+
+
+def make_csr(jid: str | None = None, bits: int = 2048, email: str | None = None) -> bytes:
+    key = rsa.generate_private_key(65537, bits)
+    builder = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "whatever")])
+    )
+    names: list[x509.GeneralName] = []
+    if jid:
+        names.append(x509.OtherName(ID_ON_XMPPADDR, b"\x0c" + bytes([len(jid)]) + jid.encode()))
+    if email:
+        names.append(x509.RFC822Name(email))
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+def snapshot(directory: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
+
+
+def openssl_verify(ca: Authority, cert: Path, crl: bool = False) -> subprocess.CompletedProcess[str]:
+    args = ["openssl", "verify", "-x509_strict", "-CAfile", str(ca.root_path)]
+    if crl:
+        args += ["-crl_check", "-CRLfile", str(ca.crl_path)]
+    return subprocess.run([*args, str(cert)], capture_output=True, text=True, check=False)
+
+
+@pytest.fixture(scope="module")
+def ca(tmp_path_factory: pytest.TempPathFactory) -> Authority:
+    return Authority.init(tmp_path_factory.mktemp("ca") / "ca", "Capsule Test", PASS)
+
+
+def test_root_is_a_constrained_self_signed_ca(ca: Authority) -> None:
+    root = x509.load_pem_x509_certificate(ca.root_pem)
+    bc = root.extensions.get_extension_for_class(x509.BasicConstraints)
+    assert bc.critical and bc.value.ca
+    ku = root.extensions.get_extension_for_class(x509.KeyUsage).value
+    assert ku.key_cert_sign and ku.crl_sign and not ku.digital_signature
+    assert root.public_key().key_size == 3072
+    key_pem = (ca.dir / "private/root.key").read_bytes()
+    assert b"ENCRYPTED" in key_pem
+    assert (ca.dir / "private/root.key").stat().st_mode & 0o077 == 0
+
+
+@pytest.mark.parametrize(
+    ("usage", "digital", "non_rep", "key_enc", "eku"),
+    [
+        (Usage.SIGN, True, True, False, None),
+        (Usage.ENCRYPT, False, False, True, None),
+        (Usage.CLIENT, True, False, False, ExtendedKeyUsageOID.CLIENT_AUTH),
+    ],
+)
+def test_user_certificate_binds_jid_with_usage(
+    ca: Authority, tmp_path: Path, usage: Usage, digital: bool, non_rep: bool, key_enc: bool,
+    eku: x509.ObjectIdentifier | None,
+) -> None:
+    jid = f"{usage.value}-user@capsule.test"
+    record = ca.issue(make_csr(), jid, usage, email=f"{usage.value}@example.org")
+    cert = x509.load_pem_x509_certificate(record.pem())
+    assert cert_jids(cert) == [jid]
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.RFC822Name) == [f"{usage.value}@example.org"]
+    ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    assert (ku.digital_signature, ku.content_commitment, ku.key_encipherment) == (
+        digital, non_rep, key_enc)
+    if eku:
+        assert eku in cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    path = tmp_path / "cert.pem"
+    path.write_bytes(record.pem())
+    result = openssl_verify(ca, path)
+    assert result.returncode == 0, result.stderr
+
+
+def test_server_certificate_names_domain_and_fqdn(ca: Authority, tmp_path: Path) -> None:
+    files = ca.issue_server("capsule.test", tmp_path, fqdn="xmpp.capsule.test", ips=["127.0.0.1"])
+    cert = x509.load_pem_x509_certificate(files.cert.read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["capsule.test", "xmpp.capsule.test"]
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [ExtendedKeyUsageOID.SERVER_AUTH]
+    assert openssl_verify(ca, files.cert).returncode == 0
+    assert files.chain.read_bytes().endswith(ca.root_pem)
+    assert files.key.stat().st_mode & 0o077 == 0
+
+
+def test_revocation_fails_verification_for_that_certificate_only(ca: Authority, tmp_path: Path
+                                                                 ) -> None:
+    keep = ca.issue(make_csr(), "keep@capsule.test", Usage.SIGN)
+    gone = ca.issue(make_csr(), "gone@capsule.test", Usage.SIGN)
+    ca.revoke(serial=gone.serial)
+    ca.gencrl()
+    keep_path, gone_path = tmp_path / "keep.pem", tmp_path / "gone.pem"
+    keep_path.write_bytes(keep.pem())
+    gone_path.write_bytes(gone.pem())
+    assert openssl_verify(ca, keep_path, crl=True).returncode == 0
+    revoked = openssl_verify(ca, gone_path, crl=True)
+    assert revoked.returncode != 0 and "revoked" in revoked.stdout + revoked.stderr
+    # pyOpenSSL's X509Store with the CRL agrees
+    store = crypto.X509Store()
+    store.add_cert(crypto.load_certificate(crypto.FILETYPE_PEM, ca.root_pem))
+    store.add_crl(x509.load_pem_x509_crl(ca.crl_path.read_bytes()))
+    store.set_flags(crypto.X509StoreFlags.CRL_CHECK)
+    crypto.X509StoreContext(store, crypto.load_certificate(crypto.FILETYPE_PEM, keep.pem())
+                            ).verify_certificate()
+    with pytest.raises(crypto.X509StoreContextError, match="revoked"):
+        crypto.X509StoreContext(store, crypto.load_certificate(crypto.FILETYPE_PEM, gone.pem())
+                                ).verify_certificate()
+    status = {r.serial: r.status for r in ca.records()}
+    assert status[gone.serial] == "revoked" and status[keep.serial] == "valid"
+
+
+def test_second_certificate_for_same_jid_and_usage(ca: Authority) -> None:
+    first = ca.issue(make_csr(), "twice@capsule.test", Usage.ENCRYPT)
+    with pytest.raises(CAError, match="already has a valid encrypt certificate"):
+        ca.issue(make_csr(), "twice@capsule.test", Usage.ENCRYPT)
+    second = ca.issue(make_csr(), "twice@capsule.test", Usage.ENCRYPT, replace=True)
+    status = {r.serial: r.status for r in ca.records()}
+    assert status[first.serial] == "revoked" and status[second.serial] == "valid"
+
+
+@pytest.mark.parametrize(
+    ("csr", "jid", "message"),
+    [
+        (b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
+         "x@capsule.test", "not a PEM certificate request"),
+        (b"garbage", "x@capsule.test", "not a PEM certificate request"),
+        (None, "alice@capsule.test", "asks for mallory@capsule.test"),
+        (None, "alice/res@capsule.test", "not a bare JID"),
+    ],
+)
+def test_bad_input_leaves_directory_unchanged(ca: Authority, csr: bytes | None, jid: str,
+                                              message: str) -> None:
+    before = snapshot(ca.dir)
+    with pytest.raises(CAError, match=message):
+        ca.issue(csr or make_csr("mallory@capsule.test"), jid, Usage.SIGN)
+    assert snapshot(ca.dir) == before
+
+
+def test_small_key_and_wrong_passphrase_and_unknown_serial(ca: Authority) -> None:
+    before = snapshot(ca.dir)
+    with pytest.raises(CAError, match="at least 2048 bits"):
+        ca.issue(make_csr(bits=1024), "small@capsule.test", Usage.SIGN)
+    with pytest.raises(CAError, match="wrong CA passphrase"):
+        Authority(ca.dir, b"wrong passphrase").issue(make_csr(), "w@capsule.test", Usage.SIGN)
+    with pytest.raises(CAError, match="no certificate with serial"):
+        ca.revoke(serial="DEADBEEF")
+    assert snapshot(ca.dir) == before
+
+
+def test_failure_after_openssl_wrote_rolls_back(ca: Authority, monkeypatch: pytest.MonkeyPatch
+                                                ) -> None:
+    """A failure after openssl revoked the old and signed the new certificate restores every file."""
+    ca.issue(make_csr(), "rollback@capsule.test", Usage.SIGN)
+    before = snapshot(ca.dir)
+    real_sign = Authority._sign
+
+    def sign_then_fail(self: Authority, *args: object, **kwargs: object) -> None:
+        real_sign(self, *args, **kwargs)  # type: ignore[arg-type]
+        raise CAError("simulated crash after signing")
+
+    monkeypatch.setattr(Authority, "_sign", sign_then_fail)
+    with pytest.raises(CAError, match="simulated crash"):
+        ca.issue(make_csr(), "rollback@capsule.test", Usage.SIGN, replace=True)
+    assert snapshot(ca.dir) == before
+    assert [r.status for r in ca.records() if r.subject == "rollback@capsule.test"] == ["valid"]
+
+
+def test_validity_window_checked_before_anything(ca: Authority) -> None:
+    import datetime as dt
+
+    with pytest.raises(CAError, match="must end after it starts"):
+        ca.issue(make_csr(), "later@capsule.test", Usage.SIGN,
+                 not_before=dt.datetime(2030, 1, 1, tzinfo=dt.UTC),
+                 not_after=dt.datetime(2029, 1, 1, tzinfo=dt.UTC))
+
+
+def test_concurrent_issuance_keeps_index_consistent(ca: Authority) -> None:
+    csrs = [make_csr() for _ in range(6)]
+    errors: list[BaseException] = []
+
+    def issue(i: int) -> None:
+        try:
+            Authority(ca.dir, PASS).issue(csrs[i], f"conc{i}@capsule.test", Usage.SIGN)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=issue, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    records = [r for r in ca.records() if r.subject.startswith("conc")]
+    assert sorted(r.subject for r in records) == [f"conc{i}@capsule.test" for i in range(6)]
+    assert len({r.serial for r in ca.records()}) == len(ca.records())
+    for r in records:
+        assert cert_jids(x509.load_pem_x509_certificate(r.pem())) == [r.subject]
+
+
+def test_cli_round_trip_and_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    pw = tmp_path / "pw"
+    pw.write_text("cli passphrase\n")
+    ca_dir = str(tmp_path / "ca")
+    common = ["--passphrase-file", str(pw)]
+    assert ca_main(["init", ca_dir, "--name", "CLI CA", *common]) == 0
+    csr = tmp_path / "req.pem"
+    csr.write_bytes(make_csr("bob@capsule.test"))
+    out = tmp_path / "bob.pem"
+    assert ca_main(["issue", ca_dir, "--csr", str(csr), "--jid", "bob@capsule.test",
+                    "--usage", "sign", "--out", str(out), *common]) == 0
+    capsys.readouterr()
+    assert ca_main(["issue", ca_dir, "--csr", str(tmp_path / "missing.pem"), "--jid",
+                    "bob@capsule.test", "--usage", "sign", *common]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("capsule-ca: error: cannot read CSR") and err.count("\n") == 1
+    monkeypatch.setenv("CAPSULE_CA_PASSPHRASE", "cli passphrase")
+    assert ca_main(["revoke", ca_dir, "--jid", "bob@capsule.test"]) == 0
+    assert ca_main(["list", ca_dir]) == 0
+    listing = capsys.readouterr().out
+    assert "bob@capsule.test" in listing and "revoked" in listing and "sign" in listing
