@@ -11,7 +11,6 @@ import contextlib
 import os
 import secrets
 import shutil
-import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -37,10 +36,6 @@ def _servers() -> list[str]:
     return [s for s in wanted if s]
 
 
-def _interrupt(_signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt("SIGTERM")
-
-
 @dataclass(frozen=True)
 class Account:
     user: str
@@ -58,7 +53,6 @@ def xmpp_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
         pytest.fail(f"{server} stack needs {', '.join(missing)}: run ./scripts/test, which "
                     f"installs them (apt-get install ejabberd prosody mariadb-server ...)")
     stack = Stack(tmp_path_factory.mktemp(server), server)
-    signal.signal(signal.SIGTERM, _interrupt)  # so a killed test run still stops its stacks
     stack.start()
     try:
         yield stack
@@ -83,3 +77,31 @@ def new_account(xmpp_stack: Stack) -> Iterator[Callable[[str], Account]]:
         # a dead stack must not hide the test's own result
         with contextlib.suppress(Exception):
             xmpp_stack.deluser(account.user)
+
+
+ConnectFn = Callable[..., Awaitable[ClientXMPP]]
+
+
+@pytest_asyncio.fixture
+async def connect(xmpp_stack: Stack) -> AsyncIterator[ConnectFn]:
+    """Log a client in over STARTTLS verified against the stack's CA; disconnected afterwards.
+
+    ``await connect(account)`` builds a plain ClientXMPP; pass ``client=`` to log in your own
+    (a bot with plugins registered). Initial presence is sent so the offline queue flushes.
+    """
+    clients: list[ClientXMPP] = []
+
+    async def do_connect(account: Account, client: ClientXMPP | None = None,
+                         presence: bool = True, **kwargs: Any) -> ClientXMPP:
+        client = client or ClientXMPP(account.jid, account.password, **kwargs)
+        clients.append(client)
+        state = xmpp_stack.info
+        await login(client, "127.0.0.1", state.c2s_port, state.ca_root)
+        if presence:
+            client.send_presence()
+        return client
+
+    yield do_connect
+    for client in clients:
+        if client.is_connected():
+            await client.disconnect(wait=1)
