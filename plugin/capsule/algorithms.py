@@ -1,0 +1,35 @@
+"""Every algorithm and size Capsule v0 uses, named once (pyca style: explicit objects)."""
+
+from __future__ import annotations
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding
+
+VERSION_TAG = b"urn:capsule:0"
+NAMESPACE = "urn:capsule:0"
+CERTS_NODE = "urn:capsule:certs:0"
+SCE_NAMESPACE = "urn:xmpp:sce:1"
+EME_NAMESPACE = "urn:xmpp:eme:0"
+
+MESSAGE_KEY_BYTES = 32  # AES-256
+IV_BYTES = 12  # GCM nonce
+TAG_BYTES = 16
+NID_BYTES = 16
+DEFAULT_RSA_BITS = 2048  # NIST SP 800-57: 112-bit security through 2030
+ACCEPTED_RSA_BITS = (2048, 3072, 4096)
+RPAD_MAX = 200  # random padding 0..RPAD_MAX bytes hides the exact length
+
+FINGERPRINT_HASH = hashes.SHA256()
+
+
+def oaep() -> padding.OAEP:
+    """RSA-OAEP with SHA-256 and MGF1-SHA-256: wraps the message key."""
+    return padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
+
+
+def pss() -> padding.PSS:
+    """RSA-PSS with SHA-256, MGF1-SHA-256, 32-byte salt: signs the capsule."""
+    return padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
+
+
+SIGNATURE_HASH = hashes.SHA256()

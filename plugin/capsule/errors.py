@@ -1,0 +1,96 @@
+"""Capsule's exceptions: one class per reason, each with a message a user can act on.
+
+``reason`` is a short stable token carried by ``capsule_error`` events and logs.
+"""
+
+from __future__ import annotations
+
+
+class CapsuleError(Exception):
+    """Base of every Capsule error."""
+
+    reason = "error"
+
+
+class MalformedCapsule(CapsuleError):
+    """The capsule is not well-formed: missing fields, bad base64, wrong sizes."""
+
+    reason = "malformed"
+
+
+class UnsupportedVersion(CapsuleError):
+    """The capsule or profile uses a format version this Capsule does not know."""
+
+    reason = "unsupported-version"
+
+
+class BadSignature(CapsuleError):
+    """The signature does not verify with the sender's signing certificate: tampered or forged."""
+
+    reason = "bad-signature"
+
+
+class NotAddressedToUs(CapsuleError):
+    """The capsule holds no key for our encryption certificate."""
+
+    reason = "not-for-us"
+
+
+class UntrustedCertificate(CapsuleError):
+    """A certificate does not chain to our CA, is expired, has the wrong usage or JID."""
+
+    reason = "untrusted"
+
+
+class RevokedCertificate(UntrustedCertificate):
+    """A certificate is on the CA's revocation list."""
+
+    reason = "revoked"
+
+
+class EnvelopeMismatch(CapsuleError):
+    """The signed envelope's from/to disagree with the header or the stanza (forwarded?)."""
+
+    reason = "envelope-mismatch"
+
+
+class ReplayedCapsule(CapsuleError):
+    """A capsule with this sender and nonce was already accepted."""
+
+    reason = "replay"
+
+
+class DecryptionFailed(CapsuleError):
+    """The key could not be unwrapped or the payload did not authenticate."""
+
+    reason = "decrypt-failed"
+
+
+class NoCertificate(CapsuleError):
+    """No valid certificate is known for a recipient, so nothing can be encrypted to it."""
+
+    reason = "no-certificate"
+
+
+class PolicyViolation(CapsuleError):
+    """The configured policy forbids this (plaintext where encryption is required, no TLS)."""
+
+    reason = "policy"
+
+
+class ProfileError(CapsuleError):
+    """The local profile cannot be used."""
+
+    reason = "profile"
+
+
+class WrongPin(ProfileError):
+    """The PIN does not open the profile."""
+
+    reason = "wrong-pin"
+
+
+class CorruptProfile(ProfileError):
+    """The profile file is truncated or damaged."""
+
+    reason = "corrupt-profile"
