@@ -24,8 +24,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar
 
-from capsule_ca import Authority, CAError
-
 from capsule.testing.processes import (
     StackError,
     free_port,
@@ -36,6 +34,7 @@ from capsule.testing.processes import (
     wait_for,
 )
 from capsule.testing.xmpp import LoginError, probe_login, run_sync
+from capsule_ca import Authority, CAError
 
 SERVERS = ("ejabberd", "prosody")
 DEFAULT_DOMAIN = "capsule.test"

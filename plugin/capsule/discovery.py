@@ -1,0 +1,107 @@
+"""Certificate discovery over PEP: publish our chain to ``urn:capsule:certs:0``, fetch others'.
+
+The node is open-access and persistent, so a sender finds a recipient's certificates while the
+recipient is offline. Servers that keep an older node configuration answer a publish with
+``precondition-not-met``; the node is then reconfigured and the publish retried once.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from slixmpp import JID, BaseXMPP
+from slixmpp.exceptions import IqError, IqTimeout
+from slixmpp.plugins.xep_0004.stanza import Form
+
+from capsule import algorithms as alg
+from capsule.stanza import Cert, Certs
+from capsule.trust import CertBundle, CertificateSource
+
+log = logging.getLogger(__name__)
+ITEM_ID = "current"
+_NODE_OPTIONS = {
+    "pubsub#access_model": "open",
+    "pubsub#persist_items": "true",
+    "pubsub#max_items": "1",
+}
+
+
+def _form(form_type: str) -> Form:
+    form = Form()
+    form["type"] = "submit"
+    form.add_field(var="FORM_TYPE", ftype="hidden", value=form_type)
+    for var, value in _NODE_OPTIONS.items():
+        form.add_field(var=var, value=value)
+    return form
+
+
+def certs_payload(chain: dict[str, str]) -> Certs:
+    """A ``<certs/>`` item from {usage: PEM} (usages sign, encrypt, ca)."""
+    payload = Certs()
+    for usage, pem in chain.items():
+        der = x509.load_pem_x509_certificate(pem.encode()).public_bytes(serialization.Encoding.DER)
+        cert = Cert()
+        cert["usage"] = usage
+        cert["value"] = base64.b64encode(der).decode()
+        payload.append(cert)
+    return payload
+
+
+def parse_certs(payload: Certs) -> dict[str, bytes]:
+    """{usage: PEM} from a ``<certs/>`` item; undecodable entries are dropped (and logged)."""
+    found = {}
+    for cert in payload["certs"]:
+        try:
+            der = base64.b64decode(cert["value"].strip(), validate=True)
+            pem = x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
+        except (binascii.Error, ValueError):
+            log.warning("ignoring an undecodable %s certificate in a PEP item", cert["usage"])
+            continue
+        found[cert["usage"]] = pem
+    return found
+
+
+async def publish(xmpp: BaseXMPP, chain: dict[str, str], timeout: int = 15) -> None:
+    pubsub = xmpp["xep_0060"]
+    options = _form("http://jabber.org/protocol/pubsub#publish-options")
+    try:
+        await pubsub.publish(None, alg.CERTS_NODE, id=ITEM_ID, payload=certs_payload(chain),
+                             options=options, timeout=timeout)
+        return
+    except IqError as exc:
+        if "precondition-not-met" not in str(exc.iq):
+            raise
+    log.info("PEP node %s has other options; reconfiguring it", alg.CERTS_NODE)
+    await pubsub.set_node_config(None, alg.CERTS_NODE,
+                                 _form("http://jabber.org/protocol/pubsub#node_config"),
+                                 timeout=timeout)
+    await pubsub.publish(None, alg.CERTS_NODE, id=ITEM_ID, payload=certs_payload(chain),
+                         options=options, timeout=timeout)
+
+
+class PepSource(CertificateSource):
+    """Reads a contact's published certificates from their PEP node."""
+
+    def __init__(self, xmpp: BaseXMPP, timeout: int = 10):
+        self.xmpp = xmpp
+        self.timeout = timeout
+
+    async def fetch(self, jid: str) -> CertBundle | None:
+        try:
+            iq = await self.xmpp["xep_0060"].get_item(JID(jid), alg.CERTS_NODE, ITEM_ID,
+                                                      timeout=self.timeout)
+        except IqError as exc:
+            log.info("no Capsule certificates published by %s (%s)", jid, exc.condition)
+            return None
+        except IqTimeout:
+            log.warning("timed out fetching %s's Capsule certificates", jid)
+            return None
+        for item in iq["pubsub"]["items"]:
+            found = parse_certs(item["capsule_certs"])
+            if "sign" in found and "encrypt" in found:
+                return CertBundle(sign=found["sign"], encrypt=found["encrypt"])
+        return None

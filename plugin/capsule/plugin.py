@@ -1,0 +1,383 @@
+"""The slixmpp plugin: one ``register_plugin`` line gives a bot encapsulated messages.
+
+Incoming capsules are taken out of the stream by an *in* filter (so handlers never see the
+fallback body), verified and decrypted in arrival order per sender, and handed to the bot's
+ordinary ``message`` handlers and to ``capsule_message``; failures become ``capsule_error``.
+Outgoing chat messages pass an async *out* filter that seals them for the addressee.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from slixmpp import JID, Message
+from slixmpp.plugins import BasePlugin
+from slixmpp.xmlstream import StanzaBase
+
+from capsule import core, discovery, envelope
+from capsule import stanza as st
+from capsule.errors import (
+    CapsuleError,
+    NoCertificate,
+    PolicyViolation,
+    ProfileError,
+    UntrustedCertificate,
+)
+from capsule.profile import PIN_ENV, Contact, Profile, now_iso
+from capsule.trust import CertBundle, CertificateSource, TrustStore, VerifiedCert
+from capsule.trust import Contact as VerifiedContact
+
+log = logging.getLogger(__name__)
+POLICIES = ("require", "prefer", "off")
+PROTECTED = ("body", "subject")  # elements moved into the envelope
+
+
+@dataclass(frozen=True)
+class CapsuleInfo:
+    """Attached to every decrypted message as ``msg.capsule_info``."""
+
+    sender: str
+    sender_cert: VerifiedCert
+    nid: str
+    timestamp: str
+    encrypted: bool = True
+
+
+@dataclass(frozen=True)
+class CapsuleFailure:
+    """The payload of ``capsule_error``: why, about which stanza; never any plaintext."""
+
+    reason: str
+    message: str
+    stanza_id: str
+    peer: str
+    error: CapsuleError
+
+
+def capsule_info(msg: Message) -> CapsuleInfo | None:
+    """The verified-capsule facts of a message, or None if it did not arrive encrypted."""
+    return getattr(msg, "capsule_info", None)
+
+
+class XEP_Capsule(BasePlugin):
+    """End-to-end encrypted, signed encapsulated messages (urn:capsule:0)."""
+
+    name = "capsule"
+    description = "Capsule: end-to-end encrypted, signed encapsulated messages"
+    dependencies: ClassVar[set[str]] = {"xep_0030", "xep_0060", "xep_0163", "xep_0313",
+                                        "xep_0334", "xep_0380"}
+    default_config: ClassVar[dict[str, Any]] = {
+        "profile": None,  # path of the profile file
+        "pin": None,  # else "pin_file", else $CAPSULE_PIN
+        "pin_file": None,
+        "policy": "prefer",  # require | prefer | off
+        "allow_insecure": False,  # operate on a stream without TLS
+        "publish": True,  # publish our certificates to PEP on session start
+        "crl": None,  # path of the CA's CRL file, re-read when it changes
+        "crl_refresh": 300,  # seconds between checks of the CRL file
+        "save_delay": 0.2,  # seconds to batch profile saves (replay cache, pins)
+        "fetch_timeout": 10,
+        "source": None,  # a CertificateSource; default: PEP
+    }
+
+    # -- life cycle ------------------------------------------------------------
+    def plugin_init(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"capsule policy must be one of {POLICIES}, not {self.policy!r}")
+        if not self.profile:
+            raise ProfileError("the capsule plugin needs a 'profile' path")
+        self.store = Profile.load(self.profile, self._take_pin())
+        data = self.store.data
+        if not self.store.ready() or data.ca_root is None:
+            raise ProfileError(f"{self.profile} has no certificates yet: import them with "
+                               f"`capsule profile import-cert`")
+        self.trust = TrustStore(data.ca_root.encode(), data.crl.encode() if data.crl else None)
+        self.own_sign = self.trust.verify(data.signing_cert.encode(), data.jid, "sign")  # type: ignore[union-attr]
+        self.own_encrypt = self.trust.verify(data.encryption_cert.encode(), data.jid, "encrypt")  # type: ignore[union-attr]
+        self.pep: CertificateSource = self.source or discovery.PepSource(self.xmpp,
+                                                                         self.fetch_timeout)
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._tasks: set[asyncio.Future[None]] = set()
+        self._save_handle: asyncio.TimerHandle | None = None
+        self._crl_mtime = 0.0
+        self._crl_task: asyncio.Task[None] | None = None
+        self.secure = False
+        st.register()
+        self.xmpp.add_filter("in", self._filter_in)
+        self.xmpp.add_filter("out", self._filter_out)
+        self.xmpp.add_event_handler("session_start", self._session_start)
+        self.xmpp.add_event_handler("disconnected", self._flush)
+        self._reload_crl()
+
+    def plugin_end(self) -> None:
+        self.xmpp.del_filter("in", self._filter_in)
+        self.xmpp.del_filter("out", self._filter_out)  # type: ignore[arg-type]
+        self.xmpp.del_event_handler("session_start", self._session_start)
+        self.xmpp.del_event_handler("disconnected", self._flush)
+        if self._crl_task:
+            self._crl_task.cancel()
+        self._flush()
+
+    def session_bind(self, jid: JID) -> None:
+        if JID(jid).bare != self.store.data.jid:
+            raise ProfileError(f"profile is for {self.store.data.jid}, the session is {jid}")
+        transport = self.xmpp.transport
+        self.secure = transport is not None and transport.get_extra_info("ssl_object") is not None
+        if not self.secure and not self.allow_insecure:
+            log.error("stream has no TLS: Capsule refuses to operate (allow_insecure is off)")
+
+    def _take_pin(self) -> str:
+        """The PIN from config, a file or the environment; not kept once the profile is open."""
+        pin = self.pin
+        if pin is None and self.pin_file:
+            try:
+                pin = Path(self.pin_file).read_text().strip()
+            except OSError as exc:
+                raise ProfileError(f"cannot read the PIN file: {exc.strerror}") from None
+        if pin is None:
+            pin = os.environ.get(PIN_ENV)
+        if not isinstance(pin, str) or not pin:
+            raise ProfileError(f"no PIN: pass 'pin', 'pin_file' or set ${PIN_ENV}")
+        self.config["pin"] = None
+        return pin
+
+    async def _session_start(self, _event: Any) -> None:
+        if self._crl_task is None and self.crl:
+            self._crl_task = asyncio.ensure_future(self._watch_crl())
+        if self.publish and self._usable():
+            await self.publish_certificates()
+
+    async def publish_certificates(self) -> None:
+        data = self.store.data
+        chain = {"sign": data.signing_cert, "encrypt": data.encryption_cert, "ca": data.ca_root}
+        await discovery.publish(self.xmpp, {k: v for k, v in chain.items() if v})
+        log.info("published Capsule certificates for %s", data.jid)
+        self.xmpp.event("capsule_published", data.jid)
+
+    def _usable(self) -> bool:
+        return self.secure or bool(self.allow_insecure)
+
+    # -- CRL -------------------------------------------------------------------
+    def _reload_crl(self) -> None:
+        if not self.crl:
+            return
+        try:
+            stat = os.stat(self.crl)
+            if stat.st_mtime == self._crl_mtime:
+                return
+            pem = Path(self.crl).read_bytes()
+        except OSError as exc:
+            log.warning("cannot read the CRL %s: %s", self.crl, exc.strerror)
+            return
+        try:
+            if self.trust.update_crl(pem):
+                self.store.data.crl = pem.decode()
+                self._dirty()
+                log.info("CRL updated from %s", self.crl)
+        except UntrustedCertificate as exc:
+            log.warning("ignoring CRL %s: %s", self.crl, exc)
+        self._crl_mtime = stat.st_mtime
+
+    async def _watch_crl(self) -> None:
+        while True:
+            await asyncio.sleep(self.crl_refresh)
+            self._reload_crl()
+
+    # -- contacts --------------------------------------------------------------
+    def _lock(self, jid: str) -> asyncio.Lock:
+        return self._locks.setdefault(jid, asyncio.Lock())
+
+    async def contact(self, jid: str, refresh: bool = False) -> VerifiedContact:
+        """A contact's verified certificates: pinned ones if still valid, else fetched anew."""
+        async with self._lock("contact " + jid):
+            pinned = self.store.data.contacts.get(jid)
+            if pinned and not refresh:
+                try:
+                    return self.trust.verify_contact(
+                        jid, CertBundle(pinned.sign.encode(), pinned.encrypt.encode()))
+                except UntrustedCertificate as exc:
+                    log.info("pinned certificates of %s no longer valid (%s); refetching",
+                             jid, exc.reason)
+            bundle = await self.pep.fetch(jid)
+            if bundle is None:
+                raise NoCertificate(f"{jid} has published no Capsule certificates")
+            verified = self.trust.verify_contact(jid, bundle)
+            new = Contact(bundle.sign.decode(), bundle.encrypt.decode(), now_iso())
+            if pinned is None or (pinned.sign, pinned.encrypt) != (new.sign, new.encrypt):
+                self.store.data.contacts[jid] = new
+                self._dirty()
+                if pinned is not None:
+                    log.info("certificates of %s changed and validated", jid)
+                    self.xmpp.event("capsule_cert_changed", {"jid": jid, "contact": verified})
+            return verified
+
+    # -- sending ---------------------------------------------------------------
+    async def seal(self, msg: Message, recipients: Iterable[str]) -> core.Capsule:
+        """Seal the protected elements of ``msg`` for ``recipients`` (bare JIDs) and ourselves."""
+        self._check_usable()
+        me = self.store.data.jid
+        bare = list(dict.fromkeys(JID(r).bare for r in recipients))
+        if not bare:
+            raise ValueError("no recipients")
+        contacts = [await self.contact(jid) for jid in bare if jid != me]
+        keys = [core.Recipient(c.jid, c.encrypt.fingerprint, c.encrypt.public_key)
+                for c in contacts]
+        keys.append(core.Recipient(me, self.own_encrypt.fingerprint, self.own_encrypt.public_key))
+        content = [el for el in msg.xml if el.tag.split("}")[-1] in PROTECTED]
+        sealed_env = envelope.encode(content, me, bare, core.utc_timestamp())
+        return core.seal(sealed_env, sender=me, sender_cert=self.own_sign.fingerprint,
+                         signing_key=self.store.data.signing_key, recipients=keys)
+
+    def _wrap(self, msg: Message, capsule: core.Capsule) -> Message:
+        for el in [el for el in msg.xml if el.tag.split("}")[-1] in PROTECTED]:
+            msg.xml.remove(el)
+        st.from_core(msg, capsule)
+        return msg
+
+    async def send(self, to: str | JID | Iterable[str | JID], body: str,
+                   mtype: Literal["chat", "normal"] = "chat") -> list[str]:
+        """Send ``body`` encrypted to one JID or several (one capsule, one stanza each).
+
+        Raises NoCertificate/UntrustedCertificate/PolicyViolation; nothing is sent then.
+        Returns the stanza ids.
+        """
+        targets = [to] if isinstance(to, str | JID) else list(to)
+        template = self.xmpp.make_message(mto=JID(targets[0]), mbody=body, mtype=mtype)
+        capsule = await self.seal(template, [str(t) for t in targets])
+        ids = []
+        for target in targets:
+            msg = self.xmpp.make_message(mto=JID(target), mtype=mtype)
+            msg["id"] = self.xmpp.new_id()
+            self._wrap(msg, capsule).send()
+            ids.append(msg["id"])
+        return ids
+
+    async def _filter_out(self, stanza: StanzaBase) -> StanzaBase | None:
+        if (self.policy == "off" or not isinstance(stanza, Message) or st.has_capsule(stanza)
+                or stanza["type"] not in ("chat", "normal") or not stanza["body"]):
+            return stanza
+        to = stanza["to"].bare
+        try:
+            return self._wrap(stanza, await self.seal(stanza, [to]))
+        except NoCertificate as exc:
+            if self.policy == "prefer":
+                log.info("no certificate for %s: sending in plaintext (policy prefer)", to)
+                return stanza
+            self._fail(exc, stanza, to)
+        except CapsuleError as exc:
+            self._fail(exc, stanza, to)
+        return None  # refused: never fall back to plaintext
+
+    def _check_usable(self) -> None:
+        if not self._usable():
+            raise PolicyViolation("the stream is not TLS-protected; Capsule refuses to operate")
+
+    # -- receiving -------------------------------------------------------------
+    def _filter_in(self, stanza: StanzaBase) -> StanzaBase | None:
+        if not isinstance(stanza, Message) or stanza["type"] not in ("chat", "normal", ""):
+            return stanza
+        try:
+            st.check_namespace_version(stanza)
+        except CapsuleError as exc:
+            self._fail(exc, stanza, stanza["from"].bare)
+            return None
+        if st.has_capsule(stanza):
+            sender = stanza["from"].bare
+            lock = self._lock("in " + sender)
+            task = asyncio.ensure_future(self._receive(stanza, lock))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return None
+        if self.policy == "require" and stanza["body"]:
+            self._fail(PolicyViolation(f"plaintext message from {stanza['from'].bare} refused "
+                                       f"(policy require)"), stanza, stanza["from"].bare)
+            return None
+        return stanza
+
+    async def _receive(self, stanza: Message, lock: asyncio.Lock) -> None:
+        async with lock:  # arrival order per sender, even while certificates are fetched
+            try:
+                msg = await self.open(stanza)
+            except CapsuleError as exc:
+                self._fail(exc, stanza, stanza["from"].bare)
+                return
+        self.xmpp.event("capsule_message", msg)
+        self.xmpp.event("message", msg)
+
+    async def open(self, stanza: Message, replay_check: bool = True) -> Message:
+        """Verify and decrypt a capsule stanza into a new Message (see CapsuleInfo).
+
+        The signature is checked first, with the sender's verified certificate; then our key
+        is unwrapped, the envelope decrypted and its addressing checked, then the replay cache.
+        """
+        self._check_usable()
+        capsule = st.to_core(stanza["capsule"])
+        core.check_shape(capsule)
+        me = self.store.data.jid
+        sender = capsule.header.sender
+        signer = self.own_sign if sender == me else await self._signer(sender, capsule.header.cert)
+        if signer.fingerprint != capsule.header.cert:
+            raise UntrustedCertificate(f"capsule names a signing certificate {sender} "
+                                       f"does not hold")
+        core.verify(capsule, signer.public_key)
+        plain = core.unseal(capsule, jid=me, certs=self.store.decryption_keys())
+        env = envelope.decode(plain)
+        envelope.check_addressing(env, sender, stanza["from"].bare, stanza["to"].bare, me)
+        if replay_check:
+            self.store.remember(sender, capsule.header.nid, capsule.header.ts)
+            self._dirty()
+        msg = self.xmpp.make_message(mto=stanza["to"], mfrom=stanza["from"], mtype=stanza["type"])
+        msg["id"] = stanza["id"]
+        for el in env.content:
+            msg.xml.append(el)
+        msg.capsule_info = CapsuleInfo(sender, signer, capsule.header.nid.hex(),  # type: ignore[attr-defined]
+                                       capsule.header.ts)
+        return msg
+
+    async def _signer(self, sender: str, cert_fp: str) -> VerifiedCert:
+        contact = await self.contact(sender)
+        if contact.sign.fingerprint != cert_fp:  # rotated? look again before refusing
+            contact = await self.contact(sender, refresh=True)
+        return contact.sign
+
+    async def history(self, with_jid: str | None = None, limit: int = 100) -> list[Message]:
+        """Our MAM archive, decrypted (our own key entry makes sent capsules readable too).
+
+        Capsules that fail verification are reported as ``capsule_error`` and left out.
+        Replay checks are skipped: history is read again on purpose.
+        """
+        iq = await self.xmpp["xep_0313"].retrieve(
+            with_jid=JID(with_jid) if with_jid else None, rsm={"max": limit})
+        out = []
+        for result in iq["mam"]["results"]:
+            inner = result["mam_result"]["forwarded"]["stanza"]
+            if not st.has_capsule(inner):
+                continue
+            try:
+                out.append(await self.open(inner, replay_check=False))
+            except CapsuleError as exc:
+                self._fail(exc, inner, inner["from"].bare)
+        return out
+
+    # -- errors and saving -----------------------------------------------------
+    def _fail(self, exc: CapsuleError, stanza: StanzaBase, peer: str) -> None:
+        log.warning("capsule %s for stanza %s with %s: %s", exc.reason, stanza["id"], peer, exc)
+        self.xmpp.event("capsule_error", CapsuleFailure(exc.reason, str(exc), stanza["id"],
+                                                        peer, exc))
+
+    def _dirty(self) -> None:
+        if self._save_handle is None:
+            loop = asyncio.get_event_loop()
+            self._save_handle = loop.call_later(self.save_delay, self._flush)
+
+    def _flush(self, _event: Any = None) -> None:
+        if self._save_handle is not None:
+            self._save_handle.cancel()
+            self._save_handle = None
+        self.store.save()

@@ -1,0 +1,169 @@
+"""Stanza classes of ``urn:capsule:0`` (wire format v0) and of the PEP certificate node.
+
+``msg['capsule']`` is the ``<capsule/>``; :func:`to_core`/:func:`from_core` convert to and from
+the crypto core's :class:`capsule.core.Capsule`, rejecting bad base64 as MalformedCapsule.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+
+from slixmpp import Message
+from slixmpp.plugins.xep_0060.stanza import Item
+from slixmpp.plugins.xep_0334.stanza import Store
+from slixmpp.plugins.xep_0380.stanza import Encryption
+from slixmpp.xmlstream import ElementBase, register_stanza_plugin
+
+from capsule import algorithms as alg
+from capsule import core
+from capsule.errors import MalformedCapsule, UnsupportedVersion
+
+FALLBACK_BODY = "This message is end-to-end encrypted with Capsule."
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _unb64(text: str | None, what: str) -> bytes:
+    try:
+        return base64.b64decode((text or "").strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise MalformedCapsule(f"<{what}> is not valid base64") from None
+
+
+class Key(ElementBase):
+    """``<key jid='…' cert='…'>base64 wrapped key</key>``"""
+
+    name = "key"
+    namespace = alg.NAMESPACE
+    plugin_attrib = "key"
+    plugin_multi_attrib = "keys"
+    interfaces = {"jid", "cert", "value"}
+
+    def get_value(self) -> str:
+        return self.xml.text or ""
+
+    def set_value(self, value: str) -> None:
+        self.xml.text = value
+
+    def del_value(self) -> None:
+        self.xml.text = ""
+
+
+class Header(ElementBase):
+    """``<header sender cert nid ts>`` with the ``<key/>``s and the ``<iv/>``."""
+
+    name = "header"
+    namespace = alg.NAMESPACE
+    plugin_attrib = "header"
+    interfaces = {"sender", "cert", "nid", "ts", "iv"}
+    sub_interfaces = {"iv"}
+
+
+class CapsuleElement(ElementBase):
+    """``<capsule xmlns='urn:capsule:0'>``: header, payload, signature."""
+
+    name = "capsule"
+    namespace = alg.NAMESPACE
+    plugin_attrib = "capsule"
+    interfaces = {"payload", "signature"}
+    sub_interfaces = {"payload", "signature"}
+
+
+class Cert(ElementBase):
+    """``<cert usage='sign|encrypt|ca'>base64 DER</cert>`` inside a published ``<certs/>``."""
+
+    name = "cert"
+    namespace = alg.CERTS_NODE
+    plugin_attrib = "cert"
+    plugin_multi_attrib = "certs"
+    interfaces = {"usage", "value"}
+
+    def get_value(self) -> str:
+        return self.xml.text or ""
+
+    def set_value(self, value: str) -> None:
+        self.xml.text = value
+
+    def del_value(self) -> None:
+        self.xml.text = ""
+
+
+class Certs(ElementBase):
+    """The PEP item payload of node ``urn:capsule:certs:0``: the account's certificate chain."""
+
+    name = "certs"
+    namespace = alg.CERTS_NODE
+    plugin_attrib = "capsule_certs"
+
+
+def register() -> None:
+    register_stanza_plugin(Message, CapsuleElement)
+    register_stanza_plugin(Message, Encryption)
+    register_stanza_plugin(Message, Store)
+    register_stanza_plugin(CapsuleElement, Header)
+    register_stanza_plugin(Header, Key, iterable=True)
+    register_stanza_plugin(Item, Certs)
+    register_stanza_plugin(Certs, Cert, iterable=True)
+
+
+def has_capsule(msg: Message) -> bool:
+    return msg.xml.find(f"{{{alg.NAMESPACE}}}capsule") is not None
+
+
+def to_core(element: CapsuleElement) -> core.Capsule:
+    """Read a ``<capsule/>`` into the core's dataclass; refuses anything malformed."""
+    header = element.xml.find(f"{{{alg.NAMESPACE}}}header")
+    if header is None:
+        raise MalformedCapsule("capsule has no <header>")
+    if element.xml.find(f"{{{alg.NAMESPACE}}}payload") is None:
+        raise MalformedCapsule("capsule has no <payload>")
+    h = element["header"]
+    for attr in ("sender", "cert", "nid", "ts"):
+        if not h[attr]:
+            raise MalformedCapsule(f"capsule header lacks '{attr}'")
+    keys = []
+    for key in h["keys"]:
+        if not key["jid"] or not key["cert"]:
+            raise MalformedCapsule("a <key> lacks jid or cert")
+        keys.append(core.KeyEntry(key["jid"], key["cert"], _unb64(key["value"], "key")))
+    return core.Capsule(
+        header=core.Header(
+            sender=h["sender"], cert=h["cert"], nid=_unb64(h["nid"], "nid"), ts=h["ts"],
+            keys=tuple(keys), iv=_unb64(h["iv"], "iv"),
+        ),
+        payload=_unb64(element["payload"], "payload"),
+        signature=_unb64(element["signature"], "signature"),
+    )
+
+
+def check_namespace_version(msg: Message) -> None:
+    """A capsule of another version comes in another namespace: say so instead of ignoring it."""
+    for child in msg.xml:
+        tag = child.tag
+        if tag.endswith("}capsule") and tag.startswith("{urn:capsule:") and tag != (
+                f"{{{alg.NAMESPACE}}}capsule"):
+            raise UnsupportedVersion(f"capsule version {tag[1:].split('}')[0]} is not supported")
+
+
+def from_core(msg: Message, capsule: core.Capsule) -> None:
+    """Put ``capsule`` into ``msg`` with the fallback body, the EME element and the store hint."""
+    element = msg["capsule"]
+    h = element["header"]
+    h["sender"] = capsule.header.sender
+    h["cert"] = capsule.header.cert
+    h["nid"] = _b64(capsule.header.nid)
+    h["ts"] = capsule.header.ts
+    for entry in capsule.header.keys:
+        key = Key()
+        key["jid"], key["cert"], key["value"] = entry.jid, entry.cert, _b64(entry.wrapped)
+        h.append(key)
+    h["iv"] = _b64(capsule.header.iv)
+    element["payload"] = _b64(capsule.payload)
+    element["signature"] = _b64(capsule.signature)
+    msg["body"] = FALLBACK_BODY
+    msg["eme"]["namespace"] = alg.NAMESPACE
+    msg["eme"]["name"] = "Capsule"
+    msg.enable("store")
