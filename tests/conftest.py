@@ -1,0 +1,29 @@
+"""Shared fixtures: a throw-away CA and enrolled profiles for unit tests (no server needed)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from capsule.profile import Profile
+from capsule.testing.identities import enroll
+from capsule_ca import Authority
+
+PIN = "246810"
+
+
+@pytest.fixture(scope="session")
+def authority(tmp_path_factory: pytest.TempPathFactory) -> Authority:
+    return Authority.init(tmp_path_factory.mktemp("unit-ca") / "ca", "Unit CA", b"unit passphrase")
+
+
+@pytest.fixture
+def identity(authority: Authority, tmp_path: Path) -> Callable[[str], Profile]:
+    """``identity("alice")`` -> an enrolled profile for alice@capsule.test."""
+
+    def make(name: str) -> Profile:
+        return enroll(authority, tmp_path / f"{name}.capsule", f"{name}@capsule.test", PIN)
+
+    return make

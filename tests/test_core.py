@@ -1,0 +1,158 @@
+"""The pure crypto core and the envelope: round trips, tampering, addressing, malformed input."""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+import xml.etree.ElementTree as ET
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from capsule import core, envelope
+from capsule.errors import (
+    BadSignature,
+    DecryptionFailed,
+    EnvelopeMismatch,
+    MalformedCapsule,
+    NotAddressedToUs,
+)
+
+
+@pytest.fixture(scope="module")
+def keys() -> dict[str, rsa.RSAPrivateKey]:
+    return {name: rsa.generate_private_key(65537, 2048)
+            for name in ("alice-sign", "alice-enc", "bob-enc", "carol-enc")}
+
+
+def body(text: str) -> list[ET.Element]:
+    el = ET.Element("{jabber:client}body")
+    el.text = text
+    return [el]
+
+
+def seal_for(keys: dict[str, rsa.RSAPrivateKey], names: list[str], text: str = "hi") -> core.Capsule:
+    recipients = [core.Recipient(f"{n}@x.test", f"{n}-fp", keys[f"{n}-enc"].public_key())
+                  for n in names]
+    env = envelope.encode(body(text), "alice@x.test", [f"{n}@x.test" for n in names if n != "alice"],
+                          core.utc_timestamp())
+    return core.seal(env, sender="alice@x.test", sender_cert="alice-sign-fp",
+                     signing_key=keys["alice-sign"], recipients=recipients)
+
+
+def open_as(keys: dict[str, rsa.RSAPrivateKey], capsule: core.Capsule, name: str) -> envelope.Envelope:
+    core.verify(capsule, keys["alice-sign"].public_key())
+    plain = core.unseal(capsule, jid=f"{name}@x.test", certs={f"{name}-fp": keys[f"{name}-enc"]})
+    return envelope.decode(plain)
+
+
+def test_round_trip_to_several_recipients_and_self(keys: dict[str, rsa.RSAPrivateKey]) -> None:
+    capsule = seal_for(keys, ["bob", "carol", "alice"], "secret plan")
+    assert len(capsule.header.keys) == 3
+    for name in ("bob", "carol", "alice"):
+        env = open_as(keys, capsule, name)
+        assert env.content[0].text == "secret plan"
+        assert env.sender == "alice@x.test"
+        assert env.recipients == ("bob@x.test", "carol@x.test")
+    assert b"secret plan" not in capsule.payload
+
+
+def test_every_message_has_fresh_key_iv_and_nid(keys: dict[str, rsa.RSAPrivateKey]) -> None:
+    a, b = seal_for(keys, ["bob"]), seal_for(keys, ["bob"])
+    assert a.header.iv != b.header.iv and a.header.nid != b.header.nid
+    assert a.header.keys[0].wrapped != b.header.keys[0].wrapped
+
+
+def _flip(data: bytes, index: int = 0) -> bytes:
+    return data[:index] + bytes([data[index] ^ 1]) + data[index + 1:]
+
+
+TAMPERINGS = {
+    "payload": lambda c: dataclasses.replace(c, payload=_flip(c.payload, 5)),
+    "signature": lambda c: dataclasses.replace(c, signature=_flip(c.signature, 7)),
+    "wrapped key": lambda c: dataclasses.replace(c, header=dataclasses.replace(
+        c.header, keys=(dataclasses.replace(c.header.keys[0], wrapped=_flip(c.header.keys[0].wrapped)),
+                        *c.header.keys[1:]))),
+    "iv": lambda c: dataclasses.replace(c, header=dataclasses.replace(c.header, iv=_flip(c.header.iv))),
+    "nid": lambda c: dataclasses.replace(c, header=dataclasses.replace(c.header, nid=_flip(c.header.nid))),
+    "timestamp": lambda c: dataclasses.replace(c, header=dataclasses.replace(
+        c.header, ts="2020-01-01T00:00:00Z")),
+    "sender": lambda c: dataclasses.replace(c, header=dataclasses.replace(c.header, sender="eve@x.test")),
+    "dropped key": lambda c: dataclasses.replace(c, header=dataclasses.replace(
+        c.header, keys=c.header.keys[:1])),
+}
+
+
+@pytest.mark.parametrize("field", TAMPERINGS)
+def test_any_tampering_breaks_the_signature(keys: dict[str, rsa.RSAPrivateKey], field: str) -> None:
+    capsule = TAMPERINGS[field](seal_for(keys, ["bob", "carol"]))
+    with pytest.raises(BadSignature, match="does not verify"):
+        core.verify(capsule, keys["alice-sign"].public_key())
+
+
+def test_gcm_binds_header_even_without_signature_check(keys: dict[str, rsa.RSAPrivateKey]) -> None:
+    capsule = TAMPERINGS["timestamp"](seal_for(keys, ["bob"]))
+    with pytest.raises(DecryptionFailed, match="does not authenticate"):
+        core.unseal(capsule, jid="bob@x.test", certs={"bob-fp": keys["bob-enc"]})
+
+
+def test_signed_bytes_are_length_prefixed_and_key_order_independent(
+        keys: dict[str, rsa.RSAPrivateKey]) -> None:
+    capsule = seal_for(keys, ["bob", "carol"])
+    shuffled = dataclasses.replace(capsule, header=dataclasses.replace(
+        capsule.header, keys=tuple(reversed(capsule.header.keys))))
+    assert core.signed_bytes(shuffled) == core.signed_bytes(capsule)
+    data = core.signed_bytes(capsule)
+    (n,) = struct.unpack(">I", data[:4])
+    assert data[4:4 + n] == b"urn:capsule:0"
+    assert data.endswith(struct.pack(">I", len(capsule.payload)) + capsule.payload)
+
+
+def test_not_addressed_to_us(keys: dict[str, rsa.RSAPrivateKey]) -> None:
+    capsule = seal_for(keys, ["bob"])
+    with pytest.raises(NotAddressedToUs, match="carol@x.test"):
+        core.unseal(capsule, jid="carol@x.test", certs={"carol-fp": keys["carol-enc"]})
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"nid": b"short"}, "nid must be 16 bytes"),
+    ({"iv": b"\0" * 8}, "iv must be 12 bytes"),
+    ({"keys": ()}, "no <key>"),
+    ({"ts": "yesterday"}, "bad timestamp"),
+    ({"sender": "alice@x.test/phone"}, "not a bare JID"),
+])
+def test_malformed_shapes_rejected_before_crypto(keys: dict[str, rsa.RSAPrivateKey],
+                                                 change: dict[str, object], message: str) -> None:
+    capsule = seal_for(keys, ["bob"])
+    bad = dataclasses.replace(capsule, header=dataclasses.replace(capsule.header, **change))
+    with pytest.raises(MalformedCapsule, match=message):
+        core.verify(bad, keys["alice-sign"].public_key())
+
+
+def test_envelope_addressing_checks() -> None:
+    env = envelope.decode(envelope.encode(body("x"), "alice@x.test", ["bob@x.test"], "t"))
+    envelope.check_addressing(env, "alice@x.test", "alice@x.test", "bob@x.test", "bob@x.test")
+    # alice reads her own capsule from her archive or a carbon
+    envelope.check_addressing(env, "alice@x.test", "alice@x.test", "bob@x.test", "alice@x.test")
+    with pytest.raises(EnvelopeMismatch, match="forwarded or spoofed"):
+        envelope.check_addressing(env, "alice@x.test", "bob@x.test", "carol@x.test", "carol@x.test")
+    with pytest.raises(EnvelopeMismatch, match="not among the envelope's recipients"):
+        envelope.check_addressing(env, "alice@x.test", "alice@x.test", "carol@x.test", "carol@x.test")
+    with pytest.raises(EnvelopeMismatch, match="header sender"):
+        envelope.check_addressing(env, "eve@x.test", "eve@x.test", "bob@x.test", "bob@x.test")
+
+
+@pytest.mark.parametrize("data", [
+    b"<?xml version='1.0'?><!DOCTYPE x [<!ENTITY a 'b'>]><envelope xmlns='urn:xmpp:sce:1'/>",
+    b"not xml at all",
+    b"<envelope xmlns='urn:other'/>",
+    b"<envelope xmlns='urn:xmpp:sce:1'><content/><time stamp='t'/></envelope>",
+])
+def test_bad_envelopes_are_malformed(data: bytes) -> None:
+    with pytest.raises(MalformedCapsule):
+        envelope.decode(data)
+
+
+def test_padding_varies_the_length() -> None:
+    sizes = {len(envelope.encode(body("same"), "a@x", ["b@x"], "t")) for _ in range(30)}
+    assert len(sizes) > 5
