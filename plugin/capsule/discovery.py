@@ -23,18 +23,18 @@ from capsule.trust import CertBundle, CertificateSource
 
 log = logging.getLogger(__name__)
 ITEM_ID = "current"
-_NODE_OPTIONS = {
-    "pubsub#access_model": "open",
-    "pubsub#persist_items": "true",
-    "pubsub#max_items": "1",
-}
+# ejabberd refuses pubsub#max_items as a publish option, so it is set only by reconfiguring.
+_PUBLISH_OPTIONS = {"pubsub#access_model": "open", "pubsub#persist_items": "true"}
+_NODE_CONFIG = {**_PUBLISH_OPTIONS, "pubsub#max_items": "1"}
+PUBLISH_OPTIONS_FORM = "http://jabber.org/protocol/pubsub#publish-options"
+NODE_CONFIG_FORM = "http://jabber.org/protocol/pubsub#node_config"
 
 
-def _form(form_type: str) -> Form:
+def _form(form_type: str, fields: dict[str, str]) -> Form:
     form = Form()
     form["type"] = "submit"
     form.add_field(var="FORM_TYPE", ftype="hidden", value=form_type)
-    for var, value in _NODE_OPTIONS.items():
+    for var, value in fields.items():
         form.add_field(var=var, value=value)
     return form
 
@@ -66,8 +66,8 @@ def parse_certs(payload: Certs) -> dict[str, bytes]:
 
 
 async def publish(xmpp: BaseXMPP, chain: dict[str, str], timeout: int = 15) -> None:
-    pubsub = xmpp["xep_0060"]
-    options = _form("http://jabber.org/protocol/pubsub#publish-options")
+    pubsub = xmpp.plugin["xep_0060"]
+    options = _form(PUBLISH_OPTIONS_FORM, _PUBLISH_OPTIONS)
     try:
         await pubsub.publish(None, alg.CERTS_NODE, id=ITEM_ID, payload=certs_payload(chain),
                              options=options, timeout=timeout)
@@ -77,7 +77,7 @@ async def publish(xmpp: BaseXMPP, chain: dict[str, str], timeout: int = 15) -> N
             raise
     log.info("PEP node %s has other options; reconfiguring it", alg.CERTS_NODE)
     await pubsub.set_node_config(None, alg.CERTS_NODE,
-                                 _form("http://jabber.org/protocol/pubsub#node_config"),
+                                 _form(NODE_CONFIG_FORM, _NODE_CONFIG),
                                  timeout=timeout)
     await pubsub.publish(None, alg.CERTS_NODE, id=ITEM_ID, payload=certs_payload(chain),
                          options=options, timeout=timeout)
@@ -92,7 +92,7 @@ class PepSource(CertificateSource):
 
     async def fetch(self, jid: str) -> CertBundle | None:
         try:
-            iq = await self.xmpp["xep_0060"].get_item(JID(jid), alg.CERTS_NODE, ITEM_ID,
+            iq = await self.xmpp.plugin["xep_0060"].get_item(JID(jid), alg.CERTS_NODE, ITEM_ID,
                                                       timeout=self.timeout)
         except IqError as exc:
             log.info("no Capsule certificates published by %s (%s)", jid, exc.condition)

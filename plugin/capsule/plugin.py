@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from slixmpp import JID, Message
+from slixmpp.exceptions import IqError, IqTimeout
 from slixmpp.plugins import BasePlugin
 from slixmpp.xmlstream import StanzaBase
 
@@ -151,7 +152,12 @@ class XEP_Capsule(BasePlugin):
         if self._crl_task is None and self.crl:
             self._crl_task = asyncio.ensure_future(self._watch_crl())
         if self.publish and self._usable():
-            await self.publish_certificates()
+            try:
+                await self.publish_certificates()
+            except (IqError, IqTimeout) as exc:
+                log.warning("could not publish Capsule certificates: %s",
+                            exc.iq["error"]["text"] or exc.iq["error"]["condition"])
+                self.xmpp.event("capsule_publish_failed", exc)
 
     async def publish_certificates(self) -> None:
         data = self.store.data
@@ -352,7 +358,7 @@ class XEP_Capsule(BasePlugin):
         Capsules that fail verification are reported as ``capsule_error`` and left out.
         Replay checks are skipped: history is read again on purpose.
         """
-        iq = await self.xmpp["xep_0313"].retrieve(
+        iq = await self.xmpp.plugin["xep_0313"].retrieve(
             with_jid=JID(with_jid) if with_jid else None, rsm={"max": limit})
         out = []
         for result in iq["mam"]["results"]:

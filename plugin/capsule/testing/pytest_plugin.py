@@ -7,18 +7,22 @@ everything is torn down even when tests fail. A missing server is a failure, nev
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import secrets
 import shutil
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_asyncio
 from slixmpp import ClientXMPP
 
+from capsule.testing.identities import enroll
 from capsule.testing.stack import SERVERS, Stack
 from capsule.testing.xmpp import login
 
@@ -34,6 +38,10 @@ def _servers() -> list[str]:
     if unknown:
         raise pytest.UsageError(f"CAPSULE_SERVERS names unknown servers: {sorted(unknown)}")
     return [s for s in wanted if s]
+
+
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt("SIGTERM")
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,7 @@ def xmpp_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
         pytest.fail(f"{server} stack needs {', '.join(missing)}: run ./scripts/test, which "
                     f"installs them (apt-get install ejabberd prosody mariadb-server ...)")
     stack = Stack(tmp_path_factory.mktemp(server), server)
+    signal.signal(signal.SIGTERM, _interrupt)  # so a killed test run still stops its stacks
     stack.start()
     try:
         yield stack
@@ -105,3 +114,52 @@ async def connect(xmpp_stack: Stack) -> AsyncIterator[ConnectFn]:
     for client in clients:
         if client.is_connected():
             await client.disconnect(wait=1)
+
+
+@dataclass
+class Bot:
+    """A logged-in slixmpp client with the capsule plugin and its enrolled profile."""
+
+    client: ClientXMPP
+    account: Account
+    profile: Path
+    pin: str
+
+    @property
+    def jid(self) -> str:
+        return self.account.jid
+
+    @property
+    def capsule(self) -> Any:
+        return self.client.plugin["capsule"]
+
+
+@pytest_asyncio.fixture
+async def capsule_bot(xmpp_stack: Stack, new_account: Callable[[str], Account], connect: ConnectFn,
+                      tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Bot]]]:
+    """``await capsule_bot("alice", policy="require")``: a fresh account, a profile enrolled
+    with the stack's CA, a client with the capsule plugin, logged in, certificates published.
+
+    Pass ``account=`` and ``profile=`` to log an existing bot in again (a restart), and
+    ``client=`` to bring your own ClientXMPP subclass (an existing bot).
+    """
+    import capsule
+
+    async def make(name: str, account: Account | None = None, profile: Path | None = None,
+                   client: ClientXMPP | None = None, **config: Any) -> Bot:
+        account = account or new_account(name)
+        pin = "482916"
+        if profile is None:
+            profile = tmp_path / f"{account.user}.capsule"
+            enroll(xmpp_stack.authority(), profile, account.jid, pin)
+        client = client or ClientXMPP(account.jid, account.password)
+        client.register_plugin("capsule", {"profile": str(profile), "pin": pin, **config},
+                               module=capsule)
+        published: asyncio.Event = asyncio.Event()
+        client.add_event_handler("capsule_published", lambda _jid: published.set())
+        await connect(account, client=client)
+        if config.get("publish", True):
+            await asyncio.wait_for(published.wait(), 20)
+        return Bot(client, account, profile, pin)
+
+    yield make
