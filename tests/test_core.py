@@ -110,7 +110,7 @@ def test_signed_bytes_are_length_prefixed_and_key_order_independent(
 
 def test_not_addressed_to_us(keys: dict[str, rsa.RSAPrivateKey]) -> None:
     capsule = seal_for(keys, ["bob"])
-    with pytest.raises(NotAddressedToUs, match="carol@x.test"):
+    with pytest.raises(NotAddressedToUs, match=r"carol@x\.test"):
         core.unseal(capsule, jid="carol@x.test", certs={"carol-fp": keys["carol-enc"]})
 
 

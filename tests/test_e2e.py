@@ -1,32 +1,326 @@
-"""Bot to bot over real ejabberd and Prosody: encrypted round trips and what the server stored."""
+"""Bot to bot over real ejabberd and Prosody (with MariaDB, TLS from our CA, real slixmpp).
+
+Every plaintext used here comes from ``secret()``; after each test the DEBUG log captured
+during it is searched for those plaintexts and for the bots' PIN: neither may appear.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import re
 import secrets
+from collections.abc import Iterator
+from typing import Any
 
-from capsule import capsule_info
+import pytest
+from slixmpp import ClientXMPP, Message
+
+from capsule import capsule_info, core, discovery, envelope
+from capsule import stanza as st
+from capsule.errors import NoCertificate, RevokedCertificate, UntrustedCertificate
+from capsule.testing.identities import enroll
+from capsule_ca import Authority
+
+SECRETS: list[str] = []
+BOT_PIN = "482916"
 
 
 def secret(label: str) -> str:
     """A unique plaintext, so a leak can be found in rows and logs."""
-    return f"{label} {secrets.token_hex(8)}"
+    text = f"{label} {secrets.token_hex(8)}"
+    SECRETS.append(text)
+    return text
+
+
+@pytest.fixture(autouse=True)
+def no_plaintext_in_debug_log(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    caplog.set_level("DEBUG")
+    SECRETS.clear()
+    yield
+    records = [r for phase in ("setup", "call") for r in caplog.get_records(phase)]
+    assert any(r.levelname == "DEBUG" for r in records)  # the capture really ran at DEBUG
+    log = "\n".join(r.getMessage() for r in records)
+    leaked = [s for s in SECRETS if s in log]
+    assert not leaked, f"plaintext in the DEBUG log: {leaked}"
+    assert BOT_PIN not in log
+
+
+class Inbox:
+    """Collects a bot's ``message`` and ``capsule_error`` events."""
+
+    def __init__(self, client: ClientXMPP):
+        self.messages: asyncio.Queue[Message] = asyncio.Queue()
+        self.errors: asyncio.Queue[Any] = asyncio.Queue()
+        client.add_event_handler("message", self.messages.put_nowait)
+        client.add_event_handler("capsule_error", self.errors.put_nowait)
+
+    async def message(self, timeout: float = 15) -> Message:
+        return await asyncio.wait_for(self.messages.get(), timeout)
+
+    async def error(self, timeout: float = 15) -> Any:
+        return await asyncio.wait_for(self.errors.get(), timeout)
+
+    async def nothing(self, wait: float = 1.0) -> None:
+        await asyncio.sleep(wait)
+        assert self.messages.empty(), f"unexpected message {self.messages.get_nowait()['body']!r}"
+
+
+def assert_ciphertext_only(stack, user: str, texts: list[str], store: str = "archive") -> list[str]:
+    rows = stack.stored(store, user)
+    assert rows, f"nothing in {store} for {user}"
+    for text in texts:
+        assert not any(text in row for row in rows), f"plaintext {text!r} stored in {store}"
+    return rows
 
 
 async def test_round_trip_and_server_stores_only_ciphertext(xmpp_stack, capsule_bot):
     alice, bob = await capsule_bot("alice"), await capsule_bot("bob")
-    got: asyncio.Queue = asyncio.Queue()
-    bob.client.add_event_handler("message", got.put_nowait)
+    inbox = Inbox(bob.client)
     text = secret("meet at dawn")
     await alice.capsule.send(bob.jid, text)
-    msg = await asyncio.wait_for(got.get(), 15)
+    msg = await inbox.message()
     assert msg["body"] == text
     info = capsule_info(msg)
     assert info is not None and info.encrypted and info.sender == alice.jid
     assert info.sender_cert.jid == alice.jid
     await asyncio.sleep(0.3)
     for user in (alice.account.user, bob.account.user):
-        rows = xmpp_stack.stored("archive", user)
-        assert rows, f"nothing archived for {user}"
+        rows = assert_ciphertext_only(xmpp_stack, user, [text])
         assert all("urn:capsule:0" in row for row in rows)
-        assert not any(text in row for row in rows)
+
+
+async def test_transparent_reply_and_several_recipients(capsule_bot):
+    alice, bob, carol = [await capsule_bot(n) for n in ("alice", "bob", "carol")]
+    inboxes = {b.jid: Inbox(b.client) for b in (alice, bob, carol)}
+    text = secret("to both")
+    await alice.capsule.send([bob.jid, carol.jid], text)
+    for bot in (bob, carol):
+        msg = await inboxes[bot.jid].message()
+        assert msg["body"] == text and capsule_info(msg) is not None
+    # an ordinary reply goes out encrypted by the outgoing filter
+    reply = secret("reply")
+    msg.reply(reply).send()
+    back = await inboxes[alice.jid].message()
+    assert back["body"] == reply and capsule_info(back).sender == carol.jid
+
+
+async def test_offline_capsules_survive_restart_in_order(xmpp_stack, capsule_bot):
+    alice, bob = await capsule_bot("alice"), await capsule_bot("bob")
+    await bob.client.disconnect(wait=1)
+    texts = [secret(f"offline {i}") for i in range(3)]
+    for text in texts:
+        await alice.capsule.send(bob.jid, text)
+    await asyncio.sleep(0.5)
+    assert_ciphertext_only(xmpp_stack, bob.account.user, texts, "offline")
+    await alice.client.disconnect(wait=1)
+    await asyncio.to_thread(xmpp_stack.restart_server)
+    client = ClientXMPP(bob.jid, bob.account.password)
+    inbox = Inbox(client)
+    await capsule_bot("bob", account=bob.account, profile=bob.profile, client=client)
+    assert [(await inbox.message())["body"] for _ in texts] == texts
+    await inbox.nothing(0.5)
+
+
+def _tamper(part: str, row: str) -> tuple[str, str]:
+    """A (old, new) pair flipping one base64 character inside ``part`` of a stored capsule."""
+    patterns = {
+        "payload": r"<payload>([A-Za-z0-9+/=]+)</payload>",
+        "signature": r"<signature>([A-Za-z0-9+/=]+)</signature>",
+        "wrapped key": r"<key [^>]*>([A-Za-z0-9+/=]+)</key>",
+        "header": r"\bnid=.([A-Za-z0-9+/=]+)",
+    }
+    old = re.search(patterns[part], row)
+    assert old, f"no {part} in stored row"
+    value = old.group(1)
+    swap = "B" if value[10] != "B" else "C"
+    return value, value[:10] + swap + value[11:]
+
+
+@pytest.mark.parametrize("part", ["payload", "wrapped key", "signature", "header"])
+async def test_tampered_stored_capsule_is_rejected(xmpp_stack, capsule_bot, part):
+    alice, bob = await capsule_bot("alice"), await capsule_bot("bob")
+    await bob.client.disconnect(wait=1)
+    text = secret("tamper me")
+    await alice.capsule.send(bob.jid, text)
+    await asyncio.sleep(0.5)
+    (row,) = xmpp_stack.stored("offline", bob.account.user)
+    old, new = _tamper(part, row)
+    xmpp_stack.replace_stored("offline", bob.account.user, old, new)
+    client = ClientXMPP(bob.jid, bob.account.password)
+    inbox = Inbox(client)
+    await capsule_bot("bob", account=bob.account, profile=bob.profile, client=client)
+    failure = await inbox.error()
+    assert failure.reason == "bad-signature" and failure.peer == alice.jid
+    await inbox.nothing()
+
+
+async def test_replay_rejected_also_after_restart(capsule_bot):
+    alice, bob = await capsule_bot("alice"), await capsule_bot("bob")
+    inbox = Inbox(bob.client)
+    text = secret("once only")
+    msg = alice.client.make_message(mto=bob.jid, mbody=text, mtype="chat")
+    raw = str(await alice.capsule.encrypt_message(msg))
+    alice.client.send_raw(raw)
+    assert (await inbox.message())["body"] == text
+    alice.client.send_raw(raw)
+    assert (await inbox.error()).reason == "replay"
+    await bob.client.disconnect(wait=1)  # saves the profile
+    client = ClientXMPP(bob.jid, bob.account.password)
+    inbox = Inbox(client)
+    await capsule_bot("bob", account=bob.account, profile=bob.profile, client=client)
+    alice.client.send_raw(raw)
+    assert (await inbox.error()).reason == "replay"
+    await inbox.nothing(0.5)
+
+
+async def test_forwarded_capsule_is_rejected(capsule_bot):
+    alice, bob, carol = [await capsule_bot(n) for n in ("alice", "bob", "carol")]
+    inbox = Inbox(carol.client)
+    for recipients, reason in (([bob.jid], "not-for-us"), ([bob.jid, carol.jid], "envelope-mismatch")):
+        msg = alice.client.make_message(mto=bob.jid, mbody=secret("for bob"), mtype="chat")
+        capsule_msg = await alice.capsule.encrypt_message(msg, recipients)
+        capsule_msg["to"] = carol.jid  # bob passes it on as if it were his
+        capsule_msg["from"] = bob.client.boundjid
+        bob.client.send_raw(str(capsule_msg))
+        assert (await inbox.error()).reason == reason
+    await inbox.nothing(0.5)
+
+
+@pytest.mark.parametrize("case", ["expired", "revoked", "other CA", "SAN mismatch"])
+async def test_bad_recipient_certificates_are_refused(xmpp_stack, capsule_bot, connect, new_account,
+                                                      tmp_path, case):
+    alice = await capsule_bot("alice", crl=str(xmpp_stack.authority().crl_path))
+    ca = xmpp_stack.authority()
+    now = dt.datetime.now(dt.UTC)
+    account = new_account("bob")
+    client = await connect(account)
+    client.register_plugin("xep_0060")
+    jid = account.jid
+    if case == "expired":
+        prof = enroll(ca, tmp_path / "b.capsule", jid, BOT_PIN, not_before=now - dt.timedelta(days=9),
+                      not_after=now - dt.timedelta(days=1))
+    elif case == "revoked":
+        prof = enroll(ca, tmp_path / "b.capsule", jid, BOT_PIN)
+        ca.revoke(jid=jid)
+        alice.capsule.refresh_crl()
+    elif case == "other CA":
+        other = Authority.init(tmp_path / "other", "Other CA", b"other passphrase")
+        prof = enroll(other, tmp_path / "b.capsule", jid, BOT_PIN)
+    else:
+        prof = enroll(ca, tmp_path / "b.capsule", "someone-else@" + jid.split("@")[1], BOT_PIN)
+    data = prof.data
+    await discovery.publish(client, {"sign": data.signing_cert, "encrypt": data.encryption_cert})
+    expected = {"expired": (UntrustedCertificate, "expired on"),
+                "revoked": (RevokedCertificate, "is revoked"),
+                "other CA": (UntrustedCertificate, "not issued by our CA"),
+                "SAN mismatch": (UntrustedCertificate, "is for someone-else@")}[case]
+    with pytest.raises(expected[0], match=expected[1]):
+        await alice.capsule.send(jid, secret("never sent"))
+
+
+async def test_capsule_signed_by_foreign_ca_is_rejected(capsule_bot, connect, new_account, tmp_path):
+    bob = await capsule_bot("bob")
+    inbox = Inbox(bob.client)
+    account = new_account("mallory")
+    mallory = await connect(account)
+    mallory.register_plugin("xep_0060")
+    other = Authority.init(tmp_path / "other", "Other CA", b"other passphrase")
+    forged = enroll(other, tmp_path / "m.capsule", account.jid, BOT_PIN)
+    data = forged.data
+    await discovery.publish(mallory, {"sign": data.signing_cert, "encrypt": data.encryption_cert})
+    bob_enc = bob.capsule.own_encrypt
+    env = envelope.encode([], account.jid, [bob.jid], core.utc_timestamp())
+    sealed = core.seal(env, sender=account.jid, sender_cert="00" * 32,
+                       signing_key=data.signing_key,
+                       recipients=[core.Recipient(bob.jid, bob_enc.fingerprint, bob_enc.public_key)])
+    msg = mallory.make_message(mto=bob.jid, mtype="chat")
+    st.from_core(msg, sealed)
+    msg.send()
+    failure = await inbox.error()
+    assert failure.reason == "untrusted" and "not issued by our CA" in failure.message
+    await inbox.nothing(0.5)
+
+
+async def test_policy_require(capsule_bot, connect, new_account, xmpp_stack):
+    alice = await capsule_bot("alice", policy="require")
+    errors = Inbox(alice.client)
+    plain_account = new_account("plain")
+    plain = await connect(plain_account)
+    received = Inbox(plain)
+    with pytest.raises(NoCertificate, match="has published no Capsule certificates"):
+        await alice.capsule.send(plain_account.jid, secret("explicit"))
+    text = secret("transparent")
+    alice.client.send_message(mto=plain_account.jid, mbody=text, mtype="chat")
+    failure = await errors.error()
+    assert failure.reason == "no-certificate"
+    await received.nothing()
+    assert not any(text in row for row in xmpp_stack.stored("archive", alice.account.user))
+    # and incoming plaintext is refused
+    plain.send_message(mto=alice.jid, mbody="hello in clear", mtype="chat")
+    failure = await errors.error()
+    assert failure.reason == "policy" and failure.peer == plain_account.jid
+    await errors.nothing(0.5)
+
+
+class EchoBot(ClientXMPP):
+    """A bot written in plain slixmpp style; it knows nothing of Capsule."""
+
+    def __init__(self, jid: str, password: str):
+        super().__init__(jid, password)
+        self.add_event_handler("message", self.echo)
+
+    def echo(self, msg: Message) -> None:
+        if msg["type"] in ("chat", "normal"):
+            msg.reply("echo: " + msg["body"]).send()
+
+
+async def test_existing_echo_bot_gains_encryption_with_one_line(xmpp_stack, capsule_bot, new_account):
+    alice = await capsule_bot("alice")
+    account = new_account("echo")
+    echo = EchoBot(account.jid, account.password)  # the only Capsule line is the register_plugin
+    await capsule_bot("echo", account=account, client=echo)  # done inside the fixture
+    inbox = Inbox(alice.client)
+    text = secret("ping")
+    await alice.capsule.send(account.jid, text)
+    answer = await inbox.message()
+    assert answer["body"] == "echo: " + text and capsule_info(answer) is not None
+    await asyncio.sleep(0.3)
+    assert_ciphertext_only(xmpp_stack, account.user, [text])
+
+
+async def test_history_from_mam_decrypts_sent_and_received(capsule_bot):
+    alice, bob = await capsule_bot("alice"), await capsule_bot("bob")
+    inbox = Inbox(bob.client)
+    sent = [secret("history one"), secret("history two")]
+    for text in sent:
+        await alice.capsule.send(bob.jid, text)
+        await inbox.message()
+    reply = secret("history reply")
+    await bob.capsule.send(alice.jid, reply)
+    await asyncio.sleep(0.5)
+    history = await alice.capsule.history(with_jid=bob.jid)
+    assert [m["body"] for m in history] == [*sent, reply]
+    assert [capsule_info(m).sender for m in history] == [alice.jid, alice.jid, bob.jid]
+
+
+async def test_changed_certificate_validates_and_is_reported(xmpp_stack, capsule_bot, tmp_path):
+    alice, bob = await capsule_bot("alice"), await capsule_bot("bob")
+    changes: asyncio.Queue[Any] = asyncio.Queue()
+    alice.client.add_event_handler("capsule_cert_changed", changes.put_nowait)
+    await alice.capsule.send(bob.jid, secret("first"))  # pins bob
+    await bob.client.disconnect(wait=1)
+    new_profile = tmp_path / "bob-new.capsule"
+    enroll(xmpp_stack.authority(), new_profile, bob.jid, BOT_PIN)  # --replace revokes the old
+    client = ClientXMPP(bob.jid, bob.account.password)
+    inbox = Inbox(client)
+    bob = await capsule_bot("bob", account=bob.account, profile=new_profile, client=client)
+    alice_inbox = Inbox(alice.client)
+    text = secret("signed with the new key")
+    await bob.capsule.send(alice.jid, text)
+    change = await asyncio.wait_for(changes.get(), 15)
+    assert change["jid"] == bob.jid
+    assert (await alice_inbox.message())["body"] == text
+    text = secret("to the new key")
+    await alice.capsule.send(bob.jid, text)
+    assert (await inbox.message())["body"] == text

@@ -36,7 +36,7 @@ def test_valid_contact_verifies_and_is_cached(authority: Authority,
 
 def test_san_must_match_the_jid(authority: Authority, identity: Callable[[str], Profile]) -> None:
     carol = identity("carol")
-    with pytest.raises(UntrustedCertificate, match="is for carol@capsule.test, not bob@capsule.test"):
+    with pytest.raises(UntrustedCertificate, match=r"is for carol@capsule\.test, not bob@capsule\.test"):
         TrustStore(authority.root_pem).verify_contact("bob@capsule.test", bundle(carol))
 
 

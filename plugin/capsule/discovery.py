@@ -18,6 +18,7 @@ from slixmpp.exceptions import IqError, IqTimeout
 from slixmpp.plugins.xep_0004.stanza import Form
 
 from capsule import algorithms as alg
+from capsule.errors import NoCertificate
 from capsule.stanza import Cert, Certs
 from capsule.trust import CertBundle, CertificateSource
 
@@ -91,6 +92,7 @@ class PepSource(CertificateSource):
         self.timeout = timeout
 
     async def fetch(self, jid: str) -> CertBundle | None:
+        """The published bundle; None when there is none; NoCertificate on a time-out."""
         try:
             iq = await self.xmpp.plugin["xep_0060"].get_item(JID(jid), alg.CERTS_NODE, ITEM_ID,
                                                       timeout=self.timeout)
@@ -98,8 +100,7 @@ class PepSource(CertificateSource):
             log.info("no Capsule certificates published by %s (%s)", jid, exc.condition)
             return None
         except IqTimeout:
-            log.warning("timed out fetching %s's Capsule certificates", jid)
-            return None
+            raise NoCertificate(f"timed out fetching {jid}'s Capsule certificates") from None
         for item in iq["pubsub"]["items"]:
             found = parse_certs(item["capsule_certs"])
             if "sign" in found and "encrypt" in found:

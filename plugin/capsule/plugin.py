@@ -114,7 +114,7 @@ class XEP_Capsule(BasePlugin):
         self.xmpp.add_filter("out", self._filter_out)
         self.xmpp.add_event_handler("session_start", self._session_start)
         self.xmpp.add_event_handler("disconnected", self._flush)
-        self._reload_crl()
+        self.refresh_crl()
 
     def plugin_end(self) -> None:
         self.xmpp.del_filter("in", self._filter_in)
@@ -170,7 +170,8 @@ class XEP_Capsule(BasePlugin):
         return self.secure or bool(self.allow_insecure)
 
     # -- CRL -------------------------------------------------------------------
-    def _reload_crl(self) -> None:
+    def refresh_crl(self) -> None:
+        """Re-read the CRL file if it changed (also done every ``crl_refresh`` seconds)."""
         if not self.crl:
             return
         try:
@@ -193,7 +194,7 @@ class XEP_Capsule(BasePlugin):
     async def _watch_crl(self) -> None:
         while True:
             await asyncio.sleep(self.crl_refresh)
-            self._reload_crl()
+            self.refresh_crl()
 
     # -- contacts --------------------------------------------------------------
     def _lock(self, jid: str) -> asyncio.Lock:
@@ -240,11 +241,17 @@ class XEP_Capsule(BasePlugin):
         return core.seal(sealed_env, sender=me, sender_cert=self.own_sign.fingerprint,
                          signing_key=self.store.data.signing_key, recipients=keys)
 
-    def _wrap(self, msg: Message, capsule: core.Capsule) -> Message:
+    @staticmethod
+    def _wrap(msg: Message, capsule: core.Capsule) -> Message:
         for el in [el for el in msg.xml if el.tag.split("}")[-1] in PROTECTED]:
             msg.xml.remove(el)
         st.from_core(msg, capsule)
         return msg
+
+    async def encrypt_message(self, msg: Message, recipients: Iterable[str] | None = None
+                              ) -> Message:
+        """Replace ``msg``'s body (and subject) by a capsule for ``recipients`` (default: its to)."""
+        return self._wrap(msg, await self.seal(msg, recipients or [msg["to"].bare]))
 
     async def send(self, to: str | JID | Iterable[str | JID], body: str,
                    mtype: Literal["chat", "normal"] = "chat") -> list[str]:
@@ -270,7 +277,7 @@ class XEP_Capsule(BasePlugin):
             return stanza
         to = stanza["to"].bare
         try:
-            return self._wrap(stanza, await self.seal(stanza, [to]))
+            return await self.encrypt_message(stanza, [to])
         except NoCertificate as exc:
             if self.policy == "prefer":
                 log.info("no certificate for %s: sending in plaintext (policy prefer)", to)

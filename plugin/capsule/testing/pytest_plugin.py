@@ -16,7 +16,7 @@ import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import pytest_asyncio
@@ -131,7 +131,7 @@ class Bot:
 
     @property
     def capsule(self) -> Any:
-        return self.client.plugin["capsule"]
+        return cast(Any, self.client.plugin)["capsule"]
 
 
 @pytest_asyncio.fixture

@@ -462,21 +462,34 @@ class Stack:
     def deluser(self, user: str) -> None:
         self._parts()[1].unregister(user)
 
-    _STORE_QUERIES: ClassVar[dict[tuple[str, str], str]] = {
-        ("ejabberd", "archive"): "SELECT xml FROM archive WHERE username='{u}' ORDER BY timestamp",
-        ("ejabberd", "offline"): "SELECT xml FROM spool WHERE username='{u}' ORDER BY seq",
+    # (table, column, condition, order) of what each server stored, per store
+    _STORES: ClassVar[dict[tuple[str, str], tuple[str, str, str, str]]] = {
+        ("ejabberd", "archive"): ("archive", "xml", "username='{u}'", "timestamp"),
+        ("ejabberd", "offline"): ("spool", "xml", "username='{u}'", "seq"),
         ("prosody", "archive"):
-            "SELECT value FROM prosodyarchive WHERE user='{u}' AND store='archive' ORDER BY sort_id",
+            ("prosodyarchive", "value", "user='{u}' AND store='archive'", "sort_id"),
         ("prosody", "offline"):
-            "SELECT value FROM prosodyarchive WHERE user='{u}' AND store='offline' ORDER BY sort_id",
+            ("prosodyarchive", "value", "user='{u}' AND store='offline'", "sort_id"),
     }
+
+    def _store(self, store: str, user: str, *values: str) -> tuple[str, str, str, str]:
+        for text in (user, *values):  # only these reach SQL, so only harmless characters
+            if not re.fullmatch(r"[A-Za-z0-9+/=._@-]+", text):
+                raise StackError(f"refusing to put {text!r} into SQL")
+        table, column, condition, order = self._STORES[(self.info.server, store)]
+        return table, column, condition.format(u=user), order
 
     def stored(self, store: str, user: str) -> list[str]:
         """The stanzas the server stored for ``user`` in ``store`` ("archive" or "offline")."""
-        if not re.fullmatch(r"[A-Za-z0-9._-]+", user):
-            raise StackError(f"unexpected user name {user!r}")
-        query = self._STORE_QUERIES[(self.info.server, store)].format(u=user)
-        return [line for line in self.sql(query).splitlines() if line]
+        table, column, where, order = self._store(store, user)
+        rows = self.sql(f"SELECT {column} FROM {table} WHERE {where} ORDER BY {order}")  # noqa: S608
+        return [line for line in rows.splitlines() if line]
+
+    def replace_stored(self, store: str, user: str, old: str, new: str) -> None:
+        """Edit what the server stored (a tampering test): replace ``old`` by ``new``."""
+        table, column, where, _ = self._store(store, user, old, new)
+        self.sql(f"UPDATE {table} SET {column} = REPLACE({column}, '{old}', '{new}') "  # noqa: S608
+                 f"WHERE {where}")
 
     def sql(self, statement: str) -> str:
         """Run SQL in the server's database (the admin's view of what the server stored)."""
