@@ -32,8 +32,13 @@ capsule_setup() {
     fi
     if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
         echo "setup: installing Python dependencies into $venv"
-        "$venv/bin/python" -m pip install -q --upgrade pip
-        "$venv/bin/python" -m pip install -q -e "${CAPSULE_ROOT}[test,dev]"
+        local log="$venv/pip-install.log"
+        if ! { "$venv/bin/python" -m pip install --upgrade pip &&
+               "$venv/bin/python" -m pip install -e "${CAPSULE_ROOT}[test,dev]"; } >"$log" 2>&1; then
+            tail -n 30 "$log" >&2
+            echo "setup: pip install failed (full log: $log)" >&2
+            return 1
+        fi
         echo "$want" >"$stamp"
     fi
 }

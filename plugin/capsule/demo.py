@@ -1,91 +1,199 @@
-"""The demo: two bots over the private ejabberd + MariaDB stack, and what the server stored.
+"""The demo: alice and bob over the private ejabberd + MariaDB stack, and the admin's view.
 
-Run by ``./scripts/demo``. Starts the stack in ``.demo/``, logs alice and bob in over TLS
-verified against the stack's own CA, has alice write to bob while he is offline, restarts the
-server, lets bob log in and read it, prints the rows MariaDB holds, and stops everything.
+Run by ``./scripts/demo``. Starts a fresh stack in ``.demo/``; creates alice's and bob's
+profiles with certificates from the stack's CA; alice adds bob as a contact and sees him
+online; she sends one message from a client without Capsule (plaintext), then encrypted ones;
+one more while bob is offline, which survives a server restart; then the demo prints what
+MariaDB stored for each message, side by side, and stops everything.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import secrets
 import shutil
 import sys
+import textwrap
 from pathlib import Path
+from typing import Any, cast
 
-from slixmpp import JID, ClientXMPP
+from slixmpp import JID, ClientXMPP, Message
 
+import capsule
+from capsule import capsule_info
+from capsule.errors import CapsuleError
+from capsule.profile import KdfParams
+from capsule.testing.identities import enroll
 from capsule.testing.processes import StackError
 from capsule.testing.stack import Stack
 from capsule.testing.xmpp import LoginError, login
+
+PIN = secrets.token_hex(4) + "00"  # a fresh demo PIN (digits and letters, 10 characters)
 
 
 def step(text: str) -> None:
     print(f"\n== {text}", flush=True)
 
 
-async def scenario(stack: Stack) -> None:
-    state = stack.info
-    users = {name: secrets.token_urlsafe(12) for name in ("alice", "bob")}
-    for name, password in users.items():
-        try:
-            stack.deluser(name)
-        except StackError:
-            pass
-        stack.adduser(name, password)
-    alice_jid, bob_jid = (JID(f"{n}@{state.domain}") for n in users)
+class Demo:
+    def __init__(self, stack: Stack, directory: Path):
+        self.stack = stack
+        self.dir = directory
+        self.state = stack.info
+        self.passwords = {name: secrets.token_urlsafe(12) for name in ("alice", "bob")}
+        self.jids = {name: JID(f"{name}@{self.state.domain}") for name in self.passwords}
+        self.bob_inbox: asyncio.Queue[Message] = asyncio.Queue()
+        self.encrypted: list[str] = []
 
-    async def connect(name: str) -> ClientXMPP:
-        client = ClientXMPP(f"{name}@{state.domain}", users[name])
-        await login(client, "127.0.0.1", state.c2s_port, state.ca_root)
+    def profile(self, name: str) -> Path:
+        return self.dir / f"{name}.capsule"
+
+    async def connect(self, name: str, with_capsule: bool = True) -> ClientXMPP:
+        client = ClientXMPP(self.jids[name], self.passwords[name])
+        if with_capsule:
+            client.register_plugin("capsule", {"profile": str(self.profile(name)), "pin": PIN},
+                                   module=capsule)
+            published = asyncio.Event()
+            client.add_event_handler("capsule_published", lambda _j: published.set())
+        await login(client, "127.0.0.1", self.state.c2s_port, self.state.ca_root)
         client.send_presence()
+        if with_capsule:
+            await asyncio.wait_for(published.wait(), 20)
         return client
 
-    step(f"alice logs in over STARTTLS, server certificate verified against {state.ca_root}")
-    alice = await connect("alice")
-    print(f"   alice is {alice.boundjid}")
-    text = "Hello Bob, this waits for you on the server."
-    step(f"bob is offline; alice sends: {text!r}")
-    alice.send_message(mto=bob_jid, mbody=text, mtype="chat")
-    await asyncio.sleep(0.5)
-    await alice.disconnect(wait=1)
+    def enroll(self) -> None:
+        step("alice and bob get accounts, profiles (PIN-encrypted) and certificates from our CA")
+        authority = self.stack.authority()
+        for name, password in self.passwords.items():
+            self.stack.adduser(name, password)
+            profile = enroll(authority, self.profile(name), str(self.jids[name]), PIN,
+                             kdf=KdfParams())
+            sign = self.stack.authority().valid_for(str(self.jids[name]))
+            print(f"   {self.jids[name]}: profile {profile.path.name}, certificates "
+                  f"{', '.join(f'{r.usage} #{r.serial}' for r in sign)}")
 
-    step("the server restarts (MariaDB keeps the offline queue)")
-    await asyncio.to_thread(stack.restart_server)
+    def on_bob_message(self, msg: Message) -> None:
+        info = capsule_info(msg)
+        how = "encrypted, signature verified" if info else "PLAINTEXT"
+        print(f"   bob reads ({how}): {msg['body']!r}")
+        self.bob_inbox.put_nowait(msg)
 
-    step("bob logs in and reads his offline messages")
-    received: asyncio.Queue[str] = asyncio.Queue()
-    bob = ClientXMPP(bob_jid, users["bob"])
-    bob.add_event_handler("message", lambda msg: received.put_nowait(msg["body"]))
-    await login(bob, "127.0.0.1", state.c2s_port, state.ca_root)
-    bob.send_presence()
-    body = await asyncio.wait_for(received.get(), 15)
-    print(f"   bob received from {alice_jid}: {body!r}")
-    await bob.disconnect(wait=1)
+    async def bob_reads(self, count: int) -> None:
+        for _ in range(count):
+            await asyncio.wait_for(self.bob_inbox.get(), 15)
 
-    step("what the server stored (MariaDB, the admin's view)")
-    print("   archive (mod_mam), one row per side of the conversation:")
-    print(stack.sql("SELECT username, bare_peer, LEFT(txt, 60) FROM archive "
-                    "WHERE username IN ('alice', 'bob') ORDER BY timestamp"))
-    print("   offline spool for bob (emptied on delivery):")
-    print(stack.sql("SELECT COUNT(*) FROM spool WHERE username='bob'"))
+    async def run(self) -> None:
+        self.enroll()
+        step("both log in over STARTTLS, the server certificate checked against our CA")
+        alice = await self.connect("alice")
+        bob = await self.connect("bob")
+        bob.add_event_handler("message", self.on_bob_message)
+        bob.add_event_handler("capsule_error", lambda f: print(f"   bob: capsule error {f.reason}"))
+
+        step("alice adds bob as a contact and waits to see him online")
+        online = asyncio.Event()
+
+        def seen(presence: Any) -> None:
+            if presence["from"].bare == self.jids["bob"]:
+                online.set()
+
+        alice.add_event_handler("presence_available", seen)
+        alice.send_presence_subscription(pto=self.jids["bob"])
+        await asyncio.wait_for(online.wait(), 15)
+        print(f"   alice sees {self.jids['bob']} online")
+
+        step("a client without Capsule (alice's old phone) sends a plaintext message")
+        old_phone = await self.connect("alice", with_capsule=False)
+        old_phone.send_message(mto=self.jids["bob"], mtype="chat",
+                               mbody="Plain hello from alice's old phone")
+        await self.bob_reads(1)
+        await old_phone.disconnect(wait=1)
+
+        step("alice sends encrypted messages (explicit API and an ordinary send_message)")
+        self.encrypted += ["The vault code is 4711.", "Meet me at the north gate at six."]
+        await plugin(alice).send(self.jids["bob"], self.encrypted[0])
+        alice.send_message(mto=self.jids["bob"], mbody=self.encrypted[1], mtype="chat")
+        await self.bob_reads(2)
+
+        step("bob goes offline; alice sends one more encrypted message")
+        await bob.disconnect(wait=1)
+        self.encrypted.append("This one waited for you on the server, encrypted.")
+        await plugin(alice).send(self.jids["bob"], self.encrypted[2])
+        await asyncio.sleep(0.5)
+        queued = self.stack.stored("offline", "bob")
+        print(f"   the server's offline queue for bob holds {len(queued)} stanza(s)")
+        await alice.disconnect(wait=1)
+
+        step("the server restarts (MariaDB keeps the queue)")
+        await asyncio.to_thread(self.stack.restart_server)
+
+        step("bob logs in again and reads what waited for him")
+        bob = await self.connect("bob")
+        bob.add_event_handler("message", self.on_bob_message)
+        await self.bob_reads(1)
+        await bob.disconnect(wait=1)
+        self.admin_view(queued)
+
+    def admin_view(self, queued: list[str]) -> None:
+        step("what the server stored: the admin's view of MariaDB (table archive, mod_mam)")
+        rows = self.stack.sql("SELECT txt, xml FROM archive WHERE username='bob' ORDER BY timestamp")
+        width = 54
+        print(f"   {'message as sent':<{width}} | what the archive row holds")
+        print(f"   {'-' * width}-+-{'-' * width}")
+        sent = ["Plain hello from alice's old phone", *self.encrypted]
+        for text, row in zip(sent, rows.splitlines(), strict=False):
+            _txt, xml = row.split("\t", 1)
+            stored = _excerpt(xml)
+            left, right = textwrap.wrap(text, width), textwrap.wrap(stored, width)
+            left += [""] * (len(right) - len(left))
+            right += [""] * (len(left) - len(right))
+            for a, b in zip(left, right, strict=True):
+                print(f"   {a:<{width}} | {b}")
+            print(f"   {'':<{width}} |")
+        print("   offline queue row of the message sent while bob was offline (table spool):")
+        print(textwrap.indent(textwrap.fill(_excerpt(queued[-1] if queued else "", 300), 110),
+                              "     "))
+        everything = rows + "".join(queued)
+        leaked = [t for t in self.encrypted if t in everything]
+        if leaked:
+            raise CapsuleError(f"the server stored plaintext of encrypted messages: {leaked}")
+        print(f"\n   OK: the plaintext message is readable in the archive; none of the "
+              f"{len(self.encrypted)} encrypted messages is.")
+
+
+def plugin(client: ClientXMPP) -> Any:
+    return cast(Any, client.plugin)["capsule"]
+
+
+def _excerpt(xml: str, limit: int = 160) -> str:
+    """The part of a stored stanza an admin would look at: the payload, or the body."""
+    payload = re.search(r"<payload>([^<]*)</payload>", xml)
+    if payload:
+        data = payload.group(1)
+        return f"<capsule …><payload>{data[:60]}… ({len(data)} chars of base64)</payload>"
+    found = re.search(r"<body>.*?</body>", xml)
+    text = found.group(0) if found else xml
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="scripts/demo", description=__doc__)
-    parser.add_argument("--dir", default=".demo", help="where the demo stack lives")
+    parser = argparse.ArgumentParser(prog="scripts/demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dir", default=".demo", help="where the demo stack lives (wiped first)")
     args = parser.parse_args(argv)
     directory = Path(args.dir).resolve()
-    Stack(directory).stop()  # a demo left running by a crash
+    Stack(directory / "stack").stop()  # a demo left running by a crash
     shutil.rmtree(directory, ignore_errors=True)  # each run starts from an empty server
-    stack = Stack(directory, "ejabberd")
+    stack = Stack(directory / "stack", "ejabberd")
     try:
-        step("starting the private stack: MariaDB + ejabberd on loopback, TLS from our CA")
+        step("starting the private stack: MariaDB + ejabberd on loopback, TLS from our own CA")
         state = stack.start()
-        print(f"   {state.server} for {state.domain} on 127.0.0.1:{state.c2s_port}")
-        asyncio.run(scenario(stack))
-    except (StackError, LoginError, TimeoutError) as exc:
+        print(f"   {state.server} for {state.domain} on 127.0.0.1:{state.c2s_port}, "
+              f"CA {state.ca_root}")
+        asyncio.run(Demo(stack, directory).run())
+    except (StackError, LoginError, CapsuleError, TimeoutError) as exc:
         print(f"demo: error: {exc or 'timed out'}", file=sys.stderr)
         return 1
     finally:
@@ -96,3 +204,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -1,0 +1,57 @@
+"""`capsule profile …` from init to a ready profile, with clear one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from capsule.cli import main
+from capsule.profile import Profile
+from capsule_ca import Authority
+from capsule_ca.profiles import Usage
+
+
+def test_profile_life_cycle(tmp_path: Path, authority: Authority, monkeypatch: pytest.MonkeyPatch,
+                            capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("CAPSULE_PIN", "731902")
+    profile = tmp_path / "erin.capsule"
+    jid = "erin@capsule.test"
+    assert main(["profile", "init", "--profile", str(profile), "--jid", jid]) == 0
+    certs = []
+    for usage in (Usage.SIGN, Usage.ENCRYPT):
+        csr = (tmp_path / f"erin.capsule.{usage.value}.csr").read_bytes()
+        out = tmp_path / f"{usage.value}.pem"
+        out.write_bytes(authority.issue(csr, jid, usage, replace=True).pem())
+        certs.append(str(out))
+    args = ["--profile", str(profile)]
+    assert main(["profile", "import-cert", *args, *certs, str(authority.root_path)]) == 0
+    assert "profile is ready" in capsys.readouterr().out
+    assert main(["profile", "show", *args]) == 0
+    shown = capsys.readouterr().out
+    assert jid in shown and "SHA-256" in shown and "(missing)" not in shown
+    assert "731902" not in shown
+
+    new_pin = tmp_path / "new-pin"
+    new_pin.write_text("a long passphrase\n")
+    assert main(["profile", "change-pin", *args, "--new-pin-file", str(new_pin)]) == 0
+    assert Profile.load(profile, "a long passphrase").ready()
+    capsys.readouterr()
+    assert main(["profile", "show", *args]) == 1  # $CAPSULE_PIN is now the old PIN
+    err = capsys.readouterr().err
+    assert err.startswith("capsule: error: wrong PIN") and err.count("\n") == 1
+
+
+def test_import_refuses_someone_elses_certificate(tmp_path: Path, authority: Authority, identity,
+                                                  monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("CAPSULE_PIN", "731902")
+    profile = tmp_path / "fay.capsule"
+    assert main(["profile", "init", "--profile", str(profile), "--jid", "fay@capsule.test"]) == 0
+    other = identity("gus")
+    foreign = tmp_path / "gus.pem"
+    foreign.write_text(other.data.signing_cert)
+    before = profile.read_bytes()
+    assert main(["profile", "import-cert", "--profile", str(profile), str(foreign)]) == 1
+    assert "not for fay@capsule.test" in capsys.readouterr().err
+    assert profile.read_bytes() == before
