@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -105,6 +105,7 @@ class XEP_Capsule(BasePlugin):
                                                                          self.fetch_timeout)
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Future[None]] = set()
+        self._cleared: set[int] = set()
         self._save_handle: asyncio.TimerHandle | None = None
         self._crl_mtime = 0.0
         self._crl_task: asyncio.Task[None] | None = None
@@ -118,7 +119,7 @@ class XEP_Capsule(BasePlugin):
 
     def plugin_end(self) -> None:
         self.xmpp.del_filter("in", self._filter_in)
-        self.xmpp.del_filter("out", self._filter_out)  # type: ignore[arg-type]
+        self.xmpp.del_filter("out", self._filter_out)
         self.xmpp.del_event_handler("session_start", self._session_start)
         self.xmpp.del_event_handler("disconnected", self._flush)
         if self._crl_task:
@@ -271,21 +272,41 @@ class XEP_Capsule(BasePlugin):
             ids.append(msg["id"])
         return ids
 
-    async def _filter_out(self, stanza: StanzaBase) -> StanzaBase | None:
+    def _filter_out(self, stanza: StanzaBase) -> StanzaBase | None:
+        """Hold back chat messages with a body; they are sealed and sent by a task.
+
+        A synchronous filter: slixmpp runs async filters as a task per outgoing stanza, which
+        would tax every stanza; only the messages to encrypt pay for a task here.
+        """
         if (self.policy == "off" or not isinstance(stanza, Message) or st.has_capsule(stanza)
                 or stanza["type"] not in ("chat", "normal") or not stanza["body"]):
             return stanza
+        if id(stanza) in self._cleared:  # plaintext allowed by policy prefer, coming back
+            self._cleared.discard(id(stanza))
+            return stanza
+        self._spawn(self._seal_and_send(stanza))
+        return None
+
+    async def _seal_and_send(self, stanza: Message) -> None:
         to = stanza["to"].bare
-        try:
-            return await self.encrypt_message(stanza, [to])
-        except NoCertificate as exc:
-            if self.policy == "prefer":
+        async with self._lock("out " + to):  # keeps the order of messages to one contact
+            try:
+                await self.encrypt_message(stanza, [to])
+            except NoCertificate as exc:
+                if self.policy != "prefer":
+                    self._fail(exc, stanza, to)
+                    return
                 log.info("no certificate for %s: sending in plaintext (policy prefer)", to)
-                return stanza
-            self._fail(exc, stanza, to)
-        except CapsuleError as exc:
-            self._fail(exc, stanza, to)
-        return None  # refused: never fall back to plaintext
+                self._cleared.add(id(stanza))
+            except CapsuleError as exc:
+                self._fail(exc, stanza, to)  # refused: never fall back to plaintext
+                return
+            self.xmpp.send(stanza)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _check_usable(self) -> None:
         if not self._usable():
@@ -303,9 +324,7 @@ class XEP_Capsule(BasePlugin):
         if st.has_capsule(stanza):
             sender = stanza["from"].bare
             lock = self._lock("in " + sender)
-            task = asyncio.ensure_future(self._receive(stanza, lock))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._receive(stanza, lock))
             return None
         if self.policy == "require" and stanza["body"]:
             self._fail(PolicyViolation(f"plaintext message from {stanza['from'].bare} refused "

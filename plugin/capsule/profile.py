@@ -142,6 +142,7 @@ class Profile:
         self._key = key
         self._salt = salt
         self._kdf = kdf
+        self._decryption_keys: tuple[list[Any], dict[str, rsa.RSAPrivateKey]] | None = None
 
     def __repr__(self) -> str:  # never show keys
         return f"<Profile {self.data.jid} at {self.path}>"
@@ -300,11 +301,11 @@ class Profile:
 
     def decryption_keys(self) -> dict[str, rsa.RSAPrivateKey]:
         """Our encryption-certificate fingerprints (current and retired) -> private keys."""
-        keys = {}
-        for pem, key in [(self.data.encryption_cert, self.data.encryption_key), *self.data.retired]:
-            if pem:
-                keys[fingerprint(_der(pem))] = key
-        return keys
+        pairs = [(self.data.encryption_cert, self.data.encryption_key), *self.data.retired]
+        if self._decryption_keys is None or self._decryption_keys[0] != pairs:
+            keys = {fingerprint(_der(pem)): key for pem, key in pairs if pem}
+            self._decryption_keys = (pairs, keys)
+        return self._decryption_keys[1]
 
     def ready(self) -> bool:
         return bool(self.data.signing_cert and self.data.encryption_cert and self.data.ca_root)

@@ -71,7 +71,7 @@ class TrustStore:
         except ValueError:
             raise UntrustedCertificate("the configured CA root is not a PEM certificate") from None
         self._clock = clock or (lambda: dt.datetime.now(dt.UTC))
-        self._cache: dict[tuple[str, str, str], VerifiedCert] = {}
+        self._cache: dict[tuple[bytes, str, str], VerifiedCert] = {}  # (PEM, jid, usage)
         self.crl: x509.CertificateRevocationList | None = None
         if crl_pem:
             self.update_crl(crl_pem)
@@ -93,17 +93,17 @@ class TrustStore:
 
     def verify(self, pem: bytes, jid: str, usage: str) -> VerifiedCert:
         """Verify one certificate for ``jid`` and ``usage`` ("sign" or "encrypt")."""
+        now = self._clock()
+        cached = self._cache.get((pem, jid, usage))
+        if cached is not None and cached.cert.not_valid_after_utc >= now:
+            return cached
         try:
             cert = x509.load_pem_x509_certificate(pem)
         except ValueError:
             raise UntrustedCertificate(f"{jid}'s {usage} certificate is not PEM") from None
         fp = fingerprint(cert.public_bytes(serialization.Encoding.DER))
-        cached = self._cache.get((fp, jid, usage))
-        now = self._clock()
-        if cached is not None and cached.cert.not_valid_after_utc >= now:
-            return cached
         verified = self._check(cert, fp, jid, usage, now)
-        self._cache[(fp, jid, usage)] = verified
+        self._cache[(pem, jid, usage)] = verified
         return verified
 
     def verify_contact(self, jid: str, bundle: CertBundle) -> Contact:
