@@ -124,16 +124,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(parser: argparse.ArgumentParser, argv: list[str] | None,
+        errors: tuple[type[Exception], ...]) -> int:
+    """Run the parsed command; an expected error becomes one line on stderr and exit 1."""
+    args = parser.parse_args(argv)
     try:
         args.func(args)
-    except CAError as exc:
-        print(f"capsule-ca: error: {exc}", file=sys.stderr)
+    except errors as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser(), argv, (CAError,))
 
 
 if __name__ == "__main__":

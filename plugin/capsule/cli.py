@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives import hashes
 
 from capsule.errors import CapsuleError, ProfileError
 from capsule.profile import PIN_ENV, Profile, check_pin
+from capsule_ca.cli import run
 
 NEW_PIN_ENV = "CAPSULE_NEW_PIN"
 
@@ -124,15 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except CapsuleError as exc:
-        print(f"capsule: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    return run(build_parser(), argv, (CapsuleError,))
 
 
 if __name__ == "__main__":

@@ -33,14 +33,8 @@ def _unb64(text: str | None, what: str) -> bytes:
         raise MalformedCapsule(f"<{what}> is not valid base64") from None
 
 
-class Key(ElementBase):
-    """``<key jid='…' cert='…'>base64 wrapped key</key>``"""
-
-    name = "key"
-    namespace = alg.NAMESPACE
-    plugin_attrib = "key"
-    plugin_multi_attrib = "keys"
-    interfaces = {"jid", "cert", "value"}
+class TextValue(ElementBase):
+    """An element whose ``value`` interface is its text (base64 data)."""
 
     def get_value(self) -> str:
         return self.xml.text or ""
@@ -50,6 +44,16 @@ class Key(ElementBase):
 
     def del_value(self) -> None:
         self.xml.text = ""
+
+
+class Key(TextValue):
+    """``<key jid='…' cert='…'>base64 wrapped key</key>``"""
+
+    name = "key"
+    namespace = alg.NAMESPACE
+    plugin_attrib = "key"
+    plugin_multi_attrib = "keys"
+    interfaces = {"jid", "cert", "value"}
 
 
 class Header(ElementBase):
@@ -72,7 +76,7 @@ class CapsuleElement(ElementBase):
     sub_interfaces = {"payload", "signature"}
 
 
-class Cert(ElementBase):
+class Cert(TextValue):
     """``<cert usage='sign|encrypt|ca'>base64 DER</cert>`` inside a published ``<certs/>``."""
 
     name = "cert"
@@ -80,15 +84,6 @@ class Cert(ElementBase):
     plugin_attrib = "cert"
     plugin_multi_attrib = "certs"
     interfaces = {"usage", "value"}
-
-    def get_value(self) -> str:
-        return self.xml.text or ""
-
-    def set_value(self, value: str) -> None:
-        self.xml.text = value
-
-    def del_value(self) -> None:
-        self.xml.text = ""
 
 
 class Certs(ElementBase):
