@@ -324,3 +324,23 @@ async def test_changed_certificate_validates_and_is_reported(xmpp_stack, capsule
     text = secret("to the new key")
     await alice.capsule.send(bob.jid, text)
     assert (await inbox.message())["body"] == text
+
+
+async def test_carbons_let_other_resources_read_both_directions(capsule_bot, tmp_path):
+    alice = await capsule_bot("alice", carbons=True)
+    twin_profile = tmp_path / "alice-tablet.capsule"
+    twin_profile.write_bytes(alice.profile.read_bytes())  # the same keys on her second device
+    tablet = await capsule_bot("alice", account=alice.account, profile=twin_profile, carbons=True)
+    bob = await capsule_bot("bob")
+    await asyncio.sleep(0.3)  # carbons enabled on both resources
+    sent_copies: asyncio.Queue[Message] = asyncio.Queue()
+    tablet.client.add_event_handler("capsule_carbon_sent", sent_copies.put_nowait)
+    text = secret("from the phone")
+    await alice.capsule.send(bob.jid, text)
+    copy = await asyncio.wait_for(sent_copies.get(), 15)
+    assert copy["body"] == text and capsule_info(copy).sender == alice.jid
+    phone, pad = Inbox(alice.client), Inbox(tablet.client)
+    reply = secret("to every device")
+    await bob.capsule.send(alice.jid, reply)  # bare JID: one resource gets it, the other a carbon
+    assert (await phone.message())["body"] == reply
+    assert (await pad.message())["body"] == reply

@@ -71,8 +71,8 @@ class XEP_Capsule(BasePlugin):
 
     name = "capsule"
     description = "Capsule: end-to-end encrypted, signed encapsulated messages"
-    dependencies: ClassVar[set[str]] = {"xep_0030", "xep_0060", "xep_0163", "xep_0313",
-                                        "xep_0334", "xep_0380"}
+    dependencies: ClassVar[set[str]] = {"xep_0030", "xep_0060", "xep_0163", "xep_0280",
+                                        "xep_0313", "xep_0334", "xep_0380"}
     default_config: ClassVar[dict[str, Any]] = {
         "profile": None,  # path of the profile file
         "pin": None,  # else "pin_file", else $CAPSULE_PIN
@@ -80,6 +80,7 @@ class XEP_Capsule(BasePlugin):
         "policy": "prefer",  # require | prefer | off
         "allow_insecure": False,  # operate on a stream without TLS
         "publish": True,  # publish our certificates to PEP on session start
+        "carbons": False,  # enable XEP-0280 and decrypt carbon copies for this resource
         "crl": None,  # path of the CA's CRL file, re-read when it changes
         "crl_refresh": 300,  # seconds between checks of the CRL file
         "save_delay": 0.2,  # seconds to batch profile saves (replay cache, pins)
@@ -115,6 +116,8 @@ class XEP_Capsule(BasePlugin):
         self.xmpp.add_filter("out", self._filter_out)
         self.xmpp.add_event_handler("session_start", self._session_start)
         self.xmpp.add_event_handler("disconnected", self._flush)
+        self.xmpp.add_event_handler("carbon_received", self._on_carbon)
+        self.xmpp.add_event_handler("carbon_sent", self._on_carbon)
         self.refresh_crl()
 
     def plugin_end(self) -> None:
@@ -122,6 +125,8 @@ class XEP_Capsule(BasePlugin):
         self.xmpp.del_filter("out", self._filter_out)
         self.xmpp.del_event_handler("session_start", self._session_start)
         self.xmpp.del_event_handler("disconnected", self._flush)
+        self.xmpp.del_event_handler("carbon_received", self._on_carbon)
+        self.xmpp.del_event_handler("carbon_sent", self._on_carbon)
         if self._crl_task:
             self._crl_task.cancel()
         self._flush()
@@ -152,6 +157,8 @@ class XEP_Capsule(BasePlugin):
     async def _session_start(self, _event: Any) -> None:
         if self._crl_task is None and self.crl:
             self._crl_task = asyncio.ensure_future(self._watch_crl())
+        if self.carbons:
+            await self.xmpp.plugin["xep_0280"].enable()
         if self.publish and self._usable():
             try:
                 await self.publish_certificates()
@@ -332,15 +339,26 @@ class XEP_Capsule(BasePlugin):
             return None
         return stanza
 
-    async def _receive(self, stanza: Message, lock: asyncio.Lock) -> None:
+    async def _receive(self, stanza: Message, lock: asyncio.Lock, sent_carbon: bool = False
+                       ) -> None:
         async with lock:  # arrival order per sender, even while certificates are fetched
             try:
                 msg = await self.open(stanza)
             except CapsuleError as exc:
                 self._fail(exc, stanza, stanza["from"].bare)
                 return
+        if sent_carbon:  # what another resource of ours sent: not a message *to* the bot
+            self.xmpp.event("capsule_carbon_sent", msg)
+            return
         self.xmpp.event("capsule_message", msg)
         self.xmpp.event("message", msg)
+
+    def _on_carbon(self, wrapper: Message) -> None:
+        sent = wrapper.xml.find("{urn:xmpp:carbons:2}sent") is not None
+        inner = wrapper["carbon_sent" if sent else "carbon_received"]
+        if st.has_capsule(inner) and inner["type"] in ("chat", "normal"):
+            peer = inner["to" if sent else "from"].bare
+            self._spawn(self._receive(inner, self._lock("in " + peer), sent_carbon=sent))
 
     async def open(self, stanza: Message, replay_check: bool = True) -> Message:
         """Verify and decrypt a capsule stanza into a new Message (see CapsuleInfo).
