@@ -126,16 +126,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(parser: argparse.ArgumentParser, argv: list[str] | None,
         errors: tuple[type[Exception], ...]) -> int:
-    """Run the parsed command; an expected error becomes one line on stderr and exit 1."""
+    """Run the parsed command (its int result is the exit code); an expected error becomes
+    one line on stderr and exit 1."""
     args = parser.parse_args(argv)
     try:
-        args.func(args)
+        code = args.func(args)
     except errors as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 def main(argv: list[str] | None = None) -> int:

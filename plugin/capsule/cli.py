@@ -10,11 +10,16 @@ import argparse
 import getpass
 import os
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
+from capsule.audit import FAILING, Auditor, CertificateBundle, Report
+from capsule.audit_report import as_html, as_json, as_table
+from capsule.audit_sources import SQL_SOURCES, Dsn, SourceError, mam_rows, sql_rows
 from capsule.errors import CapsuleError, ProfileError
 from capsule.profile import PIN_ENV, Profile, check_pin
 from capsule_ca.cli import run
@@ -96,6 +101,54 @@ def cmd_change_pin(args: argparse.Namespace) -> None:
     print(f"PIN of {args.profile} changed")
 
 
+def _progress(enabled: bool, every: int = 5000) -> Iterator[None]:
+    began, count = time.monotonic(), 0
+    while True:
+        yield
+        count += 1
+        if enabled and count % every == 0:
+            rate = count / max(time.monotonic() - began, 1e-9)
+            print(f"audited {count} rows ({rate:.0f} rows/s)…", file=sys.stderr, flush=True)
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    try:
+        root = Path(args.ca).read_bytes()
+        crl = Path(args.crl).read_bytes() if args.crl else None
+    except OSError as exc:
+        raise ProfileError(f"cannot read {exc.filename}: {exc.strerror}") from None
+    bundle = CertificateBundle()
+    for path in args.certs or []:
+        bundle.add_path(Path(path))
+    if args.source == "mam":
+        if not (args.jid and args.password_file and args.port):
+            raise SourceError("--source mam needs --jid, --password-file and --port")
+        password = Path(args.password_file).read_text().strip()
+        rows = mam_rows(args.jid, password, args.host, args.port, args.ca)
+        label = f"MAM of {args.jid}"
+    else:
+        if not args.dsn:
+            raise SourceError(f"--source {args.source} needs --dsn")
+        rows = sql_rows(args.source, Dsn.parse(args.dsn))
+        label = f"{args.source} tables"
+    report = Auditor(root, bundle, crl).run(rows, Report([label]),
+                                            _progress(args.progress or sys.stderr.isatty()))
+    outputs = {"json": as_json, "html": as_html}
+    for kind, render in outputs.items():
+        target = getattr(args, kind)
+        if target == "-":
+            print(render(report))
+        elif target:
+            Path(target).write_text(render(report))
+    if "-" not in (args.json, args.html):
+        print(as_table(report))
+    failing = [v for v in args.fail_on if report.totals().get(v)]
+    if failing:
+        print(f"capsule audit: found {', '.join(failing)}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="capsule", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -121,11 +174,33 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("change-pin", "re-encrypt the profile under a new PIN")
     p.add_argument("--new-pin-file", help=f"file with the new PIN (else ${NEW_PIN_ENV})")
     p.set_defaults(func=cmd_change_pin)
+
+    p = top.add_parser("audit", help="classify and verify what a server stored",
+                       description="Read a server's stored messages, classify each (capsule, "
+                       "plaintext, other), verify every capsule's signature from certificates "
+                       "alone, and report per conversation.")
+    p.add_argument("--source", required=True, choices=[*SQL_SOURCES, "mam"])
+    p.add_argument("--dsn", help="mysql://user:password@host:port/db[?socket=PATH] "
+                   "(password also from $CAPSULE_AUDIT_DB_PASSWORD)")
+    p.add_argument("--jid", help="MAM source: the account to read")
+    p.add_argument("--password-file", help="MAM source: file holding its password")
+    p.add_argument("--host", default="127.0.0.1", help="MAM source: server host")
+    p.add_argument("--port", type=int, help="MAM source: c2s port (STARTTLS)")
+    p.add_argument("--ca", required=True, help="the CA root (PEM) certificates must chain to")
+    p.add_argument("--crl", help="the CA's CRL (PEM)")
+    p.add_argument("--certs", action="append", metavar="PATH",
+                   help="signing certificates: PEM files or directories such as CADIR/newcerts")
+    p.add_argument("--json", metavar="FILE", help="write the report as JSON (- for stdout)")
+    p.add_argument("--html", metavar="FILE", help="write a self-contained HTML report")
+    p.add_argument("--fail-on", type=lambda v: [x for x in v.split(",") if x], default=[],
+                   help=f"exit 2 if any of these is found: {','.join(FAILING)}")
+    p.add_argument("--progress", action="store_true", help="report progress on stderr")
+    p.set_defaults(func=cmd_audit)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(build_parser(), argv, (CapsuleError,))
+    return run(build_parser(), argv, (CapsuleError, SourceError))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import xml.etree.ElementTree as ET
 
 from slixmpp import Message
 from slixmpp.plugins.xep_0060.stanza import Item
@@ -110,27 +111,35 @@ def has_capsule(msg: Message) -> bool:
 
 def to_core(element: CapsuleElement) -> core.Capsule:
     """Read a ``<capsule/>`` into the core's dataclass; refuses anything malformed."""
-    header = element.xml.find(f"{{{alg.NAMESPACE}}}header")
+    return parse_capsule(element.xml)
+
+
+def parse_capsule(xml: ET.Element) -> core.Capsule:
+    """The same from plain ElementTree, for tools that read stored stanzas (the audit)."""
+    ns = f"{{{alg.NAMESPACE}}}"
+    header = xml.find(ns + "header")
     if header is None:
         raise MalformedCapsule("capsule has no <header>")
-    if element.xml.find(f"{{{alg.NAMESPACE}}}payload") is None:
-        raise MalformedCapsule("capsule has no <payload>")
-    h = element["header"]
+    payload, signature = xml.find(ns + "payload"), xml.find(ns + "signature")
+    if payload is None or signature is None:
+        raise MalformedCapsule("capsule has no <payload> or <signature>")
+    attrs = {}
     for attr in ("sender", "cert", "nid", "ts"):
-        if not h[attr]:
+        attrs[attr] = header.get(attr, "")
+        if not attrs[attr]:
             raise MalformedCapsule(f"capsule header lacks '{attr}'")
     keys = []
-    for key in h["keys"]:
-        if not key["jid"] or not key["cert"]:
+    for key in header.findall(ns + "key"):
+        if not key.get("jid") or not key.get("cert"):
             raise MalformedCapsule("a <key> lacks jid or cert")
-        keys.append(core.KeyEntry(key["jid"], key["cert"], _unb64(key["value"], "key")))
+        keys.append(core.KeyEntry(key.get("jid", ""), key.get("cert", ""), _unb64(key.text, "key")))
     return core.Capsule(
         header=core.Header(
-            sender=h["sender"], cert=h["cert"], nid=_unb64(h["nid"], "nid"), ts=h["ts"],
-            keys=tuple(keys), iv=_unb64(h["iv"], "iv"),
+            sender=attrs["sender"], cert=attrs["cert"], nid=_unb64(attrs["nid"], "nid"),
+            ts=attrs["ts"], keys=tuple(keys), iv=_unb64(header.findtext(ns + "iv"), "iv"),
         ),
-        payload=_unb64(element["payload"], "payload"),
-        signature=_unb64(element["signature"], "signature"),
+        payload=_unb64(payload.text, "payload"),
+        signature=_unb64(signature.text, "signature"),
     )
 
 
