@@ -491,6 +491,11 @@ class Stack:
         self.sql(f"UPDATE {table} SET {column} = REPLACE({column}, '{old}', '{new}') "  # noqa: S608
                  f"WHERE {where}")
 
-    def sql(self, statement: str) -> str:
+    def dsn(self, database: str | None = None) -> str:
+        """A DSN for the stack's MariaDB as its root user (over the socket): the admin's access."""
+        sock = Path(self.info.dir) / "mariadb" / "mysqld.sock"
+        return f"mysql://root@localhost/{database or self.info.db_name}?socket={sock}"
+
+    def sql(self, statement: str, database: str | None = None) -> str:
         """Run SQL in the server's database (the admin's view of what the server stored)."""
-        return self._parts()[0].sql(statement, self.info.db_name)
+        return self._parts()[0].sql(statement, database or self.info.db_name)
