@@ -4,7 +4,7 @@
 
 CAPSULE_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 APT_PACKAGES=(openssl mariadb-server mariadb-client ejabberd erlang-p1-mysql prosody
-              lua-dbi-mysql lua-unbound python3 python3-venv shellcheck)
+              lua-dbi-mysql lua-unbound python3 python3-venv shellcheck chromium)
 
 capsule_setup() {
     local missing=()

@@ -21,6 +21,7 @@ from capsule.audit import FAILING, Auditor, CertificateBundle, Report
 from capsule.audit_report import as_html, as_json, as_table
 from capsule.audit_sources import SQL_SOURCES, Dsn, SourceError, mam_rows, sql_rows
 from capsule.errors import CapsuleError, ProfileError
+from capsule.panel import PanelError, check_ejabberd_queue, check_openfire_archive
 from capsule.profile import PIN_ENV, Profile, check_pin
 from capsule_ca.cli import run
 
@@ -149,6 +150,31 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_panel(args: argparse.Namespace) -> int:
+    try:
+        password = Path(args.password_file).read_text().strip()
+    except OSError as exc:
+        raise PanelError(f"cannot read {args.password_file}: {exc.strerror}") from None
+    shot = Path(args.screenshot)
+    if args.server == "ejabberd":
+        if not (args.port and args.domain and args.user):
+            raise PanelError("ejabberd needs --port, --domain and --user")
+        result = check_ejabberd_queue(args.host, args.port, args.domain, args.user, password,
+                                      shot, args.show, args.hide, admin=args.admin)
+    else:
+        if not args.console:
+            raise PanelError("openfire needs --console http://HOST:9090")
+        result = check_openfire_archive(args.console, args.admin, password, shot, args.show,
+                                        args.hide)
+    print(f"{result.page}: screenshot {result.screenshot}")
+    for text in result.missing:
+        print(f"  MISSING (should be shown): {text}")
+    for text in result.leaked:
+        print(f"  LEAKED (must not be shown): {text}")
+    print("OK" if result.ok else "FAILED")
+    return 0 if result.ok else 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="capsule", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -196,11 +222,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"exit 2 if any of these is found: {','.join(FAILING)}")
     p.add_argument("--progress", action="store_true", help="report progress on stderr")
     p.set_defaults(func=cmd_audit)
+
+    p = top.add_parser("panel", help="check the admin web panel in headless Chromium",
+                       description="Open the server's admin pages in headless Chromium, check "
+                       "that given texts are shown (--show) and others never are (--hide), and "
+                       "save a screenshot. Exit 2 if the check fails.")
+    p.add_argument("server", choices=["ejabberd", "openfire"])
+    p.add_argument("--admin", default="admin", help="admin user (ejabberd: localpart)")
+    p.add_argument("--password-file", required=True, help="file holding the admin password")
+    p.add_argument("--host", default="127.0.0.1", help="ejabberd: WebAdmin host")
+    p.add_argument("--port", type=int, help="ejabberd: WebAdmin port")
+    p.add_argument("--domain", help="ejabberd: the virtual host")
+    p.add_argument("--user", help="ejabberd: whose offline queue to open")
+    p.add_argument("--console", help="openfire: admin console base URL, e.g. http://127.0.0.1:9090")
+    p.add_argument("--show", action="append", default=[], help="text that must appear")
+    p.add_argument("--hide", action="append", default=[], help="text that must never appear")
+    p.add_argument("--screenshot", default="panel.png", help="where to save the screenshot")
+    p.set_defaults(func=cmd_panel)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(build_parser(), argv, (CapsuleError, SourceError))
+    return run(build_parser(), argv, (CapsuleError, SourceError, PanelError))
 
 
 if __name__ == "__main__":

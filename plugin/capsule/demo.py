@@ -24,6 +24,7 @@ from slixmpp import JID, ClientXMPP, Message
 import capsule
 from capsule import capsule_info
 from capsule.errors import CapsuleError
+from capsule.panel import PanelError, check_ejabberd_queue
 from capsule.profile import KdfParams
 from capsule.testing.identities import enroll
 from capsule.testing.processes import StackError
@@ -124,6 +125,7 @@ class Demo:
         await asyncio.sleep(0.5)
         queued = self.stack.stored("offline", "bob")
         print(f"   the server's offline queue for bob holds {len(queued)} stanza(s)")
+        await asyncio.to_thread(self.webadmin)
         await alice.disconnect(wait=1)
 
         step("the server restarts (MariaDB keeps the queue)")
@@ -135,6 +137,17 @@ class Demo:
         await self.bob_reads(1)
         await bob.disconnect(wait=1)
         self.admin_view(queued)
+
+    def webadmin(self) -> None:
+        """The admin's web panel in headless Chromium: the queued capsule, never its text."""
+        shot = self.dir / "webadmin-queue.png"
+        result = check_ejabberd_queue("127.0.0.1", self.state.http_port, self.state.domain,
+                                      "bob", self.state.admin_password, shot,
+                                      ["urn:capsule:0"], [self.encrypted[-1]])
+        if not result.ok:
+            raise CapsuleError(f"WebAdmin showed {result.leaked} / lacked {result.missing}")
+        print(f"   ejabberd WebAdmin ({result.page}) shows the queued capsule, not its text;")
+        print(f"   screenshot: {shot}")
 
     def admin_view(self, queued: list[str]) -> None:
         step("what the server stored: the admin's view of MariaDB (table archive, mod_mam)")
@@ -193,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"   {state.server} for {state.domain} on 127.0.0.1:{state.c2s_port}, "
               f"CA {state.ca_root}")
         asyncio.run(Demo(stack, directory).run())
-    except (StackError, LoginError, CapsuleError, TimeoutError) as exc:
+    except (StackError, LoginError, CapsuleError, PanelError, TimeoutError) as exc:
         print(f"demo: error: {exc or 'timed out'}", file=sys.stderr)
         return 1
     finally:

@@ -41,6 +41,7 @@ DEFAULT_DOMAIN = "capsule.test"
 OFFLINE_QUOTA = 10000
 MAX_SESSIONS = 50
 PROBE_USER = "capsule-probe"
+ADMIN_USER = "admin"  # the ejabberd acl "admin" names admin@DOMAIN (WebAdmin login)
 
 
 def _render(template: str, target: Path, **values: Any) -> None:
@@ -68,6 +69,7 @@ class StackState:
     http_port: int = 0
     db_password: str = field(default_factory=lambda: secrets.token_hex(12))
     probe_password: str = field(default_factory=lambda: secrets.token_hex(12))
+    admin_password: str = field(default_factory=lambda: secrets.token_hex(12))
     pids: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -368,9 +370,11 @@ class Stack:
             db.ensure_database(self.state.db_name, self.state.db_name, self.state.db_password)
             server.configure(db, self._server_files())
             self._start_server(server)
-            with contextlib.suppress(StackError):  # left over from an earlier run
-                server.unregister(PROBE_USER)
-            server.register(PROBE_USER, self.state.probe_password)
+            for user, password in ((PROBE_USER, self.state.probe_password),
+                                   (ADMIN_USER, self.state.admin_password)):
+                with contextlib.suppress(StackError):  # left over from an earlier run
+                    server.unregister(user)
+                server.register(user, password)
             self.probe()
         except BaseException as exc:
             excerpt = log_tail(server.log)
