@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+from capsule.cli import main as capsule_main
 from capsule.panel import check_ejabberd_queue
 
 
@@ -31,3 +32,12 @@ async def test_webadmin_offline_queue_shows_ciphertext_only(xmpp_stack, capsule_
     assert result.ok, (result.missing, result.leaked)
     data = shot.read_bytes()
     assert data.startswith(b"\x89PNG") and len(data) > 10_000
+    # the same check from the command line; a text that is shown fails it as a leak
+    password = tmp_path / "admin-password"
+    password.write_text(state.admin_password)
+    common = ["panel", "ejabberd", "--password-file", str(password), "--port",
+              str(state.http_port), "--domain", state.domain, "--user", bob.account.user,
+              "--screenshot", str(tmp_path / "cli.png")]
+    assert await asyncio.to_thread(capsule_main, [*common, "--show", "urn:capsule:0",
+                                                  "--hide", secret_text]) == 0
+    assert await asyncio.to_thread(capsule_main, [*common, "--hide", "a plaintext note"]) == 2
