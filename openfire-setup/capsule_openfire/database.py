@@ -39,7 +39,8 @@ def create_sql(database: str, user: str, password: str, hosts: tuple[str, ...]) 
 
 def run_sql(client_args: list[str], sql: str) -> str:
     """Run SQL with ``mariadb`` + ``client_args`` (e.g. a --defaults-extra-file)."""
-    proc = subprocess.run(["mariadb", *client_args, "--batch", "--skip-column-names"],
+    proc = subprocess.run(["mariadb", *client_args, "--default-character-set=utf8mb4", "--batch",
+                           "--skip-column-names"],
                           input=sql, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise DatabaseError(proc.stderr.strip() or "mariadb client failed")

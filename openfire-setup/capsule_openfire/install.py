@@ -166,13 +166,14 @@ class Installer:
         security = self.dir / "resources/security"
         tls = self.work / "tls"
         plugins = self.dir / "plugins"
-        admin_cnf = self.work / "db-admin.cnf"
+        db_client = (["mariadb"] if d["mode"] == "local"  # root over the local socket
+                     else ["mariadb", f"--defaults-extra-file={self.work / 'client.cnf'}"])
         steps = [
             Step("install Java 17" + (" and MariaDB" if d["mode"] == "local" else ""),
                  lambda: _cmd(["apt-get", "install", "-y", "--no-install-recommends", *self._apt()]),
                  [["apt-get", "install", "-y", "--no-install-recommends", *self._apt()]]),
             Step("create the database (utf8mb4) and its user", self._database,
-                 [["mariadb", f"--defaults-extra-file={admin_cnf}"]],
+                 [db_client],
                  shows=database.create_sql(d["name"], d["user"], render.MASK, self._db_hosts())),
             Step(f"fetch and check {self.tarball}", self._fetch_openfire,
                  writes=[str(self.work / self.tarball)]),

@@ -1,0 +1,223 @@
+"""openfire-setup, everything that can run without Openfire: rendering, keystores, the
+database, the REST client against a named fake, the dry-run plan, refusals, the TLS checks."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+from capsule_openfire import database, keystore, render
+from capsule_openfire.cli import main as setup_main
+from capsule_openfire.config import Config, ConfigError
+from capsule_openfire.install import Installer, InstallError
+from capsule_openfire.rest import OpenfireRest, RestError
+from capsule_openfire.verify import starttls_required, tls_chain
+
+from capsule_ca import Authority
+
+from .openfire_fake import FakeOpenfireRest
+
+DATA = Path(__file__).parent / "data"
+
+
+def write_config(tmp_path: Path, extra: str = "", name: str = "of.conf") -> Path:
+    path = tmp_path / name
+    path.write_text((DATA / "openfire.conf").read_text() + extra)
+    return path
+
+
+@pytest.mark.parametrize("password", ["plain", "a&b<c>d\"e'f", "ünïcødé ☃ & ]]>"])
+def test_openfire_xml_is_well_formed_and_complete(tmp_path: Path, password: str) -> None:
+    path = write_config(tmp_path)
+    path.write_text(path.read_text().replace("mode = local", f"mode = local\npassword = {password}"))
+    config = Config.load(path)
+    text = render.openfire_xml(config)
+    root = ET.fromstring(text)
+    get = root.findtext
+    assert get("locale") == "en" and get("autosetup/locale") == "en" and get("autosetup/run") == "true"
+    assert (get("autosetup/xmpp/domain"), get("autosetup/xmpp/fqdn")) == ("example.org",
+                                                                          "xmpp.example.org")
+    url = get("autosetup/database/defaultProvider/serverURL")
+    assert url.startswith("jdbc:mysql://127.0.0.1:3306/openfire?") and "&characterEncoding" in url
+    assert "&amp;characterEncoding" in text  # escaped in the file
+    assert get("autosetup/database/defaultProvider/password") == password
+    assert get("autosetup/database/defaultProvider/driver") == "com.mysql.cj.jdbc.Driver"
+    assert get("autosetup/database/mode") == "standard"
+    assert get("autosetup/admin/password") == config["openfire.admin_password"]
+    assert [u.findtext("username") for u in root.find("autosetup/users")] == ["alice", "bob"]
+    assert get("autosetup/users/user1/email") == "alice@example.org"
+    assert get("xmpp/client/tls/policy") == "required"
+    assert get("xmpp/offline/type") == "store_and_drop" and get("xmpp/offline/quota") == "1048576"
+    assert get("conversation/messageArchiving") == "true"
+    assert get("plugin/restapi/enabled") == "true" and get("plugin/restapi/httpAuth") == "secret"
+    assert get("plugin/restapi/secret") == config["rest.secret"]
+    assert get("adminConsole/interface") == "127.0.0.1"
+    assert get("adminConsole/access/allow-wildcards-in-excludes") == "true"
+    stripped = ET.fromstring(render.strip_secrets(text))
+    assert stripped.find("plugin/restapi/secret") is None and stripped.find("autosetup") is None
+    assert stripped.findtext("plugin/restapi/enabled") == "true"
+
+
+def test_secrets_are_generated_once_and_kept_private(tmp_path: Path) -> None:
+    path = write_config(tmp_path)
+    first = Config.load(path)
+    secrets_file = tmp_path / "of.conf.secrets"
+    assert secrets_file.stat().st_mode & 0o777 == 0o600
+    again = Config.load(path)
+    assert first.secret_values == again.secret_values and all(first.secret_values)
+    assert len(set(first.secret_values)) == len(first.secret_values)
+    secrets_file.chmod(0o644)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        Config.load(path)
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ("\n[openfire]\n", "already exists"),
+    ("\n[oops]\nx = 1\n", "unknown section \\[oops\\]"),
+    ("\n[rest]\nsecrett = x\n", "unknown key 'secrett' in \\[rest\\]"),
+])
+def test_invalid_config_is_refused(tmp_path: Path, extra: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Config.load(write_config(tmp_path, extra))
+    assert not (tmp_path / "of.conf.secrets").exists()
+
+
+def test_missing_required_key(tmp_path: Path) -> None:
+    path = tmp_path / "of.conf"
+    path.write_text("[openfire]\ndomain = example.org\n")
+    with pytest.raises(ConfigError, match=r"fqdn is required"):
+        Config.load(path)
+
+
+def test_dry_run_plan_matches_the_reviewed_snapshot(tmp_path: Path, capsys) -> None:
+    path = write_config(tmp_path)
+    assert setup_main(["install", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert not (tmp_path / "of.conf.secrets").exists()  # a dry run writes nothing
+    config = Config.load(path, generate=False)
+    for secret in config.secret_values:
+        assert secret not in out
+    snapshot = (DATA / "openfire-dry-run.txt").read_text()
+    assert out == snapshot, "dry-run plan changed: review it and update tests/data/openfire-dry-run.txt"
+
+
+def test_refusals_before_any_change(tmp_path: Path) -> None:
+    package = tmp_path / "openfire_5_1_1.tar.gz"
+    package.write_bytes(b"not really openfire")
+    for name in ("monitoring.jar", "restAPI.jar"):
+        (tmp_path / name).write_bytes(b"jar")
+    existing = tmp_path / "opt-openfire"
+    existing.mkdir()
+    text = (DATA / "openfire.conf").read_text().replace("/srv/downloads", str(tmp_path))
+    text = text.replace("[openfire]", f"[openfire]\ninstall_dir = {existing}\nsha256 = {'0' * 64}")
+    path = tmp_path / "of.conf"
+    path.write_text(text)
+    installer = Installer(Config.load(path))
+    errors = {what: check() for what, check in installer.checks()}
+    assert "an Openfire is installed" in errors["no Openfire installed yet"]
+    assert "checksum mismatch" in errors["packages and checksums"]
+    assert "is not a capsule-ca directory" in errors["our CA"]
+    with pytest.raises(InstallError, match="refused"):
+        installer.preflight()
+    assert not installer.work.exists()
+    assert Installer(Config.load(path), force=True).checks()[3][1]() is None  # --force
+    external = text.replace("mode = local", "mode = external\nport = 1")
+    path.write_text(external)
+    error = dict(Installer(Config.load(path)).checks())["database reachable"]()
+    assert error and "unreachable" in error
+    path.write_text(text.replace(f"sha256 = {'0' * 64}\n", "").replace(
+        f"package = {package}\n", ""))
+    assert "no package given and no SHA-256" in dict(Installer(Config.load(path)).checks())[
+        "packages and checksums"]()
+
+
+def test_keytool_import_of_a_capsule_ca_server_certificate(tmp_path: Path) -> None:
+    if not shutil.which("keytool"):
+        pytest.fail("keytool missing: apt-get install openjdk-17-jre-headless (./scripts/test does)")
+    ca = Authority.init(tmp_path / "ca", "Openfire CA", b"keytool test")
+    files = ca.issue_server("example.org", tmp_path / "tls", fqdn="xmpp.example.org")
+    security = tmp_path / "security"
+    for _ in range(2):  # a second import replaces, never duplicates
+        keystore.import_server_cert(files.key, files.chain, ca.root_path, security, "example.org")
+    listing = keystore.listing(security / "keystore")
+    assert "example.org" in listing and "PrivateKeyEntry" in listing and "Keystore type: JKS" in listing
+    assert "Your keystore contains 1 entry" in listing
+    trust = keystore.listing(security / "client.truststore")
+    assert "capsule-root" in trust and "trustedCertEntry" in trust
+    chain = subprocess.run(["keytool", "-list", "-v", "-keystore", str(security / "keystore"),
+                            "-storepass", keystore.STORE_PASSWORD], capture_output=True, text=True,
+                           check=True).stdout
+    assert "Certificate chain length: 2" in chain and "xmpp.example.org" in chain
+
+
+@pytest.mark.parametrize("xmpp_stack", ["ejabberd"], indirect=True)
+def test_database_and_user_on_real_mariadb(xmpp_stack, tmp_path: Path) -> None:
+    password = "pw with ' and \\ and &"
+    sql = database.create_sql("openfire_setup_test", "of_user", password, ("localhost", "127.0.0.1"))
+    xmpp_stack.sql(sql)
+    xmpp_stack.sql(sql)  # idempotent
+    options = tmp_path / "user.cnf"
+    options.write_text(f"[client]\nuser=of_user\npassword=\"{password.replace(chr(92), chr(92) * 2)}\"\n"
+                       f"host=127.0.0.1\nport={xmpp_stack.info.db_port}\ndatabase=openfire_setup_test\n")
+    out = database.run_sql(
+        [f"--defaults-extra-file={options}"],
+        "CREATE TABLE t (k VARCHAR(255) NOT NULL, v TEXT, PRIMARY KEY (k), INDEX (v(255))) "
+        "ROW_FORMAT=DYNAMIC; INSERT INTO t VALUES ('☃ snow', '😀 emoji'); "
+        "SELECT v FROM t WHERE k = '☃ snow'; "
+        "SELECT @@character_set_database, @@collation_database;")
+    assert "😀 emoji" in out and "utf8mb4\tutf8mb4_unicode_ci" in out
+    with pytest.raises(database.DatabaseError, match="denied"):
+        database.run_sql([f"--defaults-extra-file={options}"], "CREATE DATABASE other_db;")
+    with pytest.raises(database.DatabaseError, match="refusing"):
+        database.create_sql("bad;name", "u", "p", ("%",))
+
+
+def test_rest_client_against_the_fake(tmp_path: Path, capsys) -> None:
+    fake = FakeOpenfireRest("s3cret")
+    try:
+        path = write_config(tmp_path, "\n[rest]\nsecret = s3cret\n")
+        args = ["provision", str(path), "--url", fake.url]
+        assert setup_main([*args, "apply"]) == 0
+        first = capsys.readouterr().out
+        assert "changed   user alice" in first and "changed   property conversation.messageArchiving" in first
+        writes = len(fake.writes())
+        assert setup_main([*args, "apply"]) == 0  # idempotent: the second run writes nothing
+        second = capsys.readouterr().out.splitlines()
+        assert second and all(line.startswith("unchanged") for line in second)
+        assert len(fake.writes()) == writes
+        assert fake.properties["conversation.messageArchiving"] == "true"
+        assert set(fake.users) == {"alice", "bob"}
+        assert setup_main([*args, "user-list"]) == 0
+        assert "alice\tAlice Liddell\talice@example.org" in capsys.readouterr().out
+        assert setup_main([*args, "property-set", "xmpp.offline.quota", "2048"]) == 0
+        assert fake.properties["xmpp.offline.quota"] == "2048"
+        assert setup_main([*args, "user-remove", "bob"]) == 0
+        assert setup_main([*args, "user-remove", "bob"]) == 0
+        assert "unchanged user bob (absent)" in capsys.readouterr().out
+        assert setup_main([*args, "property-get", "no.such.key"]) == 1
+        wrong = OpenfireRest(fake.url, "wrong")
+        with pytest.raises(RestError, match="401"):
+            wrong.users()
+        assert not wrong.readiness()
+        rest = OpenfireRest(fake.url, "s3cret")
+        with pytest.raises(RestError, match="409"):
+            rest._call("POST", "users", {"username": "alice", "password": "x"})
+        assert setup_main([*args, "--dry-run", "user-add", "carol"]) == 0
+        assert "carol" not in fake.users
+    finally:
+        fake.close()
+    assert setup_main(["provision", str(path), "--url", fake.url, "user-list"]) == 1  # gone
+
+
+async def test_tls_checks_against_a_real_server(xmpp_stack) -> None:
+    state = xmpp_stack.info
+    ok, detail = starttls_required("127.0.0.1", state.c2s_port, state.domain)
+    assert ok, detail
+    ok, detail = tls_chain("127.0.0.1", state.c2s_port, state.domain, state.ca_root)
+    assert ok and state.domain in detail, detail
+    other = Authority.init(Path(state.dir) / "other-ca", "Other", b"other passphrase")
+    ok, detail = tls_chain("127.0.0.1", state.c2s_port, state.domain, other.root_path)
+    assert not ok and "TLS failed" in detail
