@@ -11,9 +11,9 @@ import ssl
 import pytest
 from slixmpp import ClientXMPP
 
+from capsule.connection import LoginError, login
 from capsule.testing.processes import pid_alive, wait_for
 from capsule.testing.stack import Stack
-from capsule.testing.xmpp import LoginError, login
 
 
 async def test_login_verifies_server_certificate_against_our_ca(xmpp_stack, new_account, connect):

@@ -79,6 +79,41 @@ def cmd_list(args: argparse.Namespace) -> None:
               f"{r.expires:%Y-%m-%d %H:%M}Z")
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from capsule_ca.service import EnrollmentService
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    authority = _authority(args)
+    password = _secret_file(args.password_file, "CAPSULE_CA_XMPP_PASSWORD", "the CA account")
+    service = EnrollmentService(args.jid, password, authority, args.host, args.port,
+                                args.tls_ca or authority.root_path, args.rate_limit)
+
+    async def serve() -> None:
+        await service.start()
+        print(f"CA service {args.jid} serving urn:capsule:enroll:0 (Ctrl-C stops)", flush=True)
+        await asyncio.Event().wait()
+
+    try:
+        asyncio.run(serve())
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+def _secret_file(path: str | None, env: str, what: str) -> str:
+    if path:
+        try:
+            return Path(path).read_text().strip()
+        except OSError as exc:
+            raise CAError(f"cannot read {path}: {exc.strerror}") from None
+    if os.environ.get(env):
+        return os.environ[env]
+    raise CAError(f"no password for {what}: use --password-file or ${env}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="capsule-ca", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -121,6 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("crl", "write a fresh CRL to DIR/crl.pem").set_defaults(func=cmd_crl)
     command("list", "list issued certificates", secret=False).set_defaults(func=cmd_list)
+
+    p = command("serve", "run the CA as an XMPP service (enroll, lookup, crl)")
+    p.add_argument("--jid", required=True, help="the CA's account, e.g. ca@example.org")
+    p.add_argument("--password-file", dest="password_file",
+                   help="the account's password (else $CAPSULE_CA_XMPP_PASSWORD)")
+    p.add_argument("--host", default="127.0.0.1", help="XMPP server host")
+    p.add_argument("--port", type=int, default=5222, help="c2s port (STARTTLS)")
+    p.add_argument("--tls-ca", help="CA file for the server certificate (default: this CA's root)")
+    p.add_argument("--rate-limit", type=int, default=5, help="enrollments per JID per hour")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -25,8 +25,8 @@ from slixmpp import ClientXMPP
 import capsule
 from capsule.audit import Auditor, CertificateBundle, Report
 from capsule.audit_sources import Dsn, sql_rows
+from capsule.connection import login
 from capsule.testing.identities import enroll
-from capsule.testing.xmpp import login
 from capsule_ca import Authority
 from capsule_openfire.config import Config
 from capsule_openfire.rest import OpenfireRest

@@ -23,7 +23,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 from slixmpp import JID, ClientXMPP
 
 from capsule.audit import StoredRow
-from capsule.testing.xmpp import login
+from capsule.connection import login
 
 
 class SourceError(Exception):

@@ -7,6 +7,7 @@ they are never echoed, logged or written anywhere but into the Argon2id derivati
 from __future__ import annotations
 
 import argparse
+import asyncio
 import getpass
 import os
 import sys
@@ -16,10 +17,14 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
+from slixmpp import ClientXMPP
 
+from capsule import enrollment
 from capsule.audit import FAILING, Auditor, CertificateBundle, Report
 from capsule.audit_report import as_html, as_json, as_table
 from capsule.audit_sources import SQL_SOURCES, Dsn, SourceError, mam_rows, sql_rows
+from capsule.connection import login
+from capsule.enrollment import EnrollmentError
 from capsule.errors import CapsuleError, ProfileError
 from capsule.panel import PanelError, check_ejabberd_queue, check_openfire_archive
 from capsule.profile import PIN_ENV, Profile, check_pin
@@ -175,6 +180,64 @@ def cmd_panel(args: argparse.Namespace) -> int:
     return 0 if result.ok else 2
 
 
+def _connect_and(args: argparse.Namespace, profile: Profile, rotate: bool) -> None:
+    """Log in as the profile's JID, (re)enroll with the CA service, publish the certificates."""
+    password = _pin(args.password_file, "CAPSULE_XMPP_PASSWORD", "XMPP account password",
+                    confirm=False)
+    ca_root = Path(args.ca_cert).read_bytes() if args.ca_cert else None
+    tls_ca = args.tls_ca or args.ca_cert
+    if not tls_ca and profile.data.ca_root:
+        tls_file = Path(args.profile).with_name(Path(args.profile).name + ".ca.pem")
+        tls_file.write_text(profile.data.ca_root)
+        tls_ca = str(tls_file)
+    if not tls_ca:
+        raise EnrollmentError("give --ca-cert (or --tls-ca) so the server's TLS certificate "
+                              "can be verified")
+
+    def confirm(fp: str) -> bool:
+        print(f"The CA presents root certificate SHA-256 {fp}")
+        if args.yes:
+            return True
+        if not sys.stdin.isatty():
+            raise EnrollmentError("the CA root must be confirmed: compare the fingerprint and "
+                                  "rerun with --yes, or give --ca-cert")
+        return input("Trust this CA root? [y/N] ").strip().lower() in ("y", "yes")
+
+    async def go() -> None:
+        client = ClientXMPP(profile.data.jid, password)
+        client.register_plugin("xep_0060")
+        await login(client, args.host, args.port, tls_ca)
+        try:
+            if rotate:
+                profile.rotate_keys()
+            await enrollment.enroll_profile(client, profile, args.ca, ca_root, confirm)
+        finally:
+            await client.disconnect()
+
+    asyncio.run(go())
+
+
+def cmd_enroll(args: argparse.Namespace) -> None:
+    path = Path(args.profile)
+    if path.exists():
+        profile = _open(args)
+    else:
+        if not args.jid:
+            raise ProfileError(f"{path} does not exist: give --jid to create it")
+        pin = _pin(args.pin_file, PIN_ENV, "New PIN (6+ digits) or passphrase", confirm=True)
+        profile = Profile.create(path, args.jid, pin, email=args.email)
+        print(f"created {path} for {args.jid}")
+    _connect_and(args, profile, rotate=False)
+    print(f"{profile.data.jid} is enrolled with {args.ca}; certificates stored and published")
+
+
+def cmd_rotate(args: argparse.Namespace) -> None:
+    profile = _open(args)
+    _connect_and(args, profile, rotate=True)
+    print(f"new keys and certificates for {profile.data.jid}; the old ones are revoked, the old "
+          f"encryption key kept for old messages")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="capsule", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -200,6 +263,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("change-pin", "re-encrypt the profile under a new PIN")
     p.add_argument("--new-pin-file", help=f"file with the new PIN (else ${NEW_PIN_ENV})")
     p.set_defaults(func=cmd_change_pin)
+
+    for name, text, func in (
+        ("enroll", "from nothing to ready: profile, keys, certificates from the CA service",
+         cmd_enroll),
+        ("rotate", "new keys and certificates; old ones revoked, old encryption key kept",
+         cmd_rotate),
+    ):
+        p = top.add_parser(name, help=text, description=text)
+        p.add_argument("--profile", required=True, help="the profile file")
+        p.add_argument("--pin-file", help=f"file holding the PIN (else ${PIN_ENV}, else a prompt)")
+        p.add_argument("--ca", required=True, help="the CA service's JID, e.g. ca@example.org")
+        p.add_argument("--ca-cert", help="the CA root to trust (else pinned on first use)")
+        p.add_argument("--tls-ca", help="CA file for the server's TLS certificate "
+                       "(default: --ca-cert, or the profile's CA root)")
+        p.add_argument("--password-file", help="XMPP password (else $CAPSULE_XMPP_PASSWORD)")
+        p.add_argument("--host", default="127.0.0.1", help="XMPP server host")
+        p.add_argument("--port", type=int, default=5222, help="c2s port (STARTTLS)")
+        p.add_argument("--yes", action="store_true", help="accept the CA root shown")
+        if name == "enroll":
+            p.add_argument("--jid", help="your bare JID (to create the profile)")
+            p.add_argument("--email", help="an e-mail address for the certificates")
+        p.set_defaults(func=func)
 
     p = top.add_parser("audit", help="classify and verify what a server stored",
                        description="Read a server's stored messages, classify each (capsule, "

@@ -23,13 +23,13 @@ from slixmpp import JID, ClientXMPP, Message
 
 import capsule
 from capsule import capsule_info
+from capsule.connection import LoginError, login
 from capsule.errors import CapsuleError
 from capsule.panel import PanelError, check_ejabberd_queue
 from capsule.profile import KdfParams
 from capsule.testing.identities import enroll
 from capsule.testing.processes import StackError
 from capsule.testing.stack import Stack
-from capsule.testing.xmpp import LoginError, login
 
 PIN = secrets.token_hex(4) + "00"  # a fresh demo PIN (digits and letters, 10 characters)
 

@@ -14,14 +14,17 @@ import os
 from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from slixmpp import JID, Message
 from slixmpp.exceptions import IqError, IqTimeout
 from slixmpp.plugins import BasePlugin
 from slixmpp.xmlstream import StanzaBase
 
-from capsule import core, discovery, envelope
+from capsule import core, discovery, enrollment, envelope
 from capsule import stanza as st
 from capsule.errors import (
     CapsuleError,
@@ -71,7 +74,7 @@ class XEP_Capsule(BasePlugin):
 
     name = "capsule"
     description = "Capsule: end-to-end encrypted, signed encapsulated messages"
-    dependencies: ClassVar[set[str]] = {"xep_0030", "xep_0060", "xep_0163", "xep_0280",
+    dependencies: ClassVar[set[str]] = {"xep_0030", "xep_0060", "xep_0115", "xep_0163", "xep_0280",
                                         "xep_0313", "xep_0334", "xep_0380"}
     default_config: ClassVar[dict[str, Any]] = {
         "profile": None,  # path of the profile file
@@ -82,7 +85,8 @@ class XEP_Capsule(BasePlugin):
         "publish": True,  # publish our certificates to PEP on session start
         "carbons": False,  # enable XEP-0280 and decrypt carbon copies for this resource
         "crl": None,  # path of the CA's CRL file, re-read when it changes
-        "crl_refresh": 300,  # seconds between checks of the CRL file
+        "crl_refresh": 300,  # seconds between CRL refreshes (file and CA service)
+        "ca_service": None,  # JID of `capsule-ca serve`: CRL, look-up fallback, CRL updates
         "save_delay": 0.2,  # seconds to batch profile saves (replay cache, pins)
         "fetch_timeout": 10,
         "source": None,  # a CertificateSource; default: PEP
@@ -104,6 +108,16 @@ class XEP_Capsule(BasePlugin):
         self.own_encrypt = self.trust.verify(data.encryption_cert.encode(), data.jid, "encrypt")  # type: ignore[union-attr]
         self.pep: CertificateSource = self.source or discovery.PepSource(self.xmpp,
                                                                          self.fetch_timeout)
+        if self.ca_service and not self.source:
+            self.pep = enrollment.FirstFound(self.pep, enrollment.CaDirectorySource(
+                self.xmpp, self.ca_service, self.fetch_timeout))
+        # our former signing certificates: our own old capsules stay verifiable
+        self._own_signers = {self.own_sign.fingerprint: self.own_sign}
+        for pem in data.retired_sign:
+            cert = x509.load_pem_x509_certificate(pem.encode())
+            fp = core.fingerprint(cert.public_bytes(serialization.Encoding.DER))
+            self._own_signers[fp] = VerifiedCert(data.jid, "sign", cert, fp,
+                                                 cast(rsa.RSAPublicKey, cert.public_key()))
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Future[None]] = set()
         self._cleared: set[int] = set()
@@ -112,12 +126,14 @@ class XEP_Capsule(BasePlugin):
         self._crl_task: asyncio.Task[None] | None = None
         self.secure = False
         st.register()
+        enrollment.register()
         self.xmpp.add_filter("in", self._filter_in)
         self.xmpp.add_filter("out", self._filter_out)
         self.xmpp.add_event_handler("session_start", self._session_start)
         self.xmpp.add_event_handler("disconnected", self._flush)
         self.xmpp.add_event_handler("carbon_received", self._on_carbon)
         self.xmpp.add_event_handler("carbon_sent", self._on_carbon)
+        self.xmpp.add_event_handler("pubsub_publish", self._on_pubsub)
         self.refresh_crl()
 
     def plugin_end(self) -> None:
@@ -127,6 +143,7 @@ class XEP_Capsule(BasePlugin):
         self.xmpp.del_event_handler("disconnected", self._flush)
         self.xmpp.del_event_handler("carbon_received", self._on_carbon)
         self.xmpp.del_event_handler("carbon_sent", self._on_carbon)
+        self.xmpp.del_event_handler("pubsub_publish", self._on_pubsub)
         if self._crl_task:
             self._crl_task.cancel()
         self._flush()
@@ -155,8 +172,12 @@ class XEP_Capsule(BasePlugin):
         return pin
 
     async def _session_start(self, _event: Any) -> None:
-        if self._crl_task is None and self.crl:
+        if self._crl_task is None and (self.crl or self.ca_service):
             self._crl_task = asyncio.ensure_future(self._watch_crl())
+        if self.ca_service:
+            await self.refresh_crl_from_ca()
+            self.xmpp.plugin["xep_0163"].add_interest(enrollment.CRL_NODE)
+            self.xmpp.send_presence_subscription(pto=JID(self.ca_service))  # for CRL updates
         if self.carbons:
             await self.xmpp.plugin["xep_0280"].enable()
         if self.publish and self._usable():
@@ -190,19 +211,42 @@ class XEP_Capsule(BasePlugin):
         except OSError as exc:
             log.warning("cannot read the CRL %s: %s", self.crl, exc.strerror)
             return
+        self._install_crl(pem, self.crl)
+        self._crl_mtime = stat.st_mtime
+
+    async def refresh_crl_from_ca(self) -> None:
+        """Fetch the CRL from the CA service (on start, every ``crl_refresh`` s, on updates)."""
+        try:
+            self._install_crl(await enrollment.fetch_crl(self.xmpp, self.ca_service),
+                              self.ca_service)
+        except CapsuleError as exc:
+            log.warning("could not refresh the CRL from %s: %s", self.ca_service, exc)
+
+    def _install_crl(self, pem: bytes, origin: str) -> None:
         try:
             if self.trust.update_crl(pem):
                 self.store.data.crl = pem.decode()
                 self._dirty()
-                log.info("CRL updated from %s", self.crl)
+                log.info("CRL updated from %s", origin)
         except UntrustedCertificate as exc:
-            log.warning("ignoring CRL %s: %s", self.crl, exc)
-        self._crl_mtime = stat.st_mtime
+            log.warning("ignoring CRL from %s: %s", origin, exc)
+
+    def _on_pubsub(self, msg: Message) -> None:
+        # read the XML directly: iterating msg['pubsub_event']['items'] here would reset the
+        # iterator slixmpp's own event loop over the items is using
+        crl = msg.xml.find(f".//{{{enrollment.NS}}}crl")
+        if crl is None or msg["from"].bare != JID(self.ca_service or "").bare:
+            return
+        pem = (crl.text or "").strip().encode()
+        if pem:
+            self._install_crl(pem + b"\n", f"{self.ca_service} (PEP)")
 
     async def _watch_crl(self) -> None:
         while True:
             await asyncio.sleep(self.crl_refresh)
             self.refresh_crl()
+            if self.ca_service:
+                await self.refresh_crl_from_ca()
 
     # -- contacts --------------------------------------------------------------
     def _lock(self, jid: str) -> asyncio.Lock:
@@ -371,7 +415,10 @@ class XEP_Capsule(BasePlugin):
         core.check_shape(capsule)
         me = self.store.data.jid
         sender = capsule.header.sender
-        signer = self.own_sign if sender == me else await self._signer(sender, capsule.header.cert)
+        if sender == me:
+            signer = self._own_signers.get(capsule.header.cert, self.own_sign)
+        else:
+            signer = await self._signer(sender, capsule.header.cert)
         if signer.fingerprint != capsule.header.cert:
             raise UntrustedCertificate(f"capsule names a signing certificate {sender} "
                                        f"does not hold")

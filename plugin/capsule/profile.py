@@ -99,6 +99,7 @@ class ProfileData:
     ca_root: str | None = None
     crl: str | None = None
     retired: list[tuple[str, rsa.RSAPrivateKey]] = field(default_factory=list)  # (cert PEM, key)
+    retired_sign: list[str] = field(default_factory=list)  # our former signing certs (PEM)
     contacts: dict[str, Contact] = field(default_factory=dict)
     replay: OrderedDict[str, str] = field(default_factory=OrderedDict)  # "sender nid" -> ts
     replay_horizon: str = ""
@@ -111,6 +112,7 @@ class ProfileData:
             "signing_cert": self.signing_cert, "encryption_cert": self.encryption_cert,
             "ca_root": self.ca_root, "crl": self.crl,
             "retired": [[cert, _pem_key(key)] for cert, key in self.retired],
+            "retired_sign": self.retired_sign,
             "contacts": {j: vars(c) for j, c in self.contacts.items()},
             "replay": list(self.replay.items()), "replay_horizon": self.replay_horizon,
         }
@@ -125,6 +127,7 @@ class ProfileData:
                 signing_cert=raw.get("signing_cert"), encryption_cert=raw.get("encryption_cert"),
                 ca_root=raw.get("ca_root"), crl=raw.get("crl"),
                 retired=[(cert, _load_key(key)) for cert, key in raw.get("retired", [])],
+                retired_sign=list(raw.get("retired_sign", [])),
                 contacts={j: Contact(**c) for j, c in raw.get("contacts", {}).items()},
                 replay=OrderedDict((k, v) for k, v in raw.get("replay", [])),
                 replay_horizon=raw.get("replay_horizon", ""),
@@ -292,12 +295,16 @@ class Profile:
             return "encrypt"
         raise ProfileError("the certificate matches neither of this profile's keys")
 
-    def rotate_encryption_key(self, key_bits: int = alg.DEFAULT_RSA_BITS) -> None:
-        """Retire the current encryption key (kept, so old capsules stay readable)."""
+    def rotate_keys(self, key_bits: int = alg.DEFAULT_RSA_BITS) -> None:
+        """New key pairs; the old encryption key and signing certificate are kept, so old
+        capsules (and our own old ones in the archive) stay readable and verifiable."""
         if self.data.encryption_cert:
             self.data.retired.append((self.data.encryption_cert, self.data.encryption_key))
+        if self.data.signing_cert:
+            self.data.retired_sign.append(self.data.signing_cert)
         self.data.encryption_key = rsa.generate_private_key(65537, key_bits)
-        self.data.encryption_cert = None
+        self.data.signing_key = rsa.generate_private_key(65537, key_bits)
+        self.data.encryption_cert = self.data.signing_cert = None
 
     def decryption_keys(self) -> dict[str, rsa.RSAPrivateKey]:
         """Our encryption-certificate fingerprints (current and retired) -> private keys."""

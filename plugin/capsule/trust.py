@@ -77,7 +77,7 @@ class TrustStore:
             self.update_crl(crl_pem)
 
     def update_crl(self, crl_pem: bytes) -> bool:
-        """Install a CRL signed by our root; returns False if it is older than the current one."""
+        """Install a CRL signed by our root; False if it is not newer than the current one."""
         try:
             crl = x509.load_pem_x509_crl(crl_pem)
         except ValueError:
@@ -85,8 +85,8 @@ class TrustStore:
         if crl.issuer != self.root.subject or not crl.is_signature_valid(
                 self.root.public_key()):  # type: ignore[arg-type]
             raise UntrustedCertificate("the CRL is not signed by our CA")
-        if self.crl is not None and crl.last_update_utc < self.crl.last_update_utc:
-            return False
+        if self.crl is not None and _crl_number(crl) <= _crl_number(self.crl):
+            return False  # the same or an older CRL
         self.crl = crl
         self._cache.clear()
         return True
@@ -145,3 +145,11 @@ class TrustStore:
                 cert.serial_number) is not None:
             raise RevokedCertificate(f"{what} (serial {cert.serial_number:X}) is revoked")
         return VerifiedCert(jid, usage, cert, fp, key)
+
+
+def _crl_number(crl: x509.CertificateRevocationList) -> tuple[int, dt.datetime]:
+    try:
+        number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    except x509.ExtensionNotFound:
+        number = 0
+    return number, crl.last_update_utc

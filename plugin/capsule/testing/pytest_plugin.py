@@ -22,9 +22,9 @@ import pytest
 import pytest_asyncio
 from slixmpp import ClientXMPP
 
+from capsule.connection import login
 from capsule.testing.identities import enroll
 from capsule.testing.stack import SERVERS, Stack
-from capsule.testing.xmpp import login
 
 _REQUIRED = {
     "ejabberd": ["ejabberdctl", "mariadbd", "mariadb-install-db"],

@@ -24,6 +24,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar
 
+from capsule.connection import LoginError, probe_login, run_sync
 from capsule.testing.processes import (
     StackError,
     free_port,
@@ -33,7 +34,6 @@ from capsule.testing.processes import (
     terminate,
     wait_for,
 )
-from capsule.testing.xmpp import LoginError, probe_login, run_sync
 from capsule_ca import Authority, CAError
 
 SERVERS = ("ejabberd", "prosody")

@@ -1,4 +1,4 @@
-"""Log slixmpp clients in over STARTTLS, trusting only our CA, and fail fast instead of hanging."""
+"""Log slixmpp clients in over STARTTLS, trusting only the given CA, and fail fast instead of hanging."""
 
 from __future__ import annotations
 

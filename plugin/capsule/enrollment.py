@@ -1,0 +1,217 @@
+"""The enrollment protocol ``urn:capsule:enroll:0`` (the CA as an XMPP service), client side.
+
+- enroll (iq set): ``<enroll><csr usage='sign'>PEM</csr><csr usage='encrypt'>PEM</csr></enroll>``
+  answered by ``<enroll><cert usage='sign'>…</cert><cert usage='encrypt'>…</cert>
+  <cert usage='ca'>…</cert></enroll>``; issued only for the bare JID the server authenticated.
+- lookup (iq get): ``<lookup jid='bob@example.org'/>`` answered with bob's valid certificates.
+- crl (iq get): ``<crl/>`` answered by ``<crl>PEM</crl>``.
+Errors: bad-request (malformed), forbidden (another JID), resource-constraint (rate limit),
+item-not-found (no certificates), internal-server-error; each with a ``<text/>``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from slixmpp import JID, BaseXMPP, Iq
+from slixmpp.exceptions import IqError, IqTimeout
+from slixmpp.plugins.xep_0060.stanza import EventItem, Item
+from slixmpp.xmlstream import ElementBase, register_stanza_plugin
+
+from capsule import discovery
+from capsule.errors import CapsuleError
+from capsule.profile import Profile
+from capsule.stanza import TextValue
+from capsule.trust import CertBundle, CertificateSource, TrustStore
+
+NS = "urn:capsule:enroll:0"
+CRL_NODE = "urn:capsule:crl:0"
+RESOURCE = "capsule-ca"  # IQs to a bare JID are answered by the server, so the CA has a resource
+
+
+def service_jid(ca: str) -> JID:
+    """The CA service's full JID: ``ca@example.org`` means ``ca@example.org/capsule-ca``."""
+    jid = JID(ca)
+    return jid if jid.resource else JID(f"{jid.bare}/{RESOURCE}")
+log = logging.getLogger(__name__)
+
+
+class EnrollmentError(CapsuleError):
+    """The CA service refused or did not answer."""
+
+    reason = "enrollment"
+
+
+class Csr(TextValue):
+    name = "csr"
+    namespace = NS
+    plugin_attrib = "csr"
+    plugin_multi_attrib = "csrs"
+    interfaces = {"usage", "value"}
+
+
+class Cert(TextValue):
+    name = "cert"
+    namespace = NS
+    plugin_attrib = "cert"
+    plugin_multi_attrib = "certs"
+    interfaces = {"usage", "value"}
+
+
+class Enroll(ElementBase):
+    name = "enroll"
+    namespace = NS
+    plugin_attrib = "capsule_enroll"
+    interfaces = {"jid"}
+
+
+class Lookup(ElementBase):
+    name = "lookup"
+    namespace = NS
+    plugin_attrib = "capsule_lookup"
+    interfaces = {"jid"}
+
+
+class Crl(TextValue):
+    name = "crl"
+    namespace = NS
+    plugin_attrib = "capsule_crl"
+    interfaces = {"value"}
+
+
+def register() -> None:
+    register_stanza_plugin(Iq, Enroll)
+    register_stanza_plugin(Iq, Lookup)
+    register_stanza_plugin(Iq, Crl)
+    register_stanza_plugin(Enroll, Csr, iterable=True)
+    register_stanza_plugin(Enroll, Cert, iterable=True)
+    register_stanza_plugin(Lookup, Cert, iterable=True)
+    register_stanza_plugin(EventItem, Crl)
+    register_stanza_plugin(Item, Crl)
+
+
+def pems(element: ElementBase) -> dict[str, bytes]:
+    """{usage: PEM} of the <cert/> children."""
+    return {c["usage"]: c["value"].strip().encode() + b"\n" for c in element["certs"]}
+
+
+async def _ask(xmpp: BaseXMPP, iq: Iq, timeout: int) -> Iq:
+    try:
+        result: Iq = await iq.send(timeout=timeout)
+    except IqError as exc:
+        text = exc.iq["error"]["text"] or exc.iq["error"]["condition"]
+        raise EnrollmentError(f"the CA refused: {text}") from None
+    except IqTimeout:
+        raise EnrollmentError(f"the CA {iq['to']} did not answer within {timeout} s") from None
+    return result
+
+
+async def enroll(xmpp: BaseXMPP, ca: str, csrs: dict[str, bytes], timeout: int = 30
+                 ) -> dict[str, bytes]:
+    """Send our CSRs; return {"sign", "encrypt", "ca": PEM}."""
+    register()
+    iq = xmpp.make_iq_set(ito=service_jid(ca))
+    for usage, pem in csrs.items():
+        csr = Csr()
+        csr["usage"], csr["value"] = usage, pem.decode()
+        iq["capsule_enroll"].append(csr)
+    answer = pems((await _ask(xmpp, iq, timeout))["capsule_enroll"])
+    missing = {"sign", "encrypt", "ca"} - set(answer)
+    if missing:
+        raise EnrollmentError(f"the CA's answer lacks {', '.join(sorted(missing))}")
+    return answer
+
+
+async def lookup(xmpp: BaseXMPP, ca: str, jid: str, timeout: int = 15) -> CertBundle | None:
+    """The CA directory's current certificates of ``jid`` (None when it has none)."""
+    register()
+    iq = xmpp.make_iq_get(ito=service_jid(ca))
+    iq["capsule_lookup"]["jid"] = jid
+    try:
+        found = pems((await _ask(xmpp, iq, timeout))["capsule_lookup"])
+    except EnrollmentError as exc:
+        if "item-not-found" in str(exc) or "no valid certificate" in str(exc):
+            return None
+        raise
+    if "sign" in found and "encrypt" in found:
+        return CertBundle(found["sign"], found["encrypt"])
+    return None
+
+
+async def fetch_crl(xmpp: BaseXMPP, ca: str, timeout: int = 15) -> bytes:
+    register()
+    iq = xmpp.make_iq_get(ito=service_jid(ca))
+    iq.enable("capsule_crl")
+    text: str = (await _ask(xmpp, iq, timeout))["capsule_crl"]["value"]
+    if "BEGIN X509 CRL" not in text:
+        raise EnrollmentError("the CA sent no CRL")
+    return text.strip().encode() + b"\n"
+
+
+def fingerprint(pem: bytes) -> str:
+    """SHA-256 fingerprint as the user is asked to confirm it (AA:BB:…)."""
+    digest = x509.load_pem_x509_certificate(pem).fingerprint(hashes.SHA256())
+    return ":".join(f"{b:02X}" for b in digest)
+
+
+class CaDirectorySource(CertificateSource):
+    """The CA's look-up service as a certificate source (the fallback when PEP has none)."""
+
+    def __init__(self, xmpp: BaseXMPP, ca: str, timeout: int = 15):
+        self.xmpp, self.ca, self.timeout = xmpp, ca, timeout
+
+    async def fetch(self, jid: str) -> CertBundle | None:
+        return await lookup(self.xmpp, self.ca, jid, self.timeout)
+
+
+class FirstFound(CertificateSource):
+    """Ask several sources in turn; the first bundle found wins."""
+
+    def __init__(self, *sources: CertificateSource):
+        self.sources = sources
+
+    async def fetch(self, jid: str) -> CertBundle | None:
+        for source in self.sources:
+            bundle = await source.fetch(jid)
+            if bundle is not None:
+                return bundle
+        return None
+
+
+def _der(pem: bytes) -> bytes:
+    return x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
+
+
+async def enroll_profile(xmpp: BaseXMPP, profile: Profile, ca: str, ca_root: bytes | None,
+                         confirm: Callable[[str], bool]) -> dict[str, bytes]:
+    """Enroll ``profile``'s current keys with the CA service and store what comes back.
+
+    The CA root is checked against ``ca_root`` when given, else against the one already in the
+    profile, else pinned on first use once ``confirm(fingerprint)`` agrees. The issued
+    certificates must match our keys, name our JID and chain to that root. Then the profile is
+    saved and the chain published to PEP.
+    """
+    jid = profile.data.jid
+    if JID(xmpp.boundjid.bare) != JID(jid):
+        raise EnrollmentError(f"logged in as {xmpp.boundjid.bare} but the profile is {jid}")
+    answer = await enroll(xmpp, ca, {"sign": profile.csr("sign"), "encrypt": profile.csr("encrypt")})
+    root = answer["ca"]
+    expected = ca_root or (profile.data.ca_root.encode() if profile.data.ca_root else None)
+    if expected is not None and _der(expected) != _der(root):
+        raise EnrollmentError(f"the CA sent root {fingerprint(root)}, not the one we trust "
+                              f"({fingerprint(expected)})")
+    if expected is None and not confirm(fingerprint(root)):
+        raise EnrollmentError("the CA root was not confirmed; nothing stored")
+    trust = TrustStore(root)
+    trust.verify(answer["sign"], jid, "sign")
+    trust.verify(answer["encrypt"], jid, "encrypt")
+    for pem in (root, answer["sign"], answer["encrypt"]):
+        profile.import_cert(pem)
+    profile.save()
+    chain = {"sign": answer["sign"].decode(), "encrypt": answer["encrypt"].decode(),
+             "ca": root.decode()}
+    await discovery.publish(xmpp, chain)
+    return answer
