@@ -6,6 +6,7 @@ import argparse
 import getpass
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from capsule_ca.authority import Authority
@@ -15,22 +16,30 @@ from capsule_ca.profiles import Usage
 PASSPHRASE_ENV = "CAPSULE_CA_PASSPHRASE"
 
 
+def read_secret(file: str | None, env: str, what: str, confirm: bool = False,
+                check: Callable[[str], object] | None = None,
+                error: type[Exception] = CAError) -> str:
+    """A secret from a file, else ``$env``, else a prompt (twice when ``confirm``)."""
+    if file:
+        try:
+            return Path(file).read_text().rstrip("\r\n")
+        except OSError as exc:
+            raise error(f"cannot read {file}: {exc.strerror}") from None
+    if os.environ.get(env):
+        return os.environ[env]
+    if not sys.stdin.isatty():
+        raise error(f"no {what}: use its file option, ${env} or a terminal")
+    first = getpass.getpass(f"{what}: ")
+    if check:
+        check(first)
+    if confirm and getpass.getpass(f"{what} again: ") != first:
+        raise error(f"the two entries of the {what} differ")
+    return first
+
+
 def read_passphrase(args: argparse.Namespace, confirm: bool = False) -> bytes:
     """From --passphrase-file, then $CAPSULE_CA_PASSPHRASE, then a prompt (twice when creating)."""
-    if args.passphrase_file:
-        try:
-            text = Path(args.passphrase_file).read_text().rstrip("\r\n")
-        except OSError as exc:
-            raise CAError(f"cannot read passphrase file: {exc.strerror}") from None
-        return text.encode()
-    if os.environ.get(PASSPHRASE_ENV):
-        return os.environ[PASSPHRASE_ENV].encode()
-    if not sys.stdin.isatty():
-        raise CAError(f"no passphrase: use --passphrase-file, ${PASSPHRASE_ENV} or a terminal")
-    first = getpass.getpass("CA passphrase: ")
-    if confirm and getpass.getpass("Repeat the CA passphrase: ") != first:
-        raise CAError("the passphrases differ")
-    return first.encode()
+    return read_secret(args.passphrase_file, PASSPHRASE_ENV, "CA passphrase", confirm).encode()
 
 
 def _authority(args: argparse.Namespace) -> Authority:
@@ -87,7 +96,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     authority = _authority(args)
-    password = _secret_file(args.password_file, "CAPSULE_CA_XMPP_PASSWORD", "the CA account")
+    password = read_secret(args.password_file, "CAPSULE_CA_XMPP_PASSWORD", "CA account password")
     service = EnrollmentService(args.jid, password, authority, args.host, args.port,
                                 args.tls_ca or authority.root_path, args.rate_limit)
 
@@ -101,17 +110,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 0
     return 0
-
-
-def _secret_file(path: str | None, env: str, what: str) -> str:
-    if path:
-        try:
-            return Path(path).read_text().strip()
-        except OSError as exc:
-            raise CAError(f"cannot read {path}: {exc.strerror}") from None
-    if os.environ.get(env):
-        return os.environ[env]
-    raise CAError(f"no password for {what}: use --password-file or ${env}")
 
 
 def build_parser() -> argparse.ArgumentParser:

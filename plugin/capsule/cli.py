@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import getpass
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -28,27 +26,13 @@ from capsule.enrollment import EnrollmentError
 from capsule.errors import CapsuleError, ProfileError
 from capsule.panel import PanelError, check_ejabberd_queue, check_openfire_archive
 from capsule.profile import PIN_ENV, Profile, check_pin
-from capsule_ca.cli import run
+from capsule_ca.cli import read_secret, run
 
 NEW_PIN_ENV = "CAPSULE_NEW_PIN"
 
 
 def _pin(file: str | None, env: str, prompt: str, confirm: bool) -> str:
-    if file:
-        try:
-            return Path(file).read_text().strip()
-        except OSError as exc:
-            raise ProfileError(f"cannot read PIN file {file}: {exc.strerror}") from None
-    if os.environ.get(env):
-        return os.environ[env]
-    if not sys.stdin.isatty():
-        raise ProfileError(f"no PIN: use a terminal, a PIN file or ${env}")
-    pin = getpass.getpass(f"{prompt}: ")
-    if confirm:
-        check_pin(pin)
-        if getpass.getpass(f"{prompt} again: ") != pin:
-            raise ProfileError("the two PINs differ")
-    return pin
+    return read_secret(file, env, prompt, confirm, check_pin if confirm else None, ProfileError)
 
 
 def _open(args: argparse.Namespace) -> Profile:

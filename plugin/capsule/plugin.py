@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, cast
@@ -129,21 +129,20 @@ class XEP_Capsule(BasePlugin):
         enrollment.register()
         self.xmpp.add_filter("in", self._filter_in)
         self.xmpp.add_filter("out", self._filter_out)
-        self.xmpp.add_event_handler("session_start", self._session_start)
-        self.xmpp.add_event_handler("disconnected", self._flush)
-        self.xmpp.add_event_handler("carbon_received", self._on_carbon)
-        self.xmpp.add_event_handler("carbon_sent", self._on_carbon)
-        self.xmpp.add_event_handler("pubsub_publish", self._on_pubsub)
+        for event, handler in self._events():
+            self.xmpp.add_event_handler(event, handler)
         self.refresh_crl()
+
+    def _events(self) -> list[tuple[str, Callable[..., Any]]]:
+        return [("session_start", self._session_start), ("disconnected", self._flush),
+                ("carbon_received", self._on_carbon), ("carbon_sent", self._on_carbon),
+                ("pubsub_publish", self._on_pubsub)]
 
     def plugin_end(self) -> None:
         self.xmpp.del_filter("in", self._filter_in)
         self.xmpp.del_filter("out", self._filter_out)
-        self.xmpp.del_event_handler("session_start", self._session_start)
-        self.xmpp.del_event_handler("disconnected", self._flush)
-        self.xmpp.del_event_handler("carbon_received", self._on_carbon)
-        self.xmpp.del_event_handler("carbon_sent", self._on_carbon)
-        self.xmpp.del_event_handler("pubsub_publish", self._on_pubsub)
+        for event, handler in self._events():
+            self.xmpp.del_event_handler(event, handler)
         if self._crl_task:
             self._crl_task.cancel()
         self._flush()
