@@ -57,15 +57,17 @@ async def test_three_bots_enroll_from_nothing_and_talk(xmpp_stack, ca_service, n
                                                        capsule_bot, tmp_path, monkeypatch):
     accounts = [new_account(n) for n in ("alice", "bob", "carol")]
     profiles = [await enroll_new(xmpp_stack, ca_service, a, tmp_path) for a in accounts[:2]]
-    # carol uses the command line: `capsule enroll` creates the profile and enrolls it
+    # carol uses the command line: `capsule enroll --register` creates her account in-band
+    # (XEP-0077), then the profile, then enrolls it
     carol_profile = tmp_path / "carol.capsule"
     password = tmp_path / "carol-password"
     password.write_text(accounts[2].password)
+    xmpp_stack.deluser(accounts[2].user)  # not provisioned: she registers herself
     monkeypatch.setenv("CAPSULE_PIN", BOT_PIN)
     code = await asyncio.to_thread(capsule_main, [
-        "enroll", "--profile", str(carol_profile), "--jid", accounts[2].jid, "--ca",
-        ca_service.boundjid.bare, "--ca-cert", str(xmpp_stack.info.ca_root), "--password-file",
-        str(password), "--port", str(xmpp_stack.info.c2s_port)])
+        "enroll", "--register", "--profile", str(carol_profile), "--jid", accounts[2].jid,
+        "--ca", ca_service.boundjid.bare, "--ca-cert", str(xmpp_stack.info.ca_root),
+        "--password-file", str(password), "--port", str(xmpp_stack.info.c2s_port)])
     assert code == 0
     profiles.append(carol_profile)
     bots = [await capsule_bot(a.user, account=a, profile=p) for a, p in zip(accounts, profiles,

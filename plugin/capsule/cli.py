@@ -21,7 +21,7 @@ from capsule import enrollment
 from capsule.audit import FAILING, Auditor, CertificateBundle, Report
 from capsule.audit_report import as_html, as_json, as_table
 from capsule.audit_sources import SQL_SOURCES, Dsn, SourceError, mam_rows, sql_rows
-from capsule.connection import login
+from capsule.connection import enable_registration, login
 from capsule.enrollment import EnrollmentError
 from capsule.errors import CapsuleError, ProfileError
 from capsule.panel import PanelError, check_ejabberd_queue, check_openfire_archive
@@ -190,6 +190,8 @@ def _connect_and(args: argparse.Namespace, profile: Profile, rotate: bool) -> No
     async def go() -> None:
         client = ClientXMPP(profile.data.jid, password)
         client.register_plugin("xep_0060")
+        if getattr(args, "register", False):
+            enable_registration(client)
         await login(client, args.host, args.port, tls_ca)
         try:
             if rotate:
@@ -268,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "enroll":
             p.add_argument("--jid", help="your bare JID (to create the profile)")
             p.add_argument("--email", help="an e-mail address for the certificates")
+            p.add_argument("--register", action="store_true",
+                           help="create the XMPP account in-band (XEP-0077) if the server allows")
         p.set_defaults(func=func)
 
     p = top.add_parser("audit", help="classify and verify what a server stored",

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from slixmpp import ClientXMPP
+from slixmpp.exceptions import IqError
 
 T = TypeVar("T")
 
@@ -38,20 +39,27 @@ async def login(
     loop = asyncio.get_running_loop()
     outcome: asyncio.Future[None] = loop.create_future()
 
-    def settle(error: str | None) -> Callable[[Any], None]:
+    def settle(error: str | Callable[[], str] | None) -> Callable[[Any], None]:
         def handler(_event: Any) -> None:
             if outcome.done():
                 return
             if error is None:
                 outcome.set_result(None)
             else:
-                outcome.set_exception(LoginError(f"{client.boundjid.bare}: {error}"))
+                reason = error() if callable(error) else error
+                outcome.set_exception(LoginError(f"{client.boundjid.bare}: {reason}"))
 
         return handler
 
+    def auth_failure() -> str:
+        refused = getattr(client, "capsule_registration_refused", [])
+        if refused:
+            return "in-band registration refused: " + "; ".join(refused)
+        return "authentication failed (wrong user or password)"
+
     handlers = {
         "session_start": settle(None),
-        "failed_all_auth": settle("authentication failed (wrong user or password)"),
+        "failed_all_auth": settle(auth_failure),
         "ssl_invalid_chain": settle("server certificate not trusted by our CA"),
         "connection_failed": settle(f"cannot connect to {host}:{port}"),
     }
@@ -69,6 +77,30 @@ async def login(
         for event, handler in handlers.items():
             client.del_event_handler(event, handler)
     return client
+
+
+def enable_registration(client: ClientXMPP) -> None:
+    """Create the account in-band (XEP-0077) during the next login, where the server allows it.
+
+    An account that exists already is fine (the login then proves the password); a refusal
+    makes the login fail with the server's reason.
+    """
+    client.register_plugin("xep_0077")
+    refused: list[str] = []
+
+    async def register(_form: Any) -> None:
+        iq = client.make_iq_set()
+        iq["register"]["username"] = client.boundjid.user
+        iq["register"]["password"] = client.password
+        try:
+            await iq.send(timeout=15)
+        except IqError as exc:
+            if exc.condition != "conflict":
+                refused.append(exc.text or exc.condition)
+                client.event("failed_all_auth", None)  # ends the login with an error
+
+    client.add_event_handler("register", register)
+    client.capsule_registration_refused = refused  # type: ignore[attr-defined]
 
 
 async def probe_login(jid: str, password: str, host: str, port: int, ca_root: str | Path) -> None:

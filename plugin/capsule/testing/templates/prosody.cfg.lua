@@ -18,12 +18,13 @@ s2s_require_encryption = true
 authentication = "internal_hashed"
 storage = "sql"
 sql = { driver = "MySQL", database = "$db_name", username = "$db_user", password = "$db_password", host = "127.0.0.1", port = $db_port }
+allow_registration = true  -- in-band registration (XEP-0077); 127.0.0.1 is not throttled
 default_archive_policy = true
 archive_expires_after = "never"
 max_archive_query_results = 250
 modules_enabled = {
   "roster"; "saslauth"; "tls"; "disco"; "carbons"; "pep"; "private"; "vcard4"; "vcard_legacy";
-  "mam"; "offline"; "ping"; "admin_shell"; "smacks";
+  "mam"; "offline"; "ping"; "admin_shell"; "smacks"; "register";
 }
 modules_disabled = { "s2s" }
 ssl = { certificate = "$dir/server.crt", key = "$dir/server.key" }
