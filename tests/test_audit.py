@@ -168,3 +168,29 @@ def test_unreachable_database_is_a_clear_error(tmp_path, capsys):
     assert err.startswith("capsule: error:") and err.count("\n") == 1
     with pytest.raises(Exception, match="DSN must look like"):
         Dsn.parse("postgres://x@y/z")
+
+
+async def test_signer_certificates_fetched_over_xmpp(xmpp_stack, capsule_bot, new_account,
+                                                     connect, tmp_path):
+    """No certificate bundle at all: the signers' certificates come from their PEP nodes."""
+    alice, bob, *_ = await mixed_traffic(capsule_bot, new_account, connect)
+    auditor = new_account("auditor")
+    password = tmp_path / "auditor-password"
+    password.write_text(auditor.password)
+    state = xmpp_stack.info
+    common = ["audit", "--source", state.server, "--dsn", xmpp_stack.dsn(), "--ca",
+              str(state.ca_root)]
+    without, with_fetch = tmp_path / "without.json", tmp_path / "with.json"
+    assert await asyncio.to_thread(capsule_main, [*common, "--json", str(without)]) == 0
+    assert await asyncio.to_thread(capsule_main, [
+        *common, "--fetch-certs", "--jid", auditor.jid, "--password-file", str(password),
+        "--port", str(state.c2s_port), "--json", str(with_fetch)]) == 0
+
+    def pair(path: Path) -> dict:
+        data = json.loads(path.read_text())
+        return next(c for c in data["conversations"] if sorted(c["peers"]) == sorted(
+            [alice.jid, bob.jid]))
+
+    assert pair(without)["verdict"] == "UNVERIFIED" and pair(without)["counts"]["unverified"] == 3
+    fetched = pair(with_fetch)
+    assert fetched["verdict"] == "ENCRYPTED" and fetched["counts"]["capsule"] == 3

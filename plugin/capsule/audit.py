@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,7 +96,7 @@ class Report:
         if key not in conv.keys:
             conv.keys.add(key)
             conv.counts[finding.verdict] += 1
-        elif finding.verdict in FAILING and finding.verdict != "plaintext":
+        elif finding.verdict in ("bad-signature", "sender-mismatch"):
             conv.counts[finding.verdict] += 1  # a tampered copy of a message stored twice
         when = finding.row.when
         if when:
@@ -147,11 +147,15 @@ def _bare(jid: str | None) -> str:
 class Auditor:
     """Classifies rows and verifies capsules against a CA root, with certificates only."""
 
-    def __init__(self, ca_root: bytes, bundle: CertificateBundle, crl: bytes | None = None):
+    def __init__(self, ca_root: bytes, bundle: CertificateBundle, crl: bytes | None = None,
+                 fetch: Callable[[str], list[bytes]] | None = None):
+        """``fetch(jid)`` finds certificates the bundle lacks (PEP, the CA's look-up)."""
         self._at = dt.datetime.now(dt.UTC)
         # certificates are judged at the time the capsule says it was sealed
         self.trust = TrustStore(ca_root, crl, clock=lambda: self._at)
         self.bundle = bundle
+        self.fetch = fetch
+        self._fetched: set[str] = set()
         self._seen: dict[bytes, tuple[str, str, str, str]] = {}  # capsule digest -> _judge()
 
     def examine(self, row: StoredRow) -> Finding:
@@ -204,6 +208,11 @@ class Auditor:
     def _verify(self, capsule: core.Capsule) -> tuple[str, str]:
         h = capsule.header
         pem = self.bundle.by_fingerprint.get(h.cert)
+        if pem is None and self.fetch is not None and h.sender not in self._fetched:
+            self._fetched.add(h.sender)  # asked once per sender and run
+            for found in self.fetch(h.sender):
+                self.bundle.add_pem(found)
+            pem = self.bundle.by_fingerprint.get(h.cert)
         if pem is None:
             return "unverified", f"no certificate {h.cert[:16]}… for {h.sender}"
         try:

@@ -9,21 +9,29 @@ never argv.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import os
 import queue
 import subprocess
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlparse
 
 from slixmpp import JID, ClientXMPP
 
 from capsule.audit import StoredRow
 from capsule.connection import login
+from capsule.discovery import PepSource
+from capsule.enrollment import CaDirectorySource, FirstFound
+from capsule.errors import CapsuleError
+from capsule.trust import CertificateSource
+
+T = TypeVar("T")
 
 
 class SourceError(Exception):
@@ -185,3 +193,52 @@ def mam_rows(jid: str, password: str, host: str, port: int, ca_root: str,
         if isinstance(item, BaseException):
             raise SourceError(f"MAM of {bare}: {item}") from item
         yield item
+
+
+class CertificateFetcher:
+    """Finds signing certificates over XMPP for the audit: the sender's PEP node, then the CA's
+    look-up service. One logged-in client runs in a background thread; ``fetch`` is blocking,
+    so the streaming audit can call it as it meets an unknown signer."""
+
+    def __init__(self, jid: str, password: str, host: str, port: int, ca_root: str,
+                 ca_service: str | None = None, timeout: float = 30):
+        self.timeout = timeout
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+        async def start() -> tuple[ClientXMPP, CertificateSource]:
+            # slixmpp objects belong to the loop they are made in: make them in ours
+            client = ClientXMPP(jid, password)
+            client.register_plugin("xep_0060")
+            sources: list[CertificateSource] = [PepSource(client)]
+            if ca_service:
+                sources.append(CaDirectorySource(client, ca_service))
+            await login(client, host, port, ca_root)
+            return client, FirstFound(*sources)
+
+        try:
+            self.client, self.source = self._call(start())
+        except BaseException:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            raise
+
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(self.timeout)
+
+    def fetch(self, jid: str) -> list[bytes]:
+        try:
+            bundle = self._call(self.source.fetch(jid))
+        except CapsuleError:
+            return []
+        return [bundle.sign, bundle.encrypt] if bundle else []
+
+    def close(self) -> None:
+        async def disconnect() -> None:
+            await self.client.disconnect()
+
+        if self.client.is_connected():
+            with contextlib.suppress(Exception):
+                self._call(disconnect())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)

@@ -20,7 +20,14 @@ from slixmpp import ClientXMPP
 from capsule import enrollment
 from capsule.audit import FAILING, Auditor, CertificateBundle, Report
 from capsule.audit_report import as_html, as_json, as_table
-from capsule.audit_sources import SQL_SOURCES, Dsn, SourceError, mam_rows, sql_rows
+from capsule.audit_sources import (
+    SQL_SOURCES,
+    CertificateFetcher,
+    Dsn,
+    SourceError,
+    mam_rows,
+    sql_rows,
+)
 from capsule.connection import enable_registration, login
 from capsule.enrollment import EnrollmentError
 from capsule.errors import CapsuleError, ProfileError
@@ -110,10 +117,14 @@ def cmd_audit(args: argparse.Namespace) -> int:
     bundle = CertificateBundle()
     for path in args.certs or []:
         bundle.add_path(Path(path))
-    if args.source == "mam":
+    password = None
+    if args.source == "mam" or args.fetch_certs:
         if not (args.jid and args.password_file and args.port):
-            raise SourceError("--source mam needs --jid, --password-file and --port")
+            raise SourceError("--source mam and --fetch-certs need --jid, --password-file and "
+                              "--port")
         password = Path(args.password_file).read_text().strip()
+    if args.source == "mam":
+        assert password is not None
         rows = mam_rows(args.jid, password, args.host, args.port, args.ca)
         label = f"MAM of {args.jid}"
     else:
@@ -121,8 +132,14 @@ def cmd_audit(args: argparse.Namespace) -> int:
             raise SourceError(f"--source {args.source} needs --dsn")
         rows = sql_rows(args.source, Dsn.parse(args.dsn))
         label = f"{args.source} tables"
-    report = Auditor(root, bundle, crl).run(rows, Report([label]),
-                                            _progress(args.progress or sys.stderr.isatty()))
+    fetcher = (CertificateFetcher(args.jid, password, args.host, args.port, args.ca,
+                                  args.ca_service) if args.fetch_certs and password else None)
+    try:
+        report = Auditor(root, bundle, crl, fetcher.fetch if fetcher else None).run(
+            rows, Report([label]), _progress(args.progress or sys.stderr.isatty()))
+    finally:
+        if fetcher:
+            fetcher.close()
     outputs = {"json": as_json, "html": as_html}
     for kind, render in outputs.items():
         target = getattr(args, kind)
@@ -281,14 +298,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", required=True, choices=[*SQL_SOURCES, "mam"])
     p.add_argument("--dsn", help="mysql://user:password@host:port/db[?socket=PATH] "
                    "(password also from $CAPSULE_AUDIT_DB_PASSWORD)")
-    p.add_argument("--jid", help="MAM source: the account to read")
-    p.add_argument("--password-file", help="MAM source: file holding its password")
-    p.add_argument("--host", default="127.0.0.1", help="MAM source: server host")
-    p.add_argument("--port", type=int, help="MAM source: c2s port (STARTTLS)")
+    p.add_argument("--jid", help="MAM source / --fetch-certs: the XMPP account to use")
+    p.add_argument("--password-file", help="file holding that account's password")
+    p.add_argument("--host", default="127.0.0.1", help="XMPP server host")
+    p.add_argument("--port", type=int, help="c2s port (STARTTLS)")
     p.add_argument("--ca", required=True, help="the CA root (PEM) certificates must chain to")
     p.add_argument("--crl", help="the CA's CRL (PEM)")
     p.add_argument("--certs", action="append", metavar="PATH",
                    help="signing certificates: PEM files or directories such as CADIR/newcerts")
+    p.add_argument("--fetch-certs", action="store_true",
+                   help="find signers' certificates missing from --certs over XMPP (their PEP "
+                   "node, then --ca-service), logged in as --jid")
+    p.add_argument("--ca-service", help="the CA service's JID for certificate look-ups")
     p.add_argument("--json", metavar="FILE", help="write the report as JSON (- for stdout)")
     p.add_argument("--html", metavar="FILE", help="write a self-contained HTML report")
     p.add_argument("--fail-on", type=lambda v: [x for x in v.split(",") if x], default=[],
