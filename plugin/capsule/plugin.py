@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import xml.etree.ElementTree as ET
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,11 @@ class CapsuleFailure:
     error: CapsuleError
 
 
+def _protected(msg: Message) -> list[ET.Element]:
+    """The elements a capsule carries inside its envelope (body, subject)."""
+    return [el for el in msg.xml if el.tag.split("}")[-1] in PROTECTED]
+
+
 def capsule_info(msg: Message) -> CapsuleInfo | None:
     """The verified-capsule facts of a message, or None if it did not arrive encrypted."""
     return getattr(msg, "capsule_info", None)
@@ -100,17 +106,19 @@ class XEP_Capsule(BasePlugin):
             raise ProfileError("the capsule plugin needs a 'profile' path")
         self.store = Profile.load(self.profile, self._take_pin())
         data = self.store.data
-        if not self.store.ready() or data.ca_root is None:
+        if not (data.signing_cert and data.encryption_cert and data.ca_root):
             raise ProfileError(f"{self.profile} has no certificates yet: import them with "
-                               f"`capsule profile import-cert`")
+                               f"`capsule profile import-cert` or run `capsule enroll`")
         self.trust = TrustStore(data.ca_root.encode(), data.crl.encode() if data.crl else None)
-        self.own_sign = self.trust.verify(data.signing_cert.encode(), data.jid, "sign")  # type: ignore[union-attr]
-        self.own_encrypt = self.trust.verify(data.encryption_cert.encode(), data.jid, "encrypt")  # type: ignore[union-attr]
-        self.pep: CertificateSource = self.source or discovery.PepSource(self.xmpp,
-                                                                         self.fetch_timeout)
+        self.own_sign = self.trust.verify(data.signing_cert.encode(), data.jid, "sign")
+        self.own_encrypt = self.trust.verify(data.encryption_cert.encode(), data.jid, "encrypt")
+        self.certificates: CertificateSource = self.source or discovery.PepSource(
+            self.xmpp, self.fetch_timeout)
         if self.ca_service and not self.source:
-            self.pep = enrollment.FirstFound(self.pep, enrollment.CaDirectorySource(
-                self.xmpp, self.ca_service, self.fetch_timeout))
+            self.certificates = enrollment.FirstFound(self.certificates,
+                                                      enrollment.CaDirectorySource(
+                                                          self.xmpp, self.ca_service,
+                                                          self.fetch_timeout))
         # our former signing certificates: our own old capsules stay verifiable
         self._own_signers = {self.own_sign.fingerprint: self.own_sign}
         for pem in data.retired_sign:
@@ -262,7 +270,7 @@ class XEP_Capsule(BasePlugin):
                 except UntrustedCertificate as exc:
                     log.info("pinned certificates of %s no longer valid (%s); refetching",
                              jid, exc.reason)
-            bundle = await self.pep.fetch(jid)
+            bundle = await self.certificates.fetch(jid)
             if bundle is None:
                 raise NoCertificate(f"{jid} has published no Capsule certificates")
             verified = self.trust.verify_contact(jid, bundle)
@@ -287,14 +295,14 @@ class XEP_Capsule(BasePlugin):
         keys = [core.Recipient(c.jid, c.encrypt.fingerprint, c.encrypt.public_key)
                 for c in contacts]
         keys.append(core.Recipient(me, self.own_encrypt.fingerprint, self.own_encrypt.public_key))
-        content = [el for el in msg.xml if el.tag.split("}")[-1] in PROTECTED]
+        content = _protected(msg)
         sealed_env = envelope.encode(content, me, bare, core.utc_timestamp())
         return core.seal(sealed_env, sender=me, sender_cert=self.own_sign.fingerprint,
                          signing_key=self.store.data.signing_key, recipients=keys)
 
     @staticmethod
     def _wrap(msg: Message, capsule: core.Capsule) -> Message:
-        for el in [el for el in msg.xml if el.tag.split("}")[-1] in PROTECTED]:
+        for el in _protected(msg):
             msg.xml.remove(el)
         st.from_core(msg, capsule)
         return msg
