@@ -12,6 +12,7 @@ from capsule import stanza as st
 from capsule.audit import Auditor, CertificateBundle, Report
 from capsule.audit_sources import Dsn, mam_rows, sql_rows
 from capsule.cli import main as capsule_main
+from capsule.testing.stack import wait_stored
 
 from .test_e2e import _tamper
 
@@ -28,7 +29,7 @@ def conversation(report: Report, a: str, b: str):
     return report.conversations[tuple(sorted((a, b)))]
 
 
-async def mixed_traffic(capsule_bot, new_account, connect):
+async def mixed_traffic(stack, capsule_bot, new_account, connect):
     """alice<>bob: 3 capsules; carol<>dave: 2 plaintext messages. Returns the bots/accounts."""
     alice, bob = await capsule_bot("alice"), await capsule_bot("bob")
     got: asyncio.Queue = asyncio.Queue()
@@ -45,12 +46,14 @@ async def mixed_traffic(capsule_bot, new_account, connect):
     carol.send_message(mto=dave_acc.jid, mbody="plain two", mtype="chat")
     for _ in range(2):
         await asyncio.wait_for(plain.get(), 15)
-    await asyncio.sleep(0.5)
+    for user, count in ((alice.account.user, 3), (bob.account.user, 3), (carol_acc.user, 2),
+                        (dave_acc.user, 2)):
+        await wait_stored(stack, "archive", user, at_least=count)
     return alice, bob, carol_acc, dave_acc
 
 
 async def test_mixed_archive_is_counted_exactly(xmpp_stack, capsule_bot, new_account, connect):
-    alice, bob, carol, dave = await mixed_traffic(capsule_bot, new_account, connect)
+    alice, bob, carol, dave = await mixed_traffic(xmpp_stack, capsule_bot, new_account, connect)
     report = await asyncio.to_thread(audit, xmpp_stack)
     enc = conversation(report, alice.jid, bob.jid)
     assert (enc.messages, enc.counts["capsule"], enc.counts["plaintext"], enc.verdict) == (
@@ -71,8 +74,7 @@ async def test_tampered_row_and_relayed_capsule_are_flagged(xmpp_stack, capsule_
     bob.client.add_event_handler("capsule_message", got.put_nowait)
     await alice.capsule.send(bob.jid, "genuine")
     await asyncio.wait_for(got.get(), 15)
-    await asyncio.sleep(0.3)
-    row = next(r for r in xmpp_stack.stored("archive", bob.account.user) if "urn:capsule:0" in r)
+    (row,) = await wait_stored(xmpp_stack, "archive", bob.account.user, containing="urn:capsule:0")
     old, new = _tamper("payload", row)
     xmpp_stack.replace_stored("archive", bob.account.user, old, new)
     # mallory re-sends a capsule alice made: the server stores it as from mallory
@@ -80,7 +82,7 @@ async def test_tampered_row_and_relayed_capsule_are_flagged(xmpp_stack, capsule_
     relayed = await alice.capsule.encrypt_message(msg)
     relayed["to"] = bob.jid
     mallory.send_raw(str(relayed))
-    await asyncio.sleep(0.5)
+    await wait_stored(xmpp_stack, "archive", bob.account.user, containing=mallory_acc.jid)
     report = await asyncio.to_thread(audit, xmpp_stack)
     tampered = conversation(report, alice.jid, bob.jid)
     assert tampered.counts["bad-signature"] == 1 and tampered.verdict == "TAMPERED"
@@ -92,7 +94,7 @@ async def test_tampered_row_and_relayed_capsule_are_flagged(xmpp_stack, capsule_
 
 async def test_mam_source_sees_what_the_user_archive_holds(xmpp_stack, capsule_bot, new_account,
                                                            connect):
-    alice, bob, *_ = await mixed_traffic(capsule_bot, new_account, connect)
+    alice, bob, *_ = await mixed_traffic(xmpp_stack, capsule_bot, new_account, connect)
     bundle = CertificateBundle()
     bundle.add_path(Path(xmpp_stack.info.ca_dir) / "newcerts")
     state = xmpp_stack.info
@@ -173,7 +175,7 @@ def test_unreachable_database_is_a_clear_error(tmp_path, capsys):
 async def test_signer_certificates_fetched_over_xmpp(xmpp_stack, capsule_bot, new_account,
                                                      connect, tmp_path):
     """No certificate bundle at all: the signers' certificates come from their PEP nodes."""
-    alice, bob, *_ = await mixed_traffic(capsule_bot, new_account, connect)
+    alice, bob, *_ = await mixed_traffic(xmpp_stack, capsule_bot, new_account, connect)
     auditor = new_account("auditor")
     password = tmp_path / "auditor-password"
     password.write_text(auditor.password)

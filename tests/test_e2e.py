@@ -20,6 +20,7 @@ from capsule import capsule_info, core, discovery, envelope
 from capsule import stanza as st
 from capsule.errors import NoCertificate, RevokedCertificate, UntrustedCertificate
 from capsule.testing.identities import enroll
+from capsule.testing.stack import wait_stored
 from capsule_ca import Authority
 
 SECRETS: list[str] = []
@@ -84,8 +85,8 @@ async def test_round_trip_and_server_stores_only_ciphertext(xmpp_stack, capsule_
     info = capsule_info(msg)
     assert info is not None and info.encrypted and info.sender == alice.jid
     assert info.sender_cert.jid == alice.jid
-    await asyncio.sleep(0.3)
     for user in (alice.account.user, bob.account.user):
+        await wait_stored(xmpp_stack, "archive", user)
         rows = assert_ciphertext_only(xmpp_stack, user, [text])
         assert all("urn:capsule:0" in row for row in rows)
 
@@ -111,7 +112,7 @@ async def test_offline_capsules_survive_restart_in_order(xmpp_stack, capsule_bot
     texts = [secret(f"offline {i}") for i in range(3)]
     for text in texts:
         await alice.capsule.send(bob.jid, text)
-    await asyncio.sleep(0.5)
+    await wait_stored(xmpp_stack, "offline", bob.account.user, at_least=3)
     assert_ciphertext_only(xmpp_stack, bob.account.user, texts, "offline")
     await alice.client.disconnect(wait=1)
     await asyncio.to_thread(xmpp_stack.restart_server)
@@ -143,8 +144,7 @@ async def test_tampered_stored_capsule_is_rejected(xmpp_stack, capsule_bot, part
     await bob.client.disconnect(wait=1)
     text = secret("tamper me")
     await alice.capsule.send(bob.jid, text)
-    await asyncio.sleep(0.5)
-    (row,) = xmpp_stack.stored("offline", bob.account.user)
+    (row,) = await wait_stored(xmpp_stack, "offline", bob.account.user)
     old, new = _tamper(part, row)
     xmpp_stack.replace_stored("offline", bob.account.user, old, new)
     client = ClientXMPP(bob.jid, bob.account.password)
@@ -285,11 +285,11 @@ async def test_existing_echo_bot_gains_encryption_with_one_line(xmpp_stack, caps
     await alice.capsule.send(account.jid, text)
     answer = await inbox.message()
     assert answer["body"] == "echo: " + text and capsule_info(answer) is not None
-    await asyncio.sleep(0.3)
+    await wait_stored(xmpp_stack, "archive", account.user, at_least=2)
     assert_ciphertext_only(xmpp_stack, account.user, [text])
 
 
-async def test_history_from_mam_decrypts_sent_and_received(capsule_bot):
+async def test_history_from_mam_decrypts_sent_and_received(xmpp_stack, capsule_bot):
     alice, bob = await capsule_bot("alice"), await capsule_bot("bob")
     inbox = Inbox(bob.client)
     sent = [secret("history one"), secret("history two")]
@@ -298,7 +298,7 @@ async def test_history_from_mam_decrypts_sent_and_received(capsule_bot):
         await inbox.message()
     reply = secret("history reply")
     await bob.capsule.send(alice.jid, reply)
-    await asyncio.sleep(0.5)
+    await wait_stored(xmpp_stack, "archive", alice.account.user, at_least=3)
     history = await alice.capsule.history(with_jid=bob.jid)
     assert [m["body"] for m in history] == [*sent, reply]
     assert [capsule_info(m).sender for m in history] == [alice.jid, alice.jid, bob.jid]
@@ -331,8 +331,7 @@ async def test_carbons_let_other_resources_read_both_directions(capsule_bot, tmp
     twin_profile = tmp_path / "alice-tablet.capsule"
     twin_profile.write_bytes(alice.profile.read_bytes())  # the same keys on her second device
     tablet = await capsule_bot("alice", account=alice.account, profile=twin_profile, carbons=True)
-    bob = await capsule_bot("bob")
-    await asyncio.sleep(0.3)  # carbons enabled on both resources
+    bob = await capsule_bot("bob")  # carbons were enabled before the bots published
     sent_copies: asyncio.Queue[Message] = asyncio.Queue()
     tablet.client.add_event_handler("capsule_carbon_sent", sent_copies.put_nowait)
     text = secret("from the phone")

@@ -17,6 +17,7 @@ from capsule.cli import main as capsule_main
 from capsule.connection import login
 from capsule.errors import RevokedCertificate
 from capsule.profile import FAST_KDF, Profile
+from capsule.testing.stack import wait_stored
 from capsule_ca.service import EnrollmentService
 
 from .test_e2e import BOT_PIN, Inbox
@@ -158,7 +159,7 @@ async def test_rotation_keeps_history_readable(xmpp_stack, ca_service, new_accou
     await alice.capsule.send(bob.jid, "new key: two")
     assert (await bob_inbox.message())["body"] == "new key: two"
     assert (await asyncio.wait_for(changes.get(), 10))["jid"] == alice.jid
-    await asyncio.sleep(0.5)
+    await wait_stored(xmpp_stack, "archive", alice_acc.user, at_least=3)
     history = await alice.capsule.history(with_jid=bob.jid)
     assert [m["body"] for m in history] == ["old key: one", "old key: reply", "new key: two"]
 

@@ -9,6 +9,7 @@ import pytest
 
 from capsule.cli import main as capsule_main
 from capsule.panel import check_ejabberd_queue
+from capsule.testing.stack import wait_stored
 
 
 @pytest.mark.parametrize("xmpp_stack", ["ejabberd"], indirect=True)  # Prosody has no web admin
@@ -20,8 +21,8 @@ async def test_webadmin_offline_queue_shows_ciphertext_only(xmpp_stack, capsule_
     await alice.capsule.send(bob.jid, secret_text)
     carol = await connect(new_account("carol"))
     carol.send_message(mto=bob.jid, mbody="a plaintext note from carol", mtype="chat")
-    await asyncio.sleep(0.5)
-    (row,) = [r for r in xmpp_stack.stored("offline", bob.account.user) if "urn:capsule:0" in r]
+    await wait_stored(xmpp_stack, "offline", bob.account.user, at_least=2)
+    (row,) = await wait_stored(xmpp_stack, "offline", bob.account.user, containing="urn:capsule:0")
     payload = re.search(r"<payload>([^<]{40})", row).group(1)
     state = xmpp_stack.info
     shot = tmp_path / "webadmin-queue.png"

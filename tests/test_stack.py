@@ -13,7 +13,7 @@ from slixmpp import ClientXMPP
 
 from capsule.connection import LoginError, login
 from capsule.testing.processes import pid_alive, wait_for
-from capsule.testing.stack import Stack
+from capsule.testing.stack import Stack, wait_stored
 
 
 async def test_login_verifies_server_certificate_against_our_ca(xmpp_stack, new_account, connect):
@@ -58,7 +58,7 @@ async def test_offline_message_survives_server_restart(xmpp_stack, new_account, 
     alice, bob = new_account("alice"), new_account("bob")
     sender = await connect(alice)
     sender.send_message(mto=bob.jid, mbody="kept while you were away", mtype="chat")
-    await asyncio.sleep(0.5)  # let the server store it before the restart
+    await wait_stored(xmpp_stack, "offline", bob.user)  # stored before the restart
     await sender.disconnect(wait=1)
     await asyncio.to_thread(xmpp_stack.restart_server)
 

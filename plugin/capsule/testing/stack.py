@@ -6,6 +6,7 @@ PIDs), so several stacks can run side by side and ``stop`` only ever ends its ow
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -503,3 +504,18 @@ class Stack:
     def sql(self, statement: str, database: str | None = None) -> str:
         """Run SQL in the server's database (the admin's view of what the server stored)."""
         return self._parts()[0].sql(statement, database or self.info.db_name)
+
+
+async def wait_stored(stack: Stack, store: str, user: str, at_least: int = 1,
+                      containing: str = "", timeout: float = 15.0) -> list[str]:
+    """Poll until the server stored ``at_least`` rows (holding ``containing``) for ``user``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        rows = [r for r in await asyncio.to_thread(stack.stored, store, user) if containing in r]
+        if len(rows) >= at_least:
+            return rows
+        if loop.time() > deadline:
+            raise StackError(f"{store} of {user} holds {len(rows)} matching rows, expected "
+                             f"{at_least} within {timeout:.0f} s")
+        await asyncio.sleep(0.1)
