@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from slixmpp import ClientXMPP, Message
+from slixmpp import JID, ClientXMPP, Message
 
 from capsule import capsule_info, core, discovery, envelope
 from capsule import stanza as st
@@ -343,3 +343,47 @@ async def test_carbons_let_other_resources_read_both_directions(capsule_bot, tmp
     await bob.capsule.send(alice.jid, reply)  # bare JID: one resource gets it, the other a carbon
     assert (await phone.message())["body"] == reply
     assert (await pad.message())["body"] == reply
+
+
+async def test_group_chat_in_a_non_anonymous_room(xmpp_stack, capsule_bot, connect, new_account):
+    alice, bob, carol = [await capsule_bot(n) for n in ("alice", "bob", "carol")]
+    room = JID(f"capsule-{secrets.token_hex(4)}@conference.{xmpp_stack.info.domain}")
+    muc = alice.client.plugin["xep_0045"]
+    await muc.join_muc_wait(room, "alice", maxchars=0)
+    form = await muc.get_room_config(room)
+    form["type"] = "submit"
+    form.set_values({"muc#roomconfig_whois": "anyone"})  # non-anonymous (ejabberd default too)
+    await muc.set_room_config(room, form)
+    for bot, nick in ((bob, "bob"), (carol, "carol")):
+        await bot.client.plugin["xep_0045"].join_muc_wait(room, nick, maxchars=0)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    while sorted(alice.capsule.occupants(str(room))) != sorted([alice.jid, bob.jid, carol.jid]):
+        assert loop.time() - began < 10, "occupants not seen"
+        await asyncio.sleep(0.1)
+    inboxes = {b.jid: Inbox(b.client) for b in (alice, bob, carol)}
+    text = secret("to the whole room")
+    await alice.capsule.send_groupchat(room, text)
+    for jid, inbox in inboxes.items():  # alice too: the room reflects her message
+        msg = await inbox.message()
+        assert msg["type"] == "groupchat" and msg["body"] == text, jid
+        assert capsule_info(msg).sender == alice.jid and msg["from"] == JID(f"{room}/alice")
+    # an ordinary groupchat send_message is sealed by the outgoing filter
+    reply = secret("reply to the room")
+    bob.client.send_message(mto=room, mbody=reply, mtype="groupchat")
+    for inbox in inboxes.values():
+        assert (await inbox.message())["body"] == reply
+    # an occupant who speaks in plaintext is refused by a bot requiring encryption
+    strict = await capsule_bot("dave", policy="require")
+    await strict.client.plugin["xep_0045"].join_muc_wait(room, "dave", maxchars=0)
+    plain_acc = new_account("erin")
+    plain = await connect(plain_acc)
+    plain.register_plugin("xep_0045")
+    await plain.plugin["xep_0045"].join_muc_wait(room, "erin", maxchars=0)
+    errors = Inbox(strict.client)
+    plain.send_message(mto=room, mbody="hello in clear", mtype="groupchat")
+    failure = await errors.error()
+    assert failure.reason == "policy"
+    # erin has no certificate: nobody can seal for the whole room any more
+    with pytest.raises(NoCertificate, match=plain_acc.jid):
+        await alice.capsule.send_groupchat(room, secret("never sent"))

@@ -29,6 +29,7 @@ from capsule import core, discovery, enrollment, envelope
 from capsule import stanza as st
 from capsule.errors import (
     CapsuleError,
+    EnvelopeMismatch,
     NoCertificate,
     PolicyViolation,
     ProfileError,
@@ -80,7 +81,8 @@ class XEP_Capsule(BasePlugin):
 
     name = "capsule"
     description = "Capsule: end-to-end encrypted, signed encapsulated messages"
-    dependencies: ClassVar[set[str]] = {"xep_0030", "xep_0060", "xep_0115", "xep_0163", "xep_0280",
+    dependencies: ClassVar[set[str]] = {"xep_0030", "xep_0045", "xep_0060", "xep_0115", "xep_0163",
+                                        "xep_0280",
                                         "xep_0313", "xep_0334", "xep_0380"}
     default_config: ClassVar[dict[str, Any]] = {
         "profile": None,  # path of the profile file
@@ -284,8 +286,13 @@ class XEP_Capsule(BasePlugin):
             return verified
 
     # -- sending ---------------------------------------------------------------
-    async def seal(self, msg: Message, recipients: Iterable[str]) -> core.Capsule:
-        """Seal the protected elements of ``msg`` for ``recipients`` (bare JIDs) and ourselves."""
+    async def seal(self, msg: Message, recipients: Iterable[str], room: str | None = None
+                   ) -> core.Capsule:
+        """Seal the protected elements of ``msg`` for ``recipients`` (bare JIDs) and ourselves.
+
+        For a group chat, ``room`` is named among the envelope's addressees (not given a key),
+        so a capsule cannot be replayed into another room or conversation.
+        """
         self._check_usable()
         me = self.store.data.jid
         bare = list(dict.fromkeys(JID(r).bare for r in recipients))
@@ -296,7 +303,8 @@ class XEP_Capsule(BasePlugin):
                 for c in contacts]
         keys.append(core.Recipient(me, self.own_encrypt.fingerprint, self.own_encrypt.public_key))
         content = _protected(msg)
-        sealed_env = envelope.encode(content, me, bare, core.utc_timestamp())
+        addressees = [*bare, room] if room else bare
+        sealed_env = envelope.encode(content, me, addressees, core.utc_timestamp())
         return core.seal(sealed_env, sender=me, sender_cert=self.own_sign.fingerprint,
                          signing_key=self.store.data.signing_key, recipients=keys)
 
@@ -309,8 +317,41 @@ class XEP_Capsule(BasePlugin):
 
     async def encrypt_message(self, msg: Message, recipients: Iterable[str] | None = None
                               ) -> Message:
-        """Replace ``msg``'s body (and subject) by a capsule for ``recipients`` (default: its to)."""
+        """Replace ``msg``'s body (and subject) by a capsule for ``recipients``; by default its
+        addressee, or for a group chat message every occupant of the room."""
+        if msg["type"] == "groupchat":
+            room = msg["to"].bare
+            return self._wrap(msg, await self.seal(msg, self.occupants(room), room=room))
         return self._wrap(msg, await self.seal(msg, recipients or [msg["to"].bare]))
+
+    def occupants(self, room: str) -> list[str]:
+        """The real bare JIDs in a joined room; refuses rooms that hide them (anonymous)."""
+        muc = self.xmpp.plugin["xep_0045"]
+        jids = []
+        for nick in muc.get_roster(JID(room)):
+            jid = muc.get_jid_property(JID(room), nick, "jid")
+            if not jid:
+                raise PolicyViolation(f"{room} hides who {nick} is: capsules need a "
+                                      f"non-anonymous room")
+            jids.append(JID(jid).bare)
+        return jids
+
+    def _real_sender(self, stanza: Message) -> str:
+        """Who sent a stanza: the bare JID, or in a room the occupant's real JID."""
+        if stanza["type"] != "groupchat":
+            return str(stanza["from"].bare)
+        room, nick = stanza["from"].bare, stanza["from"].resource
+        jid = self.xmpp.plugin["xep_0045"].get_jid_property(JID(room), nick, "jid")
+        if not jid:
+            raise EnvelopeMismatch(f"cannot tell who {nick} in {room} is (anonymous room?)")
+        return str(JID(jid).bare)
+
+    async def send_groupchat(self, room: str | JID, body: str) -> str:
+        """Send ``body`` to a joined non-anonymous room, sealed once for every occupant."""
+        msg = self.xmpp.make_message(mto=JID(JID(room).bare), mbody=body, mtype="groupchat")
+        msg["id"] = self.xmpp.new_id()
+        (await self.encrypt_message(msg)).send()
+        return str(msg["id"])
 
     async def send(self, to: str | JID | Iterable[str | JID], body: str,
                    mtype: Literal["chat", "normal"] = "chat") -> list[str]:
@@ -337,7 +378,7 @@ class XEP_Capsule(BasePlugin):
         would tax every stanza; only the messages to encrypt pay for a task here.
         """
         if (self.policy == "off" or not isinstance(stanza, Message) or st.has_capsule(stanza)
-                or stanza["type"] not in ("chat", "normal") or not stanza["body"]):
+                or stanza["type"] not in ("chat", "normal", "groupchat") or not stanza["body"]):
             return stanza
         if id(stanza) in self._cleared:  # plaintext allowed by policy prefer, coming back
             self._cleared.discard(id(stanza))
@@ -349,7 +390,7 @@ class XEP_Capsule(BasePlugin):
         to = stanza["to"].bare
         async with self._lock("out " + to):  # keeps the order of messages to one contact
             try:
-                await self.encrypt_message(stanza, [to])
+                await self.encrypt_message(stanza)
             except NoCertificate as exc:
                 if self.policy != "prefer":
                     self._fail(exc, stanza, to)
@@ -372,15 +413,18 @@ class XEP_Capsule(BasePlugin):
 
     # -- receiving -------------------------------------------------------------
     def _filter_in(self, stanza: StanzaBase) -> StanzaBase | None:
-        if not isinstance(stanza, Message) or stanza["type"] not in ("chat", "normal", ""):
+        if not isinstance(stanza, Message) or stanza["type"] not in (
+                "chat", "normal", "groupchat", ""):
             return stanza
+        if stanza["type"] == "groupchat" and not stanza["from"].resource:
+            return stanza  # the room itself speaking (subject, status): not an occupant
         try:
             st.check_namespace_version(stanza)
         except CapsuleError as exc:
             self._fail(exc, stanza, stanza["from"].bare)
             return None
         if st.has_capsule(stanza):
-            sender = stanza["from"].bare
+            sender = stanza["from"].bare  # a room serialises all of its occupants
             lock = self._lock("in " + sender)
             self._spawn(self._receive(stanza, lock))
             return None
@@ -403,6 +447,8 @@ class XEP_Capsule(BasePlugin):
             return
         self.xmpp.event("capsule_message", msg)
         self.xmpp.event("message", msg)
+        if msg["type"] == "groupchat":
+            self.xmpp.event("groupchat_message", msg)
 
     def _on_carbon(self, wrapper: Message) -> None:
         sent = wrapper.xml.find("{urn:xmpp:carbons:2}sent") is not None
@@ -432,7 +478,10 @@ class XEP_Capsule(BasePlugin):
         core.verify(capsule, signer.public_key)
         plain = core.unseal(capsule, jid=me, certs=self.store.decryption_keys())
         env = envelope.decode(plain)
-        envelope.check_addressing(env, sender, stanza["from"].bare, stanza["to"].bare, me)
+        # in a room the stanza comes from room/nick and is addressed to us; the envelope names
+        # the room, and the nick must belong to the signer
+        addressee = stanza["from"].bare if stanza["type"] == "groupchat" else stanza["to"].bare
+        envelope.check_addressing(env, sender, self._real_sender(stanza), addressee, me)
         if replay_check:
             self.store.remember(sender, capsule.header.nid, capsule.header.ts)
             self._dirty()

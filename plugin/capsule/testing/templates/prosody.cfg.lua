@@ -31,3 +31,7 @@ ssl = { certificate = "$dir/server.crt", key = "$dir/server.key" }
 
 VirtualHost "$domain"
   ssl = { certificate = "$dir/server.crt", key = "$dir/server.key" }
+
+Component "conference.$domain" "muc"
+  muc_room_default_public_jids = true  -- non-anonymous: capsules need the occupants' real JIDs
+  muc_room_locking = false
