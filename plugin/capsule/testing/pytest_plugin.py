@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import secrets
 import shutil
@@ -114,6 +115,8 @@ async def connect(xmpp_stack: Stack) -> AsyncIterator[ConnectFn]:
     for client in clients:
         if client.is_connected():
             await client.disconnect(wait=1)
+    clients.clear()
+    gc.collect()  # finalise the clients while their event loop still runs (slixmpp's __del__)
 
 
 @dataclass
