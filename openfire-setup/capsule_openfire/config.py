@@ -14,6 +14,8 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from capsule.files import write_private
+
 # section -> key -> (default, help); default None = required
 KEYS: dict[str, dict[str, tuple[str | None, str]]] = {
     "openfire": {
@@ -178,8 +180,4 @@ def _read_secrets(path: Path) -> dict[str, str]:
 
 
 def _write_secrets(path: Path, stored: dict[str, str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write("".join(f"{k}={v}\n" for k, v in sorted(stored.items())))
-    os.replace(tmp, path)
+    write_private(path, "".join(f"{k}={v}\n" for k, v in sorted(stored.items())).encode())

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from capsule.files import write_private
 from capsule_ca import Authority
 from capsule_openfire import database, keystore, render
 from capsule_openfire.config import Config
@@ -268,11 +269,7 @@ class Installer:
                                     self.dir / "resources/security", o["domain"])
 
     def _write_conf(self) -> None:
-        conf = self.dir / "conf/openfire.xml"
-        conf.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(render.openfire_xml(self.config))
+        write_private(self.dir / "conf/openfire.xml", render.openfire_xml(self.config).encode())
 
     def _start(self) -> None:
         unit = self.root / "etc/systemd/system/openfire.service"
@@ -296,7 +293,7 @@ class Installer:
 
     def _strip(self) -> None:
         conf = self.dir / "conf/openfire.xml"
-        conf.write_text(render.strip_secrets(conf.read_text()))
+        write_private(conf, render.strip_secrets(conf.read_text()).encode())
 
     def summary(self) -> str:
         o = self.config.values["openfire"]

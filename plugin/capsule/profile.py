@@ -13,11 +13,9 @@ leaves the old or the new profile, never a mix.
 from __future__ import annotations
 
 import base64
-import contextlib
 import datetime as dt
 import json
 import os
-import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +32,7 @@ from cryptography.x509.oid import NameOID
 from capsule import algorithms as alg
 from capsule.core import fingerprint
 from capsule.errors import CorruptProfile, ProfileError, ReplayedCapsule, UnsupportedVersion, WrongPin
+from capsule.files import write_private
 from capsule_ca.xmppaddr import ID_ON_XMPPADDR, cert_jids, check_bare_jid
 
 MAGIC = b"CAPSULE-PROFILE "
@@ -231,24 +230,7 @@ class Profile:
         }
         line = MAGIC + json.dumps(header, sort_keys=True).encode()
         body = AESGCM(self._key).encrypt(nonce, json.dumps(self.data.to_json()).encode(), line)
-        directory = self.path.parent.resolve()
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(line + b"\n" + body)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_private(self.path, line + b"\n" + body)
 
     def change_pin(self, new_pin: str, kdf: KdfParams | None = None) -> None:
         check_pin(new_pin)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from capsule.connection import LoginError, probe_login, run_sync
+from capsule.files import write_private
 from capsule.testing.processes import (
     StackError,
     free_port,
@@ -323,10 +324,7 @@ class Stack:
 
     def _save_state(self) -> None:
         assert self.state is not None
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.touch(mode=0o600)
-        tmp.write_text(json.dumps(asdict(self.state), indent=2))
-        os.replace(tmp, self.state_path)
+        write_private(self.state_path, json.dumps(asdict(self.state), indent=2).encode())
 
     @property
     def info(self) -> StackState:
