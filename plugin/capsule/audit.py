@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from capsule import algorithms as alg
 from capsule import core
@@ -130,7 +129,7 @@ class CertificateBundle:
                 cert = x509.load_pem_x509_certificate(pem)
             except ValueError:
                 continue
-            fp = core.fingerprint(cert.public_bytes(serialization.Encoding.DER))
+            fp = core.cert_fingerprint(cert)
             self.by_fingerprint[fp] = pem
             added += 1
         return added

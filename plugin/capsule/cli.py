@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 from slixmpp import ClientXMPP
 
 from capsule import enrollment
@@ -29,6 +28,7 @@ from capsule.audit_sources import (
     sql_rows,
 )
 from capsule.connection import enable_registration, login
+from capsule.core import cert_fingerprint
 from capsule.enrollment import EnrollmentError
 from capsule.errors import CapsuleError, ProfileError
 from capsule.panel import PanelError, check_ejabberd_queue, check_openfire_archive
@@ -85,7 +85,7 @@ def cmd_show(args: argparse.Namespace) -> None:
             print(f"{label:9} (missing)")
             continue
         cert = x509.load_pem_x509_certificate(pem.encode())
-        fp = cert.fingerprint(hashes.SHA256()).hex()
+        fp = cert_fingerprint(cert)
         print(f"{label:9} SHA-256 {fp}  expires {cert.not_valid_after_utc:%Y-%m-%d}")
     print(f"contacts  {len(data.contacts)} pinned"
           + (f": {', '.join(sorted(data.contacts))}" if data.contacts else ""))

@@ -21,7 +21,9 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from cryptography import x509
 from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -74,6 +76,11 @@ class Recipient:
 def fingerprint(cert_der: bytes) -> str:
     """SHA-256 of a DER certificate, lower-case hex: how capsules name certificates."""
     return hashlib.sha256(cert_der).hexdigest()
+
+
+def cert_fingerprint(cert: x509.Certificate) -> str:
+    """:func:`fingerprint` of a parsed certificate."""
+    return fingerprint(cert.public_bytes(serialization.Encoding.DER))
 
 
 def utc_timestamp(now: dt.datetime | None = None) -> str:

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from slixmpp import JID, BaseXMPP, Iq
 from slixmpp.exceptions import IqError, IqTimeout
 from slixmpp.plugins.xep_0060.stanza import EventItem, Item
@@ -181,9 +181,6 @@ class FirstFound(CertificateSource):
         return None
 
 
-def _der(pem: bytes) -> bytes:
-    return x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
-
 
 async def enroll_profile(xmpp: BaseXMPP, profile: Profile, ca: str, ca_root: bytes | None,
                          confirm: Callable[[str], bool]) -> dict[str, bytes]:
@@ -200,7 +197,7 @@ async def enroll_profile(xmpp: BaseXMPP, profile: Profile, ca: str, ca_root: byt
     answer = await enroll(xmpp, ca, {"sign": profile.csr("sign"), "encrypt": profile.csr("encrypt")})
     root = answer["ca"]
     expected = ca_root or (profile.data.ca_root.encode() if profile.data.ca_root else None)
-    if expected is not None and _der(expected) != _der(root):
+    if expected is not None and fingerprint(expected) != fingerprint(root):
         raise EnrollmentError(f"the CA sent root {fingerprint(root)}, not the one we trust "
                               f"({fingerprint(expected)})")
     if expected is None and not confirm(fingerprint(root)):

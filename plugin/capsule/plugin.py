@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, cast
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from slixmpp import JID, Message
 from slixmpp.exceptions import IqError, IqTimeout
@@ -125,7 +124,7 @@ class XEP_Capsule(BasePlugin):
         self._own_signers = {self.own_sign.fingerprint: self.own_sign}
         for pem in data.retired_sign:
             cert = x509.load_pem_x509_certificate(pem.encode())
-            fp = core.fingerprint(cert.public_bytes(serialization.Encoding.DER))
+            fp = core.cert_fingerprint(cert)
             self._own_signers[fp] = VerifiedCert(data.jid, "sign", cert, fp,
                                                  cast(rsa.RSAPublicKey, cert.public_key()))
         self._locks: dict[str, asyncio.Lock] = {}

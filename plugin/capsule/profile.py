@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 from cryptography.x509.oid import NameOID
 
 from capsule import algorithms as alg
-from capsule.core import fingerprint
+from capsule.core import cert_fingerprint
 from capsule.errors import CorruptProfile, ProfileError, ReplayedCapsule, UnsupportedVersion, WrongPin
 from capsule.files import write_private
 from capsule_ca.xmppaddr import ID_ON_XMPPADDR, cert_jids, check_bare_jid
@@ -292,7 +292,8 @@ class Profile:
         """Our encryption-certificate fingerprints (current and retired) -> private keys."""
         pairs = [(self.data.encryption_cert, self.data.encryption_key), *self.data.retired]
         if self._decryption_keys is None or self._decryption_keys[0] != pairs:
-            keys = {fingerprint(_der(pem)): key for pem, key in pairs if pem}
+            keys = {cert_fingerprint(x509.load_pem_x509_certificate(pem.encode())): key
+                    for pem, key in pairs if pem}
             self._decryption_keys = (pairs, keys)
         return self._decryption_keys[1]
 
@@ -320,9 +321,6 @@ def _der_length(n: int) -> bytes:
     raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
     return bytes([0x80 | len(raw)]) + raw
 
-
-def _der(pem: str) -> bytes:
-    return x509.load_pem_x509_certificate(pem.encode()).public_bytes(serialization.Encoding.DER)
 
 
 def now_iso() -> str:

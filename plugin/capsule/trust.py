@@ -16,11 +16,10 @@ from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from capsule import algorithms as alg
-from capsule.core import fingerprint
+from capsule.core import cert_fingerprint
 from capsule.errors import RevokedCertificate, UntrustedCertificate
 from capsule_ca.xmppaddr import cert_jids
 
@@ -101,7 +100,7 @@ class TrustStore:
             cert = x509.load_pem_x509_certificate(pem)
         except ValueError:
             raise UntrustedCertificate(f"{jid}'s {usage} certificate is not PEM") from None
-        fp = fingerprint(cert.public_bytes(serialization.Encoding.DER))
+        fp = cert_fingerprint(cert)
         verified = self._check(cert, fp, jid, usage, now)
         self._cache[(pem, jid, usage)] = verified
         return verified
