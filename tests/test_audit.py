@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from capsule_openfire.database import literal
 
 from capsule import stanza as st
 from capsule.audit import Auditor, CertificateBundle, Report
@@ -117,9 +118,6 @@ CREATE TABLE ofOffline (username VARCHAR(64) NOT NULL, messageID BIGINT NOT NULL
 """
 
 
-def _sql_string(text: str) -> str:
-    return "'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
-
 
 async def test_openfire_tables_stand_in(xmpp_stack, capsule_bot, tmp_path, capsys):
     """Openfire's ofMessageArchive/ofOffline, created from the documented columns (a stand-in
@@ -133,13 +131,13 @@ async def test_openfire_tables_stand_in(xmpp_stack, capsule_bot, tmp_path, capsy
     db = f"openfire_{alice.account.user.replace('-', '_')}"
     xmpp_stack.sql(f"CREATE DATABASE {db} CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci")
     rows = [f"({i}, 1, '{alice.jid}', 'x', '{bob.jid}', NULL, {1795700000000 + i}, "
-            f"{_sql_string(s)}, {_sql_string(st.FALLBACK_BODY)}, NULL)"
+            f"{literal(s)}, {literal(st.FALLBACK_BODY)}, NULL)"
             for i, s in enumerate(stanzas)]
     rows.append(f"(9, 2, '{alice.jid}', 'x', '{bob.jid}', NULL, 1795700000009, NULL, 'hello', NULL)")
     xmpp_stack.sql(
         OPENFIRE_SCHEMA + "INSERT INTO ofMessageArchive VALUES " + ", ".join(rows) + ";"
         + f"INSERT INTO ofOffline VALUES ('{bob.account.user}', 7, '1795700000007', 10, "
-        + _sql_string(stanzas[0]) + ");", db)
+        + literal(stanzas[0]) + ");", db)
     dsn = xmpp_stack.dsn(db)
     out = tmp_path / "report.json"
     html = tmp_path / "report.html"

@@ -12,6 +12,7 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
+from capsule_openfire.database import literal
 
 from capsule import core, envelope
 from capsule import stanza as st
@@ -39,9 +40,6 @@ def _seed(stack, alice, bob) -> list[str]:
     return rows
 
 
-def _quote(text: str) -> str:
-    return "'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
-
 
 @pytest.mark.parametrize("xmpp_stack", ["ejabberd"], indirect=True)
 async def bench_audit_rows_per_second(xmpp_stack, capsule_bot) -> None:
@@ -52,7 +50,7 @@ async def bench_audit_rows_per_second(xmpp_stack, capsule_bot) -> None:
     root = xmpp_stack.info.ca_root.read_bytes()
     for total in (10_000, 100_000):
         db = f"bench_audit_{total}"
-        values = ", ".join(f"({i}, 1, 'a', NULL, 'b', NULL, {1795700000000 + i}, {_quote(s)}, "
+        values = ", ".join(f"({i}, 1, 'a', NULL, 'b', NULL, {1795700000000 + i}, {literal(s)}, "
                            f"NULL, NULL)" for i, s in enumerate(seed))
         copies = " ".join(f"INSERT INTO ofMessageArchive SELECT messageID + {n}, conversationID, "
                           f"fromJID, fromJIDResource, toJID, toJIDResource, sentDate + {n}, stanza, "
