@@ -42,45 +42,45 @@ class Check:
         return f"{'PASS' if self.ok else 'FAIL'}  {self.name}" + (f": {self.detail}" if self.detail else "")
 
 
+def _read_until(sock: socket.socket, *markers: bytes, limit: int = 65536) -> bytes:
+    """Read until one of ``markers`` arrived, the peer closed, or ``limit`` bytes."""
+    data = b""
+    while not any(m in data for m in markers) and len(data) < limit:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _stream_features(sock: socket.socket, domain: str) -> str:
+    """Open a c2s stream to ``domain`` and return the stream features as text."""
+    sock.sendall(f"<?xml version='1.0'?><stream:stream to='{domain}' version='1.0' "
+                 f"xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>"
+                 .encode())
+    return _read_until(sock, b"</stream:features>").decode(errors="replace")
+
+
 def starttls_required(host: str, port: int, domain: str, timeout: float = 10) -> tuple[bool, str]:
     """Open a c2s stream and read the features: is <starttls/> offered with <required/>?"""
     with socket.create_connection((host, port), timeout=timeout) as sock:
-        sock.sendall(f"<?xml version='1.0'?><stream:stream to='{domain}' version='1.0' "
-                     f"xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>"
-                     .encode())
-        data = b""
-        while b"</stream:features>" not in data and len(data) < 65536:
-            chunk = sock.recv(4096)
-            if not chunk:
-                break
-            data += chunk
-    text = data.decode(errors="replace")
+        text = _stream_features(sock, domain)
     found = re.search(r"<starttls[^>]*xmpp-tls[^>]*?(/>|>(.*?)</starttls>)", text, re.S)
     if not found:
         return False, "no <starttls/> offered"
-    return ("required" in (found.group(2) or "")), "STARTTLS " + (
-        "required" if "required" in (found.group(2) or "") else "optional only")
+    required = "required" in (found.group(2) or "")
+    return required, "STARTTLS " + ("required" if required else "optional only")
 
 
 def tls_chain(host: str, port: int, domain: str, ca_root: Path) -> tuple[bool, str]:
     """The certificate presented after STARTTLS chains to our CA and names the domain."""
     context = ssl.create_default_context(cafile=str(ca_root))
     with socket.create_connection((host, port), timeout=10) as sock:
-        sock.sendall(f"<stream:stream to='{domain}' version='1.0' xmlns='jabber:client' "
-                     f"xmlns:stream='http://etherx.jabber.org/streams'>".encode())
-        data = b""
-        while b"</stream:features>" not in data:
-            chunk = sock.recv(4096)
-            if not chunk:
-                return False, "stream closed before features"
-            data += chunk
+        if "</stream:features>" not in _stream_features(sock, domain):
+            return False, "stream closed before features"
         sock.sendall(b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
-        answer = b""
-        while b"proceed" not in answer:
-            chunk = sock.recv(4096)
-            if not chunk or b"failure" in chunk:
-                return False, "server refused STARTTLS"
-            answer += chunk
+        if b"proceed" not in _read_until(sock, b"proceed", b"failure"):
+            return False, "server refused STARTTLS"
         try:
             with context.wrap_socket(sock, server_hostname=domain) as tls:
                 cert = tls.getpeercert()
