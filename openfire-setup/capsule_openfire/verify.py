@@ -22,10 +22,10 @@ from urllib.parse import quote
 
 from slixmpp import ClientXMPP
 
-import capsule
 from capsule.audit import Auditor, CertificateBundle, Report
 from capsule.audit_sources import Dsn, sql_rows
 from capsule.connection import login
+from capsule.plugin import attach
 from capsule.testing.identities import enroll
 from capsule_ca import Authority
 from capsule_openfire.config import Config
@@ -110,13 +110,11 @@ async def exchange(config: Config, rest: OpenfireRest, authority: Authority, hos
         profile = workdir / f"{name}.capsule"
         if not profile.exists():
             enroll(authority, profile, jid, pin)
-        client.register_plugin("capsule", {"profile": str(profile), "pin": pin}, module=capsule)
-        published = asyncio.Event()
-        client.add_event_handler("capsule_published", lambda _j: published.set())
+        published = attach(client, profile, pin)
         client.add_event_handler("capsule_message", lambda m: got.put_nowait(m["body"]))
         await login(client, host, 5222, authority.root_path)
         client.send_presence()
-        await asyncio.wait_for(published.wait(), 30)
+        await published(30)
         return client
 
     for name, jid in zip(names, jids, strict=True):

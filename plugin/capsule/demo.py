@@ -21,11 +21,11 @@ from typing import Any, cast
 
 from slixmpp import JID, ClientXMPP, Message
 
-import capsule
 from capsule import capsule_info
 from capsule.connection import LoginError, login
 from capsule.errors import CapsuleError
 from capsule.panel import PanelError, check_ejabberd_queue
+from capsule.plugin import attach
 from capsule.profile import KdfParams
 from capsule.testing.identities import enroll
 from capsule.testing.processes import StackError
@@ -53,15 +53,11 @@ class Demo:
 
     async def connect(self, name: str, with_capsule: bool = True) -> ClientXMPP:
         client = ClientXMPP(self.jids[name], self.passwords[name])
-        if with_capsule:
-            client.register_plugin("capsule", {"profile": str(self.profile(name)), "pin": PIN},
-                                   module=capsule)
-            published = asyncio.Event()
-            client.add_event_handler("capsule_published", lambda _j: published.set())
+        published = attach(client, self.profile(name), PIN) if with_capsule else None
         await login(client, "127.0.0.1", self.state.c2s_port, self.state.ca_root)
         client.send_presence()
-        if with_capsule:
-            await asyncio.wait_for(published.wait(), 20)
+        if published:
+            await published(20)
         return client
 
     def enroll(self) -> None:

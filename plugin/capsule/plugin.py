@@ -12,14 +12,14 @@ import asyncio
 import logging
 import os
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
-from slixmpp import JID, Message
+from slixmpp import JID, BaseXMPP, Message
 from slixmpp.exceptions import IqError, IqTimeout
 from slixmpp.plugins import BasePlugin
 from slixmpp.xmlstream import StanzaBase
@@ -533,3 +533,23 @@ class XEP_Capsule(BasePlugin):
             self._save_handle.cancel()
             self._save_handle = None
         self.store.save()
+
+
+def attach(client: BaseXMPP, profile: str | Path, pin: str, **config: Any
+           ) -> Callable[[float], Awaitable[None]]:
+    """Register the capsule plugin on ``client`` (the one line of a bot, for scripts and tests).
+
+    Returns ``published(timeout)``, which waits after the login until the certificates are on
+    PEP, so that contacts can encrypt to this client.
+    """
+    import capsule
+
+    client.register_plugin("capsule", {"profile": str(profile), "pin": pin, **config},
+                           module=capsule)
+    done = asyncio.Event()
+    client.add_event_handler("capsule_published", lambda _jid: done.set())
+
+    async def published(timeout: float) -> None:
+        await asyncio.wait_for(done.wait(), timeout)
+
+    return published

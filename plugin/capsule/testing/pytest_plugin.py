@@ -7,7 +7,6 @@ everything is torn down even when tests fail. A missing server is a failure, nev
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import gc
 import os
@@ -24,6 +23,7 @@ import pytest_asyncio
 from slixmpp import ClientXMPP
 
 from capsule.connection import login
+from capsule.plugin import attach
 from capsule.testing.identities import enroll
 from capsule.testing.stack import SERVERS, Stack
 
@@ -146,7 +146,6 @@ async def capsule_bot(xmpp_stack: Stack, new_account: Callable[[str], Account], 
     Pass ``account=`` and ``profile=`` to log an existing bot in again (a restart), and
     ``client=`` to bring your own ClientXMPP subclass (an existing bot).
     """
-    import capsule
 
     async def make(name: str, account: Account | None = None, profile: Path | None = None,
                    client: ClientXMPP | None = None, **config: Any) -> Bot:
@@ -156,13 +155,10 @@ async def capsule_bot(xmpp_stack: Stack, new_account: Callable[[str], Account], 
             profile = tmp_path / f"{account.user}.capsule"
             enroll(xmpp_stack.authority(), profile, account.jid, pin)
         client = client or ClientXMPP(account.jid, account.password)
-        client.register_plugin("capsule", {"profile": str(profile), "pin": pin, **config},
-                               module=capsule)
-        published: asyncio.Event = asyncio.Event()
-        client.add_event_handler("capsule_published", lambda _jid: published.set())
+        published = attach(client, profile, pin, **config)
         await connect(account, client=client)
         if config.get("publish", True):
-            await asyncio.wait_for(published.wait(), 20)
+            await published(20)
         return Bot(client, account, profile, pin)
 
     yield make
