@@ -9,7 +9,6 @@ VERSION_TAG = b"urn:capsule:0"
 NAMESPACE = "urn:capsule:0"
 CERTS_NODE = "urn:capsule:certs:0"
 SCE_NAMESPACE = "urn:xmpp:sce:1"
-EME_NAMESPACE = "urn:xmpp:eme:0"
 
 MESSAGE_KEY_BYTES = 32  # AES-256
 IV_BYTES = 12  # GCM nonce
@@ -19,7 +18,7 @@ DEFAULT_RSA_BITS = 2048  # NIST SP 800-57: 112-bit security through 2030
 ACCEPTED_RSA_BITS = (2048, 3072, 4096)
 RPAD_MAX = 200  # random padding 0..RPAD_MAX bytes hides the exact length
 
-FINGERPRINT_HASH = hashes.SHA256()
+# certificate fingerprints: SHA-256 over the DER encoding, lower-case hex (core.fingerprint)
 
 
 def oaep() -> padding.OAEP:
