@@ -7,12 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
-from capsule_openfire.database import literal
 
 from capsule import stanza as st
 from capsule.audit import Auditor, CertificateBundle, Report
 from capsule.audit_sources import Dsn, mam_rows, sql_rows
 from capsule.cli import main as capsule_main
+from capsule.sql import literal
 from capsule.testing.stack import wait_stored
 
 from .test_e2e import _tamper

@@ -12,12 +12,12 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
-from capsule_openfire.database import literal
 
 from capsule import core, envelope
 from capsule import stanza as st
 from capsule.audit import Auditor, CertificateBundle, Report
 from capsule.audit_sources import Dsn, sql_rows
+from capsule.sql import literal
 from tests.test_audit import OPENFIRE_SCHEMA
 from tests.test_core import body
 

@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 
 from capsule.connection import LoginError, probe_login, run_sync
 from capsule.files import write_private
+from capsule.sql import create_database_sql
 from capsule.testing.processes import (
     StackError,
     free_port,
@@ -139,16 +140,7 @@ class MariaDB:
         return _run(cmd + ([database] if database else []), "SQL", stdin=statement)
 
     def ensure_database(self, name: str, user: str, password: str) -> None:
-        grants = "".join(
-            f"CREATE USER IF NOT EXISTS '{user}'@'{host}' IDENTIFIED BY '{password}';"
-            f"ALTER USER '{user}'@'{host}' IDENTIFIED BY '{password}';"
-            f"GRANT ALL ON `{name}`.* TO '{user}'@'{host}';"
-            for host in ("127.0.0.1", "localhost")
-        )
-        self.sql(
-            f"CREATE DATABASE IF NOT EXISTS `{name}` "
-            f"CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci;{grants}"
-        )
+        self.sql(create_database_sql(name, user, password, ("127.0.0.1", "localhost")))
 
 
 class XMPPServer(ABC):
