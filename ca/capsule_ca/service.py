@@ -145,6 +145,7 @@ class EnrollmentService(ClientXMPP):
     async def _enroll(self, stanza: StanzaBase) -> None:
         iq = cast(Iq, stanza)
         requester = iq["from"].bare
+        log.info("enrollment request from %s", requester)
         try:
             asked = iq["capsule_enroll"]["jid"]
             if asked and asked != requester:

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import os
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlparse
 
 from cryptography import x509
 from slixmpp import ClientXMPP
@@ -27,15 +30,16 @@ from capsule.audit_sources import (
     mam_rows,
     sql_rows,
 )
-from capsule.connection import enable_registration, login
+from capsule.connection import HOST_ENV, PORT_ENV, enable_registration, login
 from capsule.core import cert_fingerprint
 from capsule.enrollment import EnrollmentError
 from capsule.errors import CapsuleError, ProfileError
 from capsule.panel import PanelError, check_ejabberd_queue, check_openfire_archive
 from capsule.profile import PIN_ENV, Profile, check_pin
-from capsule_ca.cli import read_secret, run
+from capsule_ca.cli import add_server_options, read_secret, run
 
 NEW_PIN_ENV = "CAPSULE_NEW_PIN"
+DB_PASSWORD_ENV = "CAPSULE_AUDIT_DB_PASSWORD"
 
 
 def _pin(file: str | None, env: str, prompt: str, confirm: bool) -> str:
@@ -108,6 +112,21 @@ def _progress(enabled: bool, every: int = 5000) -> Iterator[None]:
             print(f"audited {count} rows ({rate:.0f} rows/s)…", file=sys.stderr, flush=True)
 
 
+def _dsn(args: argparse.Namespace) -> Dsn:
+    """The DSN from --dsn, its password from a file or the environment, never from argv."""
+    if not args.dsn:
+        raise SourceError(f"--source {args.source} needs --dsn")
+    if urlparse(args.dsn).password is not None:
+        raise SourceError("the DSN holds a password, which every local user can read in the "
+                          f"command line: put it in ${DB_PASSWORD_ENV} or --db-password-file")
+    dsn = Dsn.parse(args.dsn)  # the password from $CAPSULE_AUDIT_DB_PASSWORD, if set
+    if args.db_password_file:
+        password = read_secret(args.db_password_file, DB_PASSWORD_ENV, "database password",
+                               error=SourceError)
+        dsn = dataclasses.replace(dsn, password=password)
+    return dsn
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     try:
         root = Path(args.ca).read_bytes()
@@ -122,15 +141,13 @@ def cmd_audit(args: argparse.Namespace) -> int:
         if not (args.jid and args.password_file and args.port):
             raise SourceError("--source mam and --fetch-certs need --jid, --password-file and "
                               "--port")
-        password = Path(args.password_file).read_text().strip()
+        password = read_secret(args.password_file, "", "XMPP password", error=SourceError)
     if args.source == "mam":
         assert password is not None
         rows = mam_rows(args.jid, password, args.host, args.port, args.ca)
         label = f"MAM of {args.jid}"
     else:
-        if not args.dsn:
-            raise SourceError(f"--source {args.source} needs --dsn")
-        rows = sql_rows(args.source, Dsn.parse(args.dsn))
+        rows = sql_rows(args.source, _dsn(args))
         label = f"{args.source} tables"
     fetcher = (CertificateFetcher(args.jid, password, args.host, args.port, args.ca,
                                   args.ca_service) if args.fetch_certs and password else None)
@@ -278,11 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--pin-file", help=f"file holding the PIN (else ${PIN_ENV}, else a prompt)")
         p.add_argument("--ca", required=True, help="the CA service's JID, e.g. ca@example.org")
         p.add_argument("--ca-cert", help="the CA root to trust (else pinned on first use)")
-        p.add_argument("--tls-ca", help="CA file for the server's TLS certificate "
-                       "(default: --ca-cert, or the profile's CA root)")
+        add_server_options(p, "--ca-cert, or the profile's CA root")
         p.add_argument("--password-file", help="XMPP password (else $CAPSULE_XMPP_PASSWORD)")
-        p.add_argument("--host", default="127.0.0.1", help="XMPP server host")
-        p.add_argument("--port", type=int, default=5222, help="c2s port (STARTTLS)")
         p.add_argument("--yes", action="store_true", help="accept the CA root shown")
         if name == "enroll":
             p.add_argument("--jid", help="your bare JID (to create the profile)")
@@ -296,12 +310,15 @@ def build_parser() -> argparse.ArgumentParser:
                        "plaintext, other), verify every capsule's signature from certificates "
                        "alone, and report per conversation.")
     p.add_argument("--source", required=True, choices=[*SQL_SOURCES, "mam"])
-    p.add_argument("--dsn", help="mysql://user:password@host:port/db[?socket=PATH] "
-                   "(password also from $CAPSULE_AUDIT_DB_PASSWORD)")
+    p.add_argument("--dsn", help="mysql://user@host:port/db[?socket=PATH], no password: that "
+                   f"comes from --db-password-file or ${DB_PASSWORD_ENV}")
+    p.add_argument("--db-password-file", help="file holding the database password")
     p.add_argument("--jid", help="MAM source / --fetch-certs: the XMPP account to use")
     p.add_argument("--password-file", help="file holding that account's password")
-    p.add_argument("--host", default="127.0.0.1", help="XMPP server host")
-    p.add_argument("--port", type=int, help="c2s port (STARTTLS)")
+    p.add_argument("--host", default=os.environ.get(HOST_ENV, "127.0.0.1"),
+                   help=f"XMPP server host (default ${HOST_ENV}, else 127.0.0.1)")
+    p.add_argument("--port", type=int, default=os.environ.get(PORT_ENV),
+                   help=f"c2s port, STARTTLS (default ${PORT_ENV})")
     p.add_argument("--ca", required=True, help="the CA root (PEM) certificates must chain to")
     p.add_argument("--crl", help="the CA's CRL (PEM)")
     p.add_argument("--certs", action="append", metavar="PATH",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
@@ -14,6 +15,10 @@ from slixmpp.exceptions import IqError
 
 T = TypeVar("T")
 
+# Where the XMPP server is and which CA its TLS certificate chains to: set by
+# `scripts/stack status --exports`, read as defaults by the command line tools and use_server().
+HOST_ENV, PORT_ENV, TLS_CA_ENV = "CAPSULE_HOST", "CAPSULE_PORT", "CAPSULE_TLS_CA"
+
 
 class LoginError(Exception):
     """An XMPP login failed: bad credentials, untrusted certificate, or no server."""
@@ -24,6 +29,21 @@ def tls_context(ca_root: str | Path) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=str(ca_root))
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context
+
+
+def use_server(client: ClientXMPP) -> tuple[str, int]:
+    """Point ``client`` at the server in $CAPSULE_HOST/$CAPSULE_PORT over STARTTLS trusting only
+    $CAPSULE_TLS_CA; return ``(host, port)`` for ``client.connect``.
+
+    A local test domain has no DNS and a private CA, so slixmpp's defaults cannot reach it.
+    """
+    missing = [name for name in (PORT_ENV, TLS_CA_ENV) if not os.environ.get(name)]
+    if missing:
+        raise LoginError(f"${' and $'.join(missing)} not set: run "
+                         f"`eval \"$(scripts/stack status --exports)\"` first")
+    client.ssl_context = tls_context(os.environ[TLS_CA_ENV])
+    client.enable_direct_tls = False
+    return os.environ.get(HOST_ENV, "127.0.0.1"), int(os.environ[PORT_ENV])
 
 
 async def login(

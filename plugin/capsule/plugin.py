@@ -98,6 +98,7 @@ class XEP_Capsule(BasePlugin):
         "fetch_timeout": 10,
         "source": None,  # a CertificateSource; default: PEP
     }
+    secure = False  # the stream has TLS (set by session_bind)
 
     # -- life cycle ------------------------------------------------------------
     def plugin_init(self) -> None:
@@ -133,7 +134,6 @@ class XEP_Capsule(BasePlugin):
         self._save_handle: asyncio.TimerHandle | None = None
         self._crl_mtime = 0.0
         self._crl_task: asyncio.Task[None] | None = None
-        self.secure = False
         st.register()
         enrollment.register()
         self.xmpp.add_filter("in", self._filter_in)
@@ -141,6 +141,10 @@ class XEP_Capsule(BasePlugin):
         for event, handler in self._events():
             self.xmpp.add_event_handler(event, handler)
         self.refresh_crl()
+        if self.xmpp.session_bind_event.is_set():  # registered on a client already logged in
+            self._check_session(self.xmpp.boundjid)
+        if self.xmpp.sessionstarted:
+            self._spawn(self._session_start(None))
 
     def _events(self) -> list[tuple[str, Callable[..., Any]]]:
         return [("session_start", self._session_start), ("disconnected", self._flush),
@@ -157,12 +161,17 @@ class XEP_Capsule(BasePlugin):
         self._flush()
 
     def session_bind(self, jid: JID) -> None:
-        if JID(jid).bare != self.store.data.jid:
-            raise ProfileError(f"profile is for {self.store.data.jid}, the session is {jid}")
+        # also called before plugin_init when registered on a client already logged in
         transport = self.xmpp.transport
         self.secure = transport is not None and transport.get_extra_info("ssl_object") is not None
         if not self.secure and not self.allow_insecure:
             log.error("stream has no TLS: Capsule refuses to operate (allow_insecure is off)")
+        if hasattr(self, "store"):
+            self._check_session(jid)
+
+    def _check_session(self, jid: JID) -> None:
+        if JID(jid).bare != self.store.data.jid:
+            raise ProfileError(f"profile is for {self.store.data.jid}, the session is {jid}")
 
     def _take_pin(self) -> str:
         """The PIN from config, a file or the environment; not kept once the profile is open."""
