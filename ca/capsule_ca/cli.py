@@ -107,6 +107,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from capsule_ca.service import EnrollmentService
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("slixmpp").setLevel(logging.WARNING)
     authority = _authority(args)
     password = read_secret(args.password_file, "CAPSULE_CA_XMPP_PASSWORD", "CA account password")
 

@@ -227,6 +227,8 @@ def _connect_and(args: argparse.Namespace, profile: Profile, rotate: bool) -> No
         if getattr(args, "register", False):
             enable_registration(client)
         await login(client, args.host, args.port, tls_ca)
+        print(f"logged in as {client.boundjid.bare}; asking the CA service {args.ca}…",
+              flush=True)
         try:
             if rotate:
                 profile.rotate_keys()

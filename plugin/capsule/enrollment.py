@@ -134,19 +134,28 @@ async def _ask(xmpp: BaseXMPP, iq: Iq, timeout: int) -> Iq:
 
 
 async def _while_online(xmpp: BaseXMPP, service: JID, every: float = 2.0) -> None:
-    """Ping ``service`` every few seconds; raise once its server says its session is gone."""
-    while True:
-        await asyncio.sleep(every)
-        ping = xmpp.make_iq_get(ito=service)
-        ping.enable("ping")
-        try:
-            await ping.send(timeout=max(every * 5, 10))
-        except IqError as exc:
-            if exc.iq["error"]["condition"] in OFFLINE:
-                raise EnrollmentError(f"the CA service {service} went offline before answering",
-                                      "offline") from None
-        except IqTimeout:
-            pass  # a slow service: the request's own timeout decides
+    """Ping ``service`` every few seconds (each ping on its own, so one that a dying session
+    swallowed does not delay the next); raise once its server says the session is gone."""
+    offline = asyncio.get_running_loop().create_future()
+
+    def check(ping: asyncio.Future[Iq]) -> None:
+        error = None if ping.cancelled() else ping.exception()
+        if (isinstance(error, IqError) and error.iq["error"]["condition"] in OFFLINE
+                and not offline.done()):
+            offline.set_result(None)
+
+    pings: list[asyncio.Future[Iq]] = []
+    try:
+        while not offline.done():
+            await asyncio.wait([offline], timeout=every)
+            iq = xmpp.make_iq_get(ito=service)
+            iq.enable("ping")
+            pings.append(iq.send(timeout=60))
+            pings[-1].add_done_callback(check)
+    finally:
+        for pending in pings:
+            pending.cancel()
+    raise EnrollmentError(f"the CA service {service} went offline before answering", "offline")
 
 
 async def enroll(xmpp: BaseXMPP, ca: str, csrs: dict[str, bytes], timeout: int = 30
