@@ -23,7 +23,7 @@ DIR_ENV = "CAPSULE_STACK_DIR"
 PASSWORD_ENV = "CAPSULE_XMPP_PASSWORD"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scripts/stack", description=__doc__)
     parser.add_argument("command", choices=["start", "stop", "restart", "status", "adduser",
                                             "deluser"])
@@ -38,6 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--password-file",
                         help=f"adduser: the password from this file (else ${PASSWORD_ENV}, "
                         f"else a new random one, written to this file if given)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     default_dir = Path(os.environ.get("CAPSULE_ROOT", ".")) / ".stack" / args.server
     try:
