@@ -254,7 +254,7 @@ def test_ca_and_profile_commands(tmp_path):
     ca = tmp_path / "ca"
     pp = ["--passphrase-file", passphrase]
     assert "root certificate" in ok(run("capsule-ca", "init", ca, "--name", "Example CA",
-                                        "--key-bits", "2048", *pp, env=env))
+                                        "--key-bits", "3072", *pp, env=env))
     # no passphrase at all and no terminal: one line, nothing created
     one_line_error(run("capsule-ca", "init", tmp_path / "ca2", "--name", "X", env=env),
                    "capsule-ca")
@@ -273,19 +273,25 @@ def test_ca_and_profile_commands(tmp_path):
                        "x@example.org", env=clean_env()), "capsule")  # no PIN, no terminal
     out = ok(run("capsule", "profile", "init", "--profile", "bot.capsule", "--jid",
                  "bot@example.org", "--email", "bot@example.org", env=env, cwd=tmp_path))
-    assert "bot.capsule.sign.csr" in out and PIN not in out
-    for usage, name in (("sign", "sign.pem"), ("encrypt", "enc.pem")):
-        ok(run("capsule-ca", "issue", ca, "--csr", f"bot.capsule.{usage}.csr", "--jid",
-               "bot@example.org", "--usage", usage, "--out", name, *pp, env=env, cwd=tmp_path))
+    assert PIN not in out
+    # the commands the init prints are the ones to run (with the same --email)
+    hinted = re.findall(r"^  (capsule-ca issue .*)$", out, flags=re.M)
+    assert len(hinted) == 2 and all("--email bot@example.org" in line for line in hinted)
+    for line in hinted:
+        ok(run(*shlex.split(line.replace("CADIR", str(ca))), *pp, env=env, cwd=tmp_path))
+    no_email = run("capsule-ca", "issue", ca, "--csr", "bot.capsule.sign.csr", "--jid",
+                   "bot@example.org", "--usage", "sign", "--replace", *pp, env=env, cwd=tmp_path)
+    assert "e-mail" in one_line_error(no_email, "capsule-ca")  # the CSR names one
     again = run("capsule-ca", "issue", ca, "--csr", "bot.capsule.sign.csr", "--jid",
-                "bot@example.org", "--usage", "sign", *pp, env=env, cwd=tmp_path)
+                "bot@example.org", "--email", "bot@example.org", "--usage", "sign", *pp,
+                env=env, cwd=tmp_path)
     one_line_error(again, "capsule-ca")  # a second valid one needs --replace
     garbage = tmp_path / "garbage.csr"
     garbage.write_text("-----BEGIN CERTIFICATE REQUEST-----\nnonsense\n")
     one_line_error(run("capsule-ca", "issue", ca, "--csr", garbage, "--jid", "bot@example.org",
                        "--usage", "sign", *pp, env=env), "capsule-ca")
     assert "profile is ready" in ok(run("capsule", "profile", "import-cert", "--profile",
-                                        "bot.capsule", "sign.pem", "enc.pem", ca / "root.pem",
+                                        "bot.capsule", "sign.pem", "encrypt.pem", ca / "root.pem",
                                         env=env, cwd=tmp_path))
     shown = ok(run("capsule", "profile", "show", "--profile", tmp_path / "bot.capsule", env=env))
     assert "bot@example.org" in shown and "(missing)" not in shown and PIN not in shown

@@ -59,10 +59,11 @@ def cmd_init(args: argparse.Namespace) -> None:
         csr = base.with_name(f"{base.name}.{usage}.csr")
         csr.write_bytes(profile.csr(usage))
         print(f"{usage:8} CSR: {csr}")
+    email = f" --email {args.email}" if args.email else ""  # the CA checks the CSR's SAN
     print(f"profile for {args.jid} written to {base}. Have the CA certify both CSRs, e.g.\n"
-          f"  capsule-ca issue CADIR --csr {base.name}.sign.csr --jid {args.jid} --usage sign "
-          f"--out sign.pem\n"
-          f"  capsule-ca issue CADIR --csr {base.name}.encrypt.csr --jid {args.jid} "
+          f"  capsule-ca issue CADIR --csr {base.name}.sign.csr --jid {args.jid}{email} "
+          f"--usage sign --out sign.pem\n"
+          f"  capsule-ca issue CADIR --csr {base.name}.encrypt.csr --jid {args.jid}{email} "
           f"--usage encrypt --out encrypt.pem\n"
           f"then: capsule profile import-cert --profile {base} sign.pem encrypt.pem CADIR/root.pem")
 
