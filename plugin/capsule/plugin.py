@@ -107,6 +107,8 @@ class XEP_Capsule(BasePlugin):
         if not self.profile:
             raise ProfileError("the capsule plugin needs a 'profile' path")
         self.store = Profile.load(self.profile, self._take_pin())
+        if self.xmpp.session_bind_event.is_set():  # session_bind ran first
+            self._check_session(self.xmpp.boundjid)
         data = self.store.data
         if not (data.signing_cert and data.encryption_cert and data.ca_root):
             raise ProfileError(f"{self.profile} has no certificates yet: import them with "
@@ -141,9 +143,7 @@ class XEP_Capsule(BasePlugin):
         for event, handler in self._events():
             self.xmpp.add_event_handler(event, handler)
         self.refresh_crl()
-        if self.xmpp.session_bind_event.is_set():  # registered on a client already logged in
-            self._check_session(self.xmpp.boundjid)
-        if self.xmpp.sessionstarted:
+        if self.xmpp.sessionstarted:  # registered on a client already logged in
             self._spawn(self._session_start(None))
 
     def _events(self) -> list[tuple[str, Callable[..., Any]]]:
