@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import importlib.metadata
 import json
 import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -30,7 +32,7 @@ from capsule.connection import login
 from capsule.plugin import attach
 from capsule.testing import stackctl
 from capsule.testing.processes import pid_alive, wait_for
-from capsule.testing.stack import Stack, wait_stored
+from capsule.testing.stack import Stack, StackState, wait_stored
 from capsule_ca.cli import build_parser as ca_parser
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -362,6 +364,13 @@ async def test_enroll_rotate_audit_panel_commands(xmpp_stack, new_account, tmp_p
     offline = await asyncio.to_thread(enroll, bob, "--ca-cert", state.ca_root)
     assert f"the CA service {ca.jid}/capsule-ca is not online" in one_line_error(offline,
                                                                                    "capsule")
+    wrong = tmp_path / "wrong.pw"
+    wrong.write_text("not-the-password")
+    refused = await asyncio.to_thread(
+        run, "capsule-ca", "serve", state.ca_dir, "--jid", ca.jid, "--password-file", wrong,
+        "--passphrase-file", stack.dir / "ca-passphrase", env=env)
+    assert "authentication failed" in one_line_error(refused, "capsule-ca")
+    assert "connecting to" in refused.stdout and "Task was destroyed" not in refused.stderr
     with ca_service(stack, ca, env, tmp_path) as serve:
         log = await asyncio.to_thread(wait_output, tmp_path / "ca.log", "serving", serve)
         assert log.index("connecting to") < log.index("logged in as") < log.index("serving")
@@ -440,3 +449,19 @@ async def test_enroll_rotate_audit_panel_commands(xmpp_stack, new_account, tmp_p
             "--screenshot", tmp_path / "queue.png", env=env)
         assert ok(panel).strip().endswith("OK")
         assert (tmp_path / "queue.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_stack_start_on_a_taken_port_is_one_line(tmp_path):
+    """The kept ports may have been taken meanwhile: say so, start nothing."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        state = StackState("ejabberd", "capsule.test", str(tmp_path / "stack"),
+                           str(tmp_path / "stack" / "ca"), c2s_port=port, db_port=port)
+        (tmp_path / "stack").mkdir()
+        (tmp_path / "stack" / "stack.json").write_text(json.dumps(dataclasses.asdict(state)))
+        failed = run("scripts/stack", "start", env=clean_env(CAPSULE_STACK_DIR=str(
+            tmp_path / "stack")))
+    assert f"port {port} " in one_line_error(failed, "stack")
+    assert not (tmp_path / "stack" / "mariadb").exists()
