@@ -107,7 +107,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from capsule_ca.service import EnrollmentService
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    logging.getLogger("slixmpp").setLevel(logging.WARNING)
+    slixmpp_log = logging.getLogger("slixmpp")
+    slixmpp_log.setLevel(logging.CRITICAL)  # a failed login is our one line, not its log
     authority = _authority(args)
     password = read_secret(args.password_file, "CAPSULE_CA_XMPP_PASSWORD", "CA account password")
 
@@ -117,6 +118,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                     args.tls_ca or authority.root_path, args.rate_limit)
         print(f"connecting to {args.host}:{args.port} as {service.boundjid.full}…", flush=True)
         await service.start()
+        slixmpp_log.setLevel(logging.WARNING)
         print(f"logged in as {service.boundjid.full}", flush=True)
         print(f"CA service {args.jid} serving urn:capsule:enroll:0 (Ctrl-C stops)", flush=True)
         try:
