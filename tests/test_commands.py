@@ -211,6 +211,11 @@ def _stack_commands(stack: Stack, env: dict[str, str]) -> None:
     their one-line errors."""
     status = ok(run("scripts/stack", "status", env=env))
     assert "running" in status and "DEAD" not in status
+    secrets = [stack.info.db_password, stack.info.admin_password, stack.info.probe_password,
+               (stack.dir / "ejabberd/home/.erlang.cookie").read_text().strip()]
+    for pid in stack.info.pids.values():  # no secret in any command line of the stack
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        assert not any(secret in cmdline for secret in secrets), cmdline
     assert ok(run("scripts/stack", "status", "--exports", env=env)) == stack.info.exports() + "\n"
     # a password from the environment: only the JID is printed
     made = run("scripts/stack", "adduser", "dora", env=env | {"CAPSULE_XMPP_PASSWORD": "d0ra-pw"})

@@ -214,8 +214,7 @@ class Ejabberd(XMPPServer):
         _render("ejabberdctl.cfg", self.dir / "ejabberdctl.cfg", dir=self.dir,
                 # mnesia ties the spool to the node name: keep it stable per directory
                 node="capsule" + hashlib.sha256(str(self.dir).encode()).hexdigest()[:10],
-                dist_port=free_port(),
-                cookie=cookie_path.read_text().strip())
+                dist_port=free_port())
         _render("ejabberd.yml", self.dir / "ejabberd.yml", dir=self.dir, domain=s.domain,
                 ca_root=s.ca_root, db_port=s.db_port, db_name=s.db_name, db_user=s.db_name,
                 db_password=s.db_password, c2s_port=s.c2s_port, http_port=s.http_port,
