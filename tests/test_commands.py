@@ -366,6 +366,13 @@ async def test_enroll_rotate_audit_panel_commands(xmpp_stack, new_account, tmp_p
                    account.jid, "--ca", ca.jid, "--password-file", f"{account.user}.pw",
                    *extra, env=env, cwd=tmp_path)
 
+    missing = await asyncio.to_thread(enroll, bob, "--ca-cert", tmp_path / "no-root.pem")
+    assert "cannot read" in one_line_error(missing, "capsule")
+    (tmp_path / "bad.pw").write_text("not-bobs-password")
+    bad_password = await asyncio.to_thread(
+        run, "capsule", "enroll", "--profile", f"{bob.user}.capsule", "--ca", ca.jid,
+        "--password-file", "bad.pw", "--ca-cert", state.ca_root, env=env, cwd=tmp_path)
+    assert "authentication failed" in one_line_error(bad_password, "capsule")
     offline = await asyncio.to_thread(enroll, bob, "--ca-cert", state.ca_root)
     assert f"the CA service {ca.jid}/capsule-ca is not online" in one_line_error(offline,
                                                                                    "capsule")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import logging
 import os
 import sys
 import time
@@ -30,7 +31,7 @@ from capsule.audit_sources import (
     mam_rows,
     sql_rows,
 )
-from capsule.connection import HOST_ENV, PORT_ENV, enable_registration, login
+from capsule.connection import HOST_ENV, PORT_ENV, LoginError, enable_registration, login
 from capsule.core import cert_fingerprint
 from capsule.enrollment import EnrollmentError
 from capsule.errors import CapsuleError, ProfileError
@@ -203,7 +204,10 @@ def _connect_and(args: argparse.Namespace, profile: Profile, rotate: bool) -> No
     """Log in as the profile's JID, (re)enroll with the CA service, publish the certificates."""
     password = _pin(args.password_file, "CAPSULE_XMPP_PASSWORD", "XMPP account password",
                     confirm=False)
-    ca_root = Path(args.ca_cert).read_bytes() if args.ca_cert else None
+    try:
+        ca_root = Path(args.ca_cert).read_bytes() if args.ca_cert else None
+    except OSError as exc:
+        raise EnrollmentError(f"cannot read {args.ca_cert}: {exc.strerror}") from None
     tls_ca = args.tls_ca or args.ca_cert
     if not tls_ca and profile.data.ca_root:
         tls_file = Path(args.profile).with_name(Path(args.profile).name + ".ca.pem")
@@ -357,7 +361,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(build_parser(), argv, (CapsuleError, SourceError, PanelError))
+    # slixmpp's own log lines would reach stderr through logging's last resort handler; its
+    # failures reach the user as our one line instead
+    slixmpp_log = logging.getLogger("slixmpp")
+    if not slixmpp_log.handlers:
+        slixmpp_log.addHandler(logging.NullHandler())
+    return run(build_parser(), argv, (CapsuleError, SourceError, PanelError, LoginError))
 
 
 if __name__ == "__main__":
