@@ -67,7 +67,7 @@ class EnrollmentService(ClientXMPP):
         self._served = False  # reconnect only once a session started: a failed login just fails
         self._tasks: set[asyncio.Task[Any]] = set()
         enrollment.register()
-        for plugin in ("xep_0030", "xep_0060", "xep_0163", "xep_0199"):  # 0199: clients ping
+        for plugin in ("xep_0030", "xep_0060", "xep_0163"):
             self.register_plugin(plugin)
         self.register_handler(CoroutineCallback(
             "capsule enroll", StanzaPath("iq@type=set/capsule_enroll"), self._enroll))
