@@ -89,6 +89,9 @@ async def login(
     try:
         await asyncio.wait_for(outcome, timeout)
     except BaseException as exc:
+        # slixmpp reschedules a failed connect on its own: stop that too, or the caller's next
+        # attempt races it and the server replaces one session by the other
+        client.cancel_connection_attempt()
         client.abort()
         if isinstance(exc, TimeoutError):
             raise LoginError(f"{client.boundjid.bare}: no session within {timeout:.0f} s") from None
