@@ -342,13 +342,13 @@ class Authority:
             self.log(requester, f"revoked {record.usage} serial {record.serial} of {record.subject}")
         return targets
 
-    def gencrl(self, days: int | None = None) -> Path:
-        """Write a fresh CRL signed by the root to ``crl.pem``, valid for ``days`` (default: the
-        CA's ``default_crl_days``, 7 for a new CA)."""
-        if days is not None and days < 1:
-            raise CAError(f"a CRL must live at least one day, not {days}")
+    def gencrl(self, lifetime: dt.timedelta | None = None) -> Path:
+        """Write a fresh CRL signed by the root to ``crl.pem``, valid for ``lifetime`` (default:
+        the CA's ``default_crl_days``, 7 for a new CA)."""
+        if lifetime is not None and lifetime.total_seconds() < 1:
+            raise CAError(f"a CRL must live at least a second, not {lifetime}")
         with self._transaction():
-            self._gencrl_locked(days)
+            self._gencrl_locked(lifetime)
         return self.crl_path
 
     # -- internals -------------------------------------------------------------
@@ -425,11 +425,12 @@ class Authority:
     def _revoke_locked(self, record: CertRecord, reason: str) -> None:
         self._ca(["-revoke", str(record.path), "-crl_reason", reason])
 
-    def _gencrl_locked(self, days: int | None = None) -> None:
+    def _gencrl_locked(self, lifetime: dt.timedelta | None = None) -> None:
         with tempfile.NamedTemporaryFile(dir=self.dir, suffix=".tmp", delete=False) as tmp:
             pass
+        life = ["-crlsec", str(int(lifetime.total_seconds()))] if lifetime else []
         try:
-            self._ca(["-gencrl", "-out", tmp.name, *(["-crldays", str(days)] if days else [])])
+            self._ca(["-gencrl", "-out", tmp.name, *life])
             _run_openssl(["crl", "-in", tmp.name, "-noout"])  # refuse to publish a CRL openssl can't read
             os.replace(tmp.name, self.crl_path)
         finally:

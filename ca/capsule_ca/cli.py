@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import getpass
 import os
 import sys
@@ -78,7 +79,8 @@ def cmd_revoke(args: argparse.Namespace) -> None:
 
 
 def cmd_crl(args: argparse.Namespace) -> None:
-    print(_authority(args).gencrl(args.days))
+    lifetime = dt.timedelta(days=args.days) if args.days is not None else None
+    print(_authority(args).gencrl(lifetime))
 
 
 def cmd_list(args: argparse.Namespace) -> None:
