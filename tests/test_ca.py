@@ -250,7 +250,7 @@ def test_cli_round_trip_and_one_line_errors(tmp_path: Path, capsys: pytest.Captu
 
 
 # -- JIDs (RFC 7622) and UTF-8 -------------------------------------------------------------
-CYRILLIC = "\u0430lice@capsule.test"  # Cyrillic а, not Latin a: another account
+CYRILLIC = "\u0430lice@capsule.test"  # Cyrillic small a, not Latin a: another account
 
 
 def test_non_ascii_jid_is_certified_as_itself_and_one_per_usage_holds(ca: Authority) -> None:

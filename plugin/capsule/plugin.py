@@ -113,7 +113,7 @@ class XEP_Capsule(BasePlugin):
             raise ProfileError(f"{self.profile} has no certificates yet: import them with "
                                f"`capsule profile import-cert` or run `capsule enroll`")
         self.trust = TrustStore(data.ca_root.encode(), data.crl.encode() if data.crl else None)
-        self.ca_service = self.ca_service or data.ca_service
+        self.config["ca_service"] = self.ca_service or data.ca_service
         self.own_sign = self.trust.verify(data.signing_cert.encode(), data.jid, "sign")
         self.own_encrypt = self.trust.verify(data.encryption_cert.encode(), data.jid, "encrypt")
         self.certificates: CertificateSource = self.source or discovery.PepSource(
