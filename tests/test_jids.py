@@ -45,7 +45,7 @@ def test_trust_compares_normalised_jids(authority: Authority,
     pem = alice.data.signing_cert.encode()
     trust = TrustStore(authority.root_pem)
     assert trust.verify(pem, "Alice@Capsule.Test", "sign").cert.serial_number
-    with pytest.raises(UntrustedCertificate, match="is for alice@capsule.test"):
+    with pytest.raises(UntrustedCertificate, match=r"is for alice@capsule\.test"):
         trust.verify(pem, "\u0430lice@capsule.test", "sign")
 
 
