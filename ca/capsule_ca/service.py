@@ -5,8 +5,8 @@ certificates up by JID, hands out the CRL and publishes it to its own PEP node a
 change (``capsule-ca revoke`` in another process included: the CRL file is watched). It renews
 the CRL once half of its life has passed, so clients never hold an expired one while the service
 runs. Requests are rate-limited per JID; every issuance is logged to ``DIR/issuance.log`` (who,
-what, when, serial; never a secret). It reconnects after losing the server and answers malformed requests
-with an error, then keeps serving.
+what, when, serial; never a secret). It reconnects after losing the server and answers malformed
+requests with an error, then keeps serving.
 """
 
 from __future__ import annotations
