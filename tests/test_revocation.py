@@ -24,6 +24,7 @@ from slixmpp import JID, ClientXMPP
 
 import capsule
 from capsule import enrollment
+from capsule import stanza as st
 from capsule.errors import RevocationUnknown, RevokedCertificate, StaleCrl
 from capsule.plugin import CapsuleFailure
 from capsule.profile import Profile
@@ -173,3 +174,19 @@ def test_import_cert_takes_the_crl_and_refuses_another_cas(
     assert done.returncode == 0, done.stderr
     assert "stored as the CA's CRL" in done.stdout
     assert Profile.load(profile.path, PIN).data.crl == authority.crl_path.read_text()
+
+
+async def test_a_missing_crl_is_fetched_before_refusing(
+        authority: Authority, people: Callable[..., Profile], tmp_path: Path) -> None:
+    """A bot that has no CRL looks for one (its `crl` file here; the CA service likewise) before
+    it refuses, and seals once it has it."""
+    served = ServedCertificates()
+    alice, bob = people("alice", crl=None), people("bob")
+    served.serve(bob)
+    crl_file = tmp_path / "crl.pem"
+    alice_bot = bot(alice, served, crl=str(crl_file))  # the file is not there yet
+    with pytest.raises(RevocationUnknown):
+        await alice_bot.plugin["capsule"].send("bob@capsule.test", "too early")
+    crl_file.write_bytes(authority.crl_path.read_bytes())
+    sealed = await capsule_from(alice_bot, "bob@capsule.test", "now-sealed")
+    assert st.has_capsule(sealed) and "now-sealed" not in str(sealed)
