@@ -71,6 +71,8 @@ async def test_three_bots_enroll_from_nothing_and_talk(xmpp_stack, ca_service, n
         "--ca", ca_service.boundjid.bare, "--ca-cert", str(xmpp_stack.info.ca_root),
         "--password-file", str(password), "--port", str(xmpp_stack.info.c2s_port)])
     assert code == 0
+    stored = Profile.load(carol_profile, BOT_PIN).data  # revocation on by default from here
+    assert stored.ca_service == ca_service.boundjid.bare and stored.crl
     profiles.append(carol_profile)
     bots = [await capsule_bot(a.user, account=a, profile=p) for a, p in zip(accounts, profiles,
                                                                               strict=True)]
