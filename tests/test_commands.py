@@ -297,9 +297,9 @@ def test_ca_and_profile_commands(tmp_path):
     garbage.write_text("-----BEGIN CERTIFICATE REQUEST-----\nnonsense\n")
     one_line_error(run("capsule-ca", "issue", ca, "--csr", garbage, "--jid", "bot@example.org",
                        "--usage", "sign", *pp, env=env), "capsule-ca")
-    assert "profile is ready" in ok(run("capsule", "profile", "import-cert", "--profile",
-                                        "bot.capsule", "sign.pem", "encrypt.pem", ca / "root.pem", ca / "crl.pem",
-                                        env=env, cwd=tmp_path))
+    imported = run("capsule", "profile", "import-cert", "--profile", "bot.capsule", "sign.pem",
+                   "encrypt.pem", ca / "root.pem", ca / "crl.pem", env=env, cwd=tmp_path)
+    assert "profile is ready" in ok(imported)
     shown = ok(run("capsule", "profile", "show", "--profile", tmp_path / "bot.capsule", env=env))
     assert "bot@example.org" in shown and "(missing)" not in shown and PIN not in shown
     new_pin = tmp_path / "new-pin"
