@@ -74,7 +74,7 @@ def remove_litter(path: Path) -> list[Path]:
     prefix = f".{path.name}."
     for candidate in path.parent.iterdir():
         if candidate.name.startswith(prefix) and candidate.is_file() and not candidate.is_symlink():
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):  # gone already, or a read-only disk
                 candidate.unlink()
                 removed.append(candidate)
     return removed

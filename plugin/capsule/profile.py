@@ -15,6 +15,7 @@ accepted between saves are in the journal beside it (capsule.journal).
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import json
 import os
@@ -315,8 +316,9 @@ class Profile:
         if epoch:
             profile.data.replay.load(journal.read(journal.journal_path(target),
                                                   journal.journal_key(key), epoch))
-        if profile._lock.acquire():  # nobody is writing: clear litter of killed saves
-            profile._lock.release()
+        with contextlib.suppress(OSError):  # a read-only disk still opens
+            if profile._lock.acquire():  # nobody is writing: clear litter of killed saves
+                profile._lock.release()
         return profile
 
     def save(self) -> None:
@@ -336,8 +338,8 @@ class Profile:
         content = {**self.data.to_json(), "journal_epoch": epoch.hex()}
         body = AESGCM(self._key).encrypt(nonce, json.dumps(content).encode(), line)
         took = not self._lock.held
-        if took and not self._lock.acquire():
-            raise ProfileError(f"{self.path} is in use by another process (a running bot?)")
+        if took:
+            self._take_lock()
         try:
             if self.journal is not None:
                 self.journal.close()
@@ -358,10 +360,17 @@ class Profile:
         """Become the profile's only writer (a running bot): take the lock, clear litter, and
         from the next save on journal replay entries (:meth:`append`) between saves.
         Raises ProfileError if another process holds it, StorageError if the save fails."""
-        if not self._lock.acquire():
-            raise ProfileError(f"{self.path} is in use by another process (a running bot?)")
+        self._take_lock()
         self._holding = True
         self.save()
+
+    def _take_lock(self) -> None:
+        try:
+            if self._lock.acquire():
+                return
+        except OSError as exc:
+            raise StorageError(f"cannot lock {self.path}: {exc.strerror or exc}") from None
+        raise ProfileError(f"{self.path} is in use by another process (a running bot?)")
 
     def release(self) -> None:
         """Save (compacting the journal into the profile) and give the lock up."""
