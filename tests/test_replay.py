@@ -33,7 +33,7 @@ def entry(sender: str = A, offset: int = 0, sig: str = "aa", nid: str | None = N
 # -- timestamps ------------------------------------------------------------------------------
 @pytest.mark.parametrize("ts", ["2026-9-1T0:0:0Z", "2026-09-01T00:00:00+00:00",
                                 "2026-09-01T00:00:00z", " 2026-09-01T00:00:00Z",
-                                "2026-09-01T00:00:00Z\n", "２０２６-09-01T00:00:00Z",
+                                "2026-09-01T00:00:00Z\n", "\uff12\uff10\uff12\uff16-09-01T00:00:00Z",
                                 "2026-13-01T00:00:00Z", "2026-09-01 00:00:00Z", ""])
 def test_only_exact_utc_timestamps_pass_the_shape_check(ts: str) -> None:
     sealed = _capsule()
