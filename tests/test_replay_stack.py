@@ -177,10 +177,9 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 def _fill(disk: Path) -> Path:
     filler = disk / "filler"
-    with filler.open("wb") as f, contextlib.suppress(OSError):
+    with contextlib.suppress(OSError), filler.open("wb", buffering=0) as f:
         while True:
             f.write(b"\0" * 4096)
-            f.flush()
     return filler
 
 
