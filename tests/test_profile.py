@@ -170,7 +170,8 @@ def _format_1(profile: Profile, replay: list[list[str]], horizon: str) -> None:
 def test_format_1_profiles_load_and_a_poisoned_horizon_is_cut_to_the_clock(saved: Profile
                                                                          ) -> None:
     nid = b"\x01" * 16
-    _format_1(saved, [[f"bob@capsule.test {nid.hex()}", "2026-01-01T00:00:00Z"]],
+    _format_1(saved, [[f"bob@capsule.test {nid.hex()}", "2026-01-01T00:00:00Z"],
+                      [f"bob@capsule.test {'02' * 16}", "2026-9-1T0:0:0Z"]],  # format 1 took it
               "9999-12-31T23:59:59Z")  # the attack, saved in the old format
     old = Profile.load(saved.path, PIN)
     assert "unknown strength" in old.protection

@@ -35,7 +35,7 @@ from cryptography.x509.oid import NameOID
 
 from capsule import algorithms as alg
 from capsule import journal
-from capsule.core import cert_fingerprint, parse_timestamp
+from capsule.core import cert_fingerprint
 from capsule.errors import (
     CapsuleError,
     CorruptProfile,
@@ -197,15 +197,25 @@ class ProfileData:
 
 def _replay_v1(pairs: list[list[str]], horizon: str) -> ReplayState:
     """Format 1's replay cache ("sender nid" -> ts, one global horizon): its horizon becomes a
-    floor for every sender, never later than the clock at migration."""
-    floor = min(parse_timestamp(horizon), int(time.time())) if horizon else 0
+    floor for every sender, never later than the clock at migration. Format 1 accepted
+    unpadded stamps (2026-9-1T0:0:0Z), so they are read leniently here, and only here."""
+    now = int(time.time())
+    floor = min(_v1_time(horizon) or now, now) if horizon else 0
     state = ReplayState(floor=floor)
     entries = []
     for key, ts in pairs:
         sender, nid = key.split(" ")
-        entries.append(Entry(sender, nid, parse_timestamp(ts), ""))
+        entries.append(Entry(sender, nid, _v1_time(ts) or now, ""))
     state.load(entries)
     return state
+
+
+def _v1_time(ts: str) -> int | None:
+    try:
+        return int(dt.datetime.strptime(ts, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+                   .timestamp())
+    except ValueError:
+        return None
 
 
 class Profile:
