@@ -610,9 +610,7 @@ class XEP_Capsule(BasePlugin):
     def _persist(self) -> None:
         """Save now under the profile lock (compacting the journal); the outcome decides
         whether capsules are delivered. Call only while no journal write runs."""
-        if self._save_handle is not None:
-            self._save_handle.cancel()
-            self._save_handle = None
+        self._cancel_save()
         try:
             self.store.hold()
         except (StorageError, ProfileError) as exc:
@@ -622,6 +620,11 @@ class XEP_Capsule(BasePlugin):
             log.warning("capsule state is durable again: capsules are delivered again")
             self.xmpp.event("capsule_storage_recovered", str(self.store.path))
         self._storage_error = None
+
+    def _cancel_save(self) -> None:
+        if self._save_handle is not None:
+            self._save_handle.cancel()
+            self._save_handle = None
 
     def _dirty(self) -> None:
         if self._save_handle is None:
@@ -647,9 +650,7 @@ class XEP_Capsule(BasePlugin):
 
     def _release(self) -> None:
         """Save and give the profile lock up (taken again with the next capsule)."""
-        if self._save_handle is not None:
-            self._save_handle.cancel()
-            self._save_handle = None
+        self._cancel_save()
         try:
             self.store.release()
         except (StorageError, ProfileError) as exc:
