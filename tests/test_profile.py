@@ -259,3 +259,37 @@ def test_a_live_writers_temp_file_is_left_alone_and_the_profile_is_locked(saved:
         holder.wait()
     Profile.load(saved.path, PIN)
     assert not in_flight.exists()  # its writer is gone: litter now
+
+
+def _capsule(*args: str, pin: str) -> subprocess.CompletedProcess[str]:
+    """The `capsule` command as a user runs it (PIN from the environment, never in argv)."""
+    return subprocess.run([str(Path(sys.executable).with_name("capsule")), *args],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "CAPSULE_PIN": pin})
+
+
+def test_init_refuses_a_short_pin_unless_asked_and_then_states_the_cost(tmp_path: Path) -> None:
+    path = str(tmp_path / "bot.capsule")
+    refused = _capsule("profile", "init", "--profile", path, "--jid", "bot@capsule.test",
+                       pin="135790")
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1
+    assert "--short-pin" in refused.stderr and not Path(path).exists()
+    made = _capsule("profile", "init", "--profile", path, "--jid", "bot@capsule.test",
+                    "--short-pin", pin="135790")
+    assert made.returncode == 0, made.stderr
+    warning = made.stderr
+    assert "10^6 PINs" in warning and "core-hours" in warning and "135790" not in warning
+    shown = _capsule("profile", "show", "--profile", path, pin="135790")
+    assert "protected Argon2id 64 MiB" in shown.stdout and "SHORT PIN" in shown.stdout
+
+
+def test_init_with_a_key_file_and_show_says_so(tmp_path: Path) -> None:
+    path, key = str(tmp_path / "bot.capsule"), tmp_path / "keys" / "bot.key"
+    made = _capsule("profile", "init", "--profile", path, "--jid", "bot@capsule.test",
+                    "--key-file", str(key), pin="correct horse battery staple")
+    assert made.returncode == 0, made.stderr
+    without = _capsule("profile", "show", "--profile", path, pin="correct horse battery staple")
+    assert without.returncode == 1 and "bound to a key file" in without.stderr
+    shown = _capsule("profile", "show", "--profile", path, "--key-file", str(key),
+                     pin="correct horse battery staple")
+    assert shown.returncode == 0 and "+ a key file kept outside the profile" in shown.stdout
