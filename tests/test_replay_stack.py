@@ -104,6 +104,8 @@ async def test_receiver_killed_mid_burst_never_accepts_a_capsule_twice(
         await asyncio.sleep(rng.uniform(0.0, 0.5))  # killed somewhere in the burst's handling
         await receiver.kill()
         await receiver.start(xmpp_stack, bob, profile)  # the offline queue comes in now
+    litter = [p.name for p in tmp_path.iterdir() if p.name.startswith(".bob.capsule.")]
+    assert not litter, f"temp files of killed saves left beside the profile: {litter}"
     for raw in raws:  # everything again, to the restarted receiver
         alice.client.send_raw(raw)
     # every replayed capsule is either delivered (its first copy was lost in transit) or dropped
