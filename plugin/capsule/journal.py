@@ -120,7 +120,7 @@ class GroupCommit:
     failed with StorageError; a failed batch is handed to ``failed`` (to be forgotten)."""
 
     def __init__(self, write: Callable[[list[Entry]], None],
-                 failed: Callable[[list[Entry], OSError], None]):
+                 failed: Callable[[list[Entry], Exception], None]):
         self._write = write
         self._failed = failed
         self._pending: list[tuple[Entry, asyncio.Future[None]]] = []
@@ -150,10 +150,10 @@ class GroupCommit:
             entries = [entry for entry, _ in batch]
             try:
                 await loop.run_in_executor(None, self._write, entries)
-            except OSError as exc:
+            except Exception as exc:  # whatever it was, nothing is durable
                 self._failed(entries, exc)
                 error = StorageError(f"the replay journal could not be written: "
-                                     f"{exc.strerror or exc}")
+                                     f"{getattr(exc, 'strerror', None) or exc}")
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(error)

@@ -586,11 +586,11 @@ class XEP_Capsule(BasePlugin):
             raise StorageError(f"capsules are refused until the replay state can be made "
                                f"durable again ({self._storage_error})")
 
-    def _journal_failed(self, entries: list[Entry], exc: OSError) -> None:
+    def _journal_failed(self, entries: list[Entry], exc: Exception) -> None:
         for entry in entries:
             self.store.data.replay.forget(entry)  # not delivered: a resend must be accepted
         self._storage_failed(StorageError(f"cannot write the replay journal: "
-                                          f"{exc.strerror or exc}"))
+                                          f"{getattr(exc, 'strerror', None) or exc}"))
 
     def _storage_failed(self, exc: CapsuleError) -> None:
         first = self._storage_error is None
