@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import os
@@ -18,6 +19,7 @@ from capsule.errors import (
     MalformedCapsule,
     ReplayedCapsule,
     StaleCapsule,
+    StorageError,
 )
 from capsule.profile import FAST_KDF, Profile
 from capsule.replay import DEFAULT_MAX_AGE, DEFAULT_SKEW, Entry, ReplayState, TimeRules, Verdict
@@ -214,3 +216,25 @@ def test_a_save_compacts_and_an_old_journal_is_ignored(held: Profile) -> None:
     again = Profile.load(held.path, "1357902468")
     assert again.data.replay.check(e, e.ts) is Verdict.DUPLICATE  # from the profile
     assert len(again.data.replay) == 1
+
+
+async def test_group_commit_batches_and_fails_closed() -> None:
+    written: list[int] = []
+    failed: list[Entry] = []
+    broken = False
+
+    def write(entries: list[Entry]) -> None:
+        if broken:
+            raise OSError(28, "No space left on device")
+        written.append(len(entries))
+
+    commit = journal.GroupCommit(write, lambda entries, _exc: failed.extend(entries))
+    futures = [commit.submit(entry()) for _ in range(600)]
+    await asyncio.gather(*futures)
+    assert sum(written) == 600 and max(written) <= journal.BATCH_MAX and len(written) >= 3
+    broken = True
+    lost = [entry() for _ in range(3)]
+    futures = [commit.submit(e) for e in lost]
+    results = await asyncio.gather(*futures, return_exceptions=True)
+    assert all(isinstance(r, StorageError) and r.reason == "storage" for r in results)
+    assert failed == lost and not commit.busy
