@@ -5,14 +5,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import datetime as dt
 import os
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
+from cryptography import x509
 from hypothesis import given, settings
 from hypothesis import strategies as hs
+from slixmpp import ClientXMPP, Message
+from slixmpp.xmlstream import ET
 
-from capsule import core, journal
+from capsule import core, envelope, journal
+from capsule import stanza as st
 from capsule.errors import (
     CorruptProfile,
     FutureCapsule,
@@ -21,8 +27,12 @@ from capsule.errors import (
     StaleCapsule,
     StorageError,
 )
+from capsule.plugin import attach
 from capsule.profile import FAST_KDF, Profile
 from capsule.replay import DEFAULT_MAX_AGE, DEFAULT_SKEW, Entry, ReplayState, TimeRules, Verdict
+from capsule.trust import CertBundle, CertificateSource
+
+from .conftest import PIN
 
 NOW = core.parse_timestamp("2026-11-26T12:00:00Z")
 A, B = "alice@capsule.test", "bob@capsule.test"
@@ -238,3 +248,66 @@ async def test_group_commit_batches_and_fails_closed() -> None:
     results = await asyncio.gather(*futures, return_exceptions=True)
     assert all(isinstance(r, StorageError) and r.reason == "storage" for r in results)
     assert failed == lost and not commit.busy
+
+
+# -- through the plugin, without a server ------------------------------------------------------
+class Static(CertificateSource):
+    """Certificates from profiles at hand (a stand-in for PEP: the server is not the subject)."""
+
+    def __init__(self, *profiles: Profile):
+        self.bundles = {p.data.jid: CertBundle(str(p.data.signing_cert).encode(),
+                                               str(p.data.encryption_cert).encode())
+                        for p in profiles}
+
+    async def fetch(self, jid: str) -> CertBundle | None:
+        return self.bundles.get(jid)
+
+
+def _sealed(sender: Profile, to: Profile, when: dt.datetime) -> str:
+    cert = x509.load_pem_x509_certificate(str(to.data.encryption_cert).encode())
+    sign = x509.load_pem_x509_certificate(str(sender.data.signing_cert).encode())
+    text = ET.Element("{jabber:client}body")
+    text.text = f"from {sender.data.jid}"
+    env = envelope.encode([text], sender.data.jid, [to.data.jid], core.utc_timestamp(when))
+    capsule = core.seal(env, sender=sender.data.jid, sender_cert=core.cert_fingerprint(sign),
+                        signing_key=sender.data.signing_key, now=when,
+                        recipients=[core.Recipient(to.data.jid, core.cert_fingerprint(cert),
+                                                   cert.public_key())])  # type: ignore[arg-type]
+    msg = Message()
+    msg["to"], msg["from"], msg["type"] = to.data.jid, f"{sender.data.jid}/r", "chat"
+    st.from_core(msg, capsule)
+    return str(msg)
+
+
+async def test_plugin_time_rules_and_quiet_duplicates(identity) -> None:
+    """Issue 9.1 end to end in the plugin: a 9999-dated capsule, then a flood, from alice;
+    carol's capsule that waited an hour offline is still delivered; a copy is dropped quietly."""
+    alice, bob, carol = identity("alice"), identity("bob"), identity("carol")
+    client = ClientXMPP(bob.data.jid, "unused")
+    attach(client, bob.path, PIN, allow_insecure=True, publish=False,
+           source=Static(alice, carol))
+    plugin = cast(Any, client.plugin)["capsule"]
+    plugin.store.data.replay.per_sender = 5  # alice's flood evicts her own oldest entries
+    events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+    for name in ("message", "capsule_error", "capsule_duplicate"):
+        client.add_event_handler(name, lambda payload, n=name: events.put_nowait((n, payload)))
+
+    async def feed(raw: str) -> tuple[str, Any]:
+        plugin._filter_in(client._build_stanza(ET.fromstring(raw)))
+        return await asyncio.wait_for(events.get(), 30)
+
+    now = dt.datetime.now(dt.UTC)
+    kind, failure = await feed(_sealed(alice, bob, dt.datetime(9999, 12, 31, tzinfo=dt.UTC)))
+    assert (kind, failure.reason) == ("capsule_error", "clock-skew")
+    for i in range(12):
+        kind, _ = await feed(_sealed(alice, bob, now - dt.timedelta(seconds=60 - i)))
+        assert kind == "message"
+    assert plugin.store.data.replay.horizon(alice.data.jid) > 0  # the flood did evict
+    waited = _sealed(carol, bob, now - dt.timedelta(hours=1))
+    kind, msg = await feed(waited)
+    assert kind == "message" and msg["body"] == "from carol@capsule.test"
+    kind, _ = await feed(waited)
+    assert kind == "capsule_duplicate" and plugin.duplicates == 1
+    kind, failure = await feed(_sealed(carol, bob, now - dt.timedelta(days=31)))
+    assert (kind, failure.reason) == ("capsule_error", "too-old")
+    plugin.plugin_end()
