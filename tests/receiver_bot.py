@@ -33,8 +33,8 @@ async def main(jid: str, port: int, ca_root: str, profile: str) -> None:
 
     client.add_event_handler("capsule_message", got)
     client.add_event_handler("capsule_duplicate", lambda f: say("dup", f.stanza_id or "-"))
-    client.add_event_handler("capsule_error",
-                             lambda f: say("error", f.reason, f.stanza_id or "-", f.message))
+    client.add_event_handler("capsule_error", lambda f: say("error", f.reason, f.stanza_id or "-",
+                                                            *f.message.split()))
     await login(client, "127.0.0.1", port, ca_root)
     await published(30)
     client.send_presence()  # flushes the offline queue
