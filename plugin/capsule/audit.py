@@ -8,6 +8,7 @@ per-conversation tallies are kept.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import xml.etree.ElementTree as ET
@@ -28,9 +29,12 @@ VERDICTS = ("plaintext", "capsule", "bad-signature", "sender-mismatch", "unverif
             "malformed", "other")
 SEEN_MAX = 20000  # verdicts remembered per capsule digest
 FAILING = ("plaintext", "bad-signature", "sender-mismatch", "unverified", "malformed")
+TAMPERED = ("bad-signature", "sender-mismatch")
+BARS = 48  # a conversation's timeline holds at most this many time buckets
+TS_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StoredRow:
     """One row a server stored: where, whose, when, and the stanza as text."""
 
@@ -41,7 +45,36 @@ class StoredRow:
     stanza: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
+class CertFacts:
+    """The signing certificate a capsule names, as an auditor needs to cite it."""
+
+    fingerprint: str  # as the capsule names it
+    serial: str = ""  # hex; "" when the certificate is not known
+    not_before: dt.datetime | None = None
+    not_after: dt.datetime | None = None
+    signed_at: dt.datetime | None = None  # the capsule's timestamp
+
+    @property
+    def valid_at_signing(self) -> bool | None:
+        """Whether the capsule's timestamp lies in the validity window (None: unknown)."""
+        if self.not_before is None or self.not_after is None or self.signed_at is None:
+            return None
+        return self.not_before <= self.signed_at <= self.not_after
+
+
+@dataclass(frozen=True, slots=True)
+class Judgement:
+    """What one capsule's signed bytes and signature come to; shared by every row storing it."""
+
+    verdict: str
+    detail: str
+    signer: str  # the header's sender
+    key: str  # identifies the message across the rows that store it
+    cert: CertFacts | None
+
+
+@dataclass(frozen=True, slots=True)
 class Finding:
     row: StoredRow
     verdict: str
@@ -49,6 +82,48 @@ class Finding:
     recipient: str
     key: str  # identifies the message across the rows that store it
     detail: str = ""
+    signer: str = ""  # who the capsule says signed it
+    cert: CertFacts | None = None
+
+
+class Timeline:
+    """Messages per verdict over time in at most :data:`BARS` buckets. Buckets are aligned to
+    the epoch and start a minute wide; the width doubles (merging neighbours) whenever the span
+    outgrows them, so memory stays bounded however long the archive."""
+
+    def __init__(self) -> None:
+        self.width = 60
+        self.buckets: dict[int, dict[str, int]] = {}
+        self.lo = self.hi = 0
+
+    def add(self, when: dt.datetime, verdict: str) -> None:
+        index = int(when.timestamp()) // self.width
+        bucket = self.buckets.get(index)
+        if bucket is None:
+            if not self.buckets:
+                self.lo = self.hi = index
+            bucket = self.buckets[index] = dict.fromkeys(VERDICTS, 0)
+            self.lo, self.hi = min(self.lo, index), max(self.hi, index)
+            while self.hi - self.lo >= BARS:
+                self._coarsen()
+        bucket[verdict] += 1
+        if self.hi - self.lo >= BARS:
+            self._coarsen()
+
+    def _coarsen(self) -> None:
+        merged: dict[int, dict[str, int]] = {}
+        for index, counts in self.buckets.items():
+            into = merged.setdefault(index // 2, dict.fromkeys(VERDICTS, 0))
+            for verdict, n in counts.items():
+                into[verdict] += n
+        self.buckets, self.width = merged, self.width * 2
+        self.lo, self.hi = self.lo // 2, self.hi // 2
+
+    def bars(self) -> list[tuple[dt.datetime, dict[str, int]]]:
+        """(bucket start, counts) for every bucket from the first to the last, empty ones too."""
+        empty = dict.fromkeys(VERDICTS, 0)
+        return [(dt.datetime.fromtimestamp(i * self.width, dt.UTC), self.buckets.get(i, empty))
+                for i in range(self.lo, self.hi + 1)] if self.buckets else []
 
 
 @dataclass
@@ -59,6 +134,7 @@ class Conversation:
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(VERDICTS, 0))
     first: dt.datetime | None = None
     last: dt.datetime | None = None
+    timeline: Timeline = field(default_factory=Timeline)
 
     @property
     def messages(self) -> int:
@@ -83,6 +159,8 @@ class Report:
     rows: int = 0
     findings: list[Finding] = field(default_factory=list)  # problems only, capped
     max_findings: int = 200
+    unlisted: int = 0  # findings beyond max_findings: counted, not kept
+    missing: list[str] = field(default_factory=list)  # source tables that do not exist
 
     def add(self, finding: Finding) -> None:
         self.rows += 1
@@ -91,18 +169,29 @@ class Report:
         if conv is None:
             conv = self.conversations[(a, b)] = Conversation((a, b))
         conv.rows += 1
+        verdict, when = finding.verdict, finding.row.when
         key = hash(finding.key)
         if key not in conv.keys:
             conv.keys.add(key)
-            conv.counts[finding.verdict] += 1
-        elif finding.verdict in ("bad-signature", "sender-mismatch"):
-            conv.counts[finding.verdict] += 1  # a tampered copy of a message stored twice
-        when = finding.row.when
+        elif verdict not in TAMPERED:  # a tampered copy of a message stored twice still counts
+            verdict = ""
+        if verdict:
+            conv.counts[verdict] += 1
+            if when:
+                conv.timeline.add(when, verdict)
         if when:
-            conv.first = min(conv.first or when, when)
-            conv.last = max(conv.last or when, when)
-        if finding.verdict in FAILING and len(self.findings) < self.max_findings:
-            self.findings.append(finding)
+            if conv.first is None or when < conv.first:
+                conv.first = when
+            if conv.last is None or when > conv.last:
+                conv.last = when
+        if finding.verdict in FAILING:
+            if len(self.findings) < self.max_findings:
+                self.findings.append(finding)
+            else:
+                self.unlisted += 1
+
+    def missing_table(self, table: str, detail: str) -> None:
+        self.missing.append(f"{table}: {detail}")
 
     def totals(self) -> dict[str, int]:
         out = dict.fromkeys(VERDICTS, 0)
@@ -143,6 +232,14 @@ def _bare(jid: str | None) -> str:
     return (jid or "").split("/", 1)[0]
 
 
+def capsule_digest(capsule: core.Capsule) -> bytes:
+    """What a verdict is keyed by: the signed bytes and the signature, as parsed. Two rows
+    share a verdict only if they carry the very capsule the signature check would see."""
+    digest = hashlib.sha256(core.signed_bytes(capsule))  # self-delimiting: length-prefixed
+    digest.update(capsule.signature)
+    return digest.digest()
+
+
 class Auditor:
     """Classifies rows and verifies capsules against a CA root, with certificates only."""
 
@@ -150,12 +247,14 @@ class Auditor:
                  fetch: Callable[[str], list[bytes]] | None = None):
         """``fetch(jid)`` finds certificates the bundle lacks (PEP, the CA's look-up)."""
         self._at = dt.datetime.now(dt.UTC)
-        # certificates are judged at the time the capsule says it was sealed
+        # a certificate is checked once, at a moment inside its validity window; whether each
+        # capsule was signed inside that window is checked per capsule (CertFacts)
         self.trust = TrustStore(ca_root, crl, clock=lambda: self._at)
         self.bundle = bundle
         self.fetch = fetch
         self._fetched: set[str] = set()
-        self._seen: dict[bytes, tuple[str, str, str, str]] = {}  # capsule digest -> _judge()
+        self._certs: dict[tuple[str, str], tuple[VerifiedCert | None, CertFacts, str]] = {}
+        self._seen: dict[bytes, Judgement] = {}  # capsule_digest -> its judgement
 
     def examine(self, row: StoredRow) -> Finding:
         if "<!" in row.stanza:
@@ -168,62 +267,79 @@ class Auditor:
                            f"unparseable stanza: {exc}")
         sender, recipient = _bare(msg.get("from")), _bare(msg.get("to"))
         sender = sender or row.owner
-        element = next((c for c in msg if c.tag == CAPSULE_TAG), None)
+        element = msg.find(CAPSULE_TAG)
         if element is None:
             body = next((c for c in msg if c.tag.rsplit("}", 1)[-1] == "body"), None)
             verdict = "plaintext" if body is not None and (body.text or "").strip() else "other"
             key = f"{sender}>{recipient}#{msg.get('id') or row.store + row.row_id}"
             return Finding(row, verdict, sender, recipient, key)
-        return self._capsule(row, element, sender, recipient)
-
-    def _capsule(self, row: StoredRow, element: ET.Element, sender: str, recipient: str
-                 ) -> Finding:
-        # the same capsule stored in several rows is verified once: key the verdict by the
-        # capsule's text as stored (a tampered copy differs, and is verified on its own)
-        begin, end = row.stanza.find("<capsule"), row.stanza.rfind("</capsule>")
-        digest = hashlib.sha256(row.stanza[begin:end].encode()).digest()
+        try:
+            capsule = parse_capsule(element)
+        except CapsuleError as exc:
+            return Finding(row, "malformed", sender, recipient, f"row {row.store} {row.row_id}",
+                           str(exc))
+        digest = capsule_digest(capsule)
         seen = self._seen.get(digest)
         if seen is None:
             if len(self._seen) >= SEEN_MAX:  # bounded: a row stored twice sits close by
                 self._seen.clear()
-            seen = self._seen[digest] = self._judge(element)
-        verdict, detail, signer, key = seen
-        if verdict != "malformed" and signer != sender:
-            return Finding(row, "sender-mismatch", sender, recipient, key,
-                           f"stored from {sender}, capsule signed as {signer}")
-        return Finding(row, verdict, sender, recipient, key, detail)
+            seen = self._seen[digest] = self._judge(capsule)
+        verdict, detail = seen.verdict, seen.detail
+        if verdict != "malformed" and seen.signer != sender:
+            verdict, detail = "sender-mismatch", f"stored from {sender}, capsule signed as " \
+                                                 f"{seen.signer}"
+        return Finding(row, verdict, sender, recipient, seen.key, detail, seen.signer, seen.cert)
 
-    def _judge(self, element: ET.Element) -> tuple[str, str, str, str]:
-        """(verdict, detail, header sender, message key) of one capsule."""
+    def _judge(self, capsule: core.Capsule) -> Judgement:
+        h = capsule.header
+        key = f"capsule {h.sender} {h.nid.hex()}"
         try:
-            capsule = parse_capsule(element)
             core.check_shape(capsule)
         except CapsuleError as exc:
-            return "malformed", str(exc), "", f"malformed {id(element)}"
-        verdict, detail = self._verify(capsule)
-        key = f"capsule {capsule.header.sender} {capsule.header.nid.hex()}"
-        return verdict, detail, capsule.header.sender, key
-
-    def _verify(self, capsule: core.Capsule) -> tuple[str, str]:
-        h = capsule.header
-        pem = self.bundle.by_fingerprint.get(h.cert)
-        if pem is None and self.fetch is not None and h.sender not in self._fetched:
-            self._fetched.add(h.sender)  # asked once per sender and run
-            for found in self.fetch(h.sender):
-                self.bundle.add_pem(found)
-            pem = self.bundle.by_fingerprint.get(h.cert)
-        if pem is None:
-            return "unverified", f"no certificate {h.cert[:16]}… for {h.sender}"
-        try:
-            self._at = dt.datetime.strptime(h.ts, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
-            signer: VerifiedCert = self.trust.verify(pem, h.sender, "sign")
-        except (UntrustedCertificate, ValueError) as exc:
-            return "unverified", str(exc)
+            return Judgement("malformed", str(exc), h.sender, key, None)
+        signer, facts, problem = self._certificate(h.cert, h.sender)
+        facts = dataclasses.replace(facts, signed_at=dt.datetime.strptime(h.ts, TS_FORMAT)
+                                    .replace(tzinfo=dt.UTC))
+        if signer is None:
+            return Judgement("unverified", problem, h.sender, key, facts)
         try:
             core.verify(capsule, signer.public_key)
         except CapsuleError as exc:
-            return ("bad-signature" if exc.reason == "bad-signature" else "malformed"), str(exc)
-        return "capsule", ""
+            verdict = "bad-signature" if exc.reason == "bad-signature" else "malformed"
+            return Judgement(verdict, str(exc), h.sender, key, facts)
+        if not facts.valid_at_signing:
+            return Judgement("unverified", f"signed at {h.ts}, outside the certificate's "
+                             f"validity ({facts.not_before:%Y-%m-%d} to "
+                             f"{facts.not_after:%Y-%m-%d})", h.sender, key, facts)
+        return Judgement("capsule", "", h.sender, key, facts)
+
+    def _certificate(self, fingerprint: str, sender: str
+                     ) -> tuple[VerifiedCert | None, CertFacts, str]:
+        """The signing certificate named by ``fingerprint``, checked once per run for
+        ``sender``: (the verified certificate or None, its facts, why not)."""
+        cached = self._certs.get((fingerprint, sender))
+        if cached is not None:
+            return cached
+        pem = self.bundle.by_fingerprint.get(fingerprint)
+        if pem is None and self.fetch is not None and sender not in self._fetched:
+            self._fetched.add(sender)  # asked once per sender and run
+            for found in self.fetch(sender):
+                self.bundle.add_pem(found)
+            pem = self.bundle.by_fingerprint.get(fingerprint)
+        if pem is None:
+            result: tuple[VerifiedCert | None, CertFacts, str] = (
+                None, CertFacts(fingerprint), f"no certificate {fingerprint[:16]}… for {sender}")
+        else:
+            cert = x509.load_pem_x509_certificate(pem)
+            facts = CertFacts(fingerprint, f"{cert.serial_number:X}", cert.not_valid_before_utc,
+                              cert.not_valid_after_utc)
+            self._at = cert.not_valid_before_utc
+            try:
+                result = self.trust.verify(pem, sender, "sign"), facts, ""
+            except UntrustedCertificate as exc:
+                result = None, facts, str(exc)
+        self._certs[(fingerprint, sender)] = result
+        return result
 
     def run(self, rows: Iterable[StoredRow], report: Report,
             progress: Iterator[None] | None = None) -> Report:
