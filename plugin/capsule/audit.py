@@ -15,6 +15,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from cryptography import x509
 
@@ -34,9 +35,9 @@ BARS = 48  # a conversation's timeline holds at most this many time buckets
 TS_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
 
-@dataclass(frozen=True, slots=True)
-class StoredRow:
-    """One row a server stored: where, whose, when, and the stanza as text."""
+class StoredRow(NamedTuple):
+    """One row a server stored: where, whose, when, and the stanza as text (a tuple: one is
+    made per stored row, so it must be cheap)."""
 
     store: str  # e.g. "ejabberd archive", "openfire ofOffline"
     row_id: str
@@ -70,12 +71,11 @@ class Judgement:
     verdict: str
     detail: str
     signer: str  # the header's sender
-    key: str  # identifies the message across the rows that store it
+    key: str  # identifies the message across the rows that store it ("": unreadable)
     cert: CertFacts | None
 
 
-@dataclass(frozen=True, slots=True)
-class Finding:
+class Finding(NamedTuple):
     row: StoredRow
     verdict: str
     sender: str
@@ -232,11 +232,14 @@ def _bare(jid: str | None) -> str:
     return (jid or "").split("/", 1)[0]
 
 
-def capsule_digest(capsule: core.Capsule) -> bytes:
-    """What a verdict is keyed by: the signed bytes and the signature, as parsed. Two rows
-    share a verdict only if they carry the very capsule the signature check would see."""
-    digest = hashlib.sha256(core.signed_bytes(capsule))  # self-delimiting: length-prefixed
-    digest.update(capsule.signature)
+def element_digest(element: ET.Element) -> bytes:
+    """What a capsule's verdict is keyed by: the parsed element, every tag, attribute, text and
+    the tree's shape (all that :func:`parse_capsule` reads; tails are not). Rows share a verdict
+    only when they hold the same capsule as parsed, however the stored text writes it."""
+    digest = hashlib.sha256()
+    for node in element.iter():
+        digest.update(f"{node.tag}\0{len(node)}\0{node.text or ''}\0"
+                      f"{sorted(node.attrib.items())!r}\0".encode())
     return digest.digest()
 
 
@@ -254,7 +257,7 @@ class Auditor:
         self.fetch = fetch
         self._fetched: set[str] = set()
         self._certs: dict[tuple[str, str], tuple[VerifiedCert | None, CertFacts, str]] = {}
-        self._seen: dict[bytes, Judgement] = {}  # capsule_digest -> its judgement
+        self._seen: dict[bytes, Judgement] = {}  # element_digest -> its judgement
 
     def examine(self, row: StoredRow) -> Finding:
         if "<!" in row.stanza:
@@ -273,30 +276,29 @@ class Auditor:
             verdict = "plaintext" if body is not None and (body.text or "").strip() else "other"
             key = f"{sender}>{recipient}#{msg.get('id') or row.store + row.row_id}"
             return Finding(row, verdict, sender, recipient, key)
-        try:
-            capsule = parse_capsule(element)
-        except CapsuleError as exc:
-            return Finding(row, "malformed", sender, recipient, f"row {row.store} {row.row_id}",
-                           str(exc))
-        digest = capsule_digest(capsule)
+        digest = element_digest(element)
         seen = self._seen.get(digest)
         if seen is None:
             if len(self._seen) >= SEEN_MAX:  # bounded: a row stored twice sits close by
                 self._seen.clear()
-            seen = self._seen[digest] = self._judge(capsule)
+            seen = self._seen[digest] = self._judge(element)
+        if not seen.key:  # unreadable: no message to count it under but this row
+            return Finding(row, seen.verdict, sender, recipient, f"row {row.store} {row.row_id}",
+                           seen.detail)
         verdict, detail = seen.verdict, seen.detail
         if verdict != "malformed" and seen.signer != sender:
             verdict, detail = "sender-mismatch", f"stored from {sender}, capsule signed as " \
                                                  f"{seen.signer}"
         return Finding(row, verdict, sender, recipient, seen.key, detail, seen.signer, seen.cert)
 
-    def _judge(self, capsule: core.Capsule) -> Judgement:
-        h = capsule.header
-        key = f"capsule {h.sender} {h.nid.hex()}"
+    def _judge(self, element: ET.Element) -> Judgement:
         try:
+            capsule = parse_capsule(element)
             core.check_shape(capsule)
         except CapsuleError as exc:
-            return Judgement("malformed", str(exc), h.sender, key, None)
+            return Judgement("malformed", str(exc), "", "", None)
+        h = capsule.header
+        key = f"capsule {h.sender} {h.nid.hex()}"
         signer, facts, problem = self._certificate(h.cert, h.sender)
         facts = dataclasses.replace(facts, signed_at=dt.datetime.strptime(h.ts, TS_FORMAT)
                                     .replace(tzinfo=dt.UTC))
