@@ -348,7 +348,7 @@ class _Reader(HTMLParser):
         kind = next((c for c in (a.get("class") or "").split() if c in ("conv", "finding")), None)
         item = None
         if kind:
-            item = {"kind": kind, "hidden": "hidden" in a, "text": "", **a}
+            item = {**a, "kind": kind, "hidden": "hidden" in a, "text": ""}
             self.items.append(item)
         self._open.append((tag, item))
 
