@@ -16,12 +16,13 @@ from cryptography import x509
 
 from capsule import core, envelope
 from capsule import stanza as st
-from capsule.audit import Auditor, CertificateBundle, Report, StoredRow
+from capsule.audit import BARS, VERDICTS, Auditor, CertificateBundle, Report, StoredRow, Timeline
 from capsule.audit_report import as_html
 from capsule.audit_sources import Dsn, SourceError, mam_rows, sql_rows
 from capsule.cli import main as capsule_main
 from capsule.panel import render
 from capsule.sql import literal
+from capsule.testing.identities import enroll
 from capsule.testing.stack import wait_stored
 
 from .test_core import body
@@ -66,6 +67,14 @@ def stored_text(capsule: core.Capsule, to: str, style: str, payload: str | None 
             f"<body>{st.FALLBACK_BODY}</body></message>")
 
 
+@pytest.fixture(scope="module")
+def pair(authority, tmp_path_factory):
+    """alice and bob, enrolled once for this module's server-free tests."""
+    where = tmp_path_factory.mktemp("audit-profiles")
+    return tuple(enroll(authority, where / f"{name}.capsule", f"{name}@capsule.test", "246810")
+                 for name in ("alice", "bob"))
+
+
 def offline_auditor(authority, *profiles) -> Auditor:
     bundle = CertificateBundle()
     for profile in profiles:
@@ -74,10 +83,10 @@ def offline_auditor(authority, *profiles) -> Auditor:
 
 
 @pytest.mark.parametrize("style", ["prefixed", "indented", "reordered", "plain"])
-def test_a_tampered_copy_never_inherits_the_genuine_verdict(authority, identity, style):
+def test_a_tampered_copy_never_inherits_the_genuine_verdict(authority, pair, style):
     """Genuine capsule first, then the same with one payload byte changed, written the way an
     operator may write XML: the copy is a bad signature however the text is laid out."""
-    alice, bob = identity("alice"), identity("bob")
+    alice, bob = pair
     capsule = sealed(alice, bob)
     payload = bytearray(capsule.payload)
     payload[5] ^= 0x01
@@ -101,10 +110,10 @@ def test_a_tampered_copy_never_inherits_the_genuine_verdict(authority, identity,
     assert bad[0].cert.serial == f"{serial:X}" and bad[0].cert.valid_at_signing is True
 
 
-def test_a_capsule_signed_outside_its_certificate_validity_is_unverified(authority, identity):
+def test_a_capsule_signed_outside_its_certificate_validity_is_unverified(authority, pair):
     """A genuine capsule verifies the certificate first; a back-dated one from the same
     certificate must still be judged at its own time, not take the cached verdict."""
-    alice, bob = identity("alice"), identity("bob")
+    alice, bob = pair
     cert = x509.load_pem_x509_certificate(alice.data.signing_cert.encode())
     early = cert.not_valid_before_utc - dt.timedelta(days=3)
     rows = [StoredRow("archive", str(i), "", None, stored_text(c, bob.data.jid, "plain"))
@@ -114,6 +123,19 @@ def test_a_capsule_signed_outside_its_certificate_validity_is_unverified(authori
     assert finding.row.row_id == "1" and finding.verdict == "unverified"
     assert finding.cert is not None and finding.cert.valid_at_signing is False
     assert finding.cert.signed_at == early.replace(microsecond=0)
+
+
+def test_timeline_stays_small_and_loses_no_message():
+    timeline = Timeline()
+    start = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    offsets = [0, 59, 3600, 86400 * 200, 17, 86400 * 365, 86400 * 364 + 5] * 3
+    for n, seconds in enumerate(offsets):
+        timeline.add(start + dt.timedelta(seconds=seconds), VERDICTS[n % len(VERDICTS)])
+    bars = timeline.bars()
+    assert len(bars) <= BARS and len(timeline.buckets) <= BARS
+    assert sum(sum(counts.values()) for _, counts in bars) == len(offsets)
+    assert bars[0][0] <= start and bars[-1][0] <= start + dt.timedelta(days=365) < (
+        bars[-1][0] + dt.timedelta(seconds=timeline.width))
 
 
 def audit(stack, source: str | None = None, dsn: str | None = None) -> Report:

@@ -97,18 +97,19 @@ class Timeline:
         self.lo = self.hi = 0
 
     def add(self, when: dt.datetime, verdict: str) -> None:
-        index = int(when.timestamp()) // self.width
-        bucket = self.buckets.get(index)
-        if bucket is None:
-            if not self.buckets:
-                self.lo = self.hi = index
-            bucket = self.buckets[index] = dict.fromkeys(VERDICTS, 0)
+        seconds = int(when.timestamp())
+        index = seconds // self.width
+        if not self.buckets:
+            self.lo = self.hi = index
+        elif not self.lo <= index <= self.hi:
             self.lo, self.hi = min(self.lo, index), max(self.hi, index)
             while self.hi - self.lo >= BARS:
                 self._coarsen()
+            index = seconds // self.width
+        bucket = self.buckets.get(index)
+        if bucket is None:
+            bucket = self.buckets[index] = dict.fromkeys(VERDICTS, 0)
         bucket[verdict] += 1
-        if self.hi - self.lo >= BARS:
-            self._coarsen()
 
     def _coarsen(self) -> None:
         merged: dict[int, dict[str, int]] = {}
@@ -164,10 +165,11 @@ class Report:
 
     def add(self, finding: Finding) -> None:
         self.rows += 1
-        a, b = sorted((finding.sender, finding.recipient))
-        conv = self.conversations.get((a, b))
+        a, b = finding.sender, finding.recipient
+        peers = (a, b) if a <= b else (b, a)
+        conv = self.conversations.get(peers)
         if conv is None:
-            conv = self.conversations[(a, b)] = Conversation((a, b))
+            conv = self.conversations[peers] = Conversation(peers)
         conv.rows += 1
         verdict, when = finding.verdict, finding.row.when
         key = hash(finding.key)
@@ -236,11 +238,10 @@ def element_digest(element: ET.Element) -> bytes:
     """What a capsule's verdict is keyed by: the parsed element, every tag, attribute, text and
     the tree's shape (all that :func:`parse_capsule` reads; tails are not). Rows share a verdict
     only when they hold the same capsule as parsed, however the stored text writes it."""
-    digest = hashlib.sha256()
-    for node in element.iter():
-        digest.update(f"{node.tag}\0{len(node)}\0{node.text or ''}\0"
-                      f"{sorted(node.attrib.items())!r}\0".encode())
-    return digest.digest()
+    parts: list[str] = []
+    for node in element.iter():  # four parts per node, none can hold a NUL: injective
+        parts += (node.tag, str(len(node)), node.text or "", repr(sorted(node.attrib.items())))
+    return hashlib.sha256("\0".join(parts).encode()).digest()
 
 
 class Auditor:

@@ -75,7 +75,9 @@ def _spark(bars: list[dict[str, Any]]) -> str:
 
 
 def _valid(cert: dict[str, Any] | None) -> str:
-    if cert is None or cert["valid_at_signing"] is None:
+    if cert is None:
+        return "-"
+    if cert["valid_at_signing"] is None:
         return "unknown"
     return "yes" if cert["valid_at_signing"] else "NO"
 
@@ -148,19 +150,20 @@ def _svg(timeline: dict[str, Any], width: int = 560, height: int = 56) -> str:
         return "<em>no timestamps</em>"
     top = max(sum(b["counts"].values()) for b in bars) or 1
     step = width / len(bars)
+    bar = min(max(step - 1, 1), 14)
     e = html.escape
     shapes = []
-    for i, bar in enumerate(bars):
+    for i, slot in enumerate(bars):
         y = float(height)
         for verdict in VERDICTS:
-            n = bar["counts"].get(verdict, 0)
+            n = slot["counts"].get(verdict, 0)
             if not n:
                 continue
             h = n / top * height
             y -= h
-            shapes.append(f"<rect class='bar {verdict}' x='{i * step:.1f}' y='{y:.1f}' "
-                          f"width='{max(step - 1, 1):.1f}' height='{h:.1f}' "
-                          f"fill='{COLOURS[verdict]}'><title>{e(bar['start'])}: {n} {verdict}"
+            shapes.append(f"<rect class='bar {verdict}' x='{i * step + (step - bar) / 2:.1f}' "
+                          f"y='{y:.1f}' width='{bar:.1f}' height='{h:.1f}' "
+                          f"fill='{COLOURS[verdict]}'><title>{e(slot['start'])}: {n} {verdict}"
                           f"</title></rect>")
     minutes = timeline["bucket_seconds"] // 60
     return (f"<svg class='timeline' width='{width}' height='{height + 16}' role='img' "
@@ -168,7 +171,8 @@ def _svg(timeline: dict[str, Any], width: int = 560, height: int = 56) -> str:
             f"<line x1='0' x2='{width}' y1='{height}' y2='{height}' stroke='#999'/>"
             f"<text x='0' y='{height + 13}' font-size='11'>{e(bars[0]['start'])}</text>"
             f"<text x='{width}' y='{height + 13}' font-size='11' text-anchor='end'>"
-            f"{e(bars[-1]['start'])} · one bar = {minutes} min</text></svg>")
+            f"{e(bars[-1]['start'])} · one bar = {minutes} min · tallest = {top} messages"
+            f"</text></svg>")
 
 
 def _conversation(c: dict[str, Any]) -> str:

@@ -45,8 +45,8 @@ class SourceError(Exception):
 
 @dataclass(frozen=True)
 class Table:
-    """One stored-message table: a query yielding (row id, owner, time, stanza), and for tables
-    that may store only columns, (from, to, body) to rebuild the stanza from."""
+    """One stored-message table: a query yielding (row id, owner, time, stanza), and where a
+    table may keep a message only as columns, (from, to, body) to rebuild its stanza from."""
 
     label: str
     sql: str
@@ -67,7 +67,8 @@ SQL_SOURCES: dict[str, list[Table]] = {
     ],
     "openfire": [
         Table("openfire ofMessageArchive",
-              "SELECT messageID, '', sentDate, stanza, fromJID, toJID, body "
+              "SELECT messageID, NULL, sentDate, stanza, IF(stanza IS NULL, fromJID, NULL), "
+              "IF(stanza IS NULL, toJID, NULL), IF(stanza IS NULL, body, NULL) "
               "FROM ofMessageArchive ORDER BY messageID", 1e-3),
         Table("openfire ofOffline",
               "SELECT messageID, username, creationDate, stanza FROM ofOffline "
@@ -163,7 +164,7 @@ def _stream(connection: Any, table: Table) -> Iterator[StoredRow]:
         while rows := cursor.fetchmany(500):
             for row_id, owner, when, stanza, *columns in rows:
                 if stanza is None:
-                    stanza = _rebuilt(*columns) if columns else ""
+                    stanza = _rebuilt(*columns) if columns else ""  # judged "other"
                 elif isinstance(stanza, bytes):
                     stanza = stanza.decode("utf-8", "replace")
                 yield StoredRow(label, str(row_id), owner or "", _time(when, unit), stanza)
