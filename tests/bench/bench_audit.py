@@ -65,7 +65,7 @@ def _fill(stack, db: str, seed: list[str], total: int) -> None:
               "INSERT INTO ofMessageArchive SELECT id, 1, 'a', NULL, 'b', NULL, "
               f"1795700000000 + id * {MINUTE_MS}, REPLACE(stanza, 'SEEDID', CONCAT('m', id)), "
               f"NULL, NULL FROM (SELECT seq * {len(seed)} + n AS id, stanza FROM seed "
-              f"JOIN seq_0_to_{copies - 1}) AS rows WHERE id < {total};", db)
+              f"JOIN seq_0_to_{copies - 1}) AS copy WHERE id < {total};", db)
 
 
 def _median_rate(total: int, run: Callable[[], int]) -> float:
