@@ -8,6 +8,7 @@ import datetime as dt
 import json
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -16,7 +17,16 @@ from cryptography import x509
 
 from capsule import core, envelope
 from capsule import stanza as st
-from capsule.audit import BARS, VERDICTS, Auditor, CertificateBundle, Report, StoredRow, Timeline
+from capsule.audit import (
+    BARS,
+    VERDICTS,
+    Auditor,
+    CertificateBundle,
+    Report,
+    StanzaReader,
+    StoredRow,
+    Timeline,
+)
 from capsule.audit_report import as_html
 from capsule.audit_sources import Dsn, SourceError, mam_rows, sql_rows
 from capsule.cli import main as capsule_main
@@ -123,6 +133,44 @@ def test_a_capsule_signed_outside_its_certificate_validity_is_unverified(authori
     assert finding.row.row_id == "1" and finding.verdict == "unverified"
     assert finding.cert is not None and finding.cert.valid_at_signing is False
     assert finding.cert.signed_at == early.replace(microsecond=0)
+
+
+TRICKY_ROWS = [
+    "<message to='b@x'><body>ok</body></message>",
+    "<message to='b@x'><body>unclosed</body>",
+    "<message to='b@x'/><?pi pending",
+    "<message to='b@x'/><?pi pending>",
+    "<message to='b@x'/>trailing text",
+    "leading text<message to='b@x'/>",
+    "<message to='b@x'/><message to='c@x'/>",
+    "<message to='b@x'/></rows><rows>",
+    "<message to='b@x'/><capsule-audit-row-end/>",
+    "<?xml version='1.0'?><message to='b@x'/>",
+    "<message to='b@x' to='c@x'/>",
+    "<message to='b@x'><body>a &amp; b &#60;</body></message>",
+    "<message to='b@x'><body>&undefined;</body></message>",
+    "<c:message xmlns:c='jabber:client' to='b@x'/>",
+    "  <message to='b@x'/>\n",
+    "<message to='b@x'",
+    "",
+    "<message to='b@x'><body>last</body></message>",
+]
+
+
+def test_stanza_reader_parses_exactly_like_fromstring():
+    """Rows that leave the shared parser open, pending or with extra content, each followed
+    by the others: every row reads as ``ET.fromstring`` reads it on its own."""
+    reader = StanzaReader()
+    for text in TRICKY_ROWS * 2:
+        try:
+            expected = ET.tostring(ET.fromstring(text))
+        except ET.ParseError:
+            expected = None
+        try:
+            got = ET.tostring(reader.parse(text))
+        except ET.ParseError:
+            got = None
+        assert got == expected, text
 
 
 def test_timeline_stays_small_and_loses_no_message():
