@@ -240,9 +240,12 @@ def element_digest(element: ET.Element) -> bytes:
     the tree's shape (all that :func:`parse_capsule` reads; tails are not). Rows share a verdict
     only when they hold the same capsule as parsed, however the stored text writes it."""
     parts: list[str] = []
-    for node in element.iter():  # four parts per node, none can hold a NUL: injective
-        parts += (node.tag, str(len(node)), node.text or "", repr(sorted(node.attrib.items())))
-    return hashlib.sha256("\0".join(parts).encode()).digest()
+    for node in element.iter():  # per node: tag, children, text, n attributes, n (name, value)
+        attrib = node.attrib
+        parts += (node.tag, str(len(node)), node.text or "", str(len(attrib)))
+        for item in attrib.items():
+            parts += item
+    return hashlib.sha256("\0".join(parts).encode()).digest()  # no part can hold a NUL
 
 
 class StanzaReader:
