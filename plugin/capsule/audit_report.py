@@ -171,7 +171,7 @@ def _svg(timeline: dict[str, Any], width: int = 560, height: int = 56) -> str:
             f"<line x1='0' x2='{width}' y1='{height}' y2='{height}' stroke='#999'/>"
             f"<text x='0' y='{height + 13}' font-size='11'>{e(bars[0]['start'])}</text>"
             f"<text x='{width}' y='{height + 13}' font-size='11' text-anchor='end'>"
-            f"{e(bars[-1]['start'])} · one bar = {minutes} min · tallest = {top} messages"
+            f"{e(bars[-1]['start'])} · one bar = {minutes} min · at most {top} per bar"
             f"</text></svg>")
 
 
