@@ -2,8 +2,9 @@
 
 No private key is involved: a capsule's signature is checked with the sender's signing
 certificate only (from a bundle or PEP), so a third party can prove who sent what, and see
-that the server holds ciphertext. Rows stream through in constant memory; only the
-per-conversation tallies are kept.
+that the server holds ciphertext. Rows stream through; what is kept is per conversation: the
+tallies, a bounded timeline and one hash per message (to count a message stored in several
+rows once), plus a bounded cache of verdicts per distinct capsule.
 """
 
 from __future__ import annotations
