@@ -404,6 +404,26 @@ def test_missing_table_is_reported_and_the_rest_audited(xmpp_stack, tmp_path):
         list(sql_rows("openfire", Dsn.parse(xmpp_stack.dsn("no_such_database"))))
 
 
+def test_database_killed_mid_stream_is_a_source_error(xmpp_stack):
+    """The database connection dies while rows stream: the audit stops with a SourceError
+    (exit 1 from the CLI), never a partial report that looks complete."""
+    db = "openfire_killed"
+    xmpp_stack.sql(f"DROP DATABASE IF EXISTS {db}; CREATE DATABASE {db};")
+    xmpp_stack.sql(OPENFIRE_ARCHIVE + "INSERT INTO ofMessageArchive SELECT seq, 1, 'a', NULL, "
+                   "'b', NULL, seq, CONCAT('<message><body>', REPEAT('x', 2000), '</body>"
+                   "</message>'), NULL, NULL FROM seq_1_to_20000;", db)
+    rows = sql_rows("openfire", Dsn.parse(xmpp_stack.dsn(db)), lambda *_: None)
+    next(rows)
+    (connection,) = xmpp_stack.sql(
+        "SELECT ID FROM information_schema.PROCESSLIST WHERE INFO LIKE '%FROM ofMessageArchive%'"
+        " AND INFO NOT LIKE '%PROCESSLIST%'").split()
+    xmpp_stack.sql(f"KILL CONNECTION {connection}")
+    with pytest.raises(SourceError):
+        for _ in rows:
+            pass
+    xmpp_stack.sql(f"DROP DATABASE {db}")
+
+
 class _Reader(HTMLParser):
     """What a reader of the report sees: its conversations and findings, shown or hidden."""
 

@@ -141,7 +141,8 @@ def sql_rows(kind: str, dsn: Dsn, missing: MissingTable | None = None) -> Iterat
     if kind not in SQL_SOURCES:
         raise SourceError(f"unknown source {kind!r}; choose one of {', '.join(SQL_SOURCES)}")
     absent: list[tuple[str, str]] = []
-    with dsn.connect() as connection:
+    connection = dsn.connect()
+    try:
         for table in SQL_SOURCES[kind]:
             try:
                 yield from _stream(connection, table)
@@ -150,6 +151,9 @@ def sql_rows(kind: str, dsn: Dsn, missing: MissingTable | None = None) -> Iterat
                     absent.append((table.label, _words(exc)))
                     continue
                 raise SourceError(f"{table.label}: {_words(exc)}") from None
+    finally:
+        if connection.open:  # a lost connection is closed already
+            connection.close()  # without reading the rest of an abandoned result
     if absent and (missing is None or len(absent) == len(SQL_SOURCES[kind])):
         raise SourceError("; ".join(f"{label}: {words}" for label, words in absent))
     for label, words in absent:
@@ -158,16 +162,19 @@ def sql_rows(kind: str, dsn: Dsn, missing: MissingTable | None = None) -> Iterat
 
 
 def _stream(connection: Any, table: Table) -> Iterator[StoredRow]:
-    with connection.cursor() as cursor:
-        cursor.execute(table.sql)
-        label, unit = table.label, table.time_unit
-        while rows := cursor.fetchmany(500):
-            for row_id, owner, when, stanza, *columns in rows:
-                if stanza is None:
-                    stanza = _rebuilt(*columns) if columns else ""  # judged "other"
-                elif isinstance(stanza, bytes):
-                    stanza = stanza.decode("utf-8", "replace")
-                yield StoredRow(label, str(row_id), owner or "", _time(when, unit), stanza)
+    # no ``with``: closing a server-side cursor reads what is left, which fails (and hides
+    # the real error) when the connection broke
+    cursor = connection.cursor()
+    cursor.execute(table.sql)
+    label, unit = table.label, table.time_unit
+    while rows := cursor.fetchmany(500):
+        for row_id, owner, when, stanza, *columns in rows:
+            if stanza is None:
+                stanza = _rebuilt(*columns) if columns else ""  # judged "other"
+            elif isinstance(stanza, bytes):
+                stanza = stanza.decode("utf-8", "replace")
+            yield StoredRow(label, str(row_id), owner or "", _time(when, unit), stanza)
+    cursor.close()
 
 
 def _rebuilt(sender: str | None, recipient: str | None, body: str | None) -> str:
