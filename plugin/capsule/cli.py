@@ -158,17 +158,17 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if args.source == "mam":
         assert password is not None
         rows = mam_rows(args.jid, password, args.host, args.port, args.ca)
-        label = f"MAM of {args.jid}"
+        report = Report([f"MAM of {args.jid}"])
     else:
         if not args.dsn:
             raise SourceError(f"--source {args.source} needs --dsn")
-        rows = sql_rows(args.source, Dsn.parse(args.dsn))
-        label = f"{args.source} tables"
+        report = Report([f"{args.source} tables"])
+        rows = sql_rows(args.source, Dsn.parse(args.dsn), report.missing_table)
     fetcher = (CertificateFetcher(args.jid, password, args.host, args.port, args.ca,
                                   args.ca_service) if args.fetch_certs and password else None)
     try:
-        report = Auditor(root, bundle, crl, fetcher.fetch if fetcher else None).run(
-            rows, Report([label]), _progress(args.progress or sys.stderr.isatty()))
+        Auditor(root, bundle, crl, fetcher.fetch if fetcher else None).run(
+            rows, report, _progress(args.progress or sys.stderr.isatty()))
     finally:
         if fetcher:
             fetcher.close()
