@@ -38,7 +38,7 @@ from capsule_ca.cli import build_parser as ca_parser
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 BIN = Path(sys.executable).parent
-PIN = "135791"
+PIN = "1357913579"
 
 # every (program, subcommand) README.md shows; each is run below
 COVERED = {
