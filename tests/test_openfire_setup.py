@@ -3,6 +3,7 @@ database, the REST client against a named fake, the dry-run plan, refusals, the 
 
 from __future__ import annotations
 
+import secrets
 import shutil
 import subprocess
 import xml.etree.ElementTree as ET
@@ -14,6 +15,13 @@ from capsule_openfire.cli import main as setup_main
 from capsule_openfire.config import Config, ConfigError
 from capsule_openfire.install import Installer, InstallError
 from capsule_openfire.rest import OpenfireRest, RestError
+from capsule_openfire.service_admin import (
+    ADD_USER,
+    CHANGE_PASSWORD,
+    DELETE_USER,
+    AdminCommandError,
+    ServiceAdmin,
+)
 from capsule_openfire.verify import starttls_required, tls_chain
 
 from capsule_ca import Authority
@@ -221,3 +229,39 @@ async def test_tls_checks_against_a_real_server(xmpp_stack) -> None:
     other = Authority.init(Path(state.dir) / "other-ca", "Other", b"other passphrase")
     ok, detail = tls_chain("127.0.0.1", state.c2s_port, state.domain, other.root_path)
     assert not ok and "TLS failed" in detail
+
+
+async def test_xep0133_provisioning_on_a_real_server(xmpp_stack, new_account) -> None:
+    """The same provisioning code Openfire gets, against ejabberd (mod_configure) and Prosody
+    (mod_admin_adhoc): create, idempotent rerun, password reset, delete; a non-admin is refused."""
+    state = xmpp_stack.info
+    name = f"prov-{secrets.token_hex(3)}"
+
+    def admin_session(jid: str, password: str) -> ServiceAdmin:
+        return ServiceAdmin(jid, password, "127.0.0.1", state.c2s_port, state.ca_root)
+
+    async with admin_session(f"admin@{state.domain}", state.admin_password) as admin:
+        assert {ADD_USER, DELETE_USER, CHANGE_PASSWORD} <= await admin.commands()
+        assert str(await admin.ensure_user(name, "first password")) == f"changed   user {name} created"
+        assert not (await admin.ensure_user(name, "first password")).changed  # rerun: no write
+        assert await admin.can_log_in(name, "first password")
+        assert (await admin.ensure_user(name, "second password")).what.endswith("password reset")
+        assert not await admin.can_log_in(name, "first password")
+        assert await admin.can_log_in(name, "second password")
+        if xmpp_stack.info.server == "ejabberd":  # Prosody 0.12 offers neither command
+            assert f"{name}@{state.domain}" in await admin.list_users()
+            assert await admin.count_users() >= 3  # probe, admin, the new user
+        else:
+            with pytest.raises(AdminCommandError) as unsupported:
+                await admin.count_users()
+            assert unsupported.value.condition == "unsupported"
+        await admin.delete_user(name)
+        assert not await admin.can_log_in(name, "second password")
+        with pytest.raises(AdminCommandError):  # an invalid JID is refused, never ignored
+            await admin.add_user("bad user@x", "pw")
+    plain = new_account("notadmin")
+    async with admin_session(plain.jid, plain.password) as user:
+        with pytest.raises(AdminCommandError) as refused:
+            await user.add_user(f"{name}-x", "pw")
+        assert refused.value.condition in ("forbidden", "item-not-found", "error-note")
+        assert not await user.can_log_in(f"{name}-x", "pw")
