@@ -49,9 +49,9 @@ def console_answers(console: str, timeout: float = 10) -> str | None:
 def admin_login(config: Config, host: str = "127.0.0.1", port: int = 5222,
                 timeout: float = 20) -> str | None:
     """None when admin@DOMAIN logs in over STARTTLS verified against our CA, else the reason."""
-    client = ClientXMPP(f"admin@{config['openfire.domain']}", config["openfire.admin_password"])
-
     async def attempt() -> None:
+        client = ClientXMPP(f"admin@{config['openfire.domain']}",
+                            config["openfire.admin_password"])  # in the loop that runs it
         await login(client, host, port, Path(config["tls.ca_dir"]) / "root.pem", timeout,
                     tls_max=config.tls_max)
         await client.disconnect()
@@ -68,10 +68,14 @@ def console_url(config: Config) -> str:
 
 
 def wait_ready(config: Config, host: str = "127.0.0.1", timeout: float = 300,
-               say: Callable[[str], None] = print, every: float = 15) -> None:
-    """Wait until the console answers and the admin logs in; report progress every ``every`` s."""
+               say: Callable[[str], None] = print, every: float = 15,
+               alive: Callable[[], bool] = lambda: True) -> None:
+    """Wait until the console answers and the admin logs in; report progress every ``every`` s.
+    ``alive`` says whether the server process still runs (a dead one ends the wait at once)."""
     start = last = time.monotonic()
     while True:
+        if not alive():
+            raise NotReady("Openfire is not running (it exited during start-up)")
         reason = console_answers(console_url(config)) or admin_login(config, host)
         waited = time.monotonic() - start
         if reason is None:
@@ -97,5 +101,5 @@ def property_sql(config: Config, sql: str) -> str:
 def stored_properties(config: Config, names: list[str]) -> dict[str, str]:
     """The rows of ``names`` in ofProperty (names absent there are absent here)."""
     listed = ", ".join(literal(n) for n in names)
-    out = property_sql(config, f"SELECT name, propValue FROM ofProperty WHERE name IN ({listed});")
+    out = property_sql(config, f"SELECT name, propValue FROM ofProperty WHERE name IN ({listed});")  # noqa: S608 - quoted
     return dict(line.split("\t", 1) for line in out.splitlines() if "\t" in line)

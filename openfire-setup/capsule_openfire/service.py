@@ -51,6 +51,16 @@ class Systemd:
     user: str
     unit_path: Path
 
+    def describe(self) -> str:
+        return f"systemd unit {self.unit_path.name}"
+
+    def commands(self) -> list[list[str]]:
+        return [["systemctl", "daemon-reload"], ["systemctl", "enable", "openfire"],
+                ["systemctl", "start", "openfire"]]
+
+    def files(self) -> list[str]:
+        return [str(self.unit_path)]
+
     def install(self) -> None:
         self.unit_path.parent.mkdir(parents=True, exist_ok=True)
         self.unit_path.write_text(UNIT.format(dir=self.install_dir, user=self.user))
@@ -62,6 +72,10 @@ class Systemd:
 
     def stop(self) -> None:
         _cmd(["systemctl", "stop", "openfire"])
+
+    def running(self) -> bool:
+        return subprocess.run(["systemctl", "is-failed", "--quiet", "openfire"],
+                              check=False).returncode != 0
 
     def status(self) -> str:
         proc = subprocess.run(["systemctl", "is-active", "openfire"], capture_output=True,
@@ -78,15 +92,24 @@ class Launcher:
     pid_file: Path
     log_file: Path
 
+    def describe(self) -> str:
+        return f"no systemd: bin/openfire.sh, PID file {self.pid_file}, log {self.log_file}"
+
+    def commands(self) -> list[list[str]]:
+        return [self.command()]
+
+    def files(self) -> list[str]:
+        return [str(self.pid_file), str(self.log_file)]
+
     def install(self) -> None:
         """Nothing to register: there is no init system to tell."""
 
     def command(self) -> list[str]:
-        script = str(self.install_dir / "bin/openfire.sh")
+        script = ["/bin/sh", str(self.install_dir / "bin/openfire.sh")]  # also when not +x
         if os.geteuid() != 0:  # tests run it as themselves
-            return [script]
+            return script
         return ["setpriv", f"--reuid={self.user}", f"--regid={self.user}", "--init-groups",
-                "--", script]
+                "--", *script]
 
     def pid(self) -> int | None:
         """The recorded PID if that process is alive and runs from our install dir."""
@@ -97,6 +120,9 @@ class Launcher:
         except (OSError, ValueError):
             return None
         return pid if str(self.install_dir).encode() in cmdline and state != "Z" else None
+
+    def running(self) -> bool:
+        return self.pid() is not None
 
     def start(self) -> None:
         if self.pid() is not None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from slixmpp import ClientXMPP
+from slixmpp import JID, ClientXMPP
 from slixmpp.exceptions import IqError, IqTimeout
 from slixmpp.plugins.xep_0004 import Form
 
@@ -74,7 +74,7 @@ class ServiceAdmin:
         """The command nodes the server offers this admin."""
         try:
             items = await self.client.plugin["xep_0030"].get_items(
-                jid=self.domain, node=COMMANDS, timeout=self.timeout)
+                jid=JID(self.domain), node=COMMANDS, timeout=self.timeout)
         except IqError as exc:
             raise AdminCommandError(COMMANDS, exc.condition) from None
         return {node for _jid, node, _name in items["disco_items"]["items"]}
