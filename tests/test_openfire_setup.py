@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import secrets
 import shutil
+import ssl
 import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -14,7 +15,6 @@ from capsule_openfire import database, keystore, render
 from capsule_openfire.cli import main as setup_main
 from capsule_openfire.config import Config, ConfigError
 from capsule_openfire.install import Installer, InstallError
-from capsule_openfire.rest import OpenfireRest, RestError
 from capsule_openfire.service_admin import (
     ADD_USER,
     CHANGE_PASSWORD,
@@ -26,7 +26,7 @@ from capsule_openfire.verify import starttls_required, tls_chain
 
 from capsule_ca import Authority
 
-from .openfire_fake import FakeOpenfireRest
+from .openfire_fake import FakeOpenfireConsole
 
 DATA = Path(__file__).parent / "data"
 
@@ -60,13 +60,36 @@ def test_openfire_xml_is_well_formed_and_complete(tmp_path: Path, password: str)
     assert get("xmpp/client/tls/policy") == "required"
     assert get("xmpp/offline/type") == "store_and_drop" and get("xmpp/offline/quota") == "1048576"
     assert get("conversation/messageArchiving") == "true"
-    assert get("plugin/restapi/enabled") == "true" and get("plugin/restapi/httpAuth") == "secret"
-    assert get("plugin/restapi/secret") == config["rest.secret"]
+    assert get("register/inband") == "false"  # closed unless the config asks
+    assert root.find("plugin") is None and "secret" not in text.lower()  # no REST, no secret
+    assert root.find("xmpp/socket/ssl/client") is None  # 5.1.1 needs no TLS cap
     assert get("adminConsole/interface") == "127.0.0.1"
-    assert get("adminConsole/access/allow-wildcards-in-excludes") == "true"
-    stripped = ET.fromstring(render.strip_secrets(text))
-    assert stripped.find("plugin/restapi/secret") is None and stripped.find("autosetup") is None
-    assert stripped.findtext("plugin/restapi/enabled") == "true"
+    assert root.find("adminConsole/access") is None
+    stripped = ET.fromstring(render.without_autosetup(text))
+    assert stripped.find("autosetup") is None and stripped.findtext("register/inband") == "false"
+
+
+def test_old_openfire_gets_tls_capped_and_options_reach_the_xml(tmp_path: Path) -> None:
+    """Openfire < 4.8 hangs after STARTTLS on TLS 1.3 (OF-2435): server and clients cap at 1.2."""
+    path = write_config(tmp_path)
+    path.write_text(path.read_text().replace("[openfire]", "[openfire]\nversion = 4.5.0\n"
+                                             "inband_registration = true"))
+    config = Config.load(path)
+    assert config.tls_max == ssl.TLSVersion.TLSv1_2
+    root = ET.fromstring(render.openfire_xml(config))
+    assert root.findtext("xmpp/socket/ssl/client/protocols") == "TLSv1.2"
+    assert root.findtext("register/inband") == "true"
+    path.write_text(path.read_text().replace("[plugins]", "[plugins]\nrestapi = true\n"
+                                             "restapi_file = /srv/restAPI.jar"))
+    root = ET.fromstring(render.openfire_xml(Config.load(path)))
+    assert root.findtext("plugin/restapi/httpAuth") == "basic"  # the admin's login, no secret
+    assert root.find("plugin/restapi/secret") is None
+    assert root.findtext("adminConsole/access/allow-wildcards-in-excludes") == "true"
+    path.write_text(path.read_text().replace("version = 4.5.0", "version = 5.1.1\ntls_max = 1.2"))
+    assert Config.load(path).tls_max == ssl.TLSVersion.TLSv1_2
+    path.write_text(path.read_text().replace("tls_max = 1.2", "tls_max = 1.1"))
+    with pytest.raises(ConfigError, match="tls_max must be one of auto, 1.2, 1.3"):
+        Config.load(path)
 
 
 def test_secrets_are_generated_once_and_kept_private(tmp_path: Path) -> None:
@@ -85,11 +108,18 @@ def test_secrets_are_generated_once_and_kept_private(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("extra", "message"), [
     ("\n[openfire]\n", "already exists"),
     ("\n[oops]\nx = 1\n", "unknown section \\[oops\\]"),
-    ("\n[rest]\nsecrett = x\n", "unknown key 'secrett' in \\[rest\\]"),
+    ("[tls]\nsecrett = x\n", "unknown key 'secrett' in \\[tls\\]"),
+    ("\n[rest]\nsecret = x\n", "unknown section \\[rest\\]"),  # the REST secret is gone
+    ("[plugins]\nmonitoring = yes\n", "monitoring must be true or false"),
+    ("[openfire]\nservice = init.d\n", "service must be one of auto, systemd, launcher"),
 ])
 def test_invalid_config_is_refused(tmp_path: Path, extra: str, message: str) -> None:
+    path = write_config(tmp_path)
+    section = extra.partition("\n")[0]
+    text = path.read_text()
+    path.write_text(text.replace(section + "\n", extra, 1) if section in text else text + extra)
     with pytest.raises(ConfigError, match=message):
-        Config.load(write_config(tmp_path, extra))
+        Config.load(path)
     assert not (tmp_path / "of.conf.secrets").exists()
 
 
@@ -181,43 +211,6 @@ def test_database_and_user_on_real_mariadb(xmpp_stack, tmp_path: Path) -> None:
         database.run_sql([f"--defaults-extra-file={options}"], "CREATE DATABASE other_db;")
     with pytest.raises(database.DatabaseError, match="refusing"):
         database.create_sql("bad;name", "u", "p", ("%",))
-
-
-def test_rest_client_against_the_fake(tmp_path: Path, capsys) -> None:
-    fake = FakeOpenfireRest("s3cret")
-    try:
-        path = write_config(tmp_path, "\n[rest]\nsecret = s3cret\n")
-        args = ["provision", str(path), "--url", fake.url]
-        assert setup_main([*args, "apply"]) == 0
-        first = capsys.readouterr().out
-        assert "changed   user alice" in first and "changed   property conversation.messageArchiving" in first
-        writes = len(fake.writes())
-        assert setup_main([*args, "apply"]) == 0  # idempotent: the second run writes nothing
-        second = capsys.readouterr().out.splitlines()
-        assert second and all(line.startswith("unchanged") for line in second)
-        assert len(fake.writes()) == writes
-        assert fake.properties["conversation.messageArchiving"] == "true"
-        assert set(fake.users) == {"alice", "bob"}
-        assert setup_main([*args, "user-list"]) == 0
-        assert "alice\tAlice Liddell\talice@example.org" in capsys.readouterr().out
-        assert setup_main([*args, "property-set", "xmpp.offline.quota", "2048"]) == 0
-        assert fake.properties["xmpp.offline.quota"] == "2048"
-        assert setup_main([*args, "user-remove", "bob"]) == 0
-        assert setup_main([*args, "user-remove", "bob"]) == 0
-        assert "unchanged user bob (absent)" in capsys.readouterr().out
-        assert setup_main([*args, "property-get", "no.such.key"]) == 1
-        wrong = OpenfireRest(fake.url, "wrong")
-        with pytest.raises(RestError, match="401"):
-            wrong.users()
-        assert not wrong.readiness()
-        rest = OpenfireRest(fake.url, "s3cret")
-        with pytest.raises(RestError, match="409"):
-            rest._call("POST", "users", {"username": "alice", "password": "x"})
-        assert setup_main([*args, "--dry-run", "user-add", "carol"]) == 0
-        assert "carol" not in fake.users
-    finally:
-        fake.close()
-    assert setup_main(["provision", str(path), "--url", fake.url, "user-list"]) == 1  # gone
 
 
 async def test_tls_checks_against_a_real_server(xmpp_stack) -> None:

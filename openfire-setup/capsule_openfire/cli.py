@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable
@@ -151,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_verify)
     args = sys.argv[1:] if argv is None else argv
     ns = parser.parse_args(args)
+    logging.getLogger("slixmpp").setLevel(logging.CRITICAL)  # a refused probe login is expected
     if ns.command == "provision" and ns.action.startswith("user-") and ns.action not in (
             "user-list", "user-count") and not ns.name:
         parser.error(f"{ns.action} needs a name")

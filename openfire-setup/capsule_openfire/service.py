@@ -9,6 +9,7 @@ service user, so ``stop`` can signal the whole process group and wait for it to 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -23,6 +24,7 @@ After=network.target mariadb.service
 Type=simple
 User={user}
 WorkingDirectory={dir}
+Environment=JAVA_HOME={java_home}
 ExecStart={dir}/bin/openfire.sh
 Restart=on-failure
 
@@ -37,6 +39,15 @@ class ServiceError(Exception):
 
 def has_systemd(root: Path = Path("/")) -> bool:
     return (root / "run/systemd/system").is_dir()
+
+
+def java_home() -> str:
+    """The JVM of the ``java`` on PATH (the one the installer put there). Without JAVA_HOME,
+    openfire.sh takes the last-sorted JDK in /usr/lib/jvm, whichever version that is."""
+    java = shutil.which("java")
+    if java is None:
+        raise ServiceError("no java on PATH: apt-get install openjdk-17-jre-headless")
+    return str(Path(java).resolve().parent.parent)
 
 
 def _cmd(cmd: list[str]) -> None:
@@ -63,7 +74,8 @@ class Systemd:
 
     def install(self) -> None:
         self.unit_path.parent.mkdir(parents=True, exist_ok=True)
-        self.unit_path.write_text(UNIT.format(dir=self.install_dir, user=self.user))
+        self.unit_path.write_text(UNIT.format(dir=self.install_dir, user=self.user,
+                                              java_home=java_home()))
         _cmd(["systemctl", "daemon-reload"])
         _cmd(["systemctl", "enable", "openfire"])
 
@@ -131,7 +143,8 @@ class Launcher:
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_file, "ab") as log:
             proc = subprocess.Popen(self.command(), cwd=self.install_dir, stdin=subprocess.DEVNULL,
-                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                    env={**os.environ, "JAVA_HOME": java_home()})
         self.pid_file.write_text(f"{proc.pid}\n")
 
     def stop(self, timeout: float = 60) -> None:
