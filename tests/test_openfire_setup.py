@@ -3,18 +3,23 @@ database, the REST client against a named fake, the dry-run plan, refusals, the 
 
 from __future__ import annotations
 
+import pwd
+import asyncio
 import secrets
 import shutil
 import ssl
 import subprocess
+import tarfile
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-from capsule_openfire import database, keystore, render
+from capsule_openfire import database, keystore, ready, render
 from capsule_openfire.cli import main as setup_main
 from capsule_openfire.config import Config, ConfigError
-from capsule_openfire.install import Installer, InstallError
+from capsule_openfire.install import Installer, InstallError, service_for
+from capsule_openfire.service import Launcher, Systemd, has_systemd
 from capsule_openfire.service_admin import (
     ADD_USER,
     CHANGE_PASSWORD,
@@ -22,8 +27,9 @@ from capsule_openfire.service_admin import (
     AdminCommandError,
     ServiceAdmin,
 )
-from capsule_openfire.verify import starttls_required, tls_chain
+from capsule_openfire.verify import exchange, starttls_required, tls_chain
 
+from capsule.testing.stack import wait_stored
 from capsule_ca import Authority
 
 from .openfire_fake import FakeOpenfireConsole
@@ -88,7 +94,7 @@ def test_old_openfire_gets_tls_capped_and_options_reach_the_xml(tmp_path: Path) 
     path.write_text(path.read_text().replace("version = 4.5.0", "version = 5.1.1\ntls_max = 1.2"))
     assert Config.load(path).tls_max == ssl.TLSVersion.TLSv1_2
     path.write_text(path.read_text().replace("tls_max = 1.2", "tls_max = 1.1"))
-    with pytest.raises(ConfigError, match="tls_max must be one of auto, 1.2, 1.3"):
+    with pytest.raises(ConfigError, match=r"tls_max must be one of auto, 1\.2, 1\.3"):
         Config.load(path)
 
 
@@ -111,7 +117,8 @@ def test_secrets_are_generated_once_and_kept_private(tmp_path: Path) -> None:
     ("[tls]\nsecrett = x\n", "unknown key 'secrett' in \\[tls\\]"),
     ("\n[rest]\nsecret = x\n", "unknown section \\[rest\\]"),  # the REST secret is gone
     ("[plugins]\nmonitoring = yes\n", "monitoring must be true or false"),
-    ("[openfire]\nservice = init.d\n", "service must be one of auto, systemd, launcher"),
+    ("[openfire]\ninband_registration = 1\n", "inband_registration must be true or false"),
+    ("[tls]\nca_dir = /x\n[openfire]\n", "already exists"),
 ])
 def test_invalid_config_is_refused(tmp_path: Path, extra: str, message: str) -> None:
     path = write_config(tmp_path)
@@ -154,13 +161,14 @@ def test_refusals_before_any_change(tmp_path: Path) -> None:
     path = tmp_path / "of.conf"
     path.write_text(text)
     installer = Installer(Config.load(path))
+    before = sorted(installer.work.rglob("*")) if installer.work.exists() else None
     errors = {what: check() for what, check in installer.checks()}
     assert "an Openfire is installed" in errors["no Openfire installed yet"]
     assert "checksum mismatch" in errors["packages and checksums"]
     assert "is not a capsule-ca directory" in errors["our CA"]
     with pytest.raises(InstallError, match="refused"):
         installer.preflight()
-    assert not installer.work.exists()
+    assert (sorted(installer.work.rglob("*")) if installer.work.exists() else None) == before
     assert Installer(Config.load(path), force=True).checks()[3][1]() is None  # --force
     external = text.replace("mode = local", "mode = external\nport = 1")
     path.write_text(external)
@@ -217,8 +225,12 @@ async def test_tls_checks_against_a_real_server(xmpp_stack) -> None:
     state = xmpp_stack.info
     ok, detail = starttls_required("127.0.0.1", state.c2s_port, state.domain)
     assert ok, detail
-    ok, detail = tls_chain("127.0.0.1", state.c2s_port, state.domain, state.ca_root)
+    ok, detail = tls_chain("127.0.0.1", state.c2s_port, state.domain, state.ca_root,
+                           f"xmpp.{state.domain}")
     assert ok and state.domain in detail, detail
+    ok, detail = tls_chain("127.0.0.1", state.c2s_port, state.domain, state.ca_root,
+                           "chat.elsewhere.example")
+    assert not ok and "missing chat.elsewhere.example" in detail
     other = Authority.init(Path(state.dir) / "other-ca", "Other", b"other passphrase")
     ok, detail = tls_chain("127.0.0.1", state.c2s_port, state.domain, other.root_path)
     assert not ok and "TLS failed" in detail
@@ -258,3 +270,118 @@ async def test_xep0133_provisioning_on_a_real_server(xmpp_stack, new_account) ->
             await user.add_user(f"{name}-x", "pw")
         assert refused.value.condition in ("forbidden", "item-not-found", "error-note")
         assert not await user.can_log_in(f"{name}-x", "pw")
+
+
+FAKE_OPENFIRE_SH = """#!/bin/sh
+# A FAKE bin/openfire.sh (Openfire cannot run in CI): like the real one it runs in the
+# foreground; it starts a child like java would, logs, and waits.
+echo "fake openfire starting as $(id -un)"
+sleep 300 &
+echo "child $!"
+wait
+"""
+
+
+def test_launcher_without_systemd_pid_file_log_and_stop(tmp_path: Path) -> None:
+    install_dir = tmp_path / "opt/openfire"
+    (install_dir / "bin").mkdir(parents=True)
+    (install_dir / "bin/openfire.sh").write_text(FAKE_OPENFIRE_SH)  # not +x, like the live copy
+    path = write_config(tmp_path)
+    path.write_text(path.read_text().replace("[openfire]", f"[openfire]\nservice = auto\n"
+                                                           f"install_dir = {install_dir}"))
+    config = Config.load(path)
+    assert not has_systemd(tmp_path)
+    launcher = service_for(config, tmp_path)
+    assert isinstance(launcher, Launcher)
+    launcher.pid_file, launcher.install_dir = tmp_path / "run/openfire.pid", install_dir
+    launcher.log_file = install_dir / "logs/launcher.log"
+    launcher.start()
+    pid = launcher.pid()
+    assert pid and int(launcher.pid_file.read_text()) == pid
+    launcher.start()  # already running: no second copy
+    assert launcher.pid() == pid
+    deadline = time.monotonic() + 30
+    while "child" not in launcher.log_file.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    child = int(launcher.log_file.read_text().split("child ")[1].split()[0])
+    assert f"PID {pid}" in launcher.status()
+    launcher.stop()
+    assert launcher.pid() is None and not launcher.pid_file.exists()
+    assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text(
+        ).rpartition(")")[2].split()[:1]  # the whole process group ended
+    # a PID file naming some other process is not ours: never signalled, just cleaned
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        launcher.pid_file.write_text(f"{other.pid}\n")
+        assert launcher.pid() is None
+        launcher.stop()
+        assert other.poll() is None and not launcher.pid_file.exists()
+    finally:
+        other.kill()
+        other.wait()
+    (tmp_path / "run/systemd/system").mkdir(parents=True)
+    assert isinstance(service_for(config, tmp_path), Systemd)
+
+
+def test_install_files_for_a_server_that_survives_restarts(tmp_path: Path) -> None:
+    """Missing parent directories are created; openfire.xml is written 0600 and owned by the
+    service user (root-owned, Openfire fell back to setup mode at its next start)."""
+    top = tmp_path / "src/openfire"
+    (top / "conf").mkdir(parents=True)
+    (top / "conf/openfire.xml").write_text("<jive/>")
+    path = write_config(tmp_path)
+    path.write_text(path.read_text().replace("[openfire]", "[openfire]\nuser = nobody\n"
+                                             "install_dir = /deep/missing/parents/openfire"))
+    installer = Installer(Config.load(path), root=tmp_path / "root")
+    installer.work.mkdir(parents=True)
+    with tarfile.open(installer.work / installer.tarball, "w:gz") as tar:
+        tar.add(top, arcname="openfire")
+    installer._unpack()
+    assert (installer.dir / "conf/openfire.xml").read_text() == "<jive/>"
+    installer._write_conf()
+    conf = installer.dir / "conf/openfire.xml"
+    nobody = pwd.getpwnam("nobody")
+    assert (conf.stat().st_uid, conf.stat().st_gid) == (nobody.pw_uid, nobody.pw_gid)
+    assert conf.stat().st_mode & 0o777 == 0o600
+    assert ET.fromstring(conf.read_text()).findtext("autosetup/run") == "true"
+
+
+async def test_readiness_and_verify_exchange_on_a_real_server(xmpp_stack, tmp_path: Path) -> None:
+    """verify's Capsule exchange (users over XEP-0133, online + offline) and the readiness
+    login, against ejabberd and Prosody; only Openfire's tables stay Openfire-only."""
+    state = xmpp_stack.info
+    path = tmp_path / "of.conf"
+    path.write_text(f"[openfire]\ndomain = {state.domain}\nfqdn = xmpp.{state.domain}\n"
+                    f"admin_password = {state.admin_password}\n[tls]\nca_dir = {state.ca_dir}\n")
+    config = Config.load(path)
+    assert await asyncio.to_thread(ready.admin_login, config, "127.0.0.1", state.c2s_port) is None
+    path.write_text(path.read_text().replace(state.admin_password, "not the password"))
+    reason = await asyncio.to_thread(ready.admin_login, Config.load(path), "127.0.0.1",
+                                     state.c2s_port)
+    assert reason and "authentication failed" in reason
+    queued: list[str] = []
+
+    async def while_offline(username: str, text: str) -> None:
+        (row,) = await wait_stored(xmpp_stack, "offline", username, containing="urn:capsule:0")
+        assert text not in row
+        queued.append(username)
+
+    authority = xmpp_stack.authority()
+    admin = ServiceAdmin(f"admin@{state.domain}", state.admin_password, "127.0.0.1",
+                         state.c2s_port, state.ca_root)
+    async with admin:
+        texts = await exchange(admin, authority, tmp_path, while_offline, say=lambda _: None)
+        assert len(texts) == 2 and len(queued) == 1
+        assert not await admin.can_log_in(queued[0], "anything")  # the users were removed
+    with pytest.raises(ready.NotReady, match="not running"):
+        ready.wait_ready(config, alive=lambda: False)
+
+
+def test_console_readiness_against_the_recorded_answers(tmp_path: Path) -> None:
+    fake = FakeOpenfireConsole("pw", starting=True)
+    try:
+        assert ready.console_answers(fake.url) is None  # login.jsp answers even while starting
+    finally:
+        fake.close()
+    reason = ready.console_answers(fake.url)
+    assert reason and "not answering" in reason
