@@ -287,8 +287,8 @@ def test_launcher_without_systemd_pid_file_log_and_stop(tmp_path: Path) -> None:
     (install_dir / "bin").mkdir(parents=True)
     (install_dir / "bin/openfire.sh").write_text(FAKE_OPENFIRE_SH)  # not +x, like the live copy
     path = write_config(tmp_path)
-    path.write_text(path.read_text().replace("[openfire]", f"[openfire]\nservice = auto\n"
-                                                           f"install_dir = {install_dir}"))
+    path.write_text(path.read_text().replace("service = systemd", f"service = auto\nuser = root\n"
+                                                                  f"install_dir = {install_dir}"))
     config = Config.load(path)
     assert not has_systemd(tmp_path)
     launcher = service_for(config, tmp_path)
@@ -303,7 +303,9 @@ def test_launcher_without_systemd_pid_file_log_and_stop(tmp_path: Path) -> None:
     deadline = time.monotonic() + 30
     while "child" not in launcher.log_file.read_text() and time.monotonic() < deadline:
         time.sleep(0.1)
-    child = int(launcher.log_file.read_text().split("child ")[1].split()[0])
+    log = launcher.log_file.read_text()
+    assert "child" in log, log
+    child = int(log.split("child ")[1].split()[0])
     assert f"PID {pid}" in launcher.status()
     launcher.stop()
     assert launcher.pid() is None and not launcher.pid_file.exists()

@@ -146,6 +146,9 @@ class Launcher:
                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                     env={**os.environ, "JAVA_HOME": java_home()})
         self.pid_file.write_text(f"{proc.pid}\n")
+        deadline = time.monotonic() + 10  # until it has exec'd (its cmdline names our dir)
+        while self.pid() is None and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def stop(self, timeout: float = 60) -> None:
         pid = self.pid()
