@@ -1,10 +1,11 @@
 """openfire-setup, everything that can run without Openfire: rendering, keystores, the
-database, the REST client against a named fake, the dry-run plan, refusals, the TLS checks."""
+database, the launcher, the dry-run plan, refusals; and on ejabberd/Prosody the TLS checks,
+XEP-0133 provisioning, readiness and verify's Capsule exchange."""
 
 from __future__ import annotations
 
-import pwd
 import asyncio
+import pwd
 import secrets
 import shutil
 import ssl

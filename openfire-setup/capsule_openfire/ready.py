@@ -19,6 +19,7 @@ from slixmpp import ClientXMPP
 
 from capsule.audit_sources import Dsn
 from capsule.connection import LoginError, login
+from capsule.panel import NoRedirect
 from capsule.sql import literal
 from capsule_openfire import database
 from capsule_openfire.config import Config
@@ -28,14 +29,9 @@ class NotReady(Exception):
     """Openfire did not become ready within the bound."""
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args: object, **kwargs: object) -> None:
-        return None  # a 3xx is an answer of its own, never followed
-
-
 def console_answers(console: str, timeout: float = 10) -> str | None:
     """None when ``console``/login.jsp answers 200, else the reason."""
-    opener = urllib.request.build_opener(_NoRedirect)
+    opener = urllib.request.build_opener(NoRedirect)  # a 3xx is an answer of its own
     try:
         with opener.open(f"{console}/login.jsp", timeout=timeout) as response:
             status = response.status

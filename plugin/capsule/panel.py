@@ -95,7 +95,7 @@ def check_ejabberd_queue(host: str, port: int, domain: str, user: str, admin_pas
     return _judge(dom, page, screenshot, show, hide)
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
+class NoRedirect(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, *args: object, **kwargs: object) -> None:
         return None  # a 3xx surfaces as HTTPError: where the console sends us is the answer
 
@@ -106,7 +106,7 @@ class _Console:
     def __init__(self, base: str):
         self.base = base.rstrip("/")
         self.opener = urllib.request.build_opener(
-            urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()), _NoRedirect)
+            urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()), NoRedirect)
 
     def fetch(self, path: str, form: dict[str, str] | None = None) -> tuple[int, str, str]:
         """(status, redirect target path, body) of one request; 4xx/5xx/no answer raise."""
