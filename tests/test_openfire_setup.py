@@ -28,7 +28,12 @@ from capsule_openfire.service_admin import (
     AdminCommandError,
     ServiceAdmin,
 )
-from capsule_openfire.verify import exchange, starttls_required, tls_chain
+from capsule_openfire.verify import (
+    exchange,
+    inband_registration_open,
+    starttls_required,
+    tls_chain,
+)
 
 from capsule.testing.stack import wait_stored
 from capsule_ca import Authority
@@ -376,6 +381,11 @@ async def test_readiness_and_verify_exchange_on_a_real_server(xmpp_stack, tmp_pa
         texts = await exchange(admin, authority, tmp_path, while_offline, say=lambda _: None)
         assert len(texts) == 2 and len(queued) == 1
         assert not await admin.can_log_in(queued[0], "anything")  # the users were removed
+        # the test stacks allow in-band registration (loopback): verify's probe sees it open,
+        # and the account it made is gone again (closed was seen on the live Openfire)
+        assert await inband_registration_open(admin)
+        if state.server == "ejabberd":
+            assert not [j for j in await admin.list_users() if j.startswith("capsule-ibr-")]
     with pytest.raises(ready.NotReady, match="not running"):
         ready.wait_ready(config, alive=lambda: False)
 

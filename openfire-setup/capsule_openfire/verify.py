@@ -2,7 +2,8 @@
 
 1. c2s on 5222 offers STARTTLS as *required*; 2. the TLS chain verifies against our CA and
 names domain and FQDN; 3. the admin logs in over STARTTLS; 4. the seeded properties are in
-ofProperty (in-band registration closed, archiving on, no REST secret); 5. two temporary users,
+ofProperty (in-band registration closed, archiving on, no REST secret), and a stranger's
+in-band registration is refused (unless the config opens it); 5. two temporary users,
 created over XEP-0133, run a Capsule exchange (one message online, one while the receiver is
 offline; the queued ofOffline row is audited then: a capsule, never the plaintext); 6. with
 the Monitoring plugin, ofMessageArchive is audited the same way; the users are removed.
@@ -30,7 +31,7 @@ from slixmpp import ClientXMPP
 
 from capsule.audit import Auditor, CertificateBundle, Report, StoredRow
 from capsule.audit_sources import Dsn, sql_rows
-from capsule.connection import login
+from capsule.connection import LoginError, enable_registration, login
 from capsule.plugin import attach
 from capsule.sql import literal
 from capsule.testing.identities import enroll
@@ -159,6 +160,22 @@ async def exchange(admin: ServiceAdmin, authority: Authority, workdir: Path,
     return texts
 
 
+async def inband_registration_open(admin: ServiceAdmin) -> bool:
+    """Try what a stranger would: create an account in-band (XEP-0077). A created account is
+    removed again at once."""
+    name = f"capsule-ibr-{secrets.token_hex(3)}"
+    client = ClientXMPP(admin.jid(name), secrets.token_urlsafe(12))
+    enable_registration(client)
+    try:
+        await login(client, admin.host, admin.port, admin.ca_root, tls_max=admin.tls_max)
+    except LoginError:
+        await asyncio.sleep(0.1)  # let the aborted stream's tasks finish their cancellation
+        return False
+    await client.disconnect()
+    await admin.delete_user(name)
+    return True
+
+
 def _audit(authority: Authority, rows: list[StoredRow], texts: list[str], at_least: int
            ) -> tuple[bool, str]:
     """The rows hold ``at_least`` verified capsules, no plaintext and none of ``texts``."""
@@ -240,6 +257,11 @@ def verify(config: Config, ca_passphrase: bytes, host: str = "127.0.0.1",
         admin = ServiceAdmin(f"admin@{domain}", config["openfire.admin_password"], host, 5222,
                              authority.root_path, config.tls_max)
         async with admin:
+            wanted = config.flag("openfire.inband_registration")
+            is_open = await inband_registration_open(admin)
+            record(f"in-band registration {'open' if wanted else 'closed'} as configured",
+                   lambda: (is_open == wanted, "a stranger's XEP-0077 registration was "
+                                               + ("accepted" if is_open else "refused")))
             with tempfile.TemporaryDirectory() as tmp:
                 sent.extend(await exchange(admin, authority, Path(tmp), queued_as_ciphertext,
                                            say))
