@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from capsule.audit_sources import Dsn  # the same DSN syntax as capsule audit
 from capsule.files import write_private
 from capsule_ca import Authority
 from capsule_openfire import database, keystore, ready, render
@@ -217,11 +218,10 @@ class Installer:
         d = self.config.values["database"]
         self.work.mkdir(parents=True, exist_ok=True)
         if d["mode"] == "local":
-            _cmd(["systemctl", "enable", "--now", "mariadb"])
+            _cmd(["systemctl", "enable", "--now", "mariadb"] if has_systemd(self.root)
+                 else ["service", "mariadb", "start"])  # Debian's init script, no systemd
             args: list[str] = []  # root over the socket
         else:
-            from capsule.audit_sources import Dsn  # the same DSN syntax as capsule audit
-
             args = [f"--defaults-extra-file={Dsn.parse(d['admin_dsn']).option_file(str(self.work))}"]
         deadline = time.monotonic() + 60  # autosetup writes setup=true before checking the DB
         while True:
