@@ -21,7 +21,7 @@ from capsule_openfire.install import Installer, InstallError, service_for
 from capsule_openfire.keystore import KeystoreError
 from capsule_openfire.service import ServiceError
 from capsule_openfire.service_admin import AdminCommandError, Change, ServiceAdmin
-from capsule_openfire.verify import properties, verify
+from capsule_openfire.verify import verify
 
 ERRORS = (ConfigError, InstallError, DatabaseError, KeystoreError, CAError, ServiceError,
           AdminCommandError, LoginError, ready.NotReady, OSError)
@@ -67,7 +67,7 @@ def cmd_provision(args: argparse.Namespace) -> int:
         print("\n".join(f"would {args.action} {n or ''}".rstrip() for n in names))
         return 0
     if args.action == "property-check":
-        ok, detail = properties(config)
+        ok, detail = ready.check_properties(config)
         print(detail)
         return 0 if ok else 1
     password = _password(args, config) if args.action in ("user-add", "user-password") else ""
@@ -98,7 +98,7 @@ def cmd_provision(args: argparse.Namespace) -> int:
     for change in asyncio.run(with_admin(work)) or []:
         print(change)
     if args.action == "apply":
-        ok, detail = properties(config)
+        ok, detail = ready.check_properties(config)
         print(f"{'unchanged' if ok else 'DIFFERS  '} properties: {detail}")
         return 0 if ok else 1
     return 0

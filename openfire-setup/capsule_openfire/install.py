@@ -2,7 +2,7 @@
 
 Every check runs before the first change; a failed check refuses with one line and changes
 nothing. Steps: Java and MariaDB packages, the database and its user, the Openfire tarball
-(local file, or a download checked against a SHA-256), the Monitoring and REST API plugins, the
+(local file, or a download checked against a SHA-256), the enabled plugins (Monitoring, REST API), the
 server certificate from our CA into Openfire's keystore and the CA root into client.truststore,
 openfire.xml with <autosetup> and the seeded properties, the service (systemd, or Openfire's own
 launcher under a PID file on hosts without systemd), the first start and readiness (an admin
@@ -267,7 +267,7 @@ class Installer:
     def _plugins(self) -> None:
         p = self.config.values["plugins"]
         for name, jar in (("monitoring", "monitoring.jar"), ("restapi", "restAPI.jar")):
-            if jar in self._plugin_jars():
+            if self.config.flag(f"plugins.{name}"):
                 url = PLUGIN_DOWNLOADS.format(version=p[f"{name}_version"], jar=jar)
                 self._fetch(p[f"{name}_file"], url, p[f"{name}_sha256"], self.dir / "plugins" / jar)
 
@@ -319,14 +319,9 @@ class Installer:
         self._wait_ready()
 
     def _check_properties(self) -> None:
-        expected = render.seeded_properties(self.config)
-        stored = ready.stored_properties(self.config, [*expected, "plugin.restapi.secret"])
-        wrong = [f"{k} = {stored.get(k, '(absent)')} (want {v})" for k, v in expected.items()
-                 if stored.get(k) != v]
-        if "plugin.restapi.secret" in stored:
-            wrong.append("plugin.restapi.secret is still stored")
-        if wrong:
-            raise InstallError("ofProperty after the start: " + "; ".join(wrong))
+        ok, detail = ready.check_properties(self.config)
+        if not ok:
+            raise InstallError(f"ofProperty after the start: {detail}")
 
     def summary(self) -> str:
         o = self.config.values["openfire"]

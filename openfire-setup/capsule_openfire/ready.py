@@ -21,7 +21,7 @@ from capsule.audit_sources import Dsn
 from capsule.connection import LoginError, login
 from capsule.panel import NoRedirect
 from capsule.sql import literal
-from capsule_openfire import database
+from capsule_openfire import database, render
 from capsule_openfire.config import Config
 
 
@@ -99,3 +99,16 @@ def stored_properties(config: Config, names: list[str]) -> dict[str, str]:
     listed = ", ".join(literal(n) for n in names)
     out = property_sql(config, f"SELECT name, propValue FROM ofProperty WHERE name IN ({listed});")  # noqa: S608 - quoted
     return dict(line.split("\t", 1) for line in out.splitlines() if "\t" in line)
+
+
+def check_properties(config: Config) -> tuple[bool, str]:
+    """The seeded properties are in ofProperty as seeded, and no REST secret is stored."""
+    expected = render.seeded_properties(config)
+    stored = stored_properties(config, [*expected, "plugin.restapi.secret"])
+    wrong = [f"{k} = {stored.get(k, '(absent)')} (want {v})" for k, v in expected.items()
+             if stored.get(k) != v]
+    if "plugin.restapi.secret" in stored:
+        wrong.append("plugin.restapi.secret is stored")
+    return not wrong, ("; ".join(wrong) if wrong else
+                       f"{len(expected)} as seeded (register.inband = "
+                       f"{expected['register.inband']}), no REST secret")

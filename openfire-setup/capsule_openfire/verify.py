@@ -36,7 +36,7 @@ from capsule.plugin import attach
 from capsule.sql import literal
 from capsule.testing.identities import enroll
 from capsule_ca import Authority
-from capsule_openfire import ready, render
+from capsule_openfire import ready
 from capsule_openfire.config import Config
 from capsule_openfire.service_admin import AdminCommandError, ServiceAdmin
 
@@ -204,17 +204,6 @@ def archive_rows(config: Config, jids: list[str]) -> list[StoredRow]:
             and any(j in r.stanza for j in jids)]
 
 
-def properties(config: Config) -> tuple[bool, str]:
-    expected = render.seeded_properties(config)
-    stored = ready.stored_properties(config, [*expected, "plugin.restapi.secret"])
-    wrong = [f"{k} = {stored.get(k, '(absent)')}" for k, v in expected.items()
-             if stored.get(k) != v] + (["plugin.restapi.secret stored"]
-                                       if "plugin.restapi.secret" in stored else [])
-    return not wrong, ("; ".join(wrong) if wrong else
-                       f"{len(expected)} as seeded (register.inband = "
-                       f"{expected['register.inband']}), no REST secret")
-
-
 def verify(config: Config, ca_passphrase: bytes, host: str = "127.0.0.1",
            say: Callable[[str], None] = print) -> list[Check]:
     domain = config["openfire.domain"]
@@ -239,7 +228,7 @@ def verify(config: Config, ca_passphrase: bytes, host: str = "127.0.0.1",
         host, 5222, domain, authority.root_path, config["openfire.fqdn"], config.tls_max))
     if not record("admin login over STARTTLS", admin_login):
         return checks
-    record("seeded properties in ofProperty", lambda: properties(config))
+    record("seeded properties in ofProperty", lambda: ready.check_properties(config))
     sent: list[str] = []
     jids: list[str] = []
 
