@@ -155,12 +155,12 @@ class Launcher:
         if pid is None:
             self.pid_file.unlink(missing_ok=True)  # stale or absent: nothing of ours runs
             return
-        os.killpg(pid, signal.SIGTERM)
+        _signal_group(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        while self.pid() is not None:
+        while _group_alive(pid):  # java and anything else it started
             if time.monotonic() > deadline:
-                os.killpg(pid, signal.SIGKILL)
-                break
+                _signal_group(pid, signal.SIGKILL)
+                deadline += timeout
             _reap(pid)
             time.sleep(0.2)
         _reap(pid)
@@ -170,6 +170,25 @@ class Launcher:
         pid = self.pid()
         return (f"openfire.sh running, PID {pid} ({self.pid_file}), log {self.log_file}"
                 if pid else f"not running (no live PID in {self.pid_file})")
+
+
+def _signal_group(pgid: int, signum: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except ProcessLookupError:
+        pass  # it ended meanwhile
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` still runs (zombies do not count)."""
+    for entry in Path("/proc").iterdir():
+        try:
+            fields = (entry / "stat").read_text().rpartition(")")[2].split()
+        except (OSError, ValueError):
+            continue  # not a process, or it just ended
+        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] != "Z":
+            return True
+    return False
 
 
 def _reap(pid: int) -> None:
