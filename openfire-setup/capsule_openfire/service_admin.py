@@ -9,6 +9,7 @@ both raise ``AdminCommandError``. Nothing here matches on the servers' message t
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,6 +144,7 @@ class ServiceAdmin:
             await login(probe, self.host, self.port, self.ca_root, self.timeout,
                         tls_max=self.tls_max)
         except LoginError:
+            await forget(probe)
             return False
         await probe.disconnect()
         return True
@@ -162,6 +164,13 @@ class ServiceAdmin:
                 raise add_error from None
         return Change(f"user {username} password reset", True)
 
+
+
+async def forget(client: ClientXMPP) -> None:
+    """Finalise a client whose login failed while the loop still runs: slixmpp's __del__
+    cancels its stream task, which must then get a turn (else "Task was destroyed")."""
+    client.__del__()
+    await asyncio.sleep(0)
 
 
 def _raise_on_error_note(node: str, command: object) -> None:

@@ -38,7 +38,7 @@ from capsule.testing.identities import enroll
 from capsule_ca import Authority
 from capsule_openfire import ready
 from capsule_openfire.config import Config
-from capsule_openfire.service_admin import AdminCommandError, ServiceAdmin
+from capsule_openfire.service_admin import AdminCommandError, ServiceAdmin, forget
 
 
 @dataclass
@@ -169,7 +169,7 @@ async def inband_registration_open(admin: ServiceAdmin) -> bool:
     try:
         await login(client, admin.host, admin.port, admin.ca_root, tls_max=admin.tls_max)
     except LoginError:
-        await asyncio.sleep(0.1)  # let the aborted stream's tasks finish their cancellation
+        await forget(client)
         return False
     await client.disconnect()
     await admin.delete_user(name)
