@@ -404,3 +404,25 @@ def test_console_readiness_against_the_recorded_answers(tmp_path: Path) -> None:
         fake.close()
     reason = ready.console_answers(fake.url)
     assert reason and "not answering" in reason
+
+
+def test_readme_commands_as_subprocesses(tmp_path: Path) -> None:
+    """The README's openfire-setup commands, run the way a user runs them (--dry-run here)."""
+    path = write_config(tmp_path)
+    tools = Path(__file__).parent.parent / "openfire-setup"
+
+    def run(*args: str) -> str:
+        proc = subprocess.run([str(tools / args[0]), str(path), *args[1:]], capture_output=True,
+                              text=True, timeout=120, check=False)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    assert "step 12: check the seeded properties in ofProperty" in run("install", "--dry-run")
+    assert run("provision", "--dry-run", "apply").splitlines() == ["would apply alice",
+                                                                   "would apply bob"]
+    assert "XEP-0133" in run("verify", "--dry-run")
+    assert run("service", "--dry-run", "restart").strip() == "systemd unit openfire.service"
+    assert not (tmp_path / "of.conf.secrets").exists()
+    bad = subprocess.run([str(tools / "provision"), str(path), "user-add"], capture_output=True,
+                         text=True, timeout=120, check=False)
+    assert bad.returncode == 2 and "user-add needs a name" in bad.stderr

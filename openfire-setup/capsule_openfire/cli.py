@@ -38,7 +38,7 @@ def cmd_install(args: argparse.Namespace) -> int:
 
 
 def cmd_service(args: argparse.Namespace) -> int:
-    config = Config.load(args.config)
+    config = Config.load(args.config, generate=not args.dry_run)
     service = service_for(config)
     if args.dry_run or args.action == "status":
         print(service.describe() if args.dry_run else service.status())
@@ -61,7 +61,7 @@ def _password(args: argparse.Namespace, config: Config) -> str:
 
 
 def cmd_provision(args: argparse.Namespace) -> int:
-    config = Config.load(args.config)
+    config = Config.load(args.config, generate=not args.dry_run)
     if args.dry_run:
         names = [u.username for u in config.users] if args.action == "apply" else [args.name]
         print("\n".join(f"would {args.action} {n or ''}".rstrip() for n in names))
@@ -105,7 +105,7 @@ def cmd_provision(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    config = Config.load(args.config)
+    config = Config.load(args.config, generate=not args.dry_run)
     if args.dry_run:
         print("would check: STARTTLS required on 5222; TLS chain from our CA; admin login; "
               "seeded properties; a Capsule exchange between two temporary users created over "
