@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import hashlib
 import xml.etree.ElementTree as ET
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +28,7 @@ from capsule.trust import TrustStore, VerifiedCert
 CAPSULE_TAG = f"{{{alg.NAMESPACE}}}capsule"
 VERDICTS = ("plaintext", "capsule", "bad-signature", "sender-mismatch", "unverified",
             "malformed", "other")
-SEEN_MAX = 20000  # verdicts remembered per capsule digest
+SEEN_MAX = 2000  # verdicts remembered, keyed by their capsule (~2 KB each)
 FAILING = ("plaintext", "bad-signature", "sender-mismatch", "unverified", "malformed")
 TAMPERED = ("bad-signature", "sender-mismatch")
 BARS = 48  # a conversation's timeline holds at most this many time buckets
@@ -236,17 +234,17 @@ def _bare(jid: str | None) -> str:
     return (jid or "").split("/", 1)[0]
 
 
-def element_digest(element: ET.Element) -> bytes:
-    """What a capsule's verdict is keyed by: the parsed element, every tag, attribute, text and
-    the tree's shape (all that :func:`parse_capsule` reads; tails are not). Rows share a verdict
-    only when they hold the same capsule as parsed, however the stored text writes it."""
-    parts: list[str] = []
-    for node in element.iter():  # per node: tag, children, text, n attributes, n (name, value)
-        attrib = node.attrib
-        parts += (node.tag, str(len(node)), node.text or "", str(len(attrib)))
-        for item in attrib.items():
-            parts += item
-    return hashlib.sha256("\0".join(parts).encode()).digest()  # no part can hold a NUL
+ElementKey = tuple[tuple[str, str | None, tuple[tuple[str, str], ...], int], ...]
+
+
+def element_key(element: ET.Element) -> ElementKey:
+    """What a capsule's verdict is keyed by: the parsed element itself, every tag, text,
+    attribute and child count in document order (all that :func:`parse_capsule` reads, and the
+    tree's shape; tails are not). Rows share a verdict only when they hold the same capsule as
+    parsed, however the stored text writes it; the verdict cache compares keys for equality, so
+    no hash collision can make two capsules share one."""
+    return tuple([(node.tag, node.text, tuple(node.attrib.items()), len(node))
+                  for node in element.iter()])
 
 
 class StanzaReader:
@@ -255,7 +253,11 @@ class StanzaReader:
     no text around it, followed by a sentinel element fed after it (so the row left nothing
     open or pending in the parser); anything else is parsed again on its own with
     ``ET.fromstring``, which decides and names the error. The result is what ``ET.fromstring``
-    would give."""
+    would give.
+
+    The parser reports no events (one per element would cost a Python step each): the element
+    rows are parsed into is opened on the tree builder by hand, then by the parser inside it.
+    """
 
     SENTINEL = "capsule-audit-row-end"
 
@@ -263,10 +265,11 @@ class StanzaReader:
         self._reset()
 
     def _reset(self) -> None:
-        self._parser: ET.XMLPullParser[ET.Element] = ET.XMLPullParser(events=("start",))
+        builder = ET.TreeBuilder()
+        outer = builder.start("outer", {})
+        self._parser = ET.XMLParser(target=builder)
         self._parser.feed("<rows>")
-        roots = [e[-1] for e in self._parser.read_events() if isinstance(e[-1], ET.Element)]
-        self._root = roots[0]
+        self._root = outer[0]
         self._flush = getattr(self._parser, "flush", None)  # expat >= 2.6 defers big tokens
 
     def parse(self, text: str) -> ET.Element:
@@ -276,7 +279,6 @@ class StanzaReader:
             self._parser.feed(text + f"<{self.SENTINEL}/>")
             if self._flush is not None:
                 self._flush()
-            deque(self._parser.read_events(), maxlen=0)  # raises what feed() met
         except ET.ParseError:
             pass
         else:
@@ -304,7 +306,7 @@ class Auditor:
         self.fetch = fetch
         self._fetched: set[str] = set()
         self._certs: dict[tuple[str, str], tuple[VerifiedCert | None, CertFacts, str]] = {}
-        self._seen: dict[bytes, Judgement] = {}  # element_digest -> its judgement
+        self._seen: dict[ElementKey, Judgement] = {}  # element_key -> its judgement
         self._reader = StanzaReader()
 
     def examine(self, row: StoredRow) -> Finding:
@@ -324,12 +326,12 @@ class Auditor:
             verdict = "plaintext" if body is not None and (body.text or "").strip() else "other"
             key = f"{sender}>{recipient}#{msg.get('id') or row.store + row.row_id}"
             return Finding(row, verdict, sender, recipient, key)
-        digest = element_digest(element)
-        seen = self._seen.get(digest)
+        parsed = element_key(element)
+        seen = self._seen.get(parsed)
         if seen is None:
             if len(self._seen) >= SEEN_MAX:  # bounded: a row stored twice sits close by
                 self._seen.clear()
-            seen = self._seen[digest] = self._judge(element)
+            seen = self._seen[parsed] = self._judge(element)
         if not seen.key:  # unreadable: no message to count it under but this row
             return Finding(row, seen.verdict, sender, recipient, f"row {row.store} {row.row_id}",
                            seen.detail)
