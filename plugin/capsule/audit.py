@@ -26,6 +26,10 @@ from capsule.stanza import parse_capsule
 from capsule.trust import TrustStore, VerifiedCert
 
 CAPSULE_TAG = f"{{{alg.NAMESPACE}}}capsule"
+CAPSULE_OPEN, CAPSULE_CLOSE = "<capsule xmlns=", "</capsule>"
+CAPSULE_NS_VALUES = (f'"{alg.NAMESPACE}"', f"'{alg.NAMESPACE}'")
+SPAN_TAG = "capsule-audit-span"  # takes a capsule's place while the rest of its row is parsed
+SPAN_ELEMENT = f"<{SPAN_TAG} xmlns=''/>"
 VERDICTS = ("plaintext", "capsule", "bad-signature", "sender-mismatch", "unverified",
             "malformed", "other")
 SEEN_MAX = 2000  # verdicts remembered, keyed by their capsule (~2 KB each)
@@ -247,6 +251,25 @@ def element_key(element: ET.Element) -> ElementKey:
                   for node in element.iter()])
 
 
+def capsule_span(text: str) -> tuple[int, int] | None:
+    """Where a stored stanza writes its capsule as ``<capsule xmlns='urn:capsule:0' …>`` up to
+    the first ``</capsule>`` after it, or None (then the whole stanza is parsed).
+
+    Such text, if it parses on its own, is the same element wherever it stands: the element
+    sets its own default namespace, a prefix it does not bind fails the parse, and with DTDs
+    refused no entity can mean anything else. No ``<?`` may occur (a processing instruction
+    could hold the text), nor the marker that takes the capsule's place while the rest of the
+    stanza is parsed."""
+    start = text.find(CAPSULE_OPEN)
+    if start < 0 or "<?" in text or SPAN_TAG in text:
+        return None
+    after = start + len(CAPSULE_OPEN)
+    if text[after:after + len(alg.NAMESPACE) + 2] not in CAPSULE_NS_VALUES:
+        return None
+    end = text.find(CAPSULE_CLOSE, after)
+    return None if end < 0 else (start, end + len(CAPSULE_CLOSE))
+
+
 class StanzaReader:
     """Parses stored stanzas one after another with one long-lived expat parser, which saves
     building a parser per row. A row counts only if it came out as exactly one element, with
@@ -267,7 +290,7 @@ class StanzaReader:
     def _reset(self) -> None:
         builder = ET.TreeBuilder()
         outer = builder.start("outer", {})
-        self._parser = ET.XMLParser(target=builder)
+        self._parser = ET.XMLParser(target=builder)  # noqa: S314 - the caller refuses DTDs
         self._parser.feed("<rows>")
         self._root = outer[0]
         self._flush = getattr(self._parser, "flush", None)  # expat >= 2.6 defers big tokens
@@ -307,31 +330,74 @@ class Auditor:
         self._fetched: set[str] = set()
         self._certs: dict[tuple[str, str], tuple[VerifiedCert | None, CertFacts, str]] = {}
         self._seen: dict[ElementKey, Judgement] = {}  # element_key -> its judgement
+        self._spans: dict[str, Judgement] = {}  # a capsule's text (capsule_span) -> judgement
         self._reader = StanzaReader()
 
     def examine(self, row: StoredRow) -> Finding:
         if "<!" in row.stanza:
             return Finding(row, "malformed", "", row.owner, f"row {row.store} {row.row_id}",
                            "stanza holds a DTD or comment")
+        span = capsule_span(row.stanza)
+        if span is not None:
+            finding = self._examine_span(row, *span)
+            if finding is not None:
+                return finding
+        return self.examine_whole(row)
+
+    def _examine_span(self, row: StoredRow, start: int, end: int) -> Finding | None:
+        """The fast path: the capsule's text, cut out by :func:`capsule_span`, is looked up as
+        it is (and parsed on its own once); the rest of the row is parsed with an empty element
+        in its place, which must come out as the message's only capsule-like child. None when
+        anything is off: then the whole row is parsed and decides."""
+        text = row.stanza
+        capsule = text[start:end]
+        judgement = self._spans.get(capsule)
+        if judgement is None:
+            try:
+                element = ET.fromstring(capsule)  # noqa: S314 - the caller refused DTDs
+            except ET.ParseError:
+                return None
+            judgement = self._judgement(element)  # its tag is CAPSULE_TAG: see capsule_span
+            if len(self._spans) >= SEEN_MAX:
+                self._spans.clear()
+            self._spans[capsule] = judgement
         try:
-            msg = self._reader.parse(row.stanza)  # DTDs refused above
+            msg = self._reader.parse(text[:start] + SPAN_ELEMENT + text[end:])
+        except ET.ParseError:
+            return None
+        if msg.find(CAPSULE_TAG) is not None or msg.find(SPAN_TAG) is None:
+            return None  # another capsule child (the first one counts), or nested elsewhere
+        return self._finding(row, msg, judgement)
+
+    def examine_whole(self, row: StoredRow) -> Finding:
+        """The reference path: the whole stanza parsed (DTDs refused by the caller)."""
+        try:
+            msg = self._reader.parse(row.stanza)
         except ET.ParseError as exc:
             return Finding(row, "malformed", "", row.owner, f"row {row.store} {row.row_id}",
                            f"unparseable stanza: {exc}")
-        sender, recipient = _bare(msg.get("from")), _bare(msg.get("to"))
-        sender = sender or row.owner
         element = msg.find(CAPSULE_TAG)
         if element is None:
+            sender, recipient = _bare(msg.get("from")) or row.owner, _bare(msg.get("to"))
             body = next((c for c in msg if c.tag.rsplit("}", 1)[-1] == "body"), None)
             verdict = "plaintext" if body is not None and (body.text or "").strip() else "other"
             key = f"{sender}>{recipient}#{msg.get('id') or row.store + row.row_id}"
             return Finding(row, verdict, sender, recipient, key)
+        return self._finding(row, msg, self._judgement(element))
+
+    def _judgement(self, element: ET.Element) -> Judgement:
         parsed = element_key(element)
         seen = self._seen.get(parsed)
         if seen is None:
             if len(self._seen) >= SEEN_MAX:  # bounded: a row stored twice sits close by
                 self._seen.clear()
             seen = self._seen[parsed] = self._judge(element)
+        return seen
+
+    @staticmethod
+    def _finding(row: StoredRow, msg: ET.Element, seen: Judgement) -> Finding:
+        """A capsule row's finding: the capsule's judgement, checked against who stored it."""
+        sender, recipient = _bare(msg.get("from")) or row.owner, _bare(msg.get("to"))
         if not seen.key:  # unreadable: no message to count it under but this row
             return Finding(row, seen.verdict, sender, recipient, f"row {row.store} {row.row_id}",
                            seen.detail)
