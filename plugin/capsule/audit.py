@@ -257,11 +257,12 @@ def capsule_span(text: str) -> tuple[int, int] | None:
 
     Such text, if it parses on its own, is the same element wherever it stands: the element
     sets its own default namespace, a prefix it does not bind fails the parse, and with DTDs
-    refused no entity can mean anything else. No ``<?`` may occur (a processing instruction
-    could hold the text), nor the marker that takes the capsule's place while the rest of the
-    stanza is parsed."""
+    refused no entity can mean anything else. That the text stands where an element may start
+    (not inside a processing instruction, say) shows when the marker put in its place parses as
+    the message's child: the text before it is the same, so the parser is in the same state
+    there. The marker must therefore occur nowhere else in the stanza."""
     start = text.find(CAPSULE_OPEN)
-    if start < 0 or "<?" in text or SPAN_TAG in text:
+    if start < 0 or SPAN_TAG in text:
         return None
     after = start + len(CAPSULE_OPEN)
     if text[after:after + len(alg.NAMESPACE) + 2] not in CAPSULE_NS_VALUES:
