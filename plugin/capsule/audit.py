@@ -284,6 +284,7 @@ class StanzaReader:
     """
 
     SENTINEL = "capsule-audit-row-end"
+    END = f"<{SENTINEL}/>"
 
     def __init__(self) -> None:
         self._reset()
@@ -300,7 +301,7 @@ class StanzaReader:
         """The stanza's element; raises ``ET.ParseError`` as ``ET.fromstring`` would."""
         root = self._root
         try:
-            self._parser.feed(text + f"<{self.SENTINEL}/>")
+            self._parser.feed(text + self.END)
             if self._flush is not None:
                 self._flush()
         except ET.ParseError:
