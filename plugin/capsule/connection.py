@@ -24,10 +24,15 @@ class LoginError(Exception):
     """An XMPP login failed: bad credentials, untrusted certificate, or no server."""
 
 
-def tls_context(ca_root: str | Path) -> ssl.SSLContext:
-    """A TLS client context that trusts only ``ca_root`` and checks the host name."""
+def tls_context(ca_root: str | Path, maximum: ssl.TLSVersion | None = None) -> ssl.SSLContext:
+    """A TLS client context that trusts only ``ca_root`` and checks the host name.
+
+    ``maximum`` caps the version for servers that hang on TLS 1.3 (Openfire before 4.8).
+    """
     context = ssl.create_default_context(cafile=str(ca_root))
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if maximum is not None:
+        context.maximum_version = maximum
     return context
 
 
@@ -52,9 +57,10 @@ async def login(
     port: int,
     ca_root: str | Path,
     timeout: float = 20.0,
+    tls_max: ssl.TLSVersion | None = None,
 ) -> ClientXMPP:
     """Connect ``client`` and wait for its session, or raise LoginError with the reason."""
-    client.ssl_context = tls_context(ca_root)
+    client.ssl_context = tls_context(ca_root, tls_max)
     client.enable_direct_tls = False
     loop = asyncio.get_running_loop()
     outcome: asyncio.Future[None] = loop.create_future()
