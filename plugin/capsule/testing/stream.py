@@ -141,7 +141,7 @@ class Stream:
 
     @property
     def capsule(self) -> XEP_Capsule:
-        return cast(XEP_Capsule, self.xmpp.plugin.get("capsule"))
+        return cast(XEP_Capsule, self.xmpp.plugin.get("capsule", None))
 
     @classmethod
     @asynccontextmanager
