@@ -166,14 +166,19 @@ class Stream:
             data = ET.tostring(data, encoding="unicode")
         self.xmpp.data_received(data)
 
-    async def settle(self, rounds: int = 10000) -> None:
-        """Run the loop until the plugin's tasks and the send queue are idle."""
+    async def settle(self, timeout: float = 30) -> None:
+        """Run the loop until the plugin's tasks and the send queue are idle (a bounded wait:
+        look-ups may be waiting for an answer or a time-out)."""
         queue = self.xmpp.waiting_queue
-        for _ in range(rounds):
-            await asyncio.sleep(0)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            for _ in range(20):
+                await asyncio.sleep(0)
             if not self.capsule._tasks and not queue._unfinished_tasks:  # type: ignore[attr-defined]
                 return
-        raise AssertionError("the stream did not settle")
+            await asyncio.sleep(0.001)
+        raise AssertionError(f"the stream did not settle within {timeout} s")
 
     def sent(self) -> list[Message | StanzaBase]:
         """The stanzas sent since the last call, parsed back."""
@@ -200,13 +205,22 @@ class Stream:
         """What reached the bot's ordinary ``message`` handlers."""
         return self.named("message")
 
-    def join(self, room: str, nick: str, occupants: dict[str, str]) -> None:
-        """Join ``room`` as ``nick`` (non-anonymous): occupants' presences {nick: real JID}."""
-        self.xmpp.plugin["xep_0045"].join_muc(JID(room), nick)
-        for who, jid in {**occupants, nick: f"{self.me.jid}/{self.xmpp.boundjid.resource}"}.items():
+    async def join(self, room: str, nick: str, occupants: dict[str, str]) -> None:
+        """Join a non-anonymous ``room`` as ``nick`` the way a server answers: every occupant's
+        presence with its real JID ({nick: full JID}), ours (status 110), then the subject."""
+        joining = asyncio.ensure_future(
+            self.xmpp.plugin["xep_0045"].join_muc_wait(JID(room), nick, timeout=30))
+        await asyncio.sleep(0)
+        me = {nick: str(self.xmpp.boundjid)}
+        for who, jid in {**occupants, **me}.items():
+            status = "<status code='110'/>" if who == nick else ""
             self.recv(f"<presence from='{room}/{who}' to='{self.xmpp.boundjid}'>"
                       f"<x xmlns='http://jabber.org/protocol/muc#user'>"
-                      f"<item affiliation='member' role='participant' jid='{jid}'/></x></presence>")
+                      f"<item affiliation='member' role='participant' jid='{jid}'/>{status}"
+                      f"</x></presence>")
+        self.recv(f"<message from='{room}' to='{self.xmpp.boundjid}' type='groupchat'>"
+                  f"<subject/></message>")
+        await asyncio.wait_for(joining, 30)
         self.sent()
 
 
