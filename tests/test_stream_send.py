@@ -129,7 +129,7 @@ async def test_require_seals_every_readable_message(stream_cast: Cast, tmp_path:
 
 
 def elements_of(xml: str) -> ET.Element:
-    return ET.fromstring(f"<wrap xmlns='jabber:client'>{xml}</wrap>")[0]  # noqa: S314
+    return ET.fromstring(f"<wrap xmlns='jabber:client'>{xml}</wrap>")[0]
 
 
 @pytest.mark.parametrize("policy", ["prefer", "require"])
