@@ -475,7 +475,12 @@ class XEP_Capsule(BasePlugin):
             self._fail(exc, stanza, peer)
             return None
         from_room = stanza["type"] == "groupchat" and not stanza["from"].resource
-        if st.has_capsule(stanza) and stanza["type"] != "error":  # an error is a bounce
+        if st.has_capsule(stanza) and stanza["type"] == "error":
+            # a bounce: the app learns which message failed; capsule and fallback withheld
+            stanza.xml.remove(stanza["capsule"].xml)
+            elements.strip(stanza.xml)
+            return stanza
+        if st.has_capsule(stanza):
             if from_room:
                 self._fail(EnvelopeMismatch(f"a capsule from the room {peer} itself"), stanza, peer)
             else:  # a room serialises all of its occupants
