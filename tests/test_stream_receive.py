@@ -14,6 +14,7 @@ from capsule.plugin import capsule_info
 from capsule.testing.stream import Cast, Stream, message, seal_for
 
 ROOM = "lounge@rooms.capsule.test"
+EVE = "from='eve@capsule.test/x' to='bob@capsule.test/stream'"
 
 
 def body(text: str, ns: str = "jabber:client") -> ET.Element:
@@ -27,11 +28,11 @@ def _reasons(stream: Stream) -> list[str]:
 
 
 @pytest.mark.parametrize("stanza", [
-    "<message from='eve@capsule.test/x' to='bob@capsule.test/stream' type='headline'><body>buy now</body></message>",
-    "<message from='eve@capsule.test/x' to='bob@capsule.test/stream'><subject>only a subject</subject></message>",
-    "<message from='eve@capsule.test/x' to='bob@capsule.test/stream' type='chat'>"
+    f"<message {EVE} type='headline'><body>buy now</body></message>",
+    f"<message {EVE}><subject>only a subject</subject></message>",
+    f"<message {EVE} type='chat'>"
     "<html xmlns='http://jabber.org/protocol/xhtml-im'><body xmlns='http://www.w3.org/1999/xhtml'>hi</body></html></message>",
-    "<message from='eve@capsule.test/x' to='bob@capsule.test/stream' type='chat'>"
+    f"<message {EVE} type='chat'>"
     "<x xmlns='jabber:x:oob'><url>https://evil.example/</url></x></message>",
     f"<message from='{ROOM}/eve' to='bob@capsule.test/stream' type='groupchat'><body>hi all</body></message>",
 ], ids=["headline", "subject-only", "xhtml-only", "oob-only", "groupchat-occupant"])
@@ -46,10 +47,10 @@ async def test_require_refuses_readable_plaintext_of_every_type(
 
 
 @pytest.mark.parametrize("stanza", [
-    "<message from='eve@capsule.test/x' to='bob@capsule.test/stream' type='error'><body>hello in clear</body>"
+    f"<message {EVE} type='error'><body>hello in clear</body>"
     "<error type='cancel'><service-unavailable xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></message>",
-    f"<message from='{ROOM}' to='bob@capsule.test/stream' type='groupchat'><body>hello in clear</body>"
-    f"<subject>hello in clear</subject></message>",
+    f"<message from='{ROOM}' to='bob@capsule.test/stream' type='groupchat'>"
+    f"<body>hello in clear</body><subject>hello in clear</subject></message>",
 ], ids=["error", "room-itself"])
 async def test_require_withholds_the_content_of_what_must_still_be_routed(
         stream_cast: Cast, tmp_path: Path, stanza: str) -> None:
@@ -114,13 +115,17 @@ async def test_our_own_capsule_is_accepted_only_as_a_carbon(stream_cast: Cast, t
 async def test_forged_server_metadata_inside_the_envelope_never_reaches_the_app(
         stream_cast: Cast, tmp_path: Path) -> None:
     alice, bob = stream_cast["alice"], stream_cast["bob"]
-    forged = [body("hi"), ET.fromstring("<stanza-id xmlns='urn:xmpp:sid:0' by='bob@capsule.test' id='FAKE-ID'/>"),
-              ET.fromstring("<delay xmlns='urn:xmpp:delay' from='capsule.test' stamp='2001-01-01T00:00:00Z'/>")]
+    forged = [body("hi"),
+              ET.fromstring("<stanza-id xmlns='urn:xmpp:sid:0' by='bob@capsule.test' id='FAKE-ID'/>"),
+              ET.fromstring("<delay xmlns='urn:xmpp:delay' from='capsule.test' "
+                            "stamp='2001-01-01T00:00:00Z'/>")]
     capsule_ = seal_for(alice, [alice, bob], forged)
-    outer = ("<delay xmlns='urn:xmpp:delay' from='capsule.test' stamp='2099-01-01T00:00:00Z'>Offline Storage</delay>"
+    outer = ("<delay xmlns='urn:xmpp:delay' from='capsule.test' stamp='2099-01-01T00:00:00Z'>"
+             "Offline Storage</delay>"
              "<stanza-id xmlns='urn:xmpp:sid:0' by='bob@capsule.test' id='REAL-ID'/>"
              "<stanza-id xmlns='urn:xmpp:sid:0' by='alice@capsule.test' id='ALICE-SAYS'/>"
-             "<delay xmlns='urn:xmpp:delay' from='alice@capsule.test/x' stamp='2000-01-01T00:00:00Z'/>")
+             "<delay xmlns='urn:xmpp:delay' from='alice@capsule.test/x' "
+             "stamp='2000-01-01T00:00:00Z'/>")
     async with Stream.open(bob, tmp_path, stream_cast.directory_of("alice")) as b:
         b.recv(message(capsule_, f"{alice.jid}/x", f"{bob.jid}/stream", extra=outer))
         await b.settle()

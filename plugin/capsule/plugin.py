@@ -546,9 +546,9 @@ class XEP_Capsule(BasePlugin):
             raise NotAddressedToUs(f"the capsule from {sender} holds no key for {me}")
         room = stanza["from"].bare if stanza["type"] == "groupchat" else None
         if sender == me:
-            if origin == "live":
+            if origin == "live" and room is None:  # a room echoes what we say; nobody else may
                 raise EnvelopeMismatch("our own capsule came back from another entity "
-                                       "(only carbons and the archive return our capsules)")
+                                       "(only carbons, the archive and the room return it)")
             signer = self._own_signers.get(header.cert, self.own_sign)
         else:
             signer = await self._signer(sender, header.cert)
