@@ -48,7 +48,8 @@ async def test_require_refuses_readable_plaintext_of_every_type(
 
 @pytest.mark.parametrize("stanza", [
     f"<message {EVE} type='error'><body>hello in clear</body>"
-    "<error type='cancel'><service-unavailable xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></message>",
+    "<error type='cancel'><service-unavailable xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/>"
+    "</error></message>",
     f"<message from='{ROOM}' to='bob@capsule.test/stream' type='groupchat'>"
     f"<body>hello in clear</body><subject>hello in clear</subject></message>",
 ], ids=["error", "room-itself"])
