@@ -159,3 +159,15 @@ async def test_nothing_is_sent_when_the_source_fails(stream_cast: Cast, tmp_path
         bob.xmpp.send_message(mto="carol@capsule.test", mbody="x", mtype="chat")
         await bob.settle()
         assert _messages(bob) == [] and _reasons(bob) == ["error"]
+
+
+async def test_policy_off_says_each_plaintext_send(stream_cast: Cast, tmp_path: Path) -> None:
+    alice = stream_cast["alice"]
+    async with Stream.open(stream_cast["bob"], tmp_path, stream_cast.directory_of("alice"),
+                           policy="off") as bob:
+        bob.xmpp.send_message(mto=alice.jid, mbody="in clear on purpose", mtype="chat")
+        bob.xmpp.send_message(mto=alice.jid, mtype="chat", mbody="")  # nothing readable: no event
+        await bob.settle()
+        assert [m["body"] for m in _messages(bob)] == ["in clear on purpose", ""]
+        [event] = bob.named("capsule_plaintext_sent")
+        assert (event.peer, event.reason) == (alice.jid, "policy-off")
