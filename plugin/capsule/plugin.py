@@ -3,7 +3,8 @@
 Incoming capsules are taken out of the stream by an *in* filter (so handlers never see the
 fallback body), verified and decrypted in arrival order per sender, and handed to the bot's
 ordinary ``message`` handlers and to ``capsule_message``; failures become ``capsule_error``.
-Outgoing chat messages pass an async *out* filter that seals them for the addressee.
+Outgoing messages with readable content (any child not on the allow-list of
+:mod:`capsule.elements`) are held by an *out* filter and sealed for the addressee by a task.
 """
 
 from __future__ import annotations
