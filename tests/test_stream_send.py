@@ -12,7 +12,8 @@ import pytest
 from slixmpp import Message
 
 from capsule import elements
-from capsule.errors import CapsuleError
+from capsule.enrollment import FirstFound
+from capsule.errors import CapsuleError, CertificateLookupFailed
 from capsule.testing.stream import Cast, Directory, Stream
 
 HTML = ("<html xmlns='http://jabber.org/protocol/xhtml-im'><body xmlns='http://www.w3.org/1999/xhtml'>"
@@ -171,3 +172,26 @@ async def test_policy_off_says_each_plaintext_send(stream_cast: Cast, tmp_path: 
         assert [m["body"] for m in _messages(bob)] == ["in clear on purpose", ""]
         [event] = bob.named("capsule_plaintext_sent")
         assert (event.peer, event.reason) == (alice.jid, "policy-off")
+
+
+@pytest.mark.parametrize("pep,ca,outcome", [
+    (CertificateLookupFailed("PEP down"), "bundle", "sealed"),  # the CA fallback still serves
+    (CertificateLookupFailed("PEP down"), None, "lookup-failed"),  # no definite "none"
+    (None, None, "plaintext"),  # both say so: prefer may send in clear
+])
+async def test_the_ca_fallback_keeps_failures_closed(stream_cast: Cast, tmp_path: Path,
+                                                     pep: CapsuleError | None, ca: str | None,
+                                                     outcome: str) -> None:
+    alice = stream_cast["alice"]
+    source = FirstFound(Directory({alice.jid: pep}),
+                        Directory({alice.jid: alice.bundle if ca else None}))
+    async with Stream.open(stream_cast["bob"], tmp_path, source) as bob:
+        bob.xmpp.send_message(mto=alice.jid, mbody="hi", mtype="chat")
+        await bob.settle()
+        sent = _messages(bob)
+        if outcome == "sealed":
+            assert len(sent) == 1 and sent[0].xml.find("{urn:capsule:0}capsule") is not None
+        elif outcome == "plaintext":
+            assert [m["body"] for m in sent] == ["hi"] and bob.named("capsule_plaintext_sent")
+        else:
+            assert sent == [] and _reasons(bob) == [outcome]
