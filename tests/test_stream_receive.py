@@ -98,7 +98,10 @@ async def test_envelope_addressees_must_be_exactly_the_keyed_recipients(
 
 async def test_our_own_capsule_is_accepted_only_as_a_carbon(stream_cast: Cast, tmp_path: Path) -> None:
     alice, bob = stream_cast["alice"], stream_cast["bob"]
-    capsule_ = seal_for(bob, [bob, alice], [body("from bob's phone")])
+    # sent from bob's phone to alice and (a note to self) bob: exactly addressed, so only where
+    # it comes from can tell a reflection from a carbon
+    capsule_ = seal_for(bob, [bob, alice], [body("from bob's phone")],
+                        addressees=[alice.jid, bob.jid])
     stanza = message(capsule_, f"{bob.jid}/phone", f"{alice.jid}", "chat")
     async with Stream.open(bob, tmp_path, stream_cast.directory_of("alice"), carbons=True) as b:
         b.recv(stanza.replace(f"to='{alice.jid}'", f"to='{bob.jid}/stream'"))  # reflected live
