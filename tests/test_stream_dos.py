@@ -79,3 +79,16 @@ async def test_a_flood_of_hostile_capsules_is_bounded(stream_cast: Cast, tmp_pat
         print(f"flood of {FLOOD}: memory growth {growth / 1024:.0f} KiB, "
               f"look-ups {len(directory.fetches)}")
         assert growth < MEMORY_BOUND
+
+
+async def test_junk_costs_no_lookup_before_the_cheap_checks(stream_cast: Cast, tmp_path: Path) -> None:
+    alice, bob, carol = stream_cast["alice"], stream_cast["bob"], stream_cast["carol"]
+    directory = stream_cast.directory_of("alice", "carol")
+    not_for_bob = seal_for(alice, [alice, carol], [_body("x")])
+    async with Stream.open(bob, tmp_path, directory) as b:
+        b.recv(message(not_for_bob, f"{alice.jid}/x", f"{bob.jid}/stream"))  # no key for us
+        b.recv(message(seal_for(alice, [alice, bob], [_body("x")]), f"{carol.jid}/x",
+                       f"{bob.jid}/stream"))  # signed by alice, sent by carol
+        await b.settle()
+        assert [f.reason for f in b.errors()] == ["not-for-us", "envelope-mismatch"]
+        assert directory.fetches == []
