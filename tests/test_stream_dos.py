@@ -92,3 +92,21 @@ async def test_junk_costs_no_lookup_before_the_cheap_checks(stream_cast: Cast, t
         await b.settle()
         assert [f.reason for f in b.errors()] == ["not-for-us", "envelope-mismatch"]
         assert directory.fetches == []
+
+
+async def test_a_rotation_is_still_looked_up_within_the_rate_limit(stream_cast: Cast,
+                                                                   tmp_path: Path) -> None:
+    rosa, bob = stream_cast["rosa"], stream_cast["bob"]  # rosa rotates: this test only
+    directory = stream_cast.directory_of("rosa")
+    async with Stream.open(bob, tmp_path, directory) as b:
+        b.recv(message(seal_for(rosa, [rosa, bob], [_body("one")]), f"{rosa.jid}/x",
+                       f"{bob.jid}/stream", mid="one"))
+        await b.settle()
+        new = stream_cast.reissue("rosa")
+        directory.answers[rosa.jid] = new.bundle
+        b.recv(message(seal_for(new, [new, bob], [_body("two")]), f"{rosa.jid}/x",
+                       f"{bob.jid}/stream", mid="two"))
+        await b.settle()
+        assert [m["body"] for m in b.delivered()] == ["one", "two"]
+        assert [c["jid"] for c in b.named("capsule_cert_changed")] == [rosa.jid]
+        assert directory.fetches == [rosa.jid, rosa.jid]

@@ -64,8 +64,9 @@ async def test_prefer_refuses_when_the_lookup_gives_no_definite_answer(
         assert bob.named("capsule_plaintext_sent") == []
 
 
-@pytest.mark.parametrize("answer", [PEP_ERROR.replace("{cond}", "item-not-found"), PEP_EMPTY],
-                         ids=["item-not-found", "no-items"])
+@pytest.mark.parametrize("answer", [PEP_ERROR.replace("{cond}", "item-not-found"),
+                                    PEP_ERROR.replace("{cond}", "forbidden"), PEP_EMPTY],
+                         ids=["item-not-found", "forbidden (Prosody)", "no-items"])
 async def test_prefer_sends_plaintext_on_a_definite_none_and_tells_the_app(
         stream_cast: Cast, tmp_path: Path, answer: str) -> None:
     async with Stream.open(stream_cast["bob"], tmp_path, None, fetch_timeout=5) as bob:

@@ -24,6 +24,9 @@ from capsule.trust import CertBundle, CertificateSource
 
 log = logging.getLogger(__name__)
 ITEM_ID = "current"
+# the answers that mean "no Capsule node": ejabberd says item-not-found; Prosody forbidden (a
+# missing node has the default, presence-only access, while ours is always open)
+DEFINITELY_NONE = frozenset({"item-not-found", "forbidden"})
 # ejabberd refuses pubsub#max_items as a publish option, so it is set only by reconfiguring.
 _PUBLISH_OPTIONS = {"pubsub#access_model": "open", "pubsub#persist_items": "true"}
 _NODE_CONFIG = {**_PUBLISH_OPTIONS, "pubsub#max_items": "1"}
@@ -92,7 +95,7 @@ class PepSource(CertificateSource):
         self.timeout = timeout
 
     async def fetch(self, jid: str) -> CertBundle | None:
-        """The published bundle; None only on a definite "none": item-not-found or no items.
+        """The published bundle; None only on a definite "none" (DEFINITELY_NONE, no items).
 
         A time-out, any other error or an item without usable certificates is no answer:
         CertificateLookupFailed, so that policy ``prefer`` never falls back to plaintext on it.
@@ -101,7 +104,7 @@ class PepSource(CertificateSource):
             iq = await self.xmpp.plugin["xep_0060"].get_item(JID(jid), alg.CERTS_NODE, ITEM_ID,
                                                       timeout=self.timeout)
         except IqError as exc:
-            if exc.condition == "item-not-found":
+            if exc.condition in DEFINITELY_NONE:
                 return None
             raise CertificateLookupFailed(f"looking up {jid}'s Capsule certificates failed: "
                                           f"{exc.condition}") from None

@@ -67,6 +67,15 @@ class CapsuleInfo:
 
 
 @dataclass(frozen=True)
+class _Lookup:
+    """What a claimed sender's last look-up gave, when, and whether it was a refresh."""
+
+    when: float
+    outcome: CertBundle | CapsuleError | None
+    refresh: bool
+
+
+@dataclass(frozen=True)
 class PlaintextSent:
     """The payload of ``capsule_plaintext_sent``: a message left unencrypted, and why."""
 
@@ -147,8 +156,7 @@ class XEP_Capsule(BasePlugin):
             self._own_signers[fp] = VerifiedCert(data.jid, "sign", cert, fp,
                                                  cast(rsa.RSAPublicKey, cert.public_key()))
         self._locks = LockTable()
-        self._fetched: OrderedDict[str, tuple[float, CertBundle | CapsuleError | None]] = (
-            OrderedDict())
+        self._fetched: OrderedDict[str, _Lookup] = OrderedDict()
         self._tasks: set[asyncio.Future[None]] = set()
         self._cleared: set[int] = set()
         self._save_handle: asyncio.TimerHandle | None = None
@@ -295,7 +303,8 @@ class XEP_Capsule(BasePlugin):
                 except UntrustedCertificate as exc:
                     log.info("pinned certificates of %s no longer valid (%s); refetching",
                              jid, exc.reason)
-            bundle = await (self._fetch_claimed(jid) if claimed else self.certificates.fetch(jid))
+            bundle = await (self._fetch_claimed(jid, refresh) if claimed
+                            else self.certificates.fetch(jid))
             if bundle is None and pinned is not None:
                 raise CertificateWithdrawn(f"{jid} was pinned but now publishes no certificates")
             if bundle is None:
@@ -310,24 +319,26 @@ class XEP_Capsule(BasePlugin):
                     self.xmpp.event("capsule_cert_changed", {"jid": jid, "contact": verified})
             return verified
 
-    async def _fetch_claimed(self, jid: str) -> CertBundle | None:
-        """Look up a claimed sender at most once per ``fetch_interval``; meanwhile its answer,
-        or its failure, is reused: a flood naming one sender costs one look-up."""
+    async def _fetch_claimed(self, jid: str, refresh: bool) -> CertBundle | None:
+        """Look up a claimed sender at most once per ``fetch_interval``, plus one refresh (a
+        capsule naming a certificate we have not seen: a rotation); meanwhile the answer, or
+        the failure, is reused, so a flood naming one sender costs at most two look-ups."""
         now = time.monotonic()
         last = self._fetched.get(jid)
-        if last is None or now - last[0] >= self.fetch_interval:
+        if (last is None or now - last.when >= self.fetch_interval
+                or (refresh and not last.refresh)):
             try:
                 outcome: CertBundle | CapsuleError | None = await self.certificates.fetch(jid)
             except CapsuleError as exc:
                 outcome = exc
-            last = (now, outcome)
+            last = _Lookup(now, outcome, refresh)
             self._fetched[jid] = last
             self._fetched.move_to_end(jid)
             while len(self._fetched) > FETCH_MEMORY:
                 self._fetched.popitem(last=False)
-        if isinstance(last[1], CapsuleError):
-            raise type(last[1])(*last[1].args)
-        return last[1]
+        if isinstance(last.outcome, CapsuleError):
+            raise type(last.outcome)(*last.outcome.args)
+        return last.outcome
 
     # -- sending ---------------------------------------------------------------
     async def seal(self, msg: Message, recipients: Iterable[str], room: str | None = None

@@ -74,17 +74,24 @@ class Cast:
 
     def __getitem__(self, name: str) -> Identity:
         if name not in self._people:
-            jid = f"{name}@{DOMAIN}"
-            profile = enroll(self.authority, self.directory / f"{name}.capsule", jid, PIN)
-            data = profile.data
-            assert data.signing_cert and data.encryption_cert
-            bundle = CertBundle(data.signing_cert.encode(), data.encryption_cert.encode())
-            enc = x509.load_pem_x509_certificate(bundle.encrypt)
-            self._people[name] = Identity(
-                jid, profile.path, bundle, data.signing_key,
-                core.cert_fingerprint(x509.load_pem_x509_certificate(bundle.sign)),
-                core.cert_fingerprint(enc), enc.public_key())  # type: ignore[arg-type]
+            self._people[name] = self._enroll(name, self.directory / f"{name}.capsule")
         return self._people[name]
+
+    def reissue(self, name: str) -> Identity:
+        """New keys and certificates for ``name`` (a rotation); the identity is replaced."""
+        self._people[name] = self._enroll(name, self.directory / f"{name}-{len(self._people)}"
+                                                                 f"-{id(self)}.capsule")
+        return self._people[name]
+
+    def _enroll(self, name: str, path: Path) -> Identity:
+        jid = f"{name}@{DOMAIN}"
+        data = enroll(self.authority, path, jid, PIN).data
+        assert data.signing_cert and data.encryption_cert
+        bundle = CertBundle(data.signing_cert.encode(), data.encryption_cert.encode())
+        enc = x509.load_pem_x509_certificate(bundle.encrypt)
+        return Identity(jid, path, bundle, data.signing_key,
+                        core.cert_fingerprint(x509.load_pem_x509_certificate(bundle.sign)),
+                        core.cert_fingerprint(enc), enc.public_key())  # type: ignore[arg-type]
 
     def directory_of(self, *names: str) -> Directory:
         """A fake source that knows these identities' certificates."""
