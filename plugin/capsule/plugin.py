@@ -41,6 +41,7 @@ from capsule.errors import (
     NotAddressedToUs,
     PolicyViolation,
     ProfileError,
+    RevocationUnknown,
     UntrustedCertificate,
 )
 from capsule.locks import LockTable
@@ -118,7 +119,8 @@ class XEP_Capsule(BasePlugin):
         "carbons": False,  # enable XEP-0280 and decrypt carbon copies for this resource
         "crl": None,  # path of the CA's CRL file, re-read when it changes
         "crl_refresh": 300,  # seconds between CRL refreshes (file and CA service)
-        "ca_service": None,  # JID of `capsule-ca serve`: CRL, look-up fallback, CRL updates
+        "crl_retry": 30,  # seconds before a failed fetch of an expired CRL is tried again
+        "ca_service": None,  # JID of `capsule-ca serve` (default: the one stored at enrollment)
         "save_delay": 0.2,  # seconds to batch profile saves (replay cache, pins)
         "fetch_timeout": 10,
         "fetch_interval": 60,  # seconds: at most one look-up per claimed sender, answer reused
@@ -139,6 +141,7 @@ class XEP_Capsule(BasePlugin):
             raise ProfileError(f"{self.profile} has no certificates yet: import them with "
                                f"`capsule profile import-cert` or run `capsule enroll`")
         self.trust = TrustStore(data.ca_root.encode(), data.crl.encode() if data.crl else None)
+        self.config["ca_service"] = self.ca_service or data.ca_service
         self.own_sign = self.trust.verify(data.signing_cert.encode(), data.jid, "sign")
         self.own_encrypt = self.trust.verify(data.encryption_cert.encode(), data.jid, "encrypt")
         self.certificates: CertificateSource = self.source or discovery.PepSource(
@@ -162,6 +165,7 @@ class XEP_Capsule(BasePlugin):
         self._save_handle: asyncio.TimerHandle | None = None
         self._crl_mtime = 0.0
         self._crl_task: asyncio.Task[None] | None = None
+        self._crl_tried = -float("inf")  # loop time of the last fetch of an expired CRL
         self.secure = False
         st.register()
         enrollment.register()
@@ -278,6 +282,22 @@ class XEP_Capsule(BasePlugin):
         if pem:
             self._install_crl(pem + b"\n", f"{self.ca_service} (PEP)")
 
+    async def check_revocation(self) -> None:
+        """Raise RevocationUnknown unless our CRL is fresh; an expired or missing one is first
+        fetched again (file, CA service), at most every ``crl_retry`` seconds."""
+        try:
+            self.trust.check_crl()
+            return
+        except RevocationUnknown:
+            pass
+        async with self._locks.hold("crl"):
+            self.refresh_crl()
+            loop = asyncio.get_running_loop()
+            if self.ca_service and loop.time() - self._crl_tried >= self.crl_retry:
+                self._crl_tried = loop.time()
+                await self.refresh_crl_from_ca()
+        self.trust.check_crl()
+
     async def _watch_crl(self) -> None:
         while True:
             await asyncio.sleep(self.crl_refresh)
@@ -292,8 +312,10 @@ class XEP_Capsule(BasePlugin):
 
         ``claimed``: the sender named by an incoming capsule, whose look-ups are rate-limited.
         A pinned contact that now publishes nothing is refused (CertificateWithdrawn), never
-        treated as having no certificates.
+        treated as having no certificates. Refused (RevocationUnknown) while we cannot tell
+        whether they are revoked.
         """
+        await self.check_revocation()
         async with self._locks.hold("contact " + jid):
             pinned = self.store.data.contacts.get(jid)
             if pinned and not refresh:
