@@ -35,6 +35,7 @@ from capsule import stanza as st
 from capsule.errors import (
     CapsuleError,
     CertificateWithdrawn,
+    DuplicateCapsule,
     EnvelopeMismatch,
     MalformedCapsule,
     NoCertificate,
@@ -42,10 +43,13 @@ from capsule.errors import (
     PolicyViolation,
     ProfileError,
     RevocationUnknown,
+    StorageError,
     UntrustedCertificate,
 )
+from capsule.journal import GroupCommit
 from capsule.locks import LockTable
 from capsule.profile import PIN_ENV, Contact, Profile, now_iso
+from capsule.replay import DEFAULT_MAX_AGE, DEFAULT_SKEW, Entry, TimeRules, Verdict
 from capsule.trust import CertBundle, CertificateSource, TrustStore, VerifiedCert
 from capsule.trust import Contact as VerifiedContact
 
@@ -54,6 +58,7 @@ POLICIES = ("require", "prefer", "off")
 FETCH_MEMORY = 1024  # claimed senders whose last look-up is remembered (rate limit, negative cache)
 DELAY_SLACK = dt.timedelta(minutes=5)  # a server's <delay> may not predate the signed time by more
 Origin = Literal["live", "carbon", "archive"]
+COMPACT_AFTER = 512  # journal records (batches) before the profile is saved
 
 
 @dataclass(frozen=True)
@@ -113,6 +118,7 @@ class XEP_Capsule(BasePlugin):
         "profile": None,  # path of the profile file
         "pin": None,  # else "pin_file", else $CAPSULE_PIN
         "pin_file": None,
+        "key_file": None,  # the profile's key file, if it is bound to one
         "policy": "prefer",  # require | prefer | off
         "allow_insecure": False,  # operate on a stream without TLS
         "publish": True,  # publish our certificates to PEP on session start
@@ -121,7 +127,10 @@ class XEP_Capsule(BasePlugin):
         "crl_refresh": 300,  # seconds between CRL refreshes (file and CA service)
         "crl_retry": 30,  # seconds before a failed fetch of an expired CRL is tried again
         "ca_service": None,  # JID of `capsule-ca serve` (default: the one stored at enrollment)
-        "save_delay": 0.2,  # seconds to batch profile saves (replay cache, pins)
+        "save_delay": 0.2,  # seconds to batch profile saves (pins, CRL); replay: journal
+        "skew": DEFAULT_SKEW,  # seconds a capsule may be dated ahead of our clock
+        "max_age": DEFAULT_MAX_AGE,  # seconds a capsule may wait (offline) for live delivery
+        "storage_retry": 2.0,  # seconds between attempts to make state durable again
         "fetch_timeout": 10,
         "fetch_interval": 60,  # seconds: at most one look-up per claimed sender, answer reused
         "max_envelope_bytes": envelope.MAX_BYTES,
@@ -135,8 +144,9 @@ class XEP_Capsule(BasePlugin):
             raise ValueError(f"capsule policy must be one of {POLICIES}, not {self.policy!r}")
         if not self.profile:
             raise ProfileError("the capsule plugin needs a 'profile' path")
-        self.store = Profile.load(self.profile, self._take_pin())
+        self.store = Profile.load(self.profile, self._take_pin(), self.key_file)
         data = self.store.data
+        data.replay.rules = TimeRules(int(self.skew), int(self.max_age))
         if not (data.signing_cert and data.encryption_cert and data.ca_root):
             raise ProfileError(f"{self.profile} has no certificates yet: import them with "
                                f"`capsule profile import-cert` or run `capsule enroll`")
@@ -163,6 +173,11 @@ class XEP_Capsule(BasePlugin):
         self._tasks: set[asyncio.Future[None]] = set()
         self._cleared: set[int] = set()
         self._save_handle: asyncio.TimerHandle | None = None
+        self._retry_handle: asyncio.TimerHandle | None = None
+        self._commit = GroupCommit(self.store.append, self._journal_failed)
+        self._storage_error: StorageError | None = None
+        self.duplicates = 0  # resends and copies of accepted capsules, dropped quietly
+        self._persist()  # take the profile lock, clear litter, start the journal
         self._crl_mtime = 0.0
         self._crl_task: asyncio.Task[None] | None = None
         self._crl_tried = -float("inf")  # loop time of the last fetch of an expired CRL
@@ -176,7 +191,7 @@ class XEP_Capsule(BasePlugin):
         self.refresh_crl()
 
     def _events(self) -> list[tuple[str, Callable[..., Any]]]:
-        return [("session_start", self._session_start), ("disconnected", self._flush),
+        return [("session_start", self._session_start), ("disconnected", self._disconnected),
                 ("carbon_received", self._on_carbon), ("carbon_sent", self._on_carbon),
                 ("pubsub_publish", self._on_pubsub)]
 
@@ -187,7 +202,7 @@ class XEP_Capsule(BasePlugin):
             self.xmpp.del_event_handler(event, handler)
         if self._crl_task:
             self._crl_task.cancel()
-        self._flush()
+        self._release()
 
     def session_bind(self, jid: JID) -> None:
         if JID(jid).bare != self.store.data.jid:
@@ -534,10 +549,21 @@ class XEP_Capsule(BasePlugin):
                        sent_carbon: bool = False) -> None:
         async with self._locks.hold(key):  # arrival order per sender, also while fetching
             try:
-                msg = await self.open(stanza, origin=origin)
+                msg, durable = await self._open(stanza, origin=origin)
+            except DuplicateCapsule as exc:
+                self.duplicates += 1
+                log.debug("dropped a duplicate (stanza %s): %s", stanza["id"], exc)
+                self.xmpp.event("capsule_duplicate", self._failure(exc, stanza,
+                                                                   stanza["from"].bare))
+                return
             except CapsuleError as exc:
                 self._fail(exc, stanza, stanza["from"].bare)
                 return
+        try:  # outside the lock: the sender's next capsules join the same journal batch
+            await durable
+        except StorageError as exc:
+            self._fail(exc, stanza, stanza["from"].bare)
+            return
         if sent_carbon:  # what another resource of ours sent: not a message *to* the bot
             self.xmpp.event("capsule_carbon_sent", msg)
             return
@@ -560,9 +586,18 @@ class XEP_Capsule(BasePlugin):
         Cheap checks come first (shape, size, who sent it, whether it holds a key for us), so
         junk costs no look-up and no cryptography; then the signature with the sender's
         verified certificate; then our key is unwrapped, the envelope decrypted and its
-        addressing checked, then the replay cache. Our own capsules are accepted only as
-        carbons or from the archive (``origin``), never reflected back live.
+        addressing checked, then the time rules and the replay state (DuplicateCapsule for the
+        very capsule again). Our own capsules are accepted only as carbons, from the archive
+        (``origin``) or echoed by a room, never reflected back live. With ``replay_check`` it
+        returns only once the replay entry is on disk.
         """
+        msg, durable = await self._open(stanza, replay_check, origin)
+        await durable
+        return msg
+
+    async def _open(self, stanza: Message, replay_check: bool = True, origin: Origin = "live"
+                    ) -> tuple[Message, asyncio.Future[None]]:
+        """:meth:`open`, and a future done when its replay entry is durable."""
         self._check_usable()
         capsule = st.to_core(stanza["capsule"])
         core.check_shape(capsule)
@@ -595,9 +630,7 @@ class XEP_Capsule(BasePlugin):
         # in a room the stanza comes from room/nick and is addressed to us; the envelope names
         # the room, and the nick must belong to the signer
         envelope.check_addressing(env, header, real_sender, room or stanza["to"].bare, me, room)
-        if replay_check:
-            self.store.remember(sender, header.nid, header.ts)
-            self._dirty()
+        durable = self._remember(capsule) if replay_check else _done()
         msg = self.xmpp.make_message(mto=stanza["to"], mfrom=stanza["from"], mtype=stanza["type"])
         msg["id"] = stanza["id"]
         for el in stanza.xml:  # routing and metadata from outside, content only from inside
@@ -607,7 +640,7 @@ class XEP_Capsule(BasePlugin):
             msg.xml.append(el)
         msg.capsule_info = CapsuleInfo(sender, signer, header.nid.hex(),  # type: ignore[attr-defined]
                                        header.ts)
-        return msg
+        return msg, durable
 
     def _entitled(self, el: ET.Element, stanza: Message, room: str | None, signed: str) -> bool:
         """Whether an outer element may reach the app beside the decrypted content.
@@ -660,22 +693,117 @@ class XEP_Capsule(BasePlugin):
                 self._fail(exc, inner, inner["from"].bare)
         return out
 
-    # -- errors and saving -----------------------------------------------------
-    def _fail(self, exc: CapsuleError, stanza: StanzaBase, peer: str) -> None:
-        log.warning("capsule %s for stanza %s with %s: %s", exc.reason, stanza["id"], peer, exc)
-        self.xmpp.event("capsule_error", CapsuleFailure(exc.reason, str(exc), stanza["id"],
-                                                        peer, exc))
+    # -- errors ----------------------------------------------------------------
+    @staticmethod
+    def _failure(exc: CapsuleError, stanza: StanzaBase | None, peer: str) -> CapsuleFailure:
+        return CapsuleFailure(exc.reason, str(exc), stanza["id"] if stanza else "", peer, exc)
 
-    def _dirty(self) -> None:
-        if self._save_handle is None:
-            loop = asyncio.get_event_loop()
-            self._save_handle = loop.call_later(self.save_delay, self._flush)
+    def _fail(self, exc: CapsuleError, stanza: StanzaBase | None, peer: str) -> None:
+        log.warning("capsule %s for stanza %s with %s: %s", exc.reason,
+                    stanza["id"] if stanza else "-", peer or "-", exc)
+        self.xmpp.event("capsule_error", self._failure(exc, stanza, peer))
 
-    def _flush(self, _event: Any = None) -> None:
+    # -- durable state -----------------------------------------------------------
+    def _remember(self, capsule: core.Capsule) -> asyncio.Future[None]:
+        """Judge a verified capsule; a NEW one's entry goes to the journal (the future)."""
+        self._ensure_durable()
+        h = capsule.header
+        verdict, entry = self.store.remember(h.sender, h.nid, h.ts, capsule.signature,
+                                             int(time.time()))
+        if verdict is Verdict.DUPLICATE:
+            raise DuplicateCapsule(f"capsule {h.nid.hex()[:8]}… from {h.sender} was already "
+                                   f"accepted")
+        journal = self.store.journal
+        if journal is not None and journal.records >= COMPACT_AFTER:
+            self._dirty()  # fold the journal into the profile soon
+        return self._commit.submit(entry)
+
+    def _ensure_durable(self) -> None:
+        """Refuse (StorageError) while replay entries cannot be written; retry first."""
+        if self._storage_error is None and self.store.journal is not None:
+            return
+        if not self._commit.busy:
+            self._persist()
+        if self._storage_error is not None:
+            raise StorageError(f"capsules are refused until the replay state can be made "
+                               f"durable again ({self._storage_error})")
+
+    def _journal_failed(self, entries: list[Entry], exc: Exception) -> None:
+        for entry in entries:
+            self.store.data.replay.forget(entry)  # not delivered: a resend must be accepted
+        self._storage_failed(StorageError(f"cannot write the replay journal: "
+                                          f"{getattr(exc, 'strerror', None) or exc}"))
+
+    def _storage_failed(self, exc: CapsuleError) -> None:
+        first = self._storage_error is None
+        self._storage_error = exc if isinstance(exc, StorageError) else StorageError(str(exc))
+        if first:
+            self._fail(self._storage_error, None, "")
+        if self._retry_handle is None:
+            self._retry_handle = self.xmpp.loop.call_later(self.storage_retry, self._retry)
+
+    def _retry(self) -> None:
+        self._retry_handle = None
+        if self._commit.busy:
+            self._retry_handle = self.xmpp.loop.call_later(self.storage_retry, self._retry)
+            return
+        self._persist()
+
+    def _persist(self) -> None:
+        """Save now under the profile lock (compacting the journal); the outcome decides
+        whether capsules are delivered. Call only while no journal write runs."""
+        self._cancel_save()
+        try:
+            self.store.hold()
+        except (StorageError, ProfileError) as exc:
+            self._storage_failed(exc)
+            return
+        if self._storage_error is not None:
+            log.warning("capsule state is durable again: capsules are delivered again")
+            self.xmpp.event("capsule_storage_recovered", str(self.store.path))
+        self._storage_error = None
+
+    def _cancel_save(self) -> None:
         if self._save_handle is not None:
             self._save_handle.cancel()
             self._save_handle = None
-        self.store.save()
+
+    def _dirty(self) -> None:
+        if self._save_handle is None:
+            self._save_handle = self.xmpp.loop.call_later(self.save_delay, self._spawn_save)
+
+    def _spawn_save(self) -> None:
+        self._save_handle = None
+        self._spawn(self._save())
+
+    async def _save(self) -> None:
+        await self._commit.idle()
+        self._persist()
+
+    def _disconnected(self, _event: Any) -> None:
+        if self._commit.busy:
+            self._spawn(self._release_when_idle())
+        else:
+            self._release()  # at once: a restarted bot may open the profile next
+
+    async def _release_when_idle(self) -> None:
+        await self._commit.idle()
+        self._release()
+
+    def _release(self) -> None:
+        """Save and give the profile lock up (taken again with the next capsule)."""
+        self._cancel_save()
+        try:
+            self.store.release()
+        except (StorageError, ProfileError) as exc:
+            self._fail(exc if isinstance(exc, StorageError) else StorageError(str(exc)),
+                       None, "")
+
+
+def _done() -> asyncio.Future[None]:
+    future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    future.set_result(None)
+    return future
 
 
 def attach(client: BaseXMPP, profile: str | Path, pin: str, **config: Any
