@@ -63,15 +63,28 @@ def readable(message: ET.Element) -> bool:
     results) count with what they forward.
     """
     sealed = message.find(f"{{{alg.NAMESPACE}}}capsule") is not None
+    if len([child for child in message if name(child) in _WRAPPERS]) > 1:
+        return True  # which one a client reads is up to it: ambiguous, so refused
     for child in message:
         if name(child) in _WRAPPERS:
-            inner = child.find(f".//{{{FORWARD}}}forwarded/{{{CLIENT}}}message")
-            if inner is not None and readable(inner):
+            inner = forwarded(child)
+            if inner is None or readable(inner):
                 return True
         elif not outside(child) and readable_element(child) and not (
                 sealed and name(child) == (CLIENT, "body")):
             return True
     return False
+
+
+def forwarded(wrapper: ET.Element) -> ET.Element | None:
+    """The message a wrapper forwards, judged as slixmpp reads it: its one <forwarded> direct
+    child and that one's one stanza child; None when anything else is there (a decoy)."""
+    if len(wrapper) != 1 or name(wrapper[0]) != (FORWARD, "forwarded"):
+        return None
+    stanzas = [c for c in wrapper[0] if name(c) != ("urn:xmpp:delay", "delay")]
+    if len(stanzas) != 1 or name(stanzas[0]) != (CLIENT, "message"):
+        return None
+    return stanzas[0]
 
 
 def strip(message: ET.Element) -> None:

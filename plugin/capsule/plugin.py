@@ -582,6 +582,8 @@ class XEP_Capsule(BasePlugin):
             self.xmpp.event("groupchat_message", msg)
 
     def _on_carbon(self, wrapper: Message) -> None:
+        if not self.carbons:  # not asked for: a server reflecting our own capsules, dropped
+            return
         sent = wrapper.xml.find("{urn:xmpp:carbons:2}sent") is not None
         inner = wrapper["carbon_sent" if sent else "carbon_received"]
         if st.has_capsule(inner) and inner["type"] in ("chat", "normal", "headline"):
