@@ -18,7 +18,14 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from capsule import core
 from capsule import profile as prof
-from capsule.errors import CorruptProfile, ProfileError, ReplayedCapsule, UnsupportedVersion, WrongPin
+from capsule.errors import (
+    CorruptProfile,
+    ProfileError,
+    ReplayedCapsule,
+    UnsupportedVersion,
+    WeakPin,
+    WrongPin,
+)
 from capsule.profile import FAST_KDF, KdfParams, Profile
 from capsule.replay import Verdict
 
@@ -53,18 +60,31 @@ def test_default_kdf_parameters_are_stored_in_header(tmp_path: Path) -> None:
                                 "PIN/passphrase (10+ digits or 12+ characters) (no key file)")
 
 
-@pytest.mark.parametrize("pin", ["135790", "123456789", "elevenchars", "12345", "short"])
+@pytest.mark.parametrize("pin", ["135790", "192837465", "elevenchars", "19283", "short"])
 def test_short_pins_need_the_explicit_flag(tmp_path: Path, pin: str) -> None:
     with pytest.raises(ProfileError, match=r"10 or more digits.*only with --short-pin"):
         Profile.create(tmp_path / "weak.capsule", "a@capsule.test", pin, kdf=FAST_KDF)
     assert not (tmp_path / "weak.capsule").exists()
 
 
-@pytest.mark.parametrize("pin", ["12345", "abc", "seven77"])
+@pytest.mark.parametrize("pin", ["19283", "xq7", "seven77"])
 def test_too_short_even_with_the_flag(tmp_path: Path, pin: str) -> None:
     with pytest.raises(ProfileError, match="6 or more digits"):
         Profile.create(tmp_path / "weak.capsule", "a@capsule.test", pin, kdf=FAST_KDF,
                        short_pin=True)
+
+
+@pytest.mark.parametrize("pin", ["0000000000", "aaaaaaaaaaaa", " " * 12, "\t \n" * 4,
+                                 "1234567890", "0987654321", "abcdefghijkl", "121212121212",
+                                 "123123123123", "123456"])
+@pytest.mark.parametrize("short_pin", [False, True])
+def test_trivial_pins_are_refused_whatever_their_length(tmp_path: Path, pin: str,
+                                                        short_pin: bool) -> None:
+    with pytest.raises(WeakPin) as caught:
+        Profile.create(tmp_path / "weak.capsule", "a@capsule.test", pin, kdf=FAST_KDF,
+                       short_pin=short_pin)
+    assert caught.value.reason == "weak-pin"
+    assert not (tmp_path / "weak.capsule").exists()
 
 
 def test_a_short_pin_with_the_flag_is_marked(tmp_path: Path) -> None:

@@ -129,6 +129,12 @@ class WrongPin(ProfileError):
     reason = "wrong-pin"
 
 
+class WeakPin(ProfileError):
+    """A new PIN is trivially guessable (blank, repeated, a run like 1234)."""
+
+    reason = "weak-pin"
+
+
 class CorruptProfile(ProfileError):
     """The profile file is truncated or damaged."""
 

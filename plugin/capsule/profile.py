@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime as dt
+import itertools
 import json
 import os
 import time
@@ -42,6 +43,7 @@ from capsule.errors import (
     ProfileError,
     StorageError,
     UnsupportedVersion,
+    WeakPin,
     WrongPin,
 )
 from capsule.files import FileLock, write_private
@@ -91,7 +93,11 @@ FAST_KDF = KdfParams(memory_cost=8192, iterations=1, lanes=1)  # for tests and b
 
 def check_pin(pin: str, short_ok: bool = False) -> str:
     """'strong' (10+ digits, or a passphrase of 12+ characters) or, only with ``short_ok``,
-    'short' (6+ digits, or 8+ characters); anything else is refused."""
+    'short' (6+ digits, or 8+ characters); anything else is refused, and so is a trivial
+    secret whatever its length (the first guesses of any thief)."""
+    if trivial(pin):
+        raise WeakPin("the PIN is trivially guessable (blank, one repeated character, a "
+                           "short repeated group or a run like 1234 or abcd): choose another")
     digits = pin.isdigit()
     if len(pin) >= (10 if digits else 12):
         return "strong"
@@ -102,6 +108,18 @@ def check_pin(pin: str, short_ok: bool = False) -> str:
                            "characters")
     raise ProfileError("the PIN must be 10 or more digits, or a passphrase of 12 or more "
                        "characters (6+ digits or 8+ characters only with --short-pin)")
+
+
+def trivial(pin: str) -> bool:
+    """Blank, a repeated group of 1-3 characters (0000, 121212, abcabc), or a run stepping by
+    one either way (123456, 9876, 1234567890, abcdef)."""
+    if not pin.strip():
+        return True
+    if any(len(pin) > n and pin == pin[:n] * (len(pin) // n) for n in (1, 2, 3)):
+        return True
+    steps = {(ord(b) - ord(a)) % 10 if pin.isdigit() else ord(b) - ord(a)
+             for a, b in itertools.pairwise(pin)}
+    return steps in ({1}, {-1}, {9})
 
 
 def brute_force_cost(pin: str, seconds_per_guess: float) -> str:
