@@ -69,3 +69,73 @@ async def test_own_capsule_as_carbon_is_dropped_with_carbons_off(
         await b.settle()
         assert b.delivered() == [] and b.named("capsule_message") == []
         assert b.named("capsule_carbon_sent") == []
+
+
+EXTRAS = {
+    "mam-result": "<result xmlns='urn:xmpp:mam:2' id='x'><forwarded xmlns='urn:xmpp:forward:0'>"
+                  "<message xmlns='jabber:client' from='ceo@capsule.test' to='bob@capsule.test'>"
+                  "<body>UNVERIFIED wire</body></message></forwarded></result>",
+    "pep-event": "<event xmlns='http://jabber.org/protocol/pubsub#event'><items node='x'><item id='1'>"
+                 "<body xmlns='jabber:client'>UNVERIFIED event</body></item></items></event>",
+    "forwarded": "<forwarded xmlns='urn:xmpp:forward:0'><message xmlns='jabber:client'>"
+                 "<body>UNVERIFIED forwarded</body></message></forwarded>",
+}
+TEXT_EXTRAS = {
+    "xep33-desc": "<addresses xmlns='http://jabber.org/protocol/address'><address type='ofrom' "
+                  "jid='ceo@capsule.test' desc='UNVERIFIED desc'/></addresses>",
+    "thread": "<thread>UNVERIFIED thread</thread>",
+    "carbons-private": "<private xmlns='urn:xmpp:carbons:2'>UNVERIFIED private</private>",
+    "chat-state-text": "<active xmlns='http://jabber.org/protocol/chatstates'>UNVERIFIED</active>",
+}
+
+
+@pytest.mark.parametrize("extra", list(EXTRAS.values()), ids=list(EXTRAS))
+async def test_a_wrapper_beside_a_capsule_is_refused(stream_cast: Cast, tmp_path: Path,
+                                                     extra: str) -> None:
+    """F2: forwarded messages beside a sealed one would reach the app unverified."""
+    alice, bob = stream_cast["alice"], stream_cast["bob"]
+    sealed = seal_for(alice, [alice, bob], [body("honest")])
+    async with Stream.open(bob, tmp_path, stream_cast.directory_of("alice"),
+                           policy="require") as b:
+        b.recv(message(sealed, f"{alice.jid}/x", f"{bob.jid}/stream", "chat", extra=extra))
+        await b.settle()
+        assert b.delivered() == [] and [f.reason for f in b.errors()] == ["malformed"]
+
+
+@pytest.mark.parametrize("extra", list(TEXT_EXTRAS.values()), ids=list(TEXT_EXTRAS))
+async def test_only_textless_routing_elements_come_from_outside_a_capsule(
+        stream_cast: Cast, tmp_path: Path, extra: str) -> None:
+    """F2: the app gets the verified content and, from outside, only routing, hints, receipts
+    and chat states without text."""
+    alice, bob = stream_cast["alice"], stream_cast["bob"]
+    sealed = seal_for(alice, [alice, bob], [body("honest")])
+    async with Stream.open(bob, tmp_path, stream_cast.directory_of("alice"),
+                           policy="require") as b:
+        b.recv(message(sealed, f"{alice.jid}/x", f"{bob.jid}/stream", "chat",
+                       extra=extra + "<request xmlns='urn:xmpp:receipts'/>"))
+        await b.settle()
+        [got] = b.delivered()
+        assert got["body"] == "honest" and "UNVERIFIED" not in str(got)
+        assert got.xml.find("{urn:xmpp:receipts}request") is not None
+
+
+ERROR = "<error type='cancel'><service-unavailable xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error>"
+
+
+async def test_a_stripped_error_keeps_no_forwarded_content(stream_cast: Cast,
+                                                            tmp_path: Path) -> None:
+    """F2: under require an error bounce reaches the app without anything readable."""
+    alice, bob = stream_cast["alice"], stream_cast["bob"]
+    sealed = seal_for(alice, [alice, bob], [body("x")])
+    async with Stream.open(bob, tmp_path, stream_cast.directory_of("alice"),
+                           policy="require") as b:
+        seen: list[object] = []
+        b.xmpp.add_event_handler("message_error", seen.append)
+        b.recv(f"<message from='{alice.jid}/x' to='{bob.jid}/stream' type='error' id='e1'>"
+               f"<body>clear body</body>{EXTRAS['mam-result']}{ERROR}</message>")
+        b.recv(message(sealed, f"{alice.jid}/x", f"{bob.jid}/stream", "error",
+                       extra=EXTRAS["mam-result"] + ERROR, mid="e2"))
+        await b.settle()
+        assert len(seen) == 2
+        assert not any("UNVERIFIED" in str(m) or "clear body" in str(m) for m in seen)
+        assert all(m.xml.find("{jabber:client}error") is not None for m in seen)  # type: ignore[attr-defined]

@@ -17,7 +17,7 @@ CLIENT = "jabber:client"
 FORWARD = "urn:xmpp:forward:0"
 # (namespace, element name); None: every element of the namespace
 OUTSIDE: frozenset[tuple[str, str | None]] = frozenset({
-    (CLIENT, "thread"), (CLIENT, "error"),
+    (CLIENT, "error"),
     (alg.NAMESPACE, "capsule"), ("urn:xmpp:eme:0", "encryption"),
     ("urn:xmpp:hints", None), ("urn:xmpp:receipts", None),
     ("http://jabber.org/protocol/chatstates", None), ("urn:xmpp:chat-markers:0", None),
@@ -25,6 +25,18 @@ OUTSIDE: frozenset[tuple[str, str | None]] = frozenset({
     ("http://jabber.org/protocol/address", "addresses"),
     ("http://jabber.org/protocol/pubsub#event", "event"),  # PEP notifications from the server
     ("urn:xmpp:carbons:2", None), ("urn:xmpp:mam:2", "result"),  # wrappers: see readable()
+})
+# what may reach the app from outside a capsule (and survive strip()): no wrapper, no text
+PASSED: frozenset[tuple[str, str | None]] = frozenset({
+    (CLIENT, "error"), ("urn:xmpp:hints", None), ("urn:xmpp:receipts", None),
+    ("http://jabber.org/protocol/chatstates", None), ("urn:xmpp:chat-markers:0", None),
+    ("urn:xmpp:sid:0", None), ("urn:xmpp:delay", "delay"),
+})
+# never beside a capsule: they would put unsealed messages next to a sealed one
+WRAPPERS_BESIDE: frozenset[tuple[str, str | None]] = frozenset({
+    ("urn:xmpp:carbons:2", "received"), ("urn:xmpp:carbons:2", "sent"),
+    ("urn:xmpp:mam:2", "result"), (FORWARD, "forwarded"),
+    ("http://jabber.org/protocol/pubsub#event", "event"),
 })
 SERVER_METADATA = frozenset({("urn:xmpp:delay", "delay"), ("urn:xmpp:sid:0", "stanza-id")})
 _WRAPPERS = frozenset({("urn:xmpp:carbons:2", "received"), ("urn:xmpp:carbons:2", "sent"),
@@ -44,6 +56,17 @@ def name(element: ET.Element) -> tuple[str, str]:
 def outside(element: ET.Element) -> bool:
     ns, local = name(element)
     return (ns, None) in OUTSIDE or (ns, local) in OUTSIDE
+
+
+def passed(element: ET.Element) -> bool:
+    """Whether an element from outside a capsule may reach the app: routing, hints, receipts,
+    chat states, server ids; none with text but the server's own (an error's or a delay's
+    description, whose source plugin.py checks)."""
+    ns, local = name(element)
+    if (ns, None) not in PASSED and (ns, local) not in PASSED:
+        return False
+    return ((ns, local) in {(CLIENT, "error"), ("urn:xmpp:delay", "delay")}
+            or not "".join(element.itertext()).strip())
 
 
 def readable_element(element: ET.Element) -> bool:
@@ -91,7 +114,7 @@ def strip(message: ET.Element) -> None:
     """Withhold the readable content of a message that must still be routed (an error bounce,
     the room's own messages): content removed, a subject kept empty for MUC bookkeeping."""
     for child in list(message):
-        if outside(child):
+        if passed(child):
             continue
         if name(child) == (CLIENT, "subject"):
             child.clear()

@@ -615,6 +615,9 @@ class XEP_Capsule(BasePlugin):
         header = capsule.header
         if len(capsule.payload) > self.max_envelope_bytes + alg.TAG_BYTES:
             raise MalformedCapsule(f"capsule payload exceeds {self.max_envelope_bytes} bytes")
+        if any(elements.name(el) in elements.WRAPPERS_BESIDE for el in stanza.xml):
+            raise MalformedCapsule("a capsule beside a forwarding wrapper (carbon, archive "
+                                   "result, forwarded, pubsub event)")
         me = self.store.data.jid
         sender = header.sender
         real_sender = self._real_sender(stanza)
@@ -645,7 +648,7 @@ class XEP_Capsule(BasePlugin):
         msg = self.xmpp.make_message(mto=stanza["to"], mfrom=stanza["from"], mtype=stanza["type"])
         msg["id"] = stanza["id"]
         for el in stanza.xml:  # routing and metadata from outside, content only from inside
-            if elements.outside(el) and self._entitled(el, stanza, room, header.ts):
+            if elements.passed(el) and self._entitled(el, stanza, room, header.ts):
                 msg.xml.append(copy.deepcopy(el))
         for el in env.content:
             msg.xml.append(el)
@@ -656,13 +659,11 @@ class XEP_Capsule(BasePlugin):
     def _entitled(self, el: ET.Element, stanza: Message, room: str | None, signed: str) -> bool:
         """Whether an outer element may reach the app beside the decrypted content.
 
-        Not the capsule machinery; server metadata (<delay>, <stanza-id>) only when our server
+        Server metadata (<delay>, <stanza-id>) only when our server
         or the room added it (XEP-0359: servers strip stanza-ids in their own name), and a
         delay never earlier than the signed time.
         """
         tag = elements.name(el)
-        if tag in {(alg.NAMESPACE, "capsule"), ("urn:xmpp:eme:0", "encryption")}:
-            return False
         if tag not in elements.SERVER_METADATA:
             return True
         me = JID(self.store.data.jid)
