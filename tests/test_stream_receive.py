@@ -4,6 +4,7 @@ the envelope and server metadata only from the outer stanza of an entitled sourc
 
 from __future__ import annotations
 
+import datetime as dt
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -124,8 +125,10 @@ async def test_forged_server_metadata_inside_the_envelope_never_reaches_the_app(
               ET.fromstring("<delay xmlns='urn:xmpp:delay' from='capsule.test' "
                             "stamp='2001-01-01T00:00:00Z'/>")]
     capsule_ = seal_for(alice, [alice, bob], forged)
-    outer = ("<delay xmlns='urn:xmpp:delay' from='capsule.test' stamp='2099-01-01T00:00:00Z'>"
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    outer = (f"<delay xmlns='urn:xmpp:delay' from='capsule.test' stamp='{now}'>"
              "Offline Storage</delay>"
+             "<delay xmlns='urn:xmpp:delay' from='capsule.test' stamp='2099-01-01T00:00:00Z'/>"
              "<stanza-id xmlns='urn:xmpp:sid:0' by='bob@capsule.test' id='REAL-ID'/>"
              "<stanza-id xmlns='urn:xmpp:sid:0' by='alice@capsule.test' id='ALICE-SAYS'/>"
              "<delay xmlns='urn:xmpp:delay' from='alice@capsule.test/x' "
@@ -136,7 +139,7 @@ async def test_forged_server_metadata_inside_the_envelope_never_reaches_the_app(
         [msg] = b.delivered()
         ids = [el.get("id") for el in msg.xml.iter("{urn:xmpp:sid:0}stanza-id")]
         stamps = [el.get("stamp") for el in msg.xml.iter("{urn:xmpp:delay}delay")]
-        assert ids == ["REAL-ID"] and stamps == ["2099-01-01T00:00:00Z"]
+        assert ids == ["REAL-ID"] and stamps == [now]  # a future delay is not believed (F4)
         assert msg["body"] == "hi"
 
 

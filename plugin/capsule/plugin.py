@@ -661,7 +661,8 @@ class XEP_Capsule(BasePlugin):
 
         Server metadata (<delay>, <stanza-id>) only when our server
         or the room added it (XEP-0359: servers strip stanza-ids in their own name), and a
-        delay never earlier than the signed time.
+        delay dated between the signed time and now (plus skew): servers pass on a sender's own
+        <delay>, so this bound is all a receiver can check.
         """
         tag = elements.name(el)
         if tag not in elements.SERVER_METADATA:
@@ -678,7 +679,8 @@ class XEP_Capsule(BasePlugin):
         except ValueError:
             return False
         when = dt.datetime.strptime(signed, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
-        return bool(stamp >= when - DELAY_SLACK)
+        latest = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=int(self.skew))
+        return bool(when - DELAY_SLACK <= stamp <= latest)
 
     async def _signer(self, sender: str, cert_fp: str) -> VerifiedCert:
         contact = await self.contact(sender, claimed=True)
