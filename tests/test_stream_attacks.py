@@ -139,3 +139,30 @@ async def test_a_stripped_error_keeps_no_forwarded_content(stream_cast: Cast,
         assert len(seen) == 2
         assert not any("UNVERIFIED" in str(m) or "clear body" in str(m) for m in seen)
         assert all(m.xml.find("{jabber:client}error") is not None for m in seen)  # type: ignore[attr-defined]
+
+
+FWD = ("<forwarded xmlns='urn:xmpp:forward:0'><message xmlns='jabber:client' from='x@capsule.test' "
+       "to='y@capsule.test'><body>SECRET-FWD</body></message></forwarded>")
+OUT_EXTRAS = {
+    "mam-result": f"<result xmlns='urn:xmpp:mam:2' id='1'>{FWD}</result>",
+    "carbon-received": f"<received xmlns='urn:xmpp:carbons:2'>{FWD}</received>",
+    "xep33-desc": "<addresses xmlns='http://jabber.org/protocol/address'><address type='to' "
+                  "jid='y@capsule.test' desc='SECRET-DESC'/></addresses>",
+    "thread": "<thread>SECRET-THREAD</thread>",
+}
+
+
+@pytest.mark.parametrize("extra", list(OUT_EXTRAS.values()), ids=list(OUT_EXTRAS))
+async def test_nothing_readable_goes_out_beside_a_capsule(stream_cast: Cast, tmp_path: Path,
+                                                          extra: str) -> None:
+    """F5: text in an allow-listed wrapper is sealed, never sent in clear beside the capsule."""
+    alice, bob = stream_cast["alice"], stream_cast["bob"]
+    async with Stream.open(bob, tmp_path, stream_cast.directory_of("alice"),
+                           policy="require") as b:
+        m = b.xmpp.make_message(mto=alice.jid, mbody="hello", mtype="chat")
+        m.xml.append(ET.fromstring(extra))
+        m.send()
+        await b.settle()
+        wire = "".join(str(s) for s in b.sent())
+        assert "urn:capsule:0" in wire and "SECRET" not in wire
+        assert b.errors() == [] and b.named("capsule_plaintext_sent") == []

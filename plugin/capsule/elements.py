@@ -30,7 +30,7 @@ OUTSIDE: frozenset[tuple[str, str | None]] = frozenset({
 PASSED: frozenset[tuple[str, str | None]] = frozenset({
     (CLIENT, "error"), ("urn:xmpp:hints", None), ("urn:xmpp:receipts", None),
     ("http://jabber.org/protocol/chatstates", None), ("urn:xmpp:chat-markers:0", None),
-    ("urn:xmpp:sid:0", None), ("urn:xmpp:delay", "delay"),
+    ("urn:xmpp:sid:0", None), ("urn:xmpp:delay", "delay"), ("urn:xmpp:carbons:2", "private"),
 })
 # never beside a capsule: they would put unsealed messages next to a sealed one
 WRAPPERS_BESIDE: frozenset[tuple[str, str | None]] = frozenset({
@@ -38,6 +38,7 @@ WRAPPERS_BESIDE: frozenset[tuple[str, str | None]] = frozenset({
     ("urn:xmpp:mam:2", "result"), (FORWARD, "forwarded"),
     ("http://jabber.org/protocol/pubsub#event", "event"),
 })
+_MACHINERY = frozenset({(alg.NAMESPACE, "capsule"), ("urn:xmpp:eme:0", "encryption")})
 SERVER_METADATA = frozenset({("urn:xmpp:delay", "delay"), ("urn:xmpp:sid:0", "stanza-id")})
 _WRAPPERS = frozenset({("urn:xmpp:carbons:2", "received"), ("urn:xmpp:carbons:2", "sent"),
                        ("urn:xmpp:mam:2", "result")})
@@ -75,8 +76,10 @@ def readable_element(element: ET.Element) -> bool:
 
 
 def content(message: ET.Element) -> list[ET.Element]:
-    """The children a capsule seals: all that are not on the outside list."""
-    return [child for child in message if not outside(child)]
+    """The children a capsule seals: all but the textless routing elements that pass outside
+    (so a forwarded message, an address description or a pubsub item never goes out in clear
+    beside a capsule) and the capsule machinery."""
+    return [child for child in message if not passed(child) and name(child) not in _MACHINERY]
 
 
 def readable(message: ET.Element) -> bool:
