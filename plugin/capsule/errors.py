@@ -94,3 +94,9 @@ class CorruptProfile(ProfileError):
     """The profile file is truncated or damaged."""
 
     reason = "corrupt-profile"
+
+
+class Undelivered(CapsuleError):
+    """A sent capsule was not acknowledged by the server within the bound, or was returned."""
+
+    reason = "undelivered"

@@ -4,6 +4,8 @@ Incoming capsules are taken out of the stream by an *in* filter (so handlers nev
 fallback body), verified and decrypted in arrival order per sender, and handed to the bot's
 ordinary ``message`` handlers and to ``capsule_message``; failures become ``capsule_error``.
 Outgoing chat messages pass an async *out* filter that seals them for the addressee.
+Delivery rides on stream management (XEP-0198, a dependency): the outbox resends what the
+server did not acknowledge and reports what it cannot deliver; the client reconnects.
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ from typing import Any, ClassVar, Literal, cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
-from slixmpp import JID, BaseXMPP, Message
+from slixmpp import JID, BaseXMPP, ClientXMPP, Message
 from slixmpp.exceptions import IqError, IqTimeout
 from slixmpp.plugins import BasePlugin
 from slixmpp.xmlstream import StanzaBase
 
 from capsule import core, discovery, enrollment, envelope
 from capsule import stanza as st
+from capsule.connection import Reconnect
 from capsule.errors import (
     CapsuleError,
     EnvelopeMismatch,
@@ -34,6 +37,8 @@ from capsule.errors import (
     ProfileError,
     UntrustedCertificate,
 )
+from capsule.inbound import HandledCount
+from capsule.outbox import Outbox
 from capsule.profile import PIN_ENV, Contact, Profile, now_iso
 from capsule.trust import CertBundle, CertificateSource, TrustStore, VerifiedCert
 from capsule.trust import Contact as VerifiedContact
@@ -81,7 +86,7 @@ class XEP_Capsule(BasePlugin):
     name = "capsule"
     description = "Capsule: end-to-end encrypted, signed encapsulated messages"
     dependencies: ClassVar[set[str]] = {"xep_0030", "xep_0045", "xep_0060", "xep_0115", "xep_0163",
-                                        "xep_0280",
+                                        "xep_0198", "xep_0280",
                                         "xep_0313", "xep_0334", "xep_0380"}
     default_config: ClassVar[dict[str, Any]] = {
         "profile": None,  # path of the profile file
@@ -97,6 +102,10 @@ class XEP_Capsule(BasePlugin):
         "save_delay": 0.2,  # seconds to batch profile saves (replay cache, pins)
         "fetch_timeout": 10,
         "source": None,  # a CertificateSource; default: PEP
+        "delivery_timeout": 120,  # seconds for the server to ack a capsule, else undelivered
+        "outbox_limit": 2000,  # unacknowledged capsules kept for resending
+        "reconnect": True,  # reconnect a lost session, back-off doubling up to reconnect_max
+        "reconnect_max": 30,
     }
 
     # -- life cycle ------------------------------------------------------------
@@ -140,6 +149,10 @@ class XEP_Capsule(BasePlugin):
         self.xmpp.add_filter("out", self._filter_out)
         for event, handler in self._events():
             self.xmpp.add_event_handler(event, handler)
+        self.handled = HandledCount(self.xmpp)
+        self.outbox = Outbox(self.xmpp, self.delivery_timeout, self.outbox_limit, self._fail)
+        self.reconnector = (Reconnect(self.xmpp, cap=self.reconnect_max)
+                            if self.reconnect and isinstance(self.xmpp, ClientXMPP) else None)
         self.refresh_crl()
 
     def _events(self) -> list[tuple[str, Callable[..., Any]]]:
@@ -154,6 +167,10 @@ class XEP_Capsule(BasePlugin):
             self.xmpp.del_event_handler(event, handler)
         if self._crl_task:
             self._crl_task.cancel()
+        self.handled.close()
+        self.outbox.close()
+        if self.reconnector:
+            self.reconnector.close()
         self._flush()
 
     def session_bind(self, jid: JID) -> None:
@@ -349,7 +366,7 @@ class XEP_Capsule(BasePlugin):
         """Send ``body`` to a joined non-anonymous room, sealed once for every occupant."""
         msg = self.xmpp.make_message(mto=JID(JID(room).bare), mbody=body, mtype="groupchat")
         msg["id"] = self.xmpp.new_id()
-        (await self.encrypt_message(msg)).send()
+        self._send_sealed(await self.encrypt_message(msg))
         return str(msg["id"])
 
     async def send(self, to: str | JID | Iterable[str | JID], body: str,
@@ -366,9 +383,14 @@ class XEP_Capsule(BasePlugin):
         for target in targets:
             msg = self.xmpp.make_message(mto=JID(target), mtype=mtype)
             msg["id"] = self.xmpp.new_id()
-            self._wrap(msg, capsule).send()
+            self._send_sealed(self._wrap(msg, capsule))
             ids.append(msg["id"])
         return ids
+
+    def _send_sealed(self, msg: Message) -> None:
+        """Send a capsule; its delivery bound starts now, even while the stream is down."""
+        self.outbox.track(msg)
+        self.xmpp.send(msg)
 
     def _filter_out(self, stanza: StanzaBase) -> StanzaBase | None:
         """Hold back chat messages with a body; they are sealed and sent by a task.
@@ -399,7 +421,10 @@ class XEP_Capsule(BasePlugin):
             except CapsuleError as exc:
                 self._fail(exc, stanza, to)  # refused: never fall back to plaintext
                 return
-            self.xmpp.send(stanza)
+            if st.has_capsule(stanza):
+                self._send_sealed(stanza)
+            else:
+                self.xmpp.send(stanza)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -425,7 +450,7 @@ class XEP_Capsule(BasePlugin):
         if st.has_capsule(stanza):
             sender = stanza["from"].bare  # a room serialises all of its occupants
             lock = self._lock("in " + sender)
-            self._spawn(self._receive(stanza, lock))
+            self._spawn(self.handled.hold(stanza, self._receive(stanza, lock)))
             return None
         if self.policy == "require" and stanza["body"]:
             self._fail(PolicyViolation(f"plaintext message from {stanza['from'].bare} refused "
