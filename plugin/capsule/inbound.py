@@ -34,7 +34,7 @@ class HandledCount:
         self._claimed: set[int] = set()
         self._ack: asyncio.Handle | None = None
         xmpp.del_filter("in", self.sm._handle_incoming)  # ours replaces it
-        xmpp.add_filter("in", self._arrive, order=0)
+        xmpp.add_filter("in", self._arrive)  # first: created before any other "in" filter
         xmpp.add_event_handler("sm_enabled", self._restart)
         xmpp.add_event_handler("session_resumed", self._restart)
 

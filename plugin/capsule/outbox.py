@@ -47,7 +47,7 @@ class Outbox:
     """Capsules sent but not yet acknowledged; resent on a new session, reported on timeout."""
 
     def __init__(self, xmpp: BaseXMPP, timeout: float, limit: int,
-                 report: Callable[[Undelivered, StanzaBase, str], None]):
+                 report: Callable[[Undelivered, StanzaBase, str], Any]):
         self.xmpp = xmpp
         self.timeout = timeout
         self.limit = limit
@@ -57,17 +57,17 @@ class Outbox:
         self._acked: OrderedDict[str, str] = OrderedDict()  # id -> peer, to report bounces
         self._ack_request: asyncio.Handle | None = None
         self.resent = 0
-        # before xep_0198's own out_sync filter, so that a refused stanza is never counted
-        xmpp.add_filter("out_sync", self._on_wire, order=0)
+        # an "out" filter runs before xep_0198's "out_sync" one: a refused stanza is not counted
+        xmpp.add_filter("out", self._on_wire)
         for event, handler in self._events():
             xmpp.add_event_handler(event, handler)
 
     def _events(self) -> list[tuple[str, Callable[..., Any]]]:
-        return [("stanza_acked", self._on_acked), ("session_start", self._resend),
+        return [("stanza_acked", self._on_acked), ("sm_enabled", self._resend),
                 ("message_error", self._on_bounce)]
 
     def close(self) -> None:
-        self.xmpp.del_filter("out_sync", self._on_wire)
+        self.xmpp.del_filter("out", self._on_wire)
         for event, handler in self._events():
             self.xmpp.del_event_handler(event, handler)
         for entry in self.pending.values():
@@ -115,8 +115,12 @@ class Outbox:
         self.xmpp.event("capsule_acked", Acked(sid, peer))
 
     def _resend(self, _event: Any) -> None:
-        """A new session (resumption failed or none was possible): resend what went out."""
-        unacked = [e.stanza for e in self.pending.values() if e.on_wire]
+        """Stream management enabled on a new session (resumption failed or none was possible):
+        resend what went out unacknowledged and xep_0198 does not track (it forgot the old
+        stream's, and those written before this ``<enable/>`` it never counted)."""
+        tracked = {id(stanza) for _seq, stanza in self.xmpp.plugin["xep_0198"].unacked_queue}
+        unacked = [e.stanza for e in self.pending.values()
+                   if e.on_wire and id(e.stanza) not in tracked]
         if unacked:
             log.info("new session: resending %d unacknowledged capsules", len(unacked))
         for msg in unacked:

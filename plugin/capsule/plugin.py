@@ -145,12 +145,13 @@ class XEP_Capsule(BasePlugin):
         self.secure = False
         st.register()
         enrollment.register()
+        self.handled = HandledCount(self.xmpp)  # its "in" filter must come before ours
         self.xmpp.add_filter("in", self._filter_in)
         self.xmpp.add_filter("out", self._filter_out)
         for event, handler in self._events():
             self.xmpp.add_event_handler(event, handler)
-        self.handled = HandledCount(self.xmpp)
-        self.outbox = Outbox(self.xmpp, self.delivery_timeout, self.outbox_limit, self._fail)
+        self.outbox = Outbox(self.xmpp, self.delivery_timeout, self.outbox_limit,
+                             self._undelivered)
         self.reconnector = (Reconnect(self.xmpp, cap=self.reconnect_max)
                             if self.reconnect and isinstance(self.xmpp, ClientXMPP) else None)
         self.refresh_crl()
@@ -543,10 +544,14 @@ class XEP_Capsule(BasePlugin):
         return out
 
     # -- errors and saving -----------------------------------------------------
-    def _fail(self, exc: CapsuleError, stanza: StanzaBase, peer: str) -> None:
+    def _fail(self, exc: CapsuleError, stanza: StanzaBase, peer: str) -> CapsuleFailure:
         log.warning("capsule %s for stanza %s with %s: %s", exc.reason, stanza["id"], peer, exc)
-        self.xmpp.event("capsule_error", CapsuleFailure(exc.reason, str(exc), stanza["id"],
-                                                        peer, exc))
+        failure = CapsuleFailure(exc.reason, str(exc), stanza["id"], peer, exc)
+        self.xmpp.event("capsule_error", failure)
+        return failure
+
+    def _undelivered(self, exc: CapsuleError, stanza: StanzaBase, peer: str) -> None:
+        self.xmpp.event("capsule_undelivered", self._fail(exc, stanza, peer))
 
     def _dirty(self) -> None:
         if self._save_handle is None:
