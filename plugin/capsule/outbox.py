@@ -3,11 +3,12 @@
 Every capsule that leaves is held here, keyed by stanza id, until the server's stream
 management ack covers it (``capsule_acked``). slixmpp itself resends its unacked stanzas when a
 stream is *resumed*; when resumption fails (the server restarted) the session is new and
-slixmpp forgets them, so the outbox resends every capsule that went out unacked. A capsule not
-acknowledged within ``timeout`` seconds, one the outbox has no room for, and one the server
-bounces back with an error after acking it, are reported as ``capsule_undelivered`` and never
-sent again. The resent capsule is the identical stanza: the receiver drops the copy as a
-duplicate.
+slixmpp forgets them, so the outbox sends again every capsule that went out unacknowledged,
+once stream management is on again. While no stream is up, capsules wait here rather than in
+slixmpp's queues (which would write them before the next login or before ``<enable/>``).
+A capsule not acknowledged within ``timeout`` seconds, one the outbox has no room for, and one
+the server returns with an error, are reported as ``capsule_undelivered`` and never sent
+again. A resent capsule is the identical stanza: the receiver drops the copy as a duplicate.
 """
 
 from __future__ import annotations
@@ -40,11 +41,11 @@ class Acked:
 class _Pending:
     stanza: Message
     timer: asyncio.TimerHandle
-    on_wire: bool = False  # written to a stream (not just queued by slixmpp)
+    out: bool = False  # written to a stream or waiting for one: (re)sent on the next stream
 
 
 class Outbox:
-    """Capsules sent but not yet acknowledged; resent on a new session, reported on timeout."""
+    """Capsules sent but not yet acknowledged; resent on a new stream, reported on timeout."""
 
     def __init__(self, xmpp: BaseXMPP, timeout: float, limit: int,
                  report: Callable[[Undelivered, StanzaBase, str], Any]):
@@ -56,6 +57,7 @@ class Outbox:
         self._given_up: OrderedDict[str, None] = OrderedDict()  # never to be sent again
         self._acked: OrderedDict[str, str] = OrderedDict()  # id -> peer, to report bounces
         self._ack_request: asyncio.Handle | None = None
+        self.live = False  # a session is up: sending goes through slixmpp at once
         self.resent = 0
         # an "out" filter runs before xep_0198's "out_sync" one: a refused stanza is not counted
         xmpp.add_filter("out", self._on_wire)
@@ -63,8 +65,9 @@ class Outbox:
             xmpp.add_event_handler(event, handler)
 
     def _events(self) -> list[tuple[str, Callable[..., Any]]]:
-        return [("stanza_acked", self._on_acked), ("sm_enabled", self._resend),
-                ("message_error", self._on_bounce)]
+        return [("stanza_acked", self._on_acked), ("session_start", self._up),
+                ("sm_enabled", self._resend), ("session_resumed", self._resumed),
+                ("disconnected", self._down), ("message_error", self._on_bounce)]
 
     def close(self) -> None:
         self.xmpp.del_filter("out", self._on_wire)
@@ -75,8 +78,16 @@ class Outbox:
         if self._ack_request:
             self._ack_request.cancel()
 
+    def send(self, msg: Message) -> None:
+        """Send a sealed capsule; its delivery bound starts now, even while no stream is up."""
+        self.track(msg)
+        if self.live:
+            self.xmpp.send(msg)
+        elif msg["id"] in self.pending:
+            self.pending[msg["id"]].out = True  # sent once a stream is up
+
     def track(self, msg: Message) -> None:
-        """Start the delivery bound of a capsule about to be sent (idempotent per id)."""
+        """Start the delivery bound of a capsule (idempotent per stanza id)."""
         if not msg["id"]:
             msg["id"] = self.xmpp.new_id()
         sid = str(msg["id"])
@@ -85,8 +96,8 @@ class Outbox:
         timer = asyncio.get_event_loop().call_later(self.timeout, self._expire, sid)
         self.pending[sid] = _Pending(msg, timer)
         if len(self.pending) > self.limit:
-            self._give_up(next(iter(self.pending)), f"the outbox holds {self.limit} unacknowledged "
-                                                    f"capsules already")
+            self._give_up(next(iter(self.pending)),
+                          f"the outbox holds {self.limit} unacknowledged capsules already")
 
     def _on_wire(self, stanza: StanzaBase) -> StanzaBase | None:
         if not isinstance(stanza, Message) or not st.has_capsule(stanza):
@@ -95,7 +106,7 @@ class Outbox:
             log.info("capsule %s was reported undelivered: not sent", stanza["id"])
             return None
         self.track(stanza)
-        self.pending[stanza["id"]].on_wire = True
+        self.pending[stanza["id"]].out = True
         if self._ack_request is None:  # one request after a burst, not one per capsule
             self._ack_request = asyncio.get_event_loop().call_soon(self._request_ack)
         return stanza
@@ -114,15 +125,37 @@ class Outbox:
         self._remember(self._acked, sid, peer)
         self.xmpp.event("capsule_acked", Acked(sid, peer))
 
+    def _up(self, _event: Any) -> None:
+        self.live = True
+
+    def _down(self, _event: Any) -> None:
+        """The stream is gone: what slixmpp still queued for it must not be written to the
+        next one before its login. Capsules stay here; the rest waits for the next session."""
+        self.live = False
+        queue = self.xmpp.waiting_queue
+        parked = []
+        while not queue.empty():
+            data, use_filters = queue.get_nowait()
+            queue.task_done()
+            if isinstance(data, Message) and data["id"] in self.pending:
+                self.pending[data["id"]].out = True
+            else:
+                parked.append((data, use_filters))
+        for data, use_filters in parked:
+            self.xmpp.send(data, use_filters)  # slixmpp keeps it until the session is up
+
+    def _resumed(self, event: Any) -> None:
+        self._up(event)
+        self._resend(event)
+
     def _resend(self, _event: Any) -> None:
-        """Stream management enabled on a new session (resumption failed or none was possible):
-        resend what went out unacknowledged and xep_0198 does not track (it forgot the old
-        stream's, and those written before this ``<enable/>`` it never counted)."""
+        """Stream management is on (a new session, or a resumed one): send what went out or
+        waited and xep_0198 does not track (it forgets a dead session's unacked stanzas)."""
+        self.live = True
         tracked = {id(stanza) for _seq, stanza in self.xmpp.plugin["xep_0198"].unacked_queue}
-        unacked = [e.stanza for e in self.pending.values()
-                   if e.on_wire and id(e.stanza) not in tracked]
+        unacked = [e.stanza for e in self.pending.values() if e.out and id(e.stanza) not in tracked]
         if unacked:
-            log.info("new session: resending %d unacknowledged capsules", len(unacked))
+            log.info("sending %d unacknowledged capsules again", len(unacked))
         for msg in unacked:
             self.resent += 1
             self.xmpp.send(msg)

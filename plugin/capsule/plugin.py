@@ -367,7 +367,7 @@ class XEP_Capsule(BasePlugin):
         """Send ``body`` to a joined non-anonymous room, sealed once for every occupant."""
         msg = self.xmpp.make_message(mto=JID(JID(room).bare), mbody=body, mtype="groupchat")
         msg["id"] = self.xmpp.new_id()
-        self._send_sealed(await self.encrypt_message(msg))
+        self.outbox.send(await self.encrypt_message(msg))
         return str(msg["id"])
 
     async def send(self, to: str | JID | Iterable[str | JID], body: str,
@@ -384,14 +384,9 @@ class XEP_Capsule(BasePlugin):
         for target in targets:
             msg = self.xmpp.make_message(mto=JID(target), mtype=mtype)
             msg["id"] = self.xmpp.new_id()
-            self._send_sealed(self._wrap(msg, capsule))
+            self.outbox.send(self._wrap(msg, capsule))
             ids.append(msg["id"])
         return ids
-
-    def _send_sealed(self, msg: Message) -> None:
-        """Send a capsule; its delivery bound starts now, even while the stream is down."""
-        self.outbox.track(msg)
-        self.xmpp.send(msg)
 
     def _filter_out(self, stanza: StanzaBase) -> StanzaBase | None:
         """Hold back chat messages with a body; they are sealed and sent by a task.
@@ -423,7 +418,7 @@ class XEP_Capsule(BasePlugin):
                 self._fail(exc, stanza, to)  # refused: never fall back to plaintext
                 return
             if st.has_capsule(stanza):
-                self._send_sealed(stanza)
+                self.outbox.send(stanza)
             else:
                 self.xmpp.send(stanza)
 
