@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import os
 import random
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -97,3 +99,68 @@ async def test_server_killed_mid_burst(xmpp_stack, capsule_bot):
     ledger.check(sent)
     assert ledger.acked | set(ledger.undelivered) >= set(sent)
     assert alice.capsule.outbox.resent > 0  # the kills did catch capsules unacknowledged
+
+
+class Receiver:
+    """The bot ``bob`` as a separate process (tests/delivery_receiver.py)."""
+
+    def __init__(self, bot: Any, stack: Any, tmp_path: Path):
+        self.out = tmp_path / "delivered.txt"
+        self.out.touch()
+        self.config = tmp_path / "receiver.json"
+        self.config.touch(mode=0o600)
+        self.config.write_text(json.dumps({
+            "jid": bot.jid, "password": bot.account.password, "profile": str(bot.profile),
+            "pin": bot.pin, "port": stack.info.c2s_port, "ca_root": str(stack.info.ca_root),
+            "out": str(self.out)}))
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tests.delivery_receiver", str(self.config),
+            stdout=asyncio.subprocess.PIPE, cwd=Path(__file__).parent.parent)
+        assert self.proc.stdout is not None
+        line = await asyncio.wait_for(self.proc.stdout.readline(), 60)
+        assert line == b"ready\n", line
+
+    async def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        await self.proc.wait()
+
+    def delivered(self) -> collections.Counter[str]:
+        return collections.Counter(self.out.read_text().splitlines())
+
+
+async def test_receiver_killed_mid_burst(xmpp_stack, capsule_bot, tmp_path):
+    """The server must requeue what it had handed to the dead receiver's stream."""
+    schedule = rng(f"receiver {xmpp_stack.info.server}")
+    alice, bob = await capsule_bot("alice"), await capsule_bot("bob")
+    await bob.client.disconnect(wait=1)
+    receiver = Receiver(bob, xmpp_stack, tmp_path)
+    await receiver.start()
+    ledger = Ledger(alice.client)
+    sent: dict[str, str] = {}
+    kill_at = schedule.randrange(10, BURST - 10)
+    try:
+        for i in range(BURST):
+            if i == kill_at:
+                await receiver.kill()
+            body = f"message {i}"
+            [sid] = await alice.capsule.send(bob.jid, body)
+            sent[sid] = body
+            await asyncio.sleep(0)
+        await asyncio.sleep(schedule.uniform(0, 2))
+        await receiver.start()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 45
+        while loop.time() < deadline and not all(
+                sid in ledger.undelivered or receiver.delivered()[body]
+                for sid, body in sent.items()):
+            await asyncio.sleep(0.2)
+        ledger.delivered = receiver.delivered()
+        print(f"receiver killed at {kill_at}: {len(sent)} sent, {len(ledger.delivered)} delivered,"
+              f" {len(ledger.undelivered)} reported undelivered")
+        ledger.check(sent)
+    finally:
+        await receiver.kill()
