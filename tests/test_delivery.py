@@ -13,14 +13,11 @@ import collections
 import json
 import os
 import random
-import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 from slixmpp import ClientXMPP
-
-from capsule.testing.processes import pid_alive, wait_for
 
 BURST = 200
 SEED = int(os.environ.get("CAPSULE_DELIVERY_SEED", random.randrange(1 << 30)))
@@ -70,13 +67,6 @@ async def settle(ledger: Ledger, sent: dict[str, str], timeout: float = 45.0) ->
         await asyncio.sleep(0.1)
 
 
-def kill_server(stack: Any) -> None:
-    """SIGKILL the XMPP server (no goodbye to its clients) and wait until it is gone."""
-    pid, marker = stack.info.pids["server"], str(Path(stack.info.dir) / stack.info.server)
-    os.kill(pid, signal.SIGKILL)
-    assert wait_for(lambda: not pid_alive(pid, marker), 15)
-
-
 async def test_server_killed_mid_burst(xmpp_stack, capsule_bot):
     schedule = rng(f"server {xmpp_stack.info.server}")
     alice, bob = await capsule_bot("alice"), await capsule_bot("bob")
@@ -87,7 +77,7 @@ async def test_server_killed_mid_burst(xmpp_stack, capsule_bot):
         restart: asyncio.Future[None] | None = None
         for i in range(BURST):
             if i == kill_at:
-                kill_server(xmpp_stack)
+                xmpp_stack.kill_server()
                 restart = asyncio.ensure_future(asyncio.to_thread(xmpp_stack.restart_server))
             body = f"burst {burst} message {i}"
             [sid] = await alice.capsule.send(bob.jid, body)
@@ -164,3 +154,23 @@ async def test_receiver_killed_mid_burst(xmpp_stack, capsule_bot, tmp_path):
         ledger.check(sent)
     finally:
         await receiver.kill()
+
+
+async def test_undelivered_reported_within_bound_and_never_sent_later(xmpp_stack, capsule_bot):
+    alice = await capsule_bot("alice", delivery_timeout=2)
+    bob = await capsule_bot("bob")
+    ledger = Ledger(alice.client, bob.client)
+    [first] = await alice.capsule.send(bob.jid, "before")  # bob's certificates now pinned
+    await settle(ledger, {first: "before"})
+    xmpp_stack.kill_server()
+    sent = {}
+    for i in range(5):
+        [sid] = await alice.capsule.send(bob.jid, f"while down {i}")
+        sent[sid] = f"while down {i}"
+    await settle(ledger, sent, timeout=15)
+    assert set(ledger.undelivered) == set(sent)
+    assert all("within 2 s" in why for why in ledger.undelivered.values())
+    await asyncio.to_thread(xmpp_stack.restart_server)
+    [sid] = await alice.capsule.send(bob.jid, "after the restart")
+    await settle(ledger, {sid: "after the restart"})
+    assert sid in ledger.acked and ledger.delivered == {"before": 1, "after the restart": 1}

@@ -85,8 +85,8 @@ class HandledCount:
             self._finished.discard(self._done)
             self._done += 1
         self.sm.handled = (self._base + self._done) % MAX_SEQ
-        if self._ack is None and not self._finished:
-            self._ack = asyncio.get_event_loop().call_later(0.05, self._send_ack)
+        if self._ack is None and not self._finished:  # one ack per batch handled
+            self._ack = asyncio.get_event_loop().call_soon(self._send_ack)
 
     def _send_ack(self) -> None:
         """Tell the server unasked once a backlog is handled, so it can let go of it."""

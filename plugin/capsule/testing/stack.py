@@ -14,6 +14,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import string
 import subprocess
 import time
@@ -394,6 +395,16 @@ class Stack:
         terminate(self.info.pids.pop("server", 0), server.marker)
         self._start_server(server)
         self.probe()
+
+    def kill_server(self) -> None:
+        """SIGKILL the XMPP server (a crash: no goodbye to its clients); ``restart_server``
+        brings it back on the same ports."""
+        server = self._parts()[1]
+        pid = self.info.pids["server"]
+        if pid_alive(pid, server.marker):
+            os.kill(pid, signal.SIGKILL)
+        if not wait_for(lambda: not pid_alive(pid, server.marker), 15):
+            raise StackError(f"{server.name} (PID {pid}) survived SIGKILL")
 
     def stop(self) -> None:
         """End this stack's own processes (server first, then MariaDB) and wait for them."""
