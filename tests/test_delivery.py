@@ -19,6 +19,8 @@ from typing import Any
 
 from slixmpp import ClientXMPP
 
+from capsule.inbound import HandledCount
+
 BURST = 200
 SEED = int(os.environ.get("CAPSULE_DELIVERY_SEED", random.randrange(1 << 30)))
 
@@ -174,3 +176,33 @@ async def test_undelivered_reported_within_bound_and_never_sent_later(xmpp_stack
     [sid] = await alice.capsule.send(bob.jid, "after the restart")
     await settle(ledger, {sid: "after the restart"})
     assert sid in ledger.acked and ledger.delivered == {"before": 1, "after the restart": 1}
+
+
+async def test_ack_count_covers_only_capsules_handled_in_stream_order():
+    """Server-free: what the receiver acks (XEP-0198 ``h``) never runs ahead of its app."""
+    client = ClientXMPP("bob@capsule.test", "unused")
+    client.register_plugin("xep_0198")
+    sm = client.plugin["xep_0198"]
+    count = HandledCount(client)
+    sm.enabled_in = True
+    client.event("sm_enabled", None)
+    stanzas = [client.make_message(mto="bob@capsule.test", mbody=str(i)) for i in range(4)]
+    release = [asyncio.Event() for _ in stanzas]
+    tasks = []
+    for i, stanza in enumerate(stanzas):
+        client.recv_stanza(stanza)
+        if i != 1:  # 0, 2 and 3 are capsules, handled by a task; 1 is plain
+            tasks.append(asyncio.ensure_future(count.hold(stanza, release[i].wait())))
+    await asyncio.sleep(0.05)
+    assert sm.handled == 0  # the first capsule is not handled yet: nothing may be acked
+    release[2].set()
+    await asyncio.sleep(0.05)
+    assert sm.handled == 0
+    release[0].set()
+    await asyncio.sleep(0.05)
+    assert sm.handled == 3
+    sm.handled = 0
+    client.event("sm_enabled", None)  # a new stream: the old one's late capsule counts nothing
+    release[3].set()
+    await asyncio.gather(*tasks)
+    assert sm.handled == 0

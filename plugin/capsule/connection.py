@@ -119,7 +119,6 @@ class Reconnect:
         self.delay = first
         self.armed = False
         self.in_session = False
-        self.attempts = 0
         self._retry: asyncio.TimerHandle | None = None
         self._watchdog: asyncio.TimerHandle | None = None
         self._app_disconnect = client.disconnect
@@ -171,7 +170,6 @@ class Reconnect:
         self._retry = None
         if not self.armed or self.client.transport is not None:
             return  # slixmpp's own retry got there first
-        self.attempts += 1
         address = self.client.custom_address or (None, None)
         self.client.connect(*address)
         # a server that accepts TCP but never opens a session (e.g. its database is down)

@@ -129,20 +129,20 @@ class Outbox:
         self.live = True
 
     def _down(self, _event: Any) -> None:
-        """The stream is gone: what slixmpp still queued for it must not be written to the
-        next one before its login. Capsules stay here; the rest waits for the next session."""
+        """The stream is gone: capsules slixmpp still queued for it come back here (it would
+        write them to the next connection before the login); the rest stays in its queue."""
         self.live = False
         queue = self.xmpp.waiting_queue
-        parked = []
+        kept = []
         while not queue.empty():
-            data, use_filters = queue.get_nowait()
+            item = queue.get_nowait()
             queue.task_done()
-            if isinstance(data, Message) and data["id"] in self.pending:
-                self.pending[data["id"]].out = True
+            if isinstance(item[0], Message) and item[0]["id"] in self.pending:
+                self.pending[item[0]["id"]].out = True
             else:
-                parked.append((data, use_filters))
-        for data, use_filters in parked:
-            self.xmpp.send(data, use_filters)  # slixmpp keeps it until the session is up
+                kept.append(item)
+        for item in kept:
+            queue.put_nowait(item)
 
     def _resumed(self, event: Any) -> None:
         self._up(event)
