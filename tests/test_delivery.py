@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import json
 import os
 import random
@@ -93,6 +94,12 @@ async def test_server_killed_mid_burst(xmpp_stack, capsule_bot):
     assert alice.capsule.outbox.resent > 0  # the kills did catch capsules unacknowledged
 
 
+@dataclasses.dataclass
+class _Refusal:
+    reason: str
+    stanza_id: str
+
+
 class Receiver:
     """The bot ``bob`` as a separate process (tests/delivery_receiver.py)."""
 
@@ -104,7 +111,10 @@ class Receiver:
         self.config.write_text(json.dumps({
             "jid": bot.jid, "password": bot.account.password, "profile": str(bot.profile),
             "pin": bot.pin, "port": stack.info.c2s_port, "ca_root": str(stack.info.ca_root),
-            "out": str(self.out)}))
+            "out": str(self.out), "errors": str(tmp_path / "errors.txt"),
+            "log": str(tmp_path / "receiver.log")}))
+        self.errors, self.log = tmp_path / "errors.txt", tmp_path / "receiver.log"
+        self.errors.touch()
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
@@ -151,9 +161,14 @@ async def test_receiver_killed_mid_burst(xmpp_stack, capsule_bot, tmp_path):
                 for sid, body in sent.items()):
             await asyncio.sleep(0.2)
         ledger.delivered = receiver.delivered()
+        ledger.errors = [_Refusal(*line.split()) for line in receiver.errors.read_text().splitlines()]
         print(f"receiver killed at {kill_at}: {len(sent)} sent, {len(ledger.delivered)} delivered,"
               f" {len(ledger.undelivered)} reported undelivered")
-        ledger.check(sent)
+        try:
+            ledger.check(sent)
+        except AssertionError:
+            print(receiver.log.read_text()[-6000:])
+            raise
     finally:
         await receiver.kill()
 
