@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import subprocess
 import threading
@@ -246,3 +247,148 @@ def test_cli_round_trip_and_one_line_errors(tmp_path: Path, capsys: pytest.Captu
     assert ca_main(["list", ca_dir]) == 0
     listing = capsys.readouterr().out
     assert "bob@capsule.test" in listing and "revoked" in listing and "sign" in listing
+
+
+# -- JIDs (RFC 7622) and UTF-8 -------------------------------------------------------------
+CYRILLIC = "\u0430lice@capsule.test"  # Cyrillic small a, not Latin a: another account
+
+
+def test_non_ascii_jid_is_certified_as_itself_and_one_per_usage_holds(ca: Authority) -> None:
+    first = ca.issue(make_csr(), CYRILLIC, Usage.SIGN)
+    cert = x509.load_pem_x509_certificate(first.pem())
+    assert cert_jids(cert) == [CYRILLIC]
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == CYRILLIC
+    assert first.subject == CYRILLIC and ca.valid_for(CYRILLIC) == [first]
+    assert ca.valid_for("alice@capsule.test") == []
+    with pytest.raises(CAError, match="already has a valid sign certificate"):
+        ca.issue(make_csr(), CYRILLIC, Usage.SIGN)
+    second = ca.issue(make_csr(), CYRILLIC, Usage.SIGN, replace=True)
+    status = {r.serial: r.status for r in ca.records()}
+    assert status[first.serial] == "revoked" and status[second.serial] == "valid"
+    assert [r.serial for r in ca.revoke(jid=CYRILLIC)] == [second.serial]
+
+
+def test_a_spelling_of_a_jid_is_the_same_account(ca: Authority) -> None:
+    record = ca.issue(make_csr("Bob@Capsule.Test"), "BOB@capsule.TEST", Usage.ENCRYPT)
+    assert cert_jids(x509.load_pem_x509_certificate(record.pem())) == ["bob@capsule.test"]
+    assert ca.valid_for("bob@CAPSULE.test") == [record]
+    with pytest.raises(CAError, match="already has a valid encrypt certificate"):
+        ca.issue(make_csr(), "bob@capsule.test", Usage.ENCRYPT)
+    assert [r.serial for r in ca.revoke(jid="Bob@capsule.test")] == [record.serial]
+
+
+def test_issued_name_is_read_back_or_nothing_is_issued(ca: Authority,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """openssl certifying a name other than the one asked for must leave no certificate."""
+    import capsule_ca.authority as authority
+
+    before = snapshot(ca.dir)
+    real = authority.render_extfile
+
+    def mangled(usage: Usage, san: list[tuple[str, str]]) -> str:
+        return real(usage, [(kind, value.replace("mangled", "mallory")) for kind, value in san])
+
+    monkeypatch.setattr(authority, "render_extfile", mangled)
+    with pytest.raises(CAError, match="nothing issued"):
+        ca.issue(make_csr(), "mangled@capsule.test", Usage.SIGN)
+    assert snapshot(ca.dir) == before
+    assert ca.valid_for("mangled@capsule.test") == []
+
+
+def capsule_ca(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The `capsule-ca` command as a user runs it."""
+    import os
+    import sys
+
+    exe = Path(sys.executable).with_name("capsule-ca")
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, check=False,
+                          env={**os.environ, **(env or {})})
+
+
+def test_cli_issues_for_the_normalised_jid_and_keeps_the_passphrase_from_openssl(
+        tmp_path: Path) -> None:
+    """`capsule-ca issue --jid Alice@Capsule.Test` certifies alice@capsule.test (what clients
+    compare), and no openssl child sees $CAPSULE_CA_PASSPHRASE in its environment."""
+    import os
+    import shutil
+
+    spy = tmp_path / "bin"
+    spy.mkdir()
+    envs = tmp_path / "envs"
+    envs.mkdir()
+    real = shutil.which("openssl")
+    (spy / "openssl").write_text(f'#!/bin/sh\nenv > "{envs}/$$"\nexec {real} "$@"\n')
+    (spy / "openssl").chmod(0o755)
+    secret = "cli passphrase in the environment"
+    env = {"CAPSULE_CA_PASSPHRASE": secret, "PATH": f"{spy}:{os.environ['PATH']}"}
+    ca_dir = str(tmp_path / "ca")
+    assert capsule_ca("init", ca_dir, "--name", "Env CA", env=env).returncode == 0
+    csr = tmp_path / "req.pem"
+    csr.write_bytes(make_csr("alice@capsule.test"))  # what a client asks for its account
+    out = tmp_path / "alice.pem"
+    done = capsule_ca("issue", ca_dir, "--csr", str(csr), "--jid", "Alice@Capsule.Test",
+                      "--usage", "sign", "--out", str(out), env=env)
+    assert done.returncode == 0, done.stderr
+    assert "for alice@capsule.test" in done.stdout
+    assert cert_jids(x509.load_pem_x509_certificate(out.read_bytes())) == ["alice@capsule.test"]
+    assert capsule_ca("revoke", ca_dir, "--jid", "ALICE@capsule.test", env=env).returncode == 0
+    seen = [p.read_text() for p in envs.iterdir()]
+    assert len(seen) >= 5  # init, issue and revoke all ran openssl through the spy
+    assert not any(secret in text or "CAPSULE_CA_PASSPHRASE" in text for text in seen)
+    log = (Path(ca_dir) / "issuance.log").read_text()
+    assert "operator\tissued sign" in log and "for alice@capsule.test" in log
+    assert "operator\trevoked sign" in log and secret not in log
+
+
+def test_issuance_log_is_outside_the_rollback(ca: Authority, monkeypatch: pytest.MonkeyPatch
+                                              ) -> None:
+    """A line the service appends while a CLI transaction runs survives that one's rollback."""
+    real_sign = Authority._sign
+
+    def sign_then_fail(self: Authority, *args: object, **kwargs: object) -> None:
+        real_sign(self, *args, **kwargs)  # type: ignore[arg-type]
+        Authority(ca.dir).log("service@capsule.test", "issued encrypt serial 42 meanwhile")
+        raise CAError("simulated crash after signing")
+
+    monkeypatch.setattr(Authority, "_sign", sign_then_fail)
+    with pytest.raises(CAError, match="simulated crash"):
+        ca.issue(make_csr(), "logged@capsule.test", Usage.SIGN)
+    log = (ca.dir / "issuance.log").read_text()
+    assert log.endswith("\tservice@capsule.test\tissued encrypt serial 42 meanwhile\n")
+    assert "logged@capsule.test" not in log  # nothing was issued
+    assert ca.valid_for("logged@capsule.test") == []
+
+
+# -- CRLs: a practical nextUpdate, renewed before they expire ----------------------------
+def crl_life(ca: Authority) -> tuple[dt.datetime, dt.datetime]:
+    crl = x509.load_pem_x509_crl(ca.crl_path.read_bytes())
+    assert crl.next_update_utc is not None
+    return crl.last_update_utc, crl.next_update_utc
+
+
+def test_crls_live_seven_days_by_default_and_renewal_is_due_at_half_life(tmp_path: Path
+                                                                         ) -> None:
+    ca = Authority.init(tmp_path / "ca", "CRL CA", PASS)
+    last, nxt = crl_life(ca)
+    assert nxt - last == dt.timedelta(days=7)
+    assert not ca.crl_needs_renewal()
+    assert not ca.crl_needs_renewal(last + dt.timedelta(days=3, hours=11))
+    assert ca.crl_needs_renewal(last + dt.timedelta(days=3, hours=12))
+    pw = tmp_path / "pw"
+    pw.write_bytes(PASS)
+    done = capsule_ca("crl", str(ca.dir), "--days", "2", "--passphrase-file", str(pw))
+    assert done.returncode == 0, done.stderr
+    last, nxt = crl_life(ca)
+    assert nxt - last == dt.timedelta(days=2)
+    assert capsule_ca("crl", str(ca.dir), "--days", "0", "--passphrase-file", str(pw)
+                      ).returncode == 1
+    short = Authority.init(tmp_path / "short", "Short CA", PASS, crl_days=1)
+    last, nxt = crl_life(short)
+    assert nxt - last == dt.timedelta(days=1)
+
+
+def test_superseding_a_certificate_publishes_a_crl_listing_it(ca: Authority) -> None:
+    old = ca.issue(make_csr(), "superseded@capsule.test", Usage.SIGN)
+    ca.issue(make_csr(), "superseded@capsule.test", Usage.SIGN, replace=True)
+    crl = x509.load_pem_x509_crl(ca.crl_path.read_bytes())
+    assert crl.get_revoked_certificate_by_serial_number(int(old.serial, 16)) is not None

@@ -4,6 +4,7 @@ profiles, refusals, revocation reaching clients, rotation, and a service that ke
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ import pytest
 import pytest_asyncio
 from slixmpp import ClientXMPP
 
-from capsule import enrollment
+from capsule import discovery, enrollment
 from capsule.cli import main as capsule_main
 from capsule.connection import login
 from capsule.errors import RevokedCertificate
@@ -70,6 +71,8 @@ async def test_three_bots_enroll_from_nothing_and_talk(xmpp_stack, ca_service, n
         "--ca", ca_service.boundjid.bare, "--ca-cert", str(xmpp_stack.info.ca_root),
         "--password-file", str(password), "--port", str(xmpp_stack.info.c2s_port)])
     assert code == 0
+    stored = Profile.load(carol_profile, BOT_PIN).data  # revocation on by default from here
+    assert stored.ca_service == ca_service.boundjid.bare and stored.crl
     profiles.append(carol_profile)
     bots = [await capsule_bot(a.user, account=a, profile=p) for a, p in zip(accounts, profiles,
                                                                               strict=True)]
@@ -194,3 +197,40 @@ async def test_service_survives_restart_and_malformed_requests(xmpp_stack, ca_se
     path = await enroll_new(xmpp_stack, ca_service, account, tmp_path)
     assert Profile.load(path, BOT_PIN).ready()
     await client.disconnect()
+
+
+async def test_enrollment_keeps_revocation_fresh_with_nothing_configured(
+        xmpp_stack, ca_service, new_account, capsule_bot, tmp_path):
+    """The CRL and the service's JID stored at enrollment keep a default-configured bot's CRL
+    fresh: `serve` renews a CRL at half-life, and the bot refuses bob's superseded certificates
+    that the server keeps serving."""
+    authority = xmpp_stack.authority()
+    await asyncio.to_thread(authority.gencrl, dt.timedelta(seconds=6))  # about to expire
+    alice_acc, bob_acc = new_account("alice"), new_account("bob")
+    alice_path = await enroll_new(xmpp_stack, ca_service, alice_acc, tmp_path)
+    stored = Profile.load(alice_path, BOT_PIN).data
+    assert stored.ca_service == ca_service.boundjid.bare and stored.crl
+    old_bob = await enroll_new(xmpp_stack, ca_service, bob_acc, tmp_path)
+    old_bob = old_bob.rename(tmp_path / "bob-old.capsule")
+    await enroll_new(xmpp_stack, ca_service, bob_acc, tmp_path)  # supersedes the old ones
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    while authority.crl_needs_renewal():
+        assert loop.time() - began < 30, "`capsule-ca serve` did not renew the CRL"
+        await asyncio.sleep(0.2)
+    # the server serves bob's old certificates again
+    client = await plain_client(xmpp_stack, bob_acc)
+    old = Profile.load(old_bob, BOT_PIN).data
+    assert old.signing_cert and old.encryption_cert and old.ca_root
+    await discovery.publish(client, {"sign": old.signing_cert, "encrypt": old.encryption_cert,
+                                     "ca": old.ca_root})
+    await client.disconnect()
+    alice = await capsule_bot("alice", account=alice_acc, profile=alice_path)  # nothing configured
+    next_update = alice.capsule.trust.crl.next_update_utc
+    assert next_update - dt.datetime.now(dt.UTC) > dt.timedelta(days=1)  # the renewed CRL
+    with pytest.raises(RevokedCertificate):
+        await alice.capsule.send(bob_acc.jid, "to bob's old key?")
+    inbox = Inbox(alice.client)
+    alice.client.send_message(mto=bob_acc.jid, mbody="transparent, policy prefer")
+    failure = await inbox.error()
+    assert failure.reason == "revoked" and failure.peer == bob_acc.jid

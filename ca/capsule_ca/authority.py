@@ -10,6 +10,7 @@ import contextlib
 import datetime as dt
 import fcntl
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -22,13 +23,18 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from capsule.jids import bare_jid, same_jid
 from capsule_ca.errors import CAError
 from capsule_ca.profiles import Usage, render_extfile
-from capsule_ca.xmppaddr import check_bare_jid, san_jids
+from capsule_ca.xmppaddr import cert_jids, san_jids
 
 MIN_RSA_BITS = 2048
 USER_DAYS = 365
 SERVER_DAYS = 825
+CRL_DAYS = 7  # a CRL's life (nextUpdate); `capsule-ca serve` renews it at half-life
+LOG_NAME = "issuance.log"  # append-only, never part of a rollback
+# what openssl children must not inherit: they get the passphrase through a pipe only
+_SECRET_ENV_PREFIX = "CAPSULE_"
 
 
 @dataclass(frozen=True)
@@ -67,11 +73,21 @@ def _openssl_time(value: dt.datetime) -> str:
 
 
 def _subject_field(subject: str, field: str) -> str:
+    """A field of an ``index.txt`` subject; openssl writes non-ASCII UTF-8 bytes as ``\\xHH``."""
     for part in subject.split("/"):
         key, _, val = part.partition("=")
         if key == field:
-            return val
+            raw = re.sub(rb"\\x([0-9A-F]{2})", lambda m: bytes.fromhex(m[1].decode()),
+                         val.encode())
+            return raw.decode("utf-8", errors="replace")
     return ""
+
+
+def _jid(jid: str) -> str:
+    try:
+        return bare_jid(jid)
+    except ValueError as exc:
+        raise CAError(str(exc)) from None
 
 
 def _dn_escape(value: str) -> str:
@@ -109,7 +125,7 @@ class Authority:
         passphrase: bytes,
         key_bits: int = 3072,
         days: int = 3650,
-        crl_days: int = 30,
+        crl_days: int = CRL_DAYS,
     ) -> Authority:
         """Create the directory layout, the encrypted root key and the self-signed root."""
         target = Path(directory).resolve()
@@ -117,6 +133,8 @@ class Authority:
             raise CAError("the CA passphrase must have at least 4 characters")
         if key_bits < 3072:
             raise CAError(f"the root key must have at least 3072 bits, not {key_bits}")
+        if crl_days < 1:
+            raise CAError(f"a CRL must live at least one day, not {crl_days}")
         if not name.strip() or any(c in name for c in "/\n\\"):
             raise CAError(f"bad CA name {name!r}")
         if target.exists() and any(target.iterdir()):
@@ -185,11 +203,36 @@ class Authority:
         return out
 
     def valid_for(self, jid: str, usage: Usage | None = None) -> list[CertRecord]:
+        """The valid certificates of ``jid`` (any spelling of it), of one usage or all."""
+        jid = _jid(jid)
         return [
             r
             for r in self.records()
             if r.status == "valid" and r.subject == jid and (usage is None or r.usage == usage.value)
         ]
+
+    def crl_needs_renewal(self, now: dt.datetime | None = None) -> bool:
+        """True once half of the current CRL's life (thisUpdate to nextUpdate) has passed."""
+        try:
+            crl = x509.load_pem_x509_crl(self.crl_path.read_bytes())
+        except (OSError, ValueError):
+            return True
+        next_update = crl.next_update_utc
+        if next_update is None:
+            return True
+        now = now or dt.datetime.now(dt.UTC)
+        return now >= crl.last_update_utc + (next_update - crl.last_update_utc) / 2
+
+    def log(self, who: str, what: str) -> None:
+        """Append one line to ``issuance.log`` (never a secret); kept even when a transaction
+        rolls back, since another process may have appended meanwhile."""
+        stamp = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        line = f"{stamp}\t{who}\t{what}\n".encode()
+        fd = os.open(self.dir / LOG_NAME, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
 
     # -- issuance --------------------------------------------------------------
     def issue(
@@ -201,14 +244,16 @@ class Authority:
         replace: bool = False,
         not_before: dt.datetime | None = None,
         not_after: dt.datetime | None = None,
+        requester: str = "operator",
     ) -> CertRecord:
-        """Certify the CSR's key for ``jid`` (SAN id-on-xmppAddr) with the key usage of ``usage``."""
+        """Certify the CSR's key for ``jid`` (SAN id-on-xmppAddr) with the key usage of ``usage``.
+
+        ``jid`` is normalised (RFC 7622) first; the certificate names that form or none is issued.
+        A superseded certificate is revoked and the CRL regenerated in the same transaction.
+        """
         if usage is Usage.SERVER:
             raise CAError("use issue-server for server certificates")
-        try:
-            check_bare_jid(jid)
-        except ValueError as exc:
-            raise CAError(str(exc)) from None
+        jid = _jid(jid)
         if not_before and not_after and not_after <= not_before:
             raise CAError("the validity window must end after it starts")
         _check_csr(csr_pem, jid, email)
@@ -222,7 +267,12 @@ class Authority:
                 )
             for old in existing:
                 self._revoke_locked(old, "superseded")
-            return self._sign(csr_pem, usage, jid, san, not_before, not_after)
+            record = self._sign(csr_pem, usage, jid, san, not_before, not_after)
+            if existing:
+                self._gencrl_locked()
+        superseded = "".join(f", superseded {old.serial}" for old in existing)
+        self.log(requester, f"issued {usage.value} serial {record.serial} for {jid}{superseded}")
+        return record
 
     def issue_server(
         self,
@@ -266,10 +316,13 @@ class Authority:
         return files
 
     # -- revocation ------------------------------------------------------------
-    def revoke(self, serial: str | None = None, jid: str | None = None) -> list[CertRecord]:
-        """Revoke one certificate by serial, or every valid certificate of a JID; refresh the CRL."""
+    def revoke(self, serial: str | None = None, jid: str | None = None,
+               requester: str = "operator") -> list[CertRecord]:
+        """Revoke one certificate by serial, or every valid certificate of a JID (any spelling);
+        refresh the CRL."""
         if (serial is None) == (jid is None):
             raise CAError("give exactly one of --serial or --jid")
+        jid = _jid(jid) if jid is not None else None
         with self._transaction():
             if serial is not None:
                 wanted = serial.upper().lstrip("0")
@@ -285,12 +338,17 @@ class Authority:
             for record in targets:
                 self._revoke_locked(record, "unspecified")
             self._gencrl_locked()
+        for record in targets:
+            self.log(requester, f"revoked {record.usage} serial {record.serial} of {record.subject}")
         return targets
 
-    def gencrl(self) -> Path:
-        """Write a fresh CRL signed by the root to ``crl.pem``."""
+    def gencrl(self, lifetime: dt.timedelta | None = None) -> Path:
+        """Write a fresh CRL signed by the root to ``crl.pem``, valid for ``lifetime`` (default:
+        the CA's ``default_crl_days``, 7 for a new CA)."""
+        if lifetime is not None and lifetime.total_seconds() < 1:
+            raise CAError(f"a CRL must live at least a second, not {lifetime}")
         with self._transaction():
-            self._gencrl_locked()
+            self._gencrl_locked(lifetime)
         return self.crl_path
 
     # -- internals -------------------------------------------------------------
@@ -336,24 +394,43 @@ class Authority:
                 validity += ["-enddate", _openssl_time(not_after)]
             self._ca(
                 [
-                    "-notext", "-in", str(csr), "-out", str(cert), "-extfile", str(ext),
+                    "-notext", "-utf8", "-in", str(csr), "-out", str(cert), "-extfile", str(ext),
                     "-extensions", "leaf", "-subj",
                     f"/OU={usage.value}/CN={_dn_escape(name)}", *validity,
                 ]
             )
-        for record in self.records():
-            if record.serial == serial:
-                return record
-        raise CAError(f"openssl ca did not record serial {serial}")
+        record = next((r for r in self.records() if r.serial == serial), None)
+        if record is None:
+            raise CAError(f"openssl ca did not record serial {serial}")
+        self._check_issued(record, usage, name)
+        return record
+
+    @staticmethod
+    def _check_issued(record: CertRecord, usage: Usage, name: str) -> None:
+        """Read the new certificate back: it must name exactly what was asked, else the
+        transaction rolls back (openssl mangling a name must never yield a usable certificate)."""
+        if record.subject != name or record.usage != usage.value:
+            raise CAError(f"openssl recorded {record.subject!r} ({record.usage}), not {name!r}; "
+                          f"nothing issued")
+        if usage is Usage.SERVER:
+            return
+        try:
+            issued = cert_jids(x509.load_pem_x509_certificate(record.pem()))
+        except ValueError as exc:
+            raise CAError(f"the issued certificate's xmppAddr is unreadable ({exc}); "
+                          f"nothing issued") from None
+        if issued != [name]:
+            raise CAError(f"the issued certificate names {issued}, not {name!r}; nothing issued")
 
     def _revoke_locked(self, record: CertRecord, reason: str) -> None:
         self._ca(["-revoke", str(record.path), "-crl_reason", reason])
 
-    def _gencrl_locked(self) -> None:
+    def _gencrl_locked(self, lifetime: dt.timedelta | None = None) -> None:
         with tempfile.NamedTemporaryFile(dir=self.dir, suffix=".tmp", delete=False) as tmp:
             pass
+        life = ["-crlsec", str(int(lifetime.total_seconds()))] if lifetime else []
         try:
-            self._ca(["-gencrl", "-out", tmp.name])
+            self._ca(["-gencrl", "-out", tmp.name, *life])
             _run_openssl(["crl", "-in", tmp.name, "-noout"])  # refuse to publish a CRL openssl can't read
             os.replace(tmp.name, self.crl_path)
         finally:
@@ -361,17 +438,20 @@ class Authority:
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
-        """Hold the CA lock; on any failure put every file back as it was."""
+        """Hold the CA lock; on any failure put every file back as it was (but the log, which
+        other processes append to without the lock)."""
         with open(self.dir / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             self._check_passphrase()
-            before = {p: p.read_bytes() for p in self.dir.iterdir() if p.is_file()}
+            outside = {self.dir / LOG_NAME, self.dir / ".lock"}
+            before = {p: p.read_bytes() for p in self.dir.iterdir()
+                      if p.is_file() and p not in outside}
             certs = set((self.dir / "newcerts").iterdir())
             try:
                 yield
             except BaseException:
                 for path in self.dir.iterdir():
-                    if path.is_file() and path not in before:
+                    if path.is_file() and path not in before and path not in outside:
                         path.unlink()
                 for path, data in before.items():
                     path.write_bytes(data)
@@ -400,7 +480,7 @@ def _check_csr(csr_pem: bytes, jid: str, email: str | None) -> None:
         asked = san_jids(san)
     except ValueError as exc:
         raise CAError(f"the CSR's xmppAddr is malformed: {exc}") from None
-    if any(j != jid for j in asked):
+    if any(not same_jid(j, jid) for j in asked):
         raise CAError(f"the CSR asks for {', '.join(asked)} but the certificate is for {jid}")
     emails = san.get_values_for_type(x509.RFC822Name)
     if any(e != email for e in emails):
@@ -424,6 +504,7 @@ def _run_openssl(args: list[str], secret: bytes | None = None) -> str:
             capture_output=True,
             text=True,
             pass_fds=(read_fd,) if read_fd >= 0 else (),
+            env={k: v for k, v in os.environ.items() if not k.startswith(_SECRET_ENV_PREFIX)},
             check=False,
         )
     finally:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import getpass
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from capsule_ca.authority import Authority
+from capsule_ca.authority import CRL_DAYS, Authority
 from capsule_ca.errors import CAError
 from capsule_ca.profiles import Usage
 
@@ -47,7 +48,8 @@ def _authority(args: argparse.Namespace) -> Authority:
 
 
 def cmd_init(args: argparse.Namespace) -> None:
-    ca = Authority.init(args.dir, args.name, read_passphrase(args, confirm=True), args.key_bits)
+    ca = Authority.init(args.dir, args.name, read_passphrase(args, confirm=True), args.key_bits,
+                        crl_days=args.crl_days)
     print(f"CA {args.name!r} created in {ca.dir}; root certificate: {ca.root_path}")
 
 
@@ -66,7 +68,7 @@ def cmd_issue(args: argparse.Namespace) -> None:
     record = _authority(args).issue(csr, args.jid, Usage(args.usage), args.email, args.replace)
     if args.out:
         Path(args.out).write_bytes(record.pem())
-        print(f"serial {record.serial}: {args.usage} certificate for {args.jid} -> {args.out}")
+        print(f"serial {record.serial}: {args.usage} certificate for {record.subject} -> {args.out}")
     else:
         sys.stdout.write(record.pem().decode())
 
@@ -77,7 +79,8 @@ def cmd_revoke(args: argparse.Namespace) -> None:
 
 
 def cmd_crl(args: argparse.Namespace) -> None:
-    print(_authority(args).gencrl())
+    lifetime = dt.timedelta(days=args.days) if args.days is not None else None
+    print(_authority(args).gencrl(lifetime))
 
 
 def cmd_list(args: argparse.Namespace) -> None:
@@ -127,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("init", "create a CA: encrypted root key and self-signed root certificate")
     p.add_argument("--name", required=True, help="the CA's name (subject O and CN)")
     p.add_argument("--key-bits", type=int, default=3072, help="root RSA key size (default 3072)")
+    p.add_argument("--crl-days", type=int, default=CRL_DAYS,
+                   help=f"how long each CRL is valid (nextUpdate; default {CRL_DAYS}); "
+                        f"`serve` renews it at half that")
     p.set_defaults(func=cmd_init)
 
     p = command("issue-server", "issue a TLS server key and certificate")
@@ -138,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("issue", "certify a user's CSR for a bare JID")
     p.add_argument("--csr", required=True, help="the PEM certificate request")
-    p.add_argument("--jid", required=True, help="the bare JID to bind (SAN id-on-xmppAddr)")
+    p.add_argument("--jid", required=True,
+                   help="the bare JID to bind (SAN id-on-xmppAddr), normalised as RFC 7622 asks")
     p.add_argument("--email", help="an e-mail address for the SAN (rfc822Name)")
     p.add_argument("--usage", required=True, choices=[u.value for u in Usage if u is not Usage.SERVER])
     p.add_argument("--replace", action="store_true",
@@ -152,7 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--jid")
     p.set_defaults(func=cmd_revoke)
 
-    command("crl", "write a fresh CRL to DIR/crl.pem").set_defaults(func=cmd_crl)
+    p = command("crl", "write a fresh CRL to DIR/crl.pem")
+    p.add_argument("--days", type=int, help="valid for this many days (default: as set at init)")
+    p.set_defaults(func=cmd_crl)
     command("list", "list issued certificates", secret=False).set_defaults(func=cmd_list)
 
     p = command("serve", "run the CA as an XMPP service (enroll, lookup, crl)")

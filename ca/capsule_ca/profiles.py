@@ -56,7 +56,8 @@ def render_extfile(usage: Usage, san: list[tuple[str, str]]) -> str:
     for kind, value in san:
         key = "otherName" if kind == "xmpp" else kind
         if kind == "xmpp":
-            value = f"{ID_ON_XMPPADDR.dotted_string};UTF8:{value}"
+            # FORMAT:UTF8 or openssl reads the value as Latin-1 and encodes it twice
+            value = f"{ID_ON_XMPPADDR.dotted_string};FORMAT:UTF8,UTF8:{value}"
         index = counts.get(key, 0)
         counts[key] = index + 1
         lines.append(f"{key}.{index} = {conf_escape(value)}")

@@ -2,16 +2,16 @@
 
 Issues certificates only for the bare JID the server authenticated (the IQ's ``from``), looks
 certificates up by JID, hands out the CRL and publishes it to its own PEP node after every
-change (``capsule-ca revoke`` in another process included: the CRL file is watched). Requests
-are rate-limited per JID; every issuance is logged to ``DIR/issuance.log`` (who, what, when,
-serial; never a secret). It reconnects after losing the server and answers malformed requests
-with an error, then keeps serving.
+change (``capsule-ca revoke`` in another process included: the CRL file is watched). It renews
+the CRL once half of its life has passed, so clients never hold an expired one while the service
+runs. Requests are rate-limited per JID; every issuance is logged to ``DIR/issuance.log`` (who,
+what, when, serial; never a secret). It reconnects after losing the server and answers malformed
+requests with an error, then keeps serving.
 """
 
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
 import time
 from collections import deque
@@ -27,6 +27,7 @@ from slixmpp.xmlstream.matcher import StanzaPath
 
 from capsule import enrollment
 from capsule.connection import login
+from capsule.jids import same_jid
 from capsule_ca.authority import Authority
 from capsule_ca.errors import CAError
 from capsule_ca.profiles import Usage
@@ -61,7 +62,6 @@ class EnrollmentService(ClientXMPP):
         self.host, self.port, self.tls_ca = host, port, tls_ca
         self.limiter = RateLimiter(rate_limit, rate_window)
         self.crl_poll = crl_poll
-        self.issuance_log = authority.dir / "issuance.log"
         self._crl_mtime = 0.0
         self._running = True
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -116,6 +116,9 @@ class EnrollmentService(ClientXMPP):
     async def _watch_crl(self) -> None:
         while self._running:
             try:
+                if self.authority.crl_needs_renewal():
+                    await asyncio.to_thread(self.authority.gencrl)
+                    log.info("renewed the CRL (half of its life had passed)")
                 mtime = self.authority.crl_path.stat().st_mtime
                 if mtime != self._crl_mtime and self.is_connected():
                     await self.publish_crl()
@@ -137,17 +140,12 @@ class EnrollmentService(ClientXMPP):
         log.info("published the CRL to PEP node %s", enrollment.CRL_NODE)
 
     # -- requests ------------------------------------------------------------------
-    def _record(self, who: str, what: str) -> None:
-        stamp = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-        with open(self.issuance_log, "a") as f:
-            f.write(f"{stamp}\t{who}\t{what}\n")
-
     async def _enroll(self, stanza: StanzaBase) -> None:
         iq = cast(Iq, stanza)
         requester = iq["from"].bare
         try:
             asked = iq["capsule_enroll"]["jid"]
-            if asked and asked != requester:
+            if asked and not same_jid(asked, requester):
                 raise XMPPError("forbidden", f"{requester} may enroll only itself, not {asked}")
             csrs = {c["usage"]: c["value"].strip().encode() + b"\n"
                     for c in iq["capsule_enroll"]["csrs"]}
@@ -160,13 +158,13 @@ class EnrollmentService(ClientXMPP):
             for usage in ("sign", "encrypt"):
                 try:
                     record = await asyncio.to_thread(self.authority.issue, csrs[usage],
-                                                     requester, Usage(usage), None, True)
+                                                     requester, Usage(usage), None, True,
+                                                     requester=requester)
                 except CAError as exc:
-                    self._record(requester, f"refused {usage}: {exc}")
+                    self.authority.log(requester, f"refused {usage}: {exc}")
                     if "asks for" in str(exc):
                         raise XMPPError("forbidden", str(exc)) from None
                     raise XMPPError("bad-request", str(exc)) from None
-                self._record(requester, f"issued {usage} serial {record.serial}")
                 issued[usage] = record.pem()
             issued["ca"] = self.authority.root_pem
         except XMPPError as exc:
@@ -187,7 +185,10 @@ class EnrollmentService(ClientXMPP):
     async def _lookup(self, stanza: StanzaBase) -> None:
         iq = cast(Iq, stanza)
         jid = iq["capsule_lookup"]["jid"]
-        records = {r.usage: r for r in self.authority.valid_for(jid)} if jid else {}
+        try:
+            records = {r.usage: r for r in self.authority.valid_for(jid)} if jid else {}
+        except CAError:  # not a bare JID
+            jid, records = "", {}
         if not jid or not {"sign", "encrypt"} <= set(records):
             reply = iq.reply(clear=False)
             reply.error()

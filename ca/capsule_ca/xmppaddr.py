@@ -2,21 +2,9 @@
 
 from __future__ import annotations
 
-import re
-
 from cryptography import x509
 
 ID_ON_XMPPADDR = x509.ObjectIdentifier("1.3.6.1.5.5.7.8.5")
-
-# RFC 7622 forbids these in a localpart; a bare JID has no resource.
-_BARE_JID = re.compile(r"""^[^"&'/:<>@\s]+@[^"&'/:<>@\s]+$""")
-
-
-def check_bare_jid(jid: str) -> str:
-    """Return ``jid`` if it is a bare ``local@domain`` JID, else raise ValueError."""
-    if not _BARE_JID.match(jid):
-        raise ValueError(f"not a bare JID (local@domain): {jid!r}")
-    return jid
 
 
 def decode_utf8string(der: bytes) -> str:

@@ -30,7 +30,7 @@ from capsule.audit_sources import (
 from capsule.connection import enable_registration, login
 from capsule.core import cert_fingerprint
 from capsule.enrollment import EnrollmentError
-from capsule.errors import CapsuleError, ProfileError
+from capsule.errors import CapsuleError, ProfileError, UntrustedCertificate
 from capsule.panel import PanelError, check_ejabberd_queue, check_openfire_archive
 from capsule.profile import PIN_ENV, Profile, check_pin
 from capsule_ca.cli import read_secret, run
@@ -60,17 +60,29 @@ def cmd_init(args: argparse.Namespace) -> None:
           f"--out sign.pem\n"
           f"  capsule-ca issue CADIR --csr {base.name}.encrypt.csr --jid {args.jid} "
           f"--usage encrypt --out encrypt.pem\n"
-          f"then: capsule profile import-cert --profile {base} sign.pem encrypt.pem CADIR/root.pem")
+          f"then: capsule profile import-cert --profile {base} sign.pem encrypt.pem CADIR/root.pem "
+          f"CADIR/crl.pem")
 
 
 def cmd_import(args: argparse.Namespace) -> None:
     profile = _open(args)
+    crls = []
     for name in args.certs:
         try:
             pem = Path(name).read_bytes()
         except OSError as exc:
             raise ProfileError(f"cannot read {name}: {exc.strerror}") from None
+        if b"-----BEGIN X509 CRL-----" in pem:
+            crls.append((name, pem))  # checked against the root, which may come later
+            continue
         print(f"{name}: stored as {profile.import_cert(pem)} certificate")
+    for name, pem in crls:
+        try:
+            stored = enrollment.store_crl(profile, pem)
+        except UntrustedCertificate as exc:
+            raise ProfileError(f"{name}: {exc}") from None
+        print(f"{name}: " + ("stored as the CA's CRL" if stored
+                             else "not newer than the stored CRL; kept that one"))
     profile.save()
     if profile.ready():
         print("profile is ready: keys, both certificates and the CA root are in place")
@@ -260,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key-bits", type=int, default=2048, choices=(2048, 3072, 4096))
     p.set_defaults(func=cmd_init)
     p = command("import-cert", "store issued certificates and the CA root")
-    p.add_argument("certs", nargs="+", help="PEM files: your sign/encrypt certificates, CA root")
+    p.add_argument("certs", nargs="+",
+                   help="PEM files: your sign/encrypt certificates, the CA root, the CA's CRL")
     p.set_defaults(func=cmd_import)
     command("show", "print JID, fingerprints and expiry").set_defaults(func=cmd_show)
     p = command("change-pin", "re-encrypt the profile under a new PIN")

@@ -22,7 +22,7 @@ from slixmpp.plugins.xep_0060.stanza import EventItem, Item
 from slixmpp.xmlstream import ElementBase, register_stanza_plugin
 
 from capsule import discovery
-from capsule.errors import CapsuleError
+from capsule.errors import CapsuleError, ProfileError
 from capsule.profile import Profile
 from capsule.stanza import TextValue
 from capsule.trust import CertBundle, CertificateSource, TrustStore
@@ -182,14 +182,27 @@ class FirstFound(CertificateSource):
 
 
 
+def store_crl(profile: Profile, pem: bytes) -> bool:
+    """Keep ``pem`` as the profile's CRL if our CA root signed it and it is newer than the one
+    held (False: not newer, the stored one stays). The plugin keeps it fresh from then on."""
+    if not profile.data.ca_root:
+        raise ProfileError("import the CA root before its CRL")
+    held = profile.data.crl.encode() if profile.data.crl else None
+    if not TrustStore(profile.data.ca_root.encode(), held).update_crl(pem):
+        return False
+    profile.data.crl = pem.decode()
+    return True
+
+
 async def enroll_profile(xmpp: BaseXMPP, profile: Profile, ca: str, ca_root: bytes | None,
                          confirm: Callable[[str], bool]) -> dict[str, bytes]:
     """Enroll ``profile``'s current keys with the CA service and store what comes back.
 
     The CA root is checked against ``ca_root`` when given, else against the one already in the
     profile, else pinned on first use once ``confirm(fingerprint)`` agrees. The issued
-    certificates must match our keys, name our JID and chain to that root. Then the profile is
-    saved and the chain published to PEP.
+    certificates must match our keys, name our JID, chain to that root and not be on its CRL.
+    The CRL and the service's JID are stored too (the plugin keeps the CRL fresh from there by
+    default). Then the profile is saved and the chain published to PEP.
     """
     jid = profile.data.jid
     if JID(xmpp.boundjid.bare) != JID(jid):
@@ -202,11 +215,15 @@ async def enroll_profile(xmpp: BaseXMPP, profile: Profile, ca: str, ca_root: byt
                               f"({fingerprint(expected)})")
     if expected is None and not confirm(fingerprint(root)):
         raise EnrollmentError("the CA root was not confirmed; nothing stored")
-    trust = TrustStore(root)
+    crl = await fetch_crl(xmpp, ca)
+    trust = TrustStore(root, crl)
     trust.verify(answer["sign"], jid, "sign")
     trust.verify(answer["encrypt"], jid, "encrypt")
     for pem in (root, answer["sign"], answer["encrypt"]):
         profile.import_cert(pem)
+    profile.data.crl = None  # a CRL of a former CA must not block this one's
+    store_crl(profile, crl)
+    profile.data.ca_service = ca
     profile.save()
     chain = {"sign": answer["sign"].decode(), "encrypt": answer["encrypt"].decode(),
              "ca": root.decode()}

@@ -48,6 +48,18 @@ class RevokedCertificate(UntrustedCertificate):
     reason = "revoked"
 
 
+class RevocationUnknown(CapsuleError):
+    """No CRL from our CA is at hand, so whether a certificate is revoked cannot be told."""
+
+    reason = "revocation-unknown"
+
+
+class StaleCrl(RevocationUnknown):
+    """The newest CRL we hold is past its nextUpdate: a withheld update would go unnoticed."""
+
+    reason = "stale-crl"
+
+
 class EnvelopeMismatch(CapsuleError):
     """The signed envelope's from/to disagree with the header or the stanza (forwarded?)."""
 

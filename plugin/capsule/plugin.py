@@ -35,6 +35,7 @@ from capsule.errors import (
     NoCertificate,
     PolicyViolation,
     ProfileError,
+    RevocationUnknown,
     UntrustedCertificate,
 )
 from capsule.inbound import HandledCount
@@ -98,7 +99,8 @@ class XEP_Capsule(BasePlugin):
         "carbons": False,  # enable XEP-0280 and decrypt carbon copies for this resource
         "crl": None,  # path of the CA's CRL file, re-read when it changes
         "crl_refresh": 300,  # seconds between CRL refreshes (file and CA service)
-        "ca_service": None,  # JID of `capsule-ca serve`: CRL, look-up fallback, CRL updates
+        "crl_retry": 30,  # seconds before a failed fetch of an expired CRL is tried again
+        "ca_service": None,  # JID of `capsule-ca serve` (default: the one stored at enrollment)
         "save_delay": 0.2,  # seconds to batch profile saves (replay cache, pins)
         "fetch_timeout": 10,
         "source": None,  # a CertificateSource; default: PEP
@@ -120,6 +122,7 @@ class XEP_Capsule(BasePlugin):
             raise ProfileError(f"{self.profile} has no certificates yet: import them with "
                                f"`capsule profile import-cert` or run `capsule enroll`")
         self.trust = TrustStore(data.ca_root.encode(), data.crl.encode() if data.crl else None)
+        self.config["ca_service"] = self.ca_service or data.ca_service
         self.own_sign = self.trust.verify(data.signing_cert.encode(), data.jid, "sign")
         self.own_encrypt = self.trust.verify(data.encryption_cert.encode(), data.jid, "encrypt")
         self.certificates: CertificateSource = self.source or discovery.PepSource(
@@ -142,6 +145,7 @@ class XEP_Capsule(BasePlugin):
         self._save_handle: asyncio.TimerHandle | None = None
         self._crl_mtime = 0.0
         self._crl_task: asyncio.Task[None] | None = None
+        self._crl_tried = -float("inf")  # loop time of the last fetch of an expired CRL
         self.secure = False
         st.register()
         enrollment.register()
@@ -267,6 +271,22 @@ class XEP_Capsule(BasePlugin):
         if pem:
             self._install_crl(pem + b"\n", f"{self.ca_service} (PEP)")
 
+    async def check_revocation(self) -> None:
+        """Raise RevocationUnknown unless our CRL is fresh; an expired or missing one is first
+        fetched again (file, CA service), at most every ``crl_retry`` seconds."""
+        try:
+            self.trust.check_crl()
+            return
+        except RevocationUnknown:
+            pass
+        async with self._lock("crl"):
+            self.refresh_crl()
+            loop = asyncio.get_running_loop()
+            if self.ca_service and loop.time() - self._crl_tried >= self.crl_retry:
+                self._crl_tried = loop.time()
+                await self.refresh_crl_from_ca()
+        self.trust.check_crl()
+
     async def _watch_crl(self) -> None:
         while True:
             await asyncio.sleep(self.crl_refresh)
@@ -279,7 +299,10 @@ class XEP_Capsule(BasePlugin):
         return self._locks.setdefault(jid, asyncio.Lock())
 
     async def contact(self, jid: str, refresh: bool = False) -> VerifiedContact:
-        """A contact's verified certificates: pinned ones if still valid, else fetched anew."""
+        """A contact's verified certificates: pinned ones if still valid, else fetched anew.
+
+        Refused (RevocationUnknown) while we cannot tell whether they are revoked."""
+        await self.check_revocation()
         async with self._lock("contact " + jid):
             pinned = self.store.data.contacts.get(jid)
             if pinned and not refresh:

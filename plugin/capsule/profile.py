@@ -33,7 +33,8 @@ from capsule import algorithms as alg
 from capsule.core import cert_fingerprint
 from capsule.errors import CorruptProfile, ProfileError, ReplayedCapsule, UnsupportedVersion, WrongPin
 from capsule.files import write_private
-from capsule_ca.xmppaddr import ID_ON_XMPPADDR, cert_jids, check_bare_jid
+from capsule.jids import bare_jid
+from capsule_ca.xmppaddr import ID_ON_XMPPADDR, cert_jids
 
 MAGIC = b"CAPSULE-PROFILE "
 FORMAT_VERSION = 1
@@ -97,6 +98,7 @@ class ProfileData:
     encryption_cert: str | None = None
     ca_root: str | None = None
     crl: str | None = None
+    ca_service: str | None = None  # the JID of `capsule-ca serve` that enrolled us (CRL updates)
     retired: list[tuple[str, rsa.RSAPrivateKey]] = field(default_factory=list)  # (cert PEM, key)
     retired_sign: list[str] = field(default_factory=list)  # our former signing certs (PEM)
     contacts: dict[str, Contact] = field(default_factory=dict)
@@ -109,7 +111,7 @@ class ProfileData:
             "signing_key": _pem_key(self.signing_key),
             "encryption_key": _pem_key(self.encryption_key),
             "signing_cert": self.signing_cert, "encryption_cert": self.encryption_cert,
-            "ca_root": self.ca_root, "crl": self.crl,
+            "ca_root": self.ca_root, "crl": self.crl, "ca_service": self.ca_service,
             "retired": [[cert, _pem_key(key)] for cert, key in self.retired],
             "retired_sign": self.retired_sign,
             "contacts": {j: vars(c) for j, c in self.contacts.items()},
@@ -124,7 +126,7 @@ class ProfileData:
                 signing_key=_load_key(raw["signing_key"]),
                 encryption_key=_load_key(raw["encryption_key"]),
                 signing_cert=raw.get("signing_cert"), encryption_cert=raw.get("encryption_cert"),
-                ca_root=raw.get("ca_root"), crl=raw.get("crl"),
+                ca_root=raw.get("ca_root"), crl=raw.get("crl"), ca_service=raw.get("ca_service"),
                 retired=[(cert, _load_key(key)) for cert, key in raw.get("retired", [])],
                 retired_sign=list(raw.get("retired_sign", [])),
                 contacts={j: Contact(**c) for j, c in raw.get("contacts", {}).items()},
@@ -158,7 +160,7 @@ class Profile:
         if target.exists():
             raise ProfileError(f"{target} exists; refusing to overwrite a profile")
         try:
-            check_bare_jid(jid)
+            jid = bare_jid(jid)
         except ValueError as exc:
             raise ProfileError(str(exc)) from None
         if key_bits not in alg.ACCEPTED_RSA_BITS:

@@ -5,6 +5,10 @@ root, is inside its validity window, is an end-entity certificate with the right
 an RSA key of an accepted size, names exactly that bare JID in SAN id-on-xmppAddr, and is not
 on the CA's CRL. Verdicts are cached by certificate fingerprint so a conversation does not redo
 the chain check on every message; the cache is cleared when a new CRL arrives.
+
+Whether a certificate is revoked is known only while the CRL is fresh: ``check_crl`` refuses
+when there is none or its nextUpdate has passed (a server withholding the CA's newer CRL must not
+keep a revoked certificate usable). JIDs are compared in their RFC 7622 normal form.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from capsule import algorithms as alg
 from capsule.core import cert_fingerprint
-from capsule.errors import RevokedCertificate, UntrustedCertificate
+from capsule.errors import RevocationUnknown, RevokedCertificate, StaleCrl, UntrustedCertificate
+from capsule.jids import same_jid
 from capsule_ca.xmppaddr import cert_jids
 
 Clock = Callable[[], dt.datetime]
@@ -90,6 +95,16 @@ class TrustStore:
         self._cache.clear()
         return True
 
+    def check_crl(self) -> None:
+        """Raise RevocationUnknown (StaleCrl) unless a CRL is installed and not past nextUpdate."""
+        if self.crl is None:
+            raise RevocationUnknown("no CRL from our CA: revocation status unknown")
+        next_update = self.crl.next_update_utc
+        if next_update is None or self._clock() > next_update:
+            when = f"{next_update:%Y-%m-%d %H:%M}Z" if next_update else "(no nextUpdate)"
+            raise StaleCrl(f"the CA's CRL expired {when}: revocation status unknown "
+                           f"until a fresh CRL arrives")
+
     def verify(self, pem: bytes, jid: str, usage: str) -> VerifiedCert:
         """Verify one certificate for ``jid`` and ``usage`` ("sign" or "encrypt")."""
         now = self._clock()
@@ -138,7 +153,7 @@ class TrustStore:
             names = cert_jids(cert)
         except ValueError as exc:
             raise UntrustedCertificate(f"{what} has a malformed xmppAddr: {exc}") from None
-        if names != [jid]:
+        if len(names) != 1 or not same_jid(names[0], jid):
             raise UntrustedCertificate(f"{what} is for {', '.join(names) or 'no JID'}, not {jid}")
         if self.crl is not None and self.crl.get_revoked_certificate_by_serial_number(
                 cert.serial_number) is not None:

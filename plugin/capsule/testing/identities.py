@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
+from capsule.enrollment import store_crl
 from capsule.profile import FAST_KDF, KdfParams, Profile
 from capsule_ca import Authority
 from capsule_ca.profiles import Usage
@@ -13,7 +14,8 @@ from capsule_ca.profiles import Usage
 def enroll(authority: Authority, path: str | Path, jid: str, pin: str,
            kdf: KdfParams | None = FAST_KDF, not_after: dt.datetime | None = None,
            not_before: dt.datetime | None = None) -> Profile:
-    """Create a profile for ``jid``, have ``authority`` certify both keys, import everything.
+    """Create a profile for ``jid``, have ``authority`` certify both keys, import everything
+    (the root and a CRL renewed if half its life is over, as `capsule-ca serve` would).
 
     ``kdf`` defaults to light Argon2id parameters: test bots open many profiles. Real users get
     the strong defaults from ``capsule profile init``.
@@ -24,5 +26,8 @@ def enroll(authority: Authority, path: str | Path, jid: str, pin: str,
                                  not_before=not_before, not_after=not_after)
         profile.import_cert(record.pem())
     profile.import_cert(authority.root_pem)
+    if authority.crl_needs_renewal():
+        authority.gencrl()
+    store_crl(profile, authority.crl_path.read_bytes())
     profile.save()
     return profile
