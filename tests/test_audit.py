@@ -3,19 +3,187 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import datetime as dt
 import json
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 
+from capsule import core, envelope
 from capsule import stanza as st
-from capsule.audit import Auditor, CertificateBundle, Report
-from capsule.audit_sources import Dsn, mam_rows, sql_rows
+from capsule.audit import (
+    BARS,
+    VERDICTS,
+    Auditor,
+    CertificateBundle,
+    Report,
+    StanzaReader,
+    StoredRow,
+    Timeline,
+)
+from capsule.audit_report import as_html
+from capsule.audit_sources import Dsn, SourceError, mam_rows, sql_rows
 from capsule.cli import main as capsule_main
+from capsule.panel import render
 from capsule.sql import literal
+from capsule.testing.identities import enroll
 from capsule.testing.stack import wait_stored
 
+from .test_core import body
 from .test_e2e import _tamper
+
+
+def B64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def sealed(sender, recipient, now: dt.datetime | None = None) -> core.Capsule:
+    """A real capsule from ``sender``'s profile for ``recipient``'s encryption certificate."""
+    enc = x509.load_pem_x509_certificate(recipient.data.encryption_cert.encode())
+    sign = x509.load_pem_x509_certificate(sender.data.signing_cert.encode())
+    env = envelope.encode(body("audit me"), sender.data.jid, [recipient.data.jid],
+                          core.utc_timestamp(now))
+    return core.seal(env, sender=sender.data.jid, sender_cert=core.cert_fingerprint(sign),
+                     signing_key=sender.data.signing_key, now=now, recipients=[
+                         core.Recipient(recipient.data.jid, core.cert_fingerprint(enc),
+                                        enc.public_key())])
+
+
+def stored_text(capsule: core.Capsule, to: str, style: str, payload: str | None = None) -> str:
+    """The capsule's stanza as an operator could legally write it: ``plain`` (default
+    namespace), ``prefixed`` (``<c:capsule xmlns:c=…>``), ``indented``, ``reordered``
+    (attributes in another order, other quotes)."""
+    h = capsule.header
+    p = "c:" if style == "prefixed" else ""
+    nl = "\n      " if style == "indented" else ""
+    attrs = [f'sender="{h.sender}"', f'cert="{h.cert}"', f'nid="{B64(h.nid)}"', f'ts="{h.ts}"']
+    keys = [[f'jid="{k.jid}"', f'cert="{k.cert}"'] for k in h.keys]
+    if style == "reordered":
+        attrs = [a.replace('"', "'") for a in reversed(attrs)]
+        keys = [list(reversed(k)) for k in keys]
+    ns = 'xmlns:c="urn:capsule:0"' if p else 'xmlns="urn:capsule:0"'
+    key_xml = "".join(f"{nl}<{p}key {' '.join(k)}>{B64(e.wrapped)}</{p}key>"
+                      for k, e in zip(keys, h.keys, strict=True))
+    return (f'<message from="{h.sender}/phone" to="{to}" type="chat">{nl}<{p}capsule {ns}>{nl}'
+            f"<{p}header {' '.join(attrs)}>{key_xml}{nl}<{p}iv>{B64(h.iv)}</{p}iv>{nl}"
+            f"</{p}header>{nl}<{p}payload>{payload or B64(capsule.payload)}</{p}payload>{nl}"
+            f"<{p}signature>{B64(capsule.signature)}</{p}signature>{nl}</{p}capsule>{nl}"
+            f"<body>{st.FALLBACK_BODY}</body></message>")
+
+
+@pytest.fixture(scope="module")
+def pair(authority, tmp_path_factory):
+    """alice and bob, enrolled once for this module's server-free tests."""
+    where = tmp_path_factory.mktemp("audit-profiles")
+    return tuple(enroll(authority, where / f"{name}.capsule", f"{name}@capsule.test", "246810")
+                 for name in ("alice", "bob"))
+
+
+def offline_auditor(authority, *profiles) -> Auditor:
+    bundle = CertificateBundle()
+    for profile in profiles:
+        bundle.add_pem(profile.data.signing_cert.encode())
+    return Auditor(authority.root_pem, bundle)
+
+
+@pytest.mark.parametrize("style", ["prefixed", "indented", "reordered", "plain"])
+def test_a_tampered_copy_never_inherits_the_genuine_verdict(authority, pair, style):
+    """Genuine capsule first, then the same with one payload byte changed, written the way an
+    operator may write XML: the copy is a bad signature however the text is laid out."""
+    alice, bob = pair
+    capsule = sealed(alice, bob)
+    payload = bytearray(capsule.payload)
+    payload[5] ^= 0x01
+    rows = [StoredRow("archive", str(i), "bob@capsule.test", None, text) for i, text in enumerate([
+        stored_text(capsule, bob.data.jid, style),
+        stored_text(capsule, bob.data.jid, style, payload=B64(bytes(payload))),
+        stored_text(capsule, bob.data.jid, "plain"),
+        stored_text(capsule, bob.data.jid, style, payload=B64(bytes(payload))),
+    ])]
+    auditor = offline_auditor(authority, alice)
+    verdicts = [auditor.examine(row).verdict for row in rows]
+    assert verdicts == ["capsule", "bad-signature", "capsule", "bad-signature"]
+    report = offline_auditor(authority, alice).run(rows, Report(["test"]))
+    (conv,) = report.conversations.values()
+    assert (conv.messages, conv.counts["capsule"], conv.counts["bad-signature"], conv.verdict) == (
+        1, 1, 2, "TAMPERED")
+    bad = [f for f in report.findings if f.verdict == "bad-signature"]
+    assert [f.row.row_id for f in bad] == ["1", "3"]
+    assert bad[0].signer == alice.data.jid and bad[0].cert is not None
+    serial = x509.load_pem_x509_certificate(alice.data.signing_cert.encode()).serial_number
+    assert bad[0].cert.serial == f"{serial:X}" and bad[0].cert.valid_at_signing is True
+
+
+def test_a_capsule_signed_outside_its_certificate_validity_is_unverified(authority, pair):
+    """A genuine capsule verifies the certificate first; a back-dated one from the same
+    certificate must still be judged at its own time, not take the cached verdict."""
+    alice, bob = pair
+    cert = x509.load_pem_x509_certificate(alice.data.signing_cert.encode())
+    early = cert.not_valid_before_utc - dt.timedelta(days=3)
+    rows = [StoredRow("archive", str(i), "", None, stored_text(c, bob.data.jid, "plain"))
+            for i, c in enumerate([sealed(alice, bob), sealed(alice, bob, now=early)])]
+    report = offline_auditor(authority, alice).run(rows, Report(["t"]))
+    (finding,) = report.findings
+    assert finding.row.row_id == "1" and finding.verdict == "unverified"
+    assert finding.cert is not None and finding.cert.valid_at_signing is False
+    assert finding.cert.signed_at == early.replace(microsecond=0)
+
+
+TRICKY_ROWS = [
+    "<message to='b@x'><body>ok</body></message>",
+    "<message to='b@x'><body>unclosed</body>",
+    "<message to='b@x'/><?pi pending",
+    "<message to='b@x'/><?pi pending>",
+    "<message to='b@x'/>trailing text",
+    "leading text<message to='b@x'/>",
+    "<message to='b@x'/><message to='c@x'/>",
+    "<message to='b@x'/></rows><rows>",
+    "<message to='b@x'/><capsule-audit-row-end/>",
+    "<?xml version='1.0'?><message to='b@x'/>",
+    "<message to='b@x' to='c@x'/>",
+    "<message to='b@x'><body>a &amp; b &#60;</body></message>",
+    "<message to='b@x'><body>&undefined;</body></message>",
+    "<c:message xmlns:c='jabber:client' to='b@x'/>",
+    "  <message to='b@x'/>\n",
+    "<message to='b@x'",
+    "",
+    "<message to='b@x'><body>last</body></message>",
+]
+
+
+def test_stanza_reader_parses_exactly_like_fromstring():
+    """Rows that leave the shared parser open, pending or with extra content, each followed
+    by the others: every row reads as ``ET.fromstring`` reads it on its own."""
+    reader = StanzaReader()
+    for text in TRICKY_ROWS * 2:
+        try:
+            expected = ET.tostring(ET.fromstring(text))
+        except ET.ParseError:
+            expected = None
+        try:
+            got = ET.tostring(reader.parse(text))
+        except ET.ParseError:
+            got = None
+        assert got == expected, text
+
+
+def test_timeline_stays_small_and_loses_no_message():
+    timeline = Timeline()
+    start = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    offsets = [0, 59, 3600, 86400 * 200, 17, 86400 * 365, 86400 * 364 + 5] * 3
+    for n, seconds in enumerate(offsets):
+        timeline.add(start + dt.timedelta(seconds=seconds), VERDICTS[n % len(VERDICTS)])
+    bars = timeline.bars()
+    assert len(bars) <= BARS and len(timeline.buckets) <= BARS
+    assert sum(sum(counts.values()) for _, counts in bars) == len(offsets)
+    assert bars[0][0] <= start and bars[-1][0] <= start + dt.timedelta(days=365) < (
+        bars[-1][0] + dt.timedelta(seconds=timeline.width))
 
 
 def audit(stack, source: str | None = None, dsn: str | None = None) -> Report:
@@ -107,16 +275,21 @@ async def test_mam_source_sees_what_the_user_archive_holds(xmpp_stack, capsule_b
     assert (enc.messages, enc.counts["capsule"], enc.verdict) == (3, 3, "ENCRYPTED")
 
 
-OPENFIRE_SCHEMA = """
+OPENFIRE_ARCHIVE = """
 CREATE TABLE ofMessageArchive (messageID BIGINT NULL, conversationID BIGINT NOT NULL,
   fromJID VARCHAR(1024) NOT NULL, fromJIDResource VARCHAR(1024) NULL,
   toJID VARCHAR(1024) NOT NULL, toJIDResource VARCHAR(1024) NULL, sentDate BIGINT NOT NULL,
   stanza TEXT NULL, body TEXT NULL, isPMforJID VARCHAR(1024) NULL);
+"""
+OPENFIRE_OFFLINE = """
 CREATE TABLE ofOffline (username VARCHAR(64) NOT NULL, messageID BIGINT NOT NULL,
   creationDate CHAR(15) NOT NULL, messageSize INTEGER NOT NULL, stanza TEXT NOT NULL,
   PRIMARY KEY (username, messageID));
 """
-
+OPENFIRE_SCHEMA = OPENFIRE_ARCHIVE + OPENFIRE_OFFLINE
+# an archive row kept only as columns, whose body holds markup: it must read as the plaintext
+# it is, not be spliced into XML (where it became a "malformed capsule")
+MARKUP_BODY = 'x</body><capsule xmlns="urn:capsule:0"/><body>'
 
 
 async def test_openfire_tables_stand_in(xmpp_stack, capsule_bot, tmp_path, capsys):
@@ -133,7 +306,8 @@ async def test_openfire_tables_stand_in(xmpp_stack, capsule_bot, tmp_path, capsy
     rows = [f"({i}, 1, '{alice.jid}', 'x', '{bob.jid}', NULL, {1795700000000 + i}, "
             f"{literal(s)}, {literal(st.FALLBACK_BODY)}, NULL)"
             for i, s in enumerate(stanzas)]
-    rows.append(f"(9, 2, '{alice.jid}', 'x', '{bob.jid}', NULL, 1795700000009, NULL, 'hello', NULL)")
+    rows.append(f"(9, 2, '{alice.jid}', 'x', '{bob.jid}', NULL, 1795700000009, NULL, "
+                f"{literal(MARKUP_BODY)}, NULL)")
     xmpp_stack.sql(
         OPENFIRE_SCHEMA + "INSERT INTO ofMessageArchive VALUES " + ", ".join(rows) + ";"
         + f"INSERT INTO ofOffline VALUES ('{bob.account.user}', 7, '1795700000007', 10, "
@@ -153,7 +327,7 @@ async def test_openfire_tables_stand_in(xmpp_stack, capsule_bot, tmp_path, capsy
     assert (conv["messages"], conv["counts"]["capsule"], conv["counts"]["plaintext"]) == (3, 2, 1)
     assert conv["rows"] == 4 and conv["verdict"] == "PLAINTEXT"
     page = html.read_text()
-    assert page.startswith("<!DOCTYPE html>") and alice.jid in page and "hello" not in page
+    assert page.startswith("<!DOCTYPE html>") and alice.jid in page and MARKUP_BODY not in page
     assert capsule_main(["audit", "--source", "openfire", "--dsn", dsn, "--ca",
                          str(xmpp_stack.info.ca_root), "--fail-on", "bad-signature"]) == 0
 
@@ -194,3 +368,165 @@ async def test_signer_certificates_fetched_over_xmpp(xmpp_stack, capsule_bot, ne
     assert pair(without)["verdict"] == "UNVERIFIED" and pair(without)["counts"]["unverified"] == 3
     fetched = pair(with_fetch)
     assert fetched["verdict"] == "ENCRYPTED" and fetched["counts"]["capsule"] == 3
+
+
+def test_missing_table_is_reported_and_the_rest_audited(xmpp_stack, tmp_path):
+    """Openfire without the Monitoring plugin has no ofMessageArchive: the README's command
+    (as a subprocess) names the missing table, audits ofOffline, and --fail-on still works."""
+    db = "openfire_no_monitoring"
+    xmpp_stack.sql(f"DROP DATABASE IF EXISTS {db}; CREATE DATABASE {db} CHARACTER SET utf8mb4")
+    xmpp_stack.sql(OPENFIRE_OFFLINE + "INSERT INTO ofOffline VALUES ('bob', 1, '1795700000001', 9, "
+                   + literal("<message from='carol@capsule.test/x' to='bob@capsule.test'>"
+                             "<body>tab\there, back\\slash\nnew line</body></message>") + ");", db)
+    root = xmpp_stack.info.ca_root
+    capsule = Path(sys.executable).with_name("capsule")
+    out = tmp_path / "report.json"
+
+    def audit(dsn: str, *more: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(capsule), "audit", "--source", "openfire", "--dsn", dsn,
+                               "--ca", str(root), "--json", str(out), *more],
+                              capture_output=True, text=True, timeout=120, check=False)
+
+    done = audit(xmpp_stack.dsn(db), "--fail-on", "bad-signature")
+    assert done.returncode == 0, done.stderr
+    assert "missing table openfire ofMessageArchive" in done.stdout
+    data = json.loads(out.read_text())
+    assert [m.split(":")[0] for m in data["missing_tables"]] == ["openfire ofMessageArchive"]
+    (conv,) = data["conversations"]
+    assert conv["peers"] == ["bob@capsule.test", "carol@capsule.test"]
+    assert conv["counts"]["plaintext"] == 1 and data["rows"] == 1
+    assert audit(xmpp_stack.dsn(db), "--fail-on", "plaintext").returncode == 2
+    xmpp_stack.sql("DROP TABLE ofOffline", db)
+    none_left = audit(xmpp_stack.dsn(db))
+    assert none_left.returncode == 1 and "ofOffline" in none_left.stderr
+    xmpp_stack.sql(f"DROP DATABASE {db}")
+    with pytest.raises(SourceError):
+        list(sql_rows("openfire", Dsn.parse(xmpp_stack.dsn("no_such_database"))))
+
+
+def test_database_killed_mid_stream_is_a_source_error(xmpp_stack):
+    """The database connection dies while rows stream: the audit stops with a SourceError
+    (exit 1 from the CLI), never a partial report that looks complete."""
+    db = "openfire_killed"
+    xmpp_stack.sql(f"DROP DATABASE IF EXISTS {db}; CREATE DATABASE {db};")
+    xmpp_stack.sql(OPENFIRE_ARCHIVE + "INSERT INTO ofMessageArchive SELECT seq, 1, 'a', NULL, "
+                   "'b', NULL, seq, CONCAT('<message><body>', REPEAT('x', 2000), '</body>"
+                   "</message>'), NULL, NULL FROM seq_1_to_20000;", db)
+    rows = sql_rows("openfire", Dsn.parse(xmpp_stack.dsn(db)), lambda *_: None)
+    next(rows)
+    (connection,) = xmpp_stack.sql(
+        "SELECT ID FROM information_schema.PROCESSLIST WHERE INFO LIKE '%FROM ofMessageArchive%'"
+        " AND INFO NOT LIKE '%PROCESSLIST%'").split()
+    xmpp_stack.sql(f"KILL CONNECTION {connection}")
+    with pytest.raises(SourceError):
+        for _ in rows:
+            pass
+    xmpp_stack.sql(f"DROP DATABASE {db}")
+
+
+class _Reader(HTMLParser):
+    """What a reader of the report sees: its conversations and findings, shown or hidden."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.items: list[dict] = []
+        self._open: list[tuple[str, dict | None]] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        kind = next((c for c in (a.get("class") or "").split() if c in ("conv", "finding")), None)
+        item = None
+        if kind:
+            item = {**a, "kind": kind, "hidden": "hidden" in a, "text": ""}
+            self.items.append(item)
+        self._open.append((tag, item))
+
+    def handle_endtag(self, tag):
+        while self._open and self._open.pop()[0] != tag:
+            pass
+
+    def handle_data(self, data):
+        self.text.append(data)
+        for _, item in self._open:
+            if item is not None:
+                item["text"] += data + " "
+
+
+def read_page(dom: str) -> _Reader:
+    reader = _Reader()
+    reader.feed(dom)
+    return reader
+
+
+async def test_report_page_in_chromium(xmpp_stack, capsule_bot, new_account, connect, tmp_path):
+    """The HTML report over this server's tables and an Openfire-shaped table (one of them
+    missing), rendered in headless Chromium: timelines, findings with signer and certificate,
+    the missing table, and the verdict/peer filters (from the URL fragment)."""
+    alice, bob = await capsule_bot("alice"), await capsule_bot("bob")
+    got: asyncio.Queue = asyncio.Queue()
+    bob.client.add_event_handler("capsule_message", got.put_nowait)
+    for text in ("first", "second"):
+        await alice.capsule.send(bob.jid, text)
+    for _ in range(2):
+        await asyncio.wait_for(got.get(), 15)
+    carol_acc = new_account("carol")
+    carol = await connect(carol_acc)
+    secret = "carol's plaintext words"
+    carol.send_message(mto=bob.jid, mbody=secret, mtype="chat")
+    await wait_stored(xmpp_stack, "archive", bob.account.user, at_least=3)
+    row = (await wait_stored(xmpp_stack, "archive", bob.account.user, at_least=2,
+                             containing="urn:capsule:0"))[0]
+    xmpp_stack.replace_stored("archive", bob.account.user, *_tamper("payload", row))
+    msg = alice.client.make_message(mto=bob.jid, mbody="archived by openfire", mtype="chat")
+    msg["from"] = alice.client.boundjid
+    stanza = str(await alice.capsule.encrypt_message(msg))
+    db = f"openfire_{alice.account.user.replace('-', '_')}"
+    xmpp_stack.sql(f"CREATE DATABASE {db} CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci")
+    xmpp_stack.sql(OPENFIRE_ARCHIVE + "INSERT INTO ofMessageArchive VALUES "
+                   f"(1, 1, '{alice.jid}', 'x', '{bob.jid}', NULL, 1795700000000, "
+                   f"{literal(stanza)}, NULL, NULL), (2, 2, 'dave@capsule.test', NULL, "
+                   f"'{alice.jid}', NULL, 1795700060000, NULL, {literal(MARKUP_BODY)}, NULL);", db)
+
+    state = xmpp_stack.info
+    bundle = CertificateBundle()
+    bundle.add_path(Path(state.ca_dir) / "newcerts")
+    report = Report([f"{state.server} tables", "openfire tables"])
+    auditor = Auditor(state.ca_root.read_bytes(), bundle)
+    for source, dsn in ((state.server, xmpp_stack.dsn()), ("openfire", xmpp_stack.dsn(db))):
+        await asyncio.to_thread(auditor.run, sql_rows(source, Dsn.parse(dsn),
+                                                      report.missing_table), report)
+    page = tmp_path / "report.html"
+    page.write_text(as_html(report))
+    shot = tmp_path / "audit-report.png"
+    everything = read_page(await asyncio.to_thread(render, page.as_uri(), shot, (1600, 1200)))
+    print(f"\naudit report screenshot: {shot}")
+    assert shot.read_bytes().startswith(b"\x89PNG") and shot.stat().st_size > 10_000
+
+    text = " ".join(everything.text)
+    assert secret not in text and MARKUP_BODY not in text and "archived by openfire" not in text
+    assert "Missing table: openfire ofOffline" in text
+    convs = {tuple(c["data-peers"].split()): c for c in everything.items if c["kind"] == "conv"}
+    pair = convs[tuple(sorted((alice.jid, bob.jid)))]
+    assert "TAMPERED" in pair["text"] and not pair["hidden"]
+    assert "PLAINTEXT" in convs[tuple(sorted((carol_acc.jid, bob.jid)))]["text"]
+    assert "PLAINTEXT" in convs[tuple(sorted(("dave@capsule.test", alice.jid)))]["text"]
+    dom = page.read_text()
+    assert "<rect class='bar bad-signature'" in dom and "<rect class='bar capsule'" in dom
+    findings = [f for f in everything.items if f["kind"] == "finding"]
+    (bad,) = [f for f in findings if f["data-verdicts"] == "bad-signature"]
+    serial = f"{alice.capsule.own_sign.cert.serial_number:X}"
+    assert alice.jid in bad["text"] and serial in bad["text"] and " yes " in bad["text"]
+    assert alice.capsule.own_sign.fingerprint[:16] in bad["text"]
+    assert {f["data-verdicts"] for f in findings} == {"bad-signature", "plaintext"}
+
+    # the filters, as a reader sets them: only alice's tampered capsule stays in view
+    filtered = read_page(await asyncio.to_thread(
+        render, f"{page.as_uri()}#verdict=bad-signature&peer={alice.jid}",
+        tmp_path / "filtered.png", (1600, 1200)))
+    shown = [i for i in filtered.items if not i["hidden"]]
+    assert [(i["kind"], i["data-verdicts"]) for i in shown if i["kind"] == "finding"] == [
+        ("finding", "bad-signature")]
+    assert [tuple(i["data-peers"].split()) for i in shown if i["kind"] == "conv"] == [
+        tuple(sorted((alice.jid, bob.jid)))]
+    xmpp_stack.sql(f"DROP DATABASE {db}")

@@ -14,7 +14,7 @@ from capsule_ca.profiles import Usage
 
 def test_profile_life_cycle(tmp_path: Path, authority: Authority, monkeypatch: pytest.MonkeyPatch,
                             capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setenv("CAPSULE_PIN", "731902")
+    monkeypatch.setenv("CAPSULE_PIN", "7319024685")
     profile = tmp_path / "erin.capsule"
     jid = "erin@capsule.test"
     assert main(["profile", "init", "--profile", str(profile), "--jid", jid]) == 0
@@ -30,7 +30,7 @@ def test_profile_life_cycle(tmp_path: Path, authority: Authority, monkeypatch: p
     assert main(["profile", "show", *args]) == 0
     shown = capsys.readouterr().out
     assert jid in shown and "SHA-256" in shown and "(missing)" not in shown
-    assert "731902" not in shown
+    assert "7319024685" not in shown
 
     new_pin = tmp_path / "new-pin"
     new_pin.write_text("a long passphrase\n")
@@ -45,7 +45,7 @@ def test_profile_life_cycle(tmp_path: Path, authority: Authority, monkeypatch: p
 def test_import_refuses_someone_elses_certificate(tmp_path: Path, authority: Authority, identity,
                                                   monkeypatch: pytest.MonkeyPatch,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setenv("CAPSULE_PIN", "731902")
+    monkeypatch.setenv("CAPSULE_PIN", "7319024685")
     profile = tmp_path / "fay.capsule"
     assert main(["profile", "init", "--profile", str(profile), "--jid", "fay@capsule.test"]) == 0
     other = identity("gus")

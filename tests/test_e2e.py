@@ -155,25 +155,6 @@ async def test_tampered_stored_capsule_is_rejected(xmpp_stack, capsule_bot, part
     await inbox.nothing()
 
 
-async def test_replay_rejected_also_after_restart(capsule_bot):
-    alice, bob = await capsule_bot("alice"), await capsule_bot("bob")
-    inbox = Inbox(bob.client)
-    text = secret("once only")
-    msg = alice.client.make_message(mto=bob.jid, mbody=text, mtype="chat")
-    raw = str(await alice.capsule.encrypt_message(msg))
-    alice.client.send_raw(raw)
-    assert (await inbox.message())["body"] == text
-    alice.client.send_raw(raw)
-    assert (await inbox.error()).reason == "replay"
-    await bob.client.disconnect(wait=1)  # saves the profile
-    client = ClientXMPP(bob.jid, bob.account.password)
-    inbox = Inbox(client)
-    await capsule_bot("bob", account=bob.account, profile=bob.profile, client=client)
-    alice.client.send_raw(raw)
-    assert (await inbox.error()).reason == "replay"
-    await inbox.nothing(0.5)
-
-
 async def test_forwarded_capsule_is_rejected(capsule_bot):
     alice, bob, carol = [await capsule_bot(n) for n in ("alice", "bob", "carol")]
     inbox = Inbox(carol.client)

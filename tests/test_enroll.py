@@ -45,7 +45,7 @@ async def plain_client(xmpp_stack, account) -> ClientXMPP:
 async def enroll_new(xmpp_stack, ca_service, account, tmp_path: Path) -> Path:
     """Empty profile -> enrolled and published, through the service (root pinned on first use)."""
     path = tmp_path / f"{account.user}.capsule"
-    profile = Profile.create(path, account.jid, BOT_PIN, kdf=FAST_KDF)
+    profile = Profile.create(path, account.jid, BOT_PIN, kdf=FAST_KDF, short_pin=True)
     client = await plain_client(xmpp_stack, account)
     seen: list[str] = []
     await enrollment.enroll_profile(client, profile, ca_service.boundjid.bare, None,
@@ -67,7 +67,8 @@ async def test_three_bots_enroll_from_nothing_and_talk(xmpp_stack, ca_service, n
     xmpp_stack.deluser(accounts[2].user)  # not provisioned: she registers herself
     monkeypatch.setenv("CAPSULE_PIN", BOT_PIN)
     code = await asyncio.to_thread(capsule_main, [
-        "enroll", "--register", "--profile", str(carol_profile), "--jid", accounts[2].jid,
+        "enroll", "--register", "--short-pin", "--profile", str(carol_profile),
+        "--jid", accounts[2].jid,
         "--ca", ca_service.boundjid.bare, "--ca-cert", str(xmpp_stack.info.ca_root),
         "--password-file", str(password), "--port", str(xmpp_stack.info.c2s_port)])
     assert code == 0
@@ -92,12 +93,12 @@ async def test_nobody_gets_a_certificate_for_someone_else(xmpp_stack, ca_service
     client = await plain_client(xmpp_stack, mallory)
     ca = ca_service.boundjid.bare
     # a CSR naming alice, sent by mallory
-    stolen = Profile.create(tmp_path / "x.capsule", alice.jid, BOT_PIN, kdf=FAST_KDF)
+    stolen = Profile.create(tmp_path / "x.capsule", alice.jid, BOT_PIN, kdf=FAST_KDF, short_pin=True)
     with pytest.raises(enrollment.EnrollmentError, match=f"asks for {alice.jid}"):
         await enrollment.enroll(client, ca, {"sign": stolen.csr("sign"),
                                              "encrypt": stolen.csr("encrypt")})
     # mallory's own CSRs, but asking the CA to issue them for alice
-    own = Profile.create(tmp_path / "m.capsule", mallory.jid, BOT_PIN, kdf=FAST_KDF)
+    own = Profile.create(tmp_path / "m.capsule", mallory.jid, BOT_PIN, kdf=FAST_KDF, short_pin=True)
     iq = client.make_iq_set(ito=enrollment.service_jid(ca))
     iq["capsule_enroll"]["jid"] = alice.jid
     for usage in ("sign", "encrypt"):

@@ -65,7 +65,7 @@ def test_audit_survives_mangled_stored_stanzas(authority, position: int, char: s
 @pytest.fixture(scope="module")
 def profile_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     path = tmp_path_factory.mktemp("fuzz-profile") / "p.capsule"
-    Profile.create(path, "fuzz@capsule.test", "135790", kdf=FAST_KDF)
+    Profile.create(path, "fuzz@capsule.test", "135790", kdf=FAST_KDF, short_pin=True)
     return path.read_bytes()
 
 

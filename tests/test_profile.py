@@ -1,7 +1,10 @@
-"""The PIN-encrypted profile: round trip, wrong PIN, damage, atomic saves, replay cache."""
+"""The PIN-encrypted profile: round trip, wrong PIN, damage, KDF bounds, PIN strength, key file,
+format 1 migration, atomic saves, the lock and no litter."""
 
 from __future__ import annotations
 
+import base64
+import datetime as dt
 import json
 import os
 import signal
@@ -11,12 +14,15 @@ import time
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from capsule import core
 from capsule import profile as prof
 from capsule.errors import CorruptProfile, ProfileError, ReplayedCapsule, UnsupportedVersion, WrongPin
 from capsule.profile import FAST_KDF, KdfParams, Profile
+from capsule.replay import Verdict
 
-PIN = "135790"
+PIN = "1357902468"
 
 
 @pytest.fixture
@@ -34,20 +40,37 @@ def test_round_trip_keeps_keys_and_hides_them(saved: Profile) -> None:
 
 
 def test_default_kdf_parameters_are_stored_in_header(tmp_path: Path) -> None:
-    p = Profile.create(tmp_path / "strong.capsule", "bob@capsule.test", "correct horse")
+    p = Profile.create(tmp_path / "strong.capsule", "bob@capsule.test", "correct horse battery")
     header = json.loads(p.path.read_bytes().split(b"\n", 1)[0][len(prof.MAGIC):])
-    assert header["version"] == 1 and header["cipher"] == "AES-256-GCM"
+    assert header["version"] == 2 and header["cipher"] == "AES-256-GCM"
+    assert header["key_file"] is False
     assert header["kdf"]["name"] == "argon2id"
     assert (header["kdf"]["memory_cost"], header["kdf"]["iterations"], header["kdf"]["lanes"]) == (
         KdfParams().memory_cost, KdfParams().iterations, KdfParams().lanes)
-    assert Profile.load(p.path, "correct horse").data.jid == "bob@capsule.test"
+    again = Profile.load(p.path, "correct horse battery")
+    assert again.data.jid == "bob@capsule.test"
+    assert again.protection == ("Argon2id 64 MiB, 3 iteration(s), 4 lane(s) over a strong "
+                                "PIN/passphrase (10+ digits or 12+ characters) (no key file)")
 
 
-@pytest.mark.parametrize("pin", ["12345", "abc", "1234567"[:5], "short"])
-def test_weak_pins_refused(tmp_path: Path, pin: str) -> None:
-    with pytest.raises(ProfileError, match="6 or more digits"):
+@pytest.mark.parametrize("pin", ["135790", "123456789", "elevenchars", "12345", "short"])
+def test_short_pins_need_the_explicit_flag(tmp_path: Path, pin: str) -> None:
+    with pytest.raises(ProfileError, match=r"10 or more digits.*only with --short-pin"):
         Profile.create(tmp_path / "weak.capsule", "a@capsule.test", pin, kdf=FAST_KDF)
     assert not (tmp_path / "weak.capsule").exists()
+
+
+@pytest.mark.parametrize("pin", ["12345", "abc", "seven77"])
+def test_too_short_even_with_the_flag(tmp_path: Path, pin: str) -> None:
+    with pytest.raises(ProfileError, match="6 or more digits"):
+        Profile.create(tmp_path / "weak.capsule", "a@capsule.test", pin, kdf=FAST_KDF,
+                       short_pin=True)
+
+
+def test_a_short_pin_with_the_flag_is_marked(tmp_path: Path) -> None:
+    p = Profile.create(tmp_path / "pin.capsule", "a@capsule.test", "135790", kdf=FAST_KDF,
+                       short_pin=True)
+    assert "SHORT PIN" in Profile.load(p.path, "135790").protection
 
 
 def test_wrong_pin_is_clear_and_changes_nothing(saved: Profile) -> None:
@@ -61,7 +84,8 @@ def test_wrong_pin_is_clear_and_changes_nothing(saved: Profile) -> None:
     (lambda raw: raw[: len(raw) // 2], WrongPin, "wrong PIN"),  # truncated ciphertext
     (lambda raw: raw[:20], CorruptProfile, "truncated"),
     (lambda raw: b"garbage" + raw, CorruptProfile, "not a Capsule profile"),
-    (lambda raw: raw.replace(b'"version": 1', b'"version": 9'), UnsupportedVersion, "format 9"),
+    (lambda raw: raw.replace(b'"version": 2', b'"version": 9'), UnsupportedVersion, "format 9"),
+    (lambda raw: raw.replace(b'"key_file": false', b'"key_file": 0'), WrongPin, "altered"),
     (lambda raw: raw.replace(b'"iterations": 1', b'"iterations": 2'), WrongPin, "altered"),
     (lambda raw: raw[:-5] + bytes([raw[-5] ^ 0x40]) + raw[-4:], WrongPin, "altered"),
 ])
@@ -79,26 +103,99 @@ def test_refuses_to_overwrite(saved: Profile) -> None:
 
 
 def test_change_pin(saved: Profile) -> None:
-    saved.change_pin("new passphrase")
+    saved.change_pin("new passphrase!")
     with pytest.raises(WrongPin):
         Profile.load(saved.path, PIN)
-    assert Profile.load(saved.path, "new passphrase").data.jid == "alice@capsule.test"
+    assert Profile.load(saved.path, "new passphrase!").data.jid == "alice@capsule.test"
+    with pytest.raises(ProfileError, match="--short-pin"):
+        saved.change_pin("246810")
 
 
-def test_replay_cache_persists_and_is_bounded(saved: Profile, monkeypatch: pytest.MonkeyPatch) -> None:
-    saved.remember("bob@capsule.test", b"\x01" * 16, "2026-01-01T00:00:00Z")
+@pytest.mark.parametrize(("field", "value"), [("memory_cost", 1 << 40), ("memory_cost", 8),
+                                              ("iterations", 10**9), ("iterations", 0),
+                                              ("lanes", 1 << 24)])
+def test_kdf_parameters_are_bounded_before_any_derivation(saved: Profile, field: str,
+                                                          value: int) -> None:
+    """An attacker-edited header must not make the loader spend its chosen memory and time
+    (1 TiB or a billion iterations would exhaust the machine if derived first)."""
+    line, rest = saved.path.read_bytes().split(b"\n", 1)
+    header = json.loads(line[len(prof.MAGIC):])
+    header["kdf"][field] = value
+    saved.path.write_bytes(prof.MAGIC + json.dumps(header).encode() + b"\n" + rest)
+    began = time.perf_counter()
+    with pytest.raises(CorruptProfile, match="outside"):
+        Profile.load(saved.path, PIN)
+    assert time.perf_counter() - began < 30  # bound for a loaded machine; no derivation ran
+
+
+def test_key_file_binds_the_profile_to_a_second_secret(tmp_path: Path) -> None:
+    key_file = tmp_path / "elsewhere" / "p.key"
+    p = Profile.create(tmp_path / "p.capsule", "a@capsule.test", PIN, kdf=FAST_KDF,
+                       key_file=key_file)
+    assert key_file.stat().st_mode & 0o777 == 0o600 and len(key_file.read_bytes()) == 32
+    with pytest.raises(ProfileError, match="bound to a key file"):
+        Profile.load(p.path, PIN)
+    other = tmp_path / "other.key"
+    other.write_bytes(os.urandom(32))
+    with pytest.raises(WrongPin, match="wrong key file"):
+        Profile.load(p.path, PIN, other)
+    loaded = Profile.load(p.path, PIN, key_file)
+    assert "key file kept outside" in loaded.protection
+    loaded.change_pin("another long passphrase")  # stays bound
+    with pytest.raises(WrongPin):
+        Profile.load(p.path, "another long passphrase", other)
+    assert Profile.load(p.path, "another long passphrase", key_file).data.jid == "a@capsule.test"
+    raw = p.path.read_bytes()  # stripping the flag breaks the tag
+    p.path.write_bytes(raw.replace(b'"key_file": true', b'"key_file": false'))
+    with pytest.raises(WrongPin):
+        Profile.load(p.path, "another long passphrase")
+
+
+def _format_1(profile: Profile, replay: list[list[str]], horizon: str) -> None:
+    """Rewrite ``profile`` as a format-1 file (as Capsule wrote them before format 2)."""
+    content = profile.data.to_json()
+    del content["secret"]
+    content["replay"], content["replay_horizon"] = replay, horizon
+    nonce = os.urandom(12)
+    header = {"version": 1, "cipher": "AES-256-GCM",
+              "kdf": {"name": "argon2id", "salt": base64.b64encode(profile._salt).decode(),
+                      "memory_cost": FAST_KDF.memory_cost, "iterations": FAST_KDF.iterations,
+                      "lanes": FAST_KDF.lanes},
+              "nonce": base64.b64encode(nonce).decode()}
+    line = prof.MAGIC + json.dumps(header, sort_keys=True).encode()
+    body = AESGCM(profile._key).encrypt(nonce, json.dumps(content).encode(), line)
+    profile.path.write_bytes(line + b"\n" + body)
+
+
+def test_format_1_profiles_load_and_a_poisoned_horizon_is_cut_to_the_clock(saved: Profile
+                                                                         ) -> None:
+    nid = b"\x01" * 16
+    _format_1(saved, [[f"bob@capsule.test {nid.hex()}", "2026-01-01T00:00:00Z"],
+                      [f"bob@capsule.test {'02' * 16}", "2026-9-1T0:0:0Z"]],  # format 1 took it
+              "9999-12-31T23:59:59Z")  # the issue's attack, saved in the old format
+    old = Profile.load(saved.path, PIN)
+    assert "unknown strength" in old.protection
+    now = int(time.time())
+    verdict, _ = old.remember("bob@capsule.test", nid, "2026-01-01T00:00:00Z", b"x", now)
+    assert verdict is Verdict.DUPLICATE
+    fresh = core.utc_timestamp(dt.datetime.now(dt.UTC) + dt.timedelta(seconds=5))
+    assert old.remember("carol@capsule.test", os.urandom(16), fresh, b"x",
+                        now)[0] is Verdict.NEW
+    old.save()
+    assert json.loads(old.path.read_bytes().split(b"\n")[0][len(prof.MAGIC):])["version"] == 2
+    assert Profile.load(saved.path, PIN).data.replay.floor <= now
+
+
+def test_replay_state_persists(saved: Profile) -> None:
+    ts = core.utc_timestamp()
+    saved.remember("bob@capsule.test", b"\x01" * 16, ts, b"signature")
     saved.save()
     again = Profile.load(saved.path, PIN)
-    with pytest.raises(ReplayedCapsule, match="already received"):
-        again.remember("bob@capsule.test", b"\x01" * 16, "2026-01-01T00:00:00Z")
-    again.remember("carol@capsule.test", b"\x01" * 16, "2026-01-01T00:00:00Z")  # other sender
-    monkeypatch.setattr(prof, "REPLAY_CACHE_MAX", 3)
-    for i in range(5):
-        again.remember("bob@capsule.test", bytes([i + 2]) * 16, f"2026-01-02T00:00:0{i}Z")
-    assert len(again.data.replay) == 3
-    # an evicted entry cannot be replayed: it is behind the horizon
-    with pytest.raises(ReplayedCapsule, match="older than the replay window"):
-        again.remember("bob@capsule.test", b"\x01" * 16, "2026-01-01T00:00:00Z")
+    assert again.remember("bob@capsule.test", b"\x01" * 16, ts, b"signature")[0] is (
+        Verdict.DUPLICATE)
+    with pytest.raises(ReplayedCapsule, match="reuses the nid"):
+        again.remember("bob@capsule.test", b"\x01" * 16, ts, b"another signature")
+    assert again.remember("carol@capsule.test", b"\x01" * 16, ts, b"s")[0] is Verdict.NEW
 
 
 _SAVER = """
@@ -109,7 +206,7 @@ print("ready", flush=True)
 i = 0
 while True:
     i += 1
-    p.data.replay[f"x {i}"] = "2026-01-01T00:00:00Z"
+    p.data.email = f"x{i}@capsule.test"
     p.save()
 """
 
@@ -122,7 +219,77 @@ def test_killed_during_save_leaves_an_intact_profile(saved: Profile) -> None:
         time.sleep(delay)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
+        litter = _litter(saved)
         loaded = Profile.load(saved.path, PIN)  # old or new, never broken
         assert loaded.data.jid == "alice@capsule.test"
-    leftovers = [p for p in saved.path.parent.iterdir() if p.name.startswith(".p.capsule.")]
-    assert len(leftovers) <= 3  # temp files of killed saves, never the profile itself
+        assert all(not p.exists() for p in litter)  # the next open cleared what was left
+    assert not _litter(saved)
+
+
+def _litter(profile: Profile) -> list[Path]:
+    return [p for p in profile.path.parent.iterdir() if p.name.startswith(".p.capsule.")]
+
+
+_HOLDER = """
+import sys, time
+from capsule.profile import Profile
+p = Profile.load(sys.argv[1], sys.argv[2])
+p.hold()
+print("holding", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_live_writers_temp_file_is_left_alone_and_the_profile_is_locked(saved: Profile
+                                                                          ) -> None:
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(saved.path), PIN],
+                              stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == b"holding"
+        in_flight = saved.path.with_name(".p.capsule.x8k2m0qa")  # as if mid-write
+        in_flight.write_bytes(b"partial")
+        reader = Profile.load(saved.path, PIN)  # reading is fine
+        assert in_flight.exists()
+        with pytest.raises(ProfileError, match="in use by another process"):
+            reader.save()
+        with pytest.raises(ProfileError, match="in use by another process"):
+            reader.hold()
+    finally:
+        holder.kill()
+        holder.wait()
+    Profile.load(saved.path, PIN)
+    assert not in_flight.exists()  # its writer is gone: litter now
+
+
+def _capsule(*args: str, pin: str) -> subprocess.CompletedProcess[str]:
+    """The `capsule` command as a user runs it (PIN from the environment, never in argv)."""
+    return subprocess.run([str(Path(sys.executable).with_name("capsule")), *args],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "CAPSULE_PIN": pin})
+
+
+def test_init_refuses_a_short_pin_unless_asked_and_then_states_the_cost(tmp_path: Path) -> None:
+    path = str(tmp_path / "bot.capsule")
+    refused = _capsule("profile", "init", "--profile", path, "--jid", "bot@capsule.test",
+                       pin="135790")
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1
+    assert "--short-pin" in refused.stderr and not Path(path).exists()
+    made = _capsule("profile", "init", "--profile", path, "--jid", "bot@capsule.test",
+                    "--short-pin", pin="135790")
+    assert made.returncode == 0, made.stderr
+    warning = made.stderr
+    assert "10^6 PINs" in warning and "core-hours" in warning and "135790" not in warning
+    shown = _capsule("profile", "show", "--profile", path, pin="135790")
+    assert "protected Argon2id 64 MiB" in shown.stdout and "SHORT PIN" in shown.stdout
+
+
+def test_init_with_a_key_file_and_show_says_so(tmp_path: Path) -> None:
+    path, key = str(tmp_path / "bot.capsule"), tmp_path / "keys" / "bot.key"
+    made = _capsule("profile", "init", "--profile", path, "--jid", "bot@capsule.test",
+                    "--key-file", str(key), pin="correct horse battery staple")
+    assert made.returncode == 0, made.stderr
+    without = _capsule("profile", "show", "--profile", path, pin="correct horse battery staple")
+    assert without.returncode == 1 and "bound to a key file" in without.stderr
+    shown = _capsule("profile", "show", "--profile", path, "--key-file", str(key),
+                     pin="correct horse battery staple")
+    assert shown.returncode == 0 and "+ a key file kept outside the profile" in shown.stdout

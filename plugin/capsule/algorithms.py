@@ -18,6 +18,15 @@ DEFAULT_RSA_BITS = 2048  # NIST SP 800-57: 112-bit security through 2030
 ACCEPTED_RSA_BITS = (2048, 3072, 4096)
 RPAD_MAX = 200  # random padding 0..RPAD_MAX bytes hides the exact length
 
+# the profile: Argon2id parameters accepted from a file header (checked before any derivation)
+ARGON2_MEMORY_KIB = (8192, 1 << 20)  # 8 MiB .. 1 GiB
+ARGON2_ITERATIONS = (1, 16)
+ARGON2_LANES = (1, 16)
+KEY_FILE_BYTES = 32  # the optional second secret kept outside the profile
+PROFILE_KEY_FILE_INFO = b"capsule profile key: pin + key file"
+JOURNAL_KEY_INFO = b"capsule replay journal"
+KEY_HASH = hashes.SHA256()  # HKDF for the keys above
+
 # certificate fingerprints: SHA-256 over the DER encoding, lower-case hex (core.fingerprint)
 
 

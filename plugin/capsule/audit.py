@@ -2,18 +2,22 @@
 
 No private key is involved: a capsule's signature is checked with the sender's signing
 certificate only (from a bundle or PEP), so a third party can prove who sent what, and see
-that the server holds ciphertext. Rows stream through in constant memory; only the
-per-conversation tallies are kept.
+that the server holds ciphertext. Rows stream through; what is kept is per conversation: the
+tallies, a bounded timeline and one hash per message (to count a message stored in several
+rows once), plus a bounded cache of verdicts per distinct capsule.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import xml.etree.ElementTree as ET
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from cryptography import x509
 
@@ -28,11 +32,14 @@ VERDICTS = ("plaintext", "capsule", "bad-signature", "sender-mismatch", "unverif
             "malformed", "other")
 SEEN_MAX = 20000  # verdicts remembered per capsule digest
 FAILING = ("plaintext", "bad-signature", "sender-mismatch", "unverified", "malformed")
+TAMPERED = ("bad-signature", "sender-mismatch")
+BARS = 48  # a conversation's timeline holds at most this many time buckets
+TS_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
 
-@dataclass(frozen=True)
-class StoredRow:
-    """One row a server stored: where, whose, when, and the stanza as text."""
+class StoredRow(NamedTuple):
+    """One row a server stored: where, whose, when, and the stanza as text (a tuple: one is
+    made per stored row, so it must be cheap)."""
 
     store: str  # e.g. "ejabberd archive", "openfire ofOffline"
     row_id: str
@@ -41,14 +48,85 @@ class StoredRow:
     stanza: str
 
 
-@dataclass(frozen=True)
-class Finding:
+@dataclass(frozen=True, slots=True)
+class CertFacts:
+    """The signing certificate a capsule names, as an auditor needs to cite it."""
+
+    fingerprint: str  # as the capsule names it
+    serial: str = ""  # hex; "" when the certificate is not known
+    not_before: dt.datetime | None = None
+    not_after: dt.datetime | None = None
+    signed_at: dt.datetime | None = None  # the capsule's timestamp
+
+    @property
+    def valid_at_signing(self) -> bool | None:
+        """Whether the capsule's timestamp lies in the validity window (None: unknown)."""
+        if self.not_before is None or self.not_after is None or self.signed_at is None:
+            return None
+        return self.not_before <= self.signed_at <= self.not_after
+
+
+@dataclass(frozen=True, slots=True)
+class Judgement:
+    """What one capsule's signed bytes and signature come to; shared by every row storing it."""
+
+    verdict: str
+    detail: str
+    signer: str  # the header's sender
+    key: str  # identifies the message across the rows that store it ("": unreadable)
+    cert: CertFacts | None
+
+
+class Finding(NamedTuple):
     row: StoredRow
     verdict: str
     sender: str
     recipient: str
     key: str  # identifies the message across the rows that store it
     detail: str = ""
+    signer: str = ""  # who the capsule says signed it
+    cert: CertFacts | None = None
+
+
+class Timeline:
+    """Messages per verdict over time in at most :data:`BARS` buckets. Buckets are aligned to
+    the epoch and start a minute wide; the width doubles (merging neighbours) whenever the span
+    outgrows them, so memory stays bounded however long the archive."""
+
+    def __init__(self) -> None:
+        self.width = 60
+        self.buckets: dict[int, dict[str, int]] = {}
+        self.lo = self.hi = 0
+
+    def add(self, when: dt.datetime, verdict: str) -> None:
+        seconds = int(when.timestamp())
+        index = seconds // self.width
+        if not self.buckets:
+            self.lo = self.hi = index
+        elif not self.lo <= index <= self.hi:
+            self.lo, self.hi = min(self.lo, index), max(self.hi, index)
+            while self.hi - self.lo >= BARS:
+                self._coarsen()
+            index = seconds // self.width
+        bucket = self.buckets.get(index)
+        if bucket is None:
+            bucket = self.buckets[index] = dict.fromkeys(VERDICTS, 0)
+        bucket[verdict] += 1
+
+    def _coarsen(self) -> None:
+        merged: dict[int, dict[str, int]] = {}
+        for index, counts in self.buckets.items():
+            into = merged.setdefault(index // 2, dict.fromkeys(VERDICTS, 0))
+            for verdict, n in counts.items():
+                into[verdict] += n
+        self.buckets, self.width = merged, self.width * 2
+        self.lo, self.hi = self.lo // 2, self.hi // 2
+
+    def bars(self) -> list[tuple[dt.datetime, dict[str, int]]]:
+        """(bucket start, counts) for every bucket from the first to the last, empty ones too."""
+        empty = dict.fromkeys(VERDICTS, 0)
+        return [(dt.datetime.fromtimestamp(i * self.width, dt.UTC), self.buckets.get(i, empty))
+                for i in range(self.lo, self.hi + 1)] if self.buckets else []
 
 
 @dataclass
@@ -59,6 +137,7 @@ class Conversation:
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(VERDICTS, 0))
     first: dt.datetime | None = None
     last: dt.datetime | None = None
+    timeline: Timeline = field(default_factory=Timeline)
 
     @property
     def messages(self) -> int:
@@ -83,26 +162,40 @@ class Report:
     rows: int = 0
     findings: list[Finding] = field(default_factory=list)  # problems only, capped
     max_findings: int = 200
+    unlisted: int = 0  # findings beyond max_findings: counted, not kept
+    missing: list[str] = field(default_factory=list)  # source tables that do not exist
 
     def add(self, finding: Finding) -> None:
         self.rows += 1
-        a, b = sorted((finding.sender, finding.recipient))
-        conv = self.conversations.get((a, b))
+        a, b = finding.sender, finding.recipient
+        peers = (a, b) if a <= b else (b, a)
+        conv = self.conversations.get(peers)
         if conv is None:
-            conv = self.conversations[(a, b)] = Conversation((a, b))
+            conv = self.conversations[peers] = Conversation(peers)
         conv.rows += 1
+        verdict, when = finding.verdict, finding.row.when
         key = hash(finding.key)
         if key not in conv.keys:
             conv.keys.add(key)
-            conv.counts[finding.verdict] += 1
-        elif finding.verdict in ("bad-signature", "sender-mismatch"):
-            conv.counts[finding.verdict] += 1  # a tampered copy of a message stored twice
-        when = finding.row.when
+        elif verdict not in TAMPERED:  # a tampered copy of a message stored twice still counts
+            verdict = ""
+        if verdict:
+            conv.counts[verdict] += 1
+            if when:
+                conv.timeline.add(when, verdict)
         if when:
-            conv.first = min(conv.first or when, when)
-            conv.last = max(conv.last or when, when)
-        if finding.verdict in FAILING and len(self.findings) < self.max_findings:
-            self.findings.append(finding)
+            if conv.first is None or when < conv.first:
+                conv.first = when
+            if conv.last is None or when > conv.last:
+                conv.last = when
+        if finding.verdict in FAILING:
+            if len(self.findings) < self.max_findings:
+                self.findings.append(finding)
+            else:
+                self.unlisted += 1
+
+    def missing_table(self, table: str, detail: str) -> None:
+        self.missing.append(f"{table}: {detail}")
 
     def totals(self) -> dict[str, int]:
         out = dict.fromkeys(VERDICTS, 0)
@@ -143,6 +236,60 @@ def _bare(jid: str | None) -> str:
     return (jid or "").split("/", 1)[0]
 
 
+def element_digest(element: ET.Element) -> bytes:
+    """What a capsule's verdict is keyed by: the parsed element, every tag, attribute, text and
+    the tree's shape (all that :func:`parse_capsule` reads; tails are not). Rows share a verdict
+    only when they hold the same capsule as parsed, however the stored text writes it."""
+    parts: list[str] = []
+    for node in element.iter():  # per node: tag, children, text, n attributes, n (name, value)
+        attrib = node.attrib
+        parts += (node.tag, str(len(node)), node.text or "", str(len(attrib)))
+        for item in attrib.items():
+            parts += item
+    return hashlib.sha256("\0".join(parts).encode()).digest()  # no part can hold a NUL
+
+
+class StanzaReader:
+    """Parses stored stanzas one after another with one long-lived expat parser, which saves
+    building a parser per row. A row counts only if it came out as exactly one element, with
+    no text around it, followed by a sentinel element fed after it (so the row left nothing
+    open or pending in the parser); anything else is parsed again on its own with
+    ``ET.fromstring``, which decides and names the error. The result is what ``ET.fromstring``
+    would give."""
+
+    SENTINEL = "capsule-audit-row-end"
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self._parser: ET.XMLPullParser[ET.Element] = ET.XMLPullParser(events=("start",))
+        self._parser.feed("<rows>")
+        roots = [e[-1] for e in self._parser.read_events() if isinstance(e[-1], ET.Element)]
+        self._root = roots[0]
+        self._flush = getattr(self._parser, "flush", None)  # expat >= 2.6 defers big tokens
+
+    def parse(self, text: str) -> ET.Element:
+        """The stanza's element; raises ``ET.ParseError`` as ``ET.fromstring`` would."""
+        root = self._root
+        try:
+            self._parser.feed(text + f"<{self.SENTINEL}/>")
+            if self._flush is not None:
+                self._flush()
+            deque(self._parser.read_events(), maxlen=0)  # raises what feed() met
+        except ET.ParseError:
+            pass
+        else:
+            if (len(root) == 2 and root[1].tag == self.SENTINEL and not (root.text or "").strip()
+                    and not (root[0].tail or "").strip()):
+                element = root[0]
+                del root[:]
+                root.text = element.tail = None
+                return element
+        self._reset()
+        return ET.fromstring(text)  # noqa: S314 - the caller refused DTDs
+
+
 class Auditor:
     """Classifies rows and verifies capsules against a CA root, with certificates only."""
 
@@ -150,80 +297,99 @@ class Auditor:
                  fetch: Callable[[str], list[bytes]] | None = None):
         """``fetch(jid)`` finds certificates the bundle lacks (PEP, the CA's look-up)."""
         self._at = dt.datetime.now(dt.UTC)
-        # certificates are judged at the time the capsule says it was sealed
+        # a certificate is checked once, at a moment inside its validity window; whether each
+        # capsule was signed inside that window is checked per capsule (CertFacts)
         self.trust = TrustStore(ca_root, crl, clock=lambda: self._at)
         self.bundle = bundle
         self.fetch = fetch
         self._fetched: set[str] = set()
-        self._seen: dict[bytes, tuple[str, str, str, str]] = {}  # capsule digest -> _judge()
+        self._certs: dict[tuple[str, str], tuple[VerifiedCert | None, CertFacts, str]] = {}
+        self._seen: dict[bytes, Judgement] = {}  # element_digest -> its judgement
+        self._reader = StanzaReader()
 
     def examine(self, row: StoredRow) -> Finding:
         if "<!" in row.stanza:
             return Finding(row, "malformed", "", row.owner, f"row {row.store} {row.row_id}",
                            "stanza holds a DTD or comment")
         try:
-            msg = ET.fromstring(row.stanza)  # noqa: S314 - DTDs refused above
+            msg = self._reader.parse(row.stanza)  # DTDs refused above
         except ET.ParseError as exc:
             return Finding(row, "malformed", "", row.owner, f"row {row.store} {row.row_id}",
                            f"unparseable stanza: {exc}")
         sender, recipient = _bare(msg.get("from")), _bare(msg.get("to"))
         sender = sender or row.owner
-        element = next((c for c in msg if c.tag == CAPSULE_TAG), None)
+        element = msg.find(CAPSULE_TAG)
         if element is None:
             body = next((c for c in msg if c.tag.rsplit("}", 1)[-1] == "body"), None)
             verdict = "plaintext" if body is not None and (body.text or "").strip() else "other"
             key = f"{sender}>{recipient}#{msg.get('id') or row.store + row.row_id}"
             return Finding(row, verdict, sender, recipient, key)
-        return self._capsule(row, element, sender, recipient)
-
-    def _capsule(self, row: StoredRow, element: ET.Element, sender: str, recipient: str
-                 ) -> Finding:
-        # the same capsule stored in several rows is verified once: key the verdict by the
-        # capsule's text as stored (a tampered copy differs, and is verified on its own)
-        begin, end = row.stanza.find("<capsule"), row.stanza.rfind("</capsule>")
-        digest = hashlib.sha256(row.stanza[begin:end].encode()).digest()
+        digest = element_digest(element)
         seen = self._seen.get(digest)
         if seen is None:
             if len(self._seen) >= SEEN_MAX:  # bounded: a row stored twice sits close by
                 self._seen.clear()
             seen = self._seen[digest] = self._judge(element)
-        verdict, detail, signer, key = seen
-        if verdict != "malformed" and signer != sender:
-            return Finding(row, "sender-mismatch", sender, recipient, key,
-                           f"stored from {sender}, capsule signed as {signer}")
-        return Finding(row, verdict, sender, recipient, key, detail)
+        if not seen.key:  # unreadable: no message to count it under but this row
+            return Finding(row, seen.verdict, sender, recipient, f"row {row.store} {row.row_id}",
+                           seen.detail)
+        verdict, detail = seen.verdict, seen.detail
+        if verdict != "malformed" and seen.signer != sender:
+            verdict, detail = "sender-mismatch", f"stored from {sender}, capsule signed as " \
+                                                 f"{seen.signer}"
+        return Finding(row, verdict, sender, recipient, seen.key, detail, seen.signer, seen.cert)
 
-    def _judge(self, element: ET.Element) -> tuple[str, str, str, str]:
-        """(verdict, detail, header sender, message key) of one capsule."""
+    def _judge(self, element: ET.Element) -> Judgement:
         try:
             capsule = parse_capsule(element)
             core.check_shape(capsule)
         except CapsuleError as exc:
-            return "malformed", str(exc), "", f"malformed {id(element)}"
-        verdict, detail = self._verify(capsule)
-        key = f"capsule {capsule.header.sender} {capsule.header.nid.hex()}"
-        return verdict, detail, capsule.header.sender, key
-
-    def _verify(self, capsule: core.Capsule) -> tuple[str, str]:
+            return Judgement("malformed", str(exc), "", "", None)
         h = capsule.header
-        pem = self.bundle.by_fingerprint.get(h.cert)
-        if pem is None and self.fetch is not None and h.sender not in self._fetched:
-            self._fetched.add(h.sender)  # asked once per sender and run
-            for found in self.fetch(h.sender):
-                self.bundle.add_pem(found)
-            pem = self.bundle.by_fingerprint.get(h.cert)
-        if pem is None:
-            return "unverified", f"no certificate {h.cert[:16]}… for {h.sender}"
-        try:
-            self._at = dt.datetime.strptime(h.ts, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
-            signer: VerifiedCert = self.trust.verify(pem, h.sender, "sign")
-        except (UntrustedCertificate, ValueError) as exc:
-            return "unverified", str(exc)
+        key = f"capsule {h.sender} {h.nid.hex()}"
+        signer, facts, problem = self._certificate(h.cert, h.sender)
+        facts = dataclasses.replace(facts, signed_at=dt.datetime.strptime(h.ts, TS_FORMAT)
+                                    .replace(tzinfo=dt.UTC))
+        if signer is None:
+            return Judgement("unverified", problem, h.sender, key, facts)
         try:
             core.verify(capsule, signer.public_key)
         except CapsuleError as exc:
-            return ("bad-signature" if exc.reason == "bad-signature" else "malformed"), str(exc)
-        return "capsule", ""
+            verdict = "bad-signature" if exc.reason == "bad-signature" else "malformed"
+            return Judgement(verdict, str(exc), h.sender, key, facts)
+        if not facts.valid_at_signing:
+            return Judgement("unverified", f"signed at {h.ts}, outside the certificate's "
+                             f"validity ({facts.not_before:%Y-%m-%d} to "
+                             f"{facts.not_after:%Y-%m-%d})", h.sender, key, facts)
+        return Judgement("capsule", "", h.sender, key, facts)
+
+    def _certificate(self, fingerprint: str, sender: str
+                     ) -> tuple[VerifiedCert | None, CertFacts, str]:
+        """The signing certificate named by ``fingerprint``, checked once per run for
+        ``sender``: (the verified certificate or None, its facts, why not)."""
+        cached = self._certs.get((fingerprint, sender))
+        if cached is not None:
+            return cached
+        pem = self.bundle.by_fingerprint.get(fingerprint)
+        if pem is None and self.fetch is not None and sender not in self._fetched:
+            self._fetched.add(sender)  # asked once per sender and run
+            for found in self.fetch(sender):
+                self.bundle.add_pem(found)
+            pem = self.bundle.by_fingerprint.get(fingerprint)
+        if pem is None:
+            result: tuple[VerifiedCert | None, CertFacts, str] = (
+                None, CertFacts(fingerprint), f"no certificate {fingerprint[:16]}… for {sender}")
+        else:
+            cert = x509.load_pem_x509_certificate(pem)
+            facts = CertFacts(fingerprint, f"{cert.serial_number:X}", cert.not_valid_before_utc,
+                              cert.not_valid_after_utc)
+            self._at = cert.not_valid_before_utc
+            try:
+                result = self.trust.verify(pem, sender, "sign"), facts, ""
+            except UntrustedCertificate as exc:
+                result = None, facts, str(exc)
+        self._certs[(fingerprint, sender)] = result
+        return result
 
     def run(self, rows: Iterable[StoredRow], report: Report,
             progress: Iterator[None] | None = None) -> Report:

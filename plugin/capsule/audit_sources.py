@@ -1,9 +1,10 @@
 """Where ``capsule audit`` reads stored messages from: server tables over a MySQL/MariaDB DSN,
 or a user's XEP-0313 archive.
 
-SQL rows are streamed from the ``mariadb`` client (``--quick``: row by row, nothing buffered),
-so memory stays flat however large the archive. The password goes through a 0600 option file,
-never argv.
+SQL rows come through PyMySQL, a maintained pure-Python driver that installs from a wheel
+anywhere pip runs (no client binary, no C library), with a server-side cursor (``SSCursor``):
+rows stream one by one, so memory stays flat however large the archive. The password goes from
+the DSN object straight into the driver, never into argv.
 """
 
 from __future__ import annotations
@@ -13,15 +14,17 @@ import contextlib
 import datetime as dt
 import os
 import queue
-import subprocess
-import tempfile
 import threading
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlparse
+from xml.sax.saxutils import escape, quoteattr
 
+import pymysql
+from pymysql.constants import ER
+from pymysql.cursors import SSCursor
 from slixmpp import JID, ClientXMPP
 
 from capsule.audit import StoredRow
@@ -32,15 +35,18 @@ from capsule.errors import CapsuleError
 from capsule.trust import CertificateSource
 
 T = TypeVar("T")
+CONNECT_TIMEOUT = 20  # seconds to reach the database
+READ_TIMEOUT = 600  # seconds one row may take: a stalled server fails the audit, never hangs it
 
 
 class SourceError(Exception):
-    """The audit source cannot be read (bad DSN, unreachable database, missing table)."""
+    """The audit source cannot be read (bad DSN, unreachable database, no table at all)."""
 
 
 @dataclass(frozen=True)
 class Table:
-    """One stored-message table: a query yielding (row id, owner, time, stanza)."""
+    """One stored-message table: a query yielding (row id, owner, time, stanza), and where a
+    table may keep a message only as columns, (from, to, body) to rebuild its stanza from."""
 
     label: str
     sql: str
@@ -61,14 +67,16 @@ SQL_SOURCES: dict[str, list[Table]] = {
     ],
     "openfire": [
         Table("openfire ofMessageArchive",
-              "SELECT messageID, '', sentDate, COALESCE(stanza, CONCAT('<message from=\"', "
-              "fromJID, '\" to=\"', toJID, '\"><body>', body, '</body></message>')) "
+              "SELECT messageID, NULL, sentDate, stanza, IF(stanza IS NULL, fromJID, NULL), "
+              "IF(stanza IS NULL, toJID, NULL), IF(stanza IS NULL, body, NULL) "
               "FROM ofMessageArchive ORDER BY messageID", 1e-3),
         Table("openfire ofOffline",
               "SELECT messageID, username, creationDate, stanza FROM ofOffline "
               "ORDER BY username, messageID", 1e-3),
     ],
 }
+
+MissingTable = Callable[[str, str], None]  # (table label, the server's words)
 
 
 @dataclass(frozen=True)
@@ -81,17 +89,21 @@ class Dsn:
     socket: str
 
     @classmethod
-    def parse(cls, text: str) -> Dsn:
-        """``mysql://user[:password]@host[:port]/database[?socket=/path]``."""
+    def parse(cls, text: str, password: str | None = None) -> Dsn:
+        """``mysql://user[:password]@host[:port]/database[?socket=/path]``; the password from
+        ``password``, else the DSN, else ``$CAPSULE_AUDIT_DB_PASSWORD``."""
         url = urlparse(text)
         if url.scheme not in ("mysql", "mariadb") or not url.path.strip("/"):
             raise SourceError("DSN must look like mysql://user:password@host:port/database")
-        password = unquote(url.password or "") or os.environ.get("CAPSULE_AUDIT_DB_PASSWORD", "")
+        if password is None:
+            password = unquote(url.password or "") or os.environ.get(
+                "CAPSULE_AUDIT_DB_PASSWORD", "")
         socket = parse_qs(url.query).get("socket", [""])[0]
         return cls(unquote(url.username or ""), password, url.hostname or "127.0.0.1",
                    url.port or 3306, url.path.strip("/"), socket)
 
     def option_file(self, directory: str) -> Path:
+        """A 0600 option file for the ``mariadb`` client (openfire-setup's admin DSN)."""
         path = Path(directory) / "client.cnf"
         path.touch(mode=0o600)
         lines = ["[client]", f"user={self.user}", f"database={self.database}"]
@@ -102,55 +114,81 @@ class Dsn:
         path.write_text("\n".join(lines) + "\n")
         return path
 
-
-def _unescape(field: str) -> str:
-    """Undo the mariadb client's batch-mode escapes (\\n, \\t, \\0, \\\\)."""
-    if "\\" not in field:
-        return field
-    out, i = [], 0
-    while i < len(field):
-        ch = field[i]
-        if ch == "\\" and i + 1 < len(field):
-            nxt = field[i + 1]
-            out.append({"n": "\n", "t": "\t", "0": "\0", "\\": "\\"}.get(nxt, nxt))
-            i += 2
-        else:
-            out.append(ch)
-            i += 1
-    return "".join(out)
+    def connect(self) -> Any:
+        """A PyMySQL connection whose cursors stream (server-side, unbuffered)."""
+        try:
+            return pymysql.connect(
+                user=self.user, password=self.password, database=self.database,
+                host=self.host, port=self.port, unix_socket=self.socket or None,
+                charset="utf8mb4", cursorclass=SSCursor, connect_timeout=CONNECT_TIMEOUT,
+                read_timeout=READ_TIMEOUT)
+        except pymysql.MySQLError as exc:
+            where = self.socket or f"{self.host}:{self.port}"
+            raise SourceError(f"cannot open database {self.database!r} at {where}: "
+                              f"{_words(exc)}") from None
 
 
-def sql_rows(kind: str, dsn: Dsn) -> Iterator[StoredRow]:
-    """Stream every stored message of a ``kind`` server ("ejabberd", "prosody", "openfire")."""
+def _words(exc: pymysql.MySQLError) -> str:
+    return str(exc.args[-1]) if exc.args else type(exc).__name__
+
+
+def sql_rows(kind: str, dsn: Dsn, missing: MissingTable | None = None) -> Iterator[StoredRow]:
+    """Stream every stored message of a ``kind`` server ("ejabberd", "prosody", "openfire").
+
+    A table that does not exist is passed to ``missing`` and the others are still read; with no
+    ``missing`` (or when no table exists at all) it is a :class:`SourceError`.
+    """
     if kind not in SQL_SOURCES:
         raise SourceError(f"unknown source {kind!r}; choose one of {', '.join(SQL_SOURCES)}")
-    with tempfile.TemporaryDirectory() as tmp:
-        options = dsn.option_file(tmp)
-        for table in SQL_SOURCES[kind]:
-            yield from _stream(table, options)
-
-
-def _stream(table: Table, options: Path) -> Iterator[StoredRow]:
-    cmd = ["mariadb", f"--defaults-extra-file={options}", "--quick", "--batch",
-           "--skip-column-names", "-e", table.sql]
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          encoding="utf-8", errors="replace") as proc:
-        assert proc.stdout is not None and proc.stderr is not None
-        for line in proc.stdout:
-            fields = line.rstrip("\n").split("\t")
-            if len(fields) != 4:
-                continue
-            row_id, owner, when, stanza = fields
-            yield StoredRow(table.label, row_id, owner if owner != "NULL" else "",
-                            _time(when, table.time_unit), _unescape(stanza))
-        error = proc.stderr.read()
-        if proc.wait() != 0:
-            raise SourceError(f"{table.label}: {error.strip() or 'mariadb client failed'}")
-
-
-def _time(value: str, unit: float) -> dt.datetime | None:
+    absent: list[tuple[str, str]] = []
+    connection = dsn.connect()
     try:
-        return dt.datetime.fromtimestamp(float(value) * unit, dt.UTC)
+        for table in SQL_SOURCES[kind]:
+            try:
+                yield from _stream(connection, table)
+            except pymysql.MySQLError as exc:
+                if exc.args and exc.args[0] == ER.NO_SUCH_TABLE:
+                    absent.append((table.label, _words(exc)))
+                    continue
+                raise SourceError(f"{table.label}: {_words(exc)}") from None
+    finally:
+        if connection.open:  # a lost connection is closed already
+            connection.close()  # without reading the rest of an abandoned result
+    if absent and (missing is None or len(absent) == len(SQL_SOURCES[kind])):
+        raise SourceError("; ".join(f"{label}: {words}" for label, words in absent))
+    for label, words in absent:
+        assert missing is not None
+        missing(label, words)
+
+
+def _stream(connection: Any, table: Table) -> Iterator[StoredRow]:
+    # no ``with``: closing a server-side cursor reads what is left, which fails (and hides
+    # the real error) when the connection broke
+    cursor = connection.cursor()
+    cursor.execute(table.sql)
+    label, unit = table.label, table.time_unit
+    while rows := cursor.fetchmany(500):
+        for row_id, owner, when, stanza, *columns in rows:
+            if stanza is None:
+                stanza = _rebuilt(*columns) if columns else ""  # judged "other"
+            elif isinstance(stanza, bytes):
+                stanza = stanza.decode("utf-8", "replace")
+            yield StoredRow(label, str(row_id), owner or "", _time(when, unit), stanza)
+    cursor.close()
+
+
+def _rebuilt(sender: str | None, recipient: str | None, body: str | None) -> str:
+    """The stanza of an Openfire archive row that kept only its columns (escaped, not spliced)."""
+    text = f"<body>{escape(body)}</body>" if body is not None else ""
+    return (f"<message from={quoteattr(sender or '')} to={quoteattr(recipient or '')}>{text}"
+            f"</message>")
+
+
+def _time(value: object, unit: float) -> dt.datetime | None:
+    if value is None:
+        return None
+    try:
+        return dt.datetime.fromtimestamp(float(value) * unit, dt.UTC)  # type: ignore[arg-type]
     except (ValueError, OverflowError, OSError):
         return None
 

@@ -32,24 +32,42 @@ from capsule.core import cert_fingerprint
 from capsule.enrollment import EnrollmentError
 from capsule.errors import CapsuleError, ProfileError, UntrustedCertificate
 from capsule.panel import PanelError, check_ejabberd_queue, check_openfire_archive
-from capsule.profile import PIN_ENV, Profile, check_pin
+from capsule.profile import PIN_ENV, KdfParams, Profile, brute_force_cost, check_pin
 from capsule_ca.cli import read_secret, run
 
 NEW_PIN_ENV = "CAPSULE_NEW_PIN"
 
 
-def _pin(file: str | None, env: str, prompt: str, confirm: bool) -> str:
-    return read_secret(file, env, prompt, confirm, check_pin if confirm else None, ProfileError)
+def _pin(file: str | None, env: str, prompt: str, confirm: bool, short_ok: bool = False) -> str:
+    def check(pin: str) -> str:
+        return check_pin(pin, short_ok)
+
+    return read_secret(file, env, prompt, confirm, check if confirm else None, ProfileError)
 
 
 def _open(args: argparse.Namespace) -> Profile:
-    return Profile.load(args.profile, _pin(args.pin_file, PIN_ENV, "PIN", confirm=False))
+    return Profile.load(args.profile, _pin(args.pin_file, PIN_ENV, "PIN", confirm=False),
+                        args.key_file)
+
+
+def _new_pin(args: argparse.Namespace, file: str | None, env: str) -> str:
+    """A new PIN, checked; a short one (only with --short-pin) prints what it costs a thief."""
+    pin = _pin(file, env, "New PIN (10+ digits) or passphrase (12+ characters)", confirm=True,
+               short_ok=args.short_pin)
+    if check_pin(pin, args.short_pin) == "short":
+        began = time.perf_counter()
+        KdfParams().derive(pin, bytes(16))
+        print(f"warning: a short PIN. {brute_force_cost(pin, time.perf_counter() - began)}. "
+              f"Bind the profile to a key file (--key-file) or choose 10+ digits.",
+              file=sys.stderr)
+    return pin
 
 
 def cmd_init(args: argparse.Namespace) -> None:
-    pin = _pin(args.pin_file, PIN_ENV, "New PIN (6+ digits) or passphrase", confirm=True)
+    pin = _new_pin(args, args.pin_file, PIN_ENV)
     print("generating two RSA key pairs…", flush=True)
-    profile = Profile.create(args.profile, args.jid, pin, email=args.email, key_bits=args.key_bits)
+    profile = Profile.create(args.profile, args.jid, pin, email=args.email, key_bits=args.key_bits,
+                             short_pin=args.short_pin, key_file=args.key_file)
     base = Path(args.profile)
     for usage in ("sign", "encrypt"):
         csr = base.with_name(f"{base.name}.{usage}.csr")
@@ -89,8 +107,10 @@ def cmd_import(args: argparse.Namespace) -> None:
 
 
 def cmd_show(args: argparse.Namespace) -> None:
-    data = _open(args).data
+    profile = _open(args)
+    data = profile.data
     print(f"JID       {data.jid}" + (f" <{data.email}>" if data.email else ""))
+    print(f"protected {profile.protection}")
     for label, pem in (("sign", data.signing_cert), ("encrypt", data.encryption_cert),
                        ("CA root", data.ca_root)):
         if not pem:
@@ -106,7 +126,7 @@ def cmd_show(args: argparse.Namespace) -> None:
 
 def cmd_change_pin(args: argparse.Namespace) -> None:
     profile = _open(args)
-    profile.change_pin(_pin(args.new_pin_file, NEW_PIN_ENV, "New PIN", confirm=True))
+    profile.change_pin(_new_pin(args, args.new_pin_file, NEW_PIN_ENV), short_pin=args.short_pin)
     print(f"PIN of {args.profile} changed")
 
 
@@ -138,17 +158,17 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if args.source == "mam":
         assert password is not None
         rows = mam_rows(args.jid, password, args.host, args.port, args.ca)
-        label = f"MAM of {args.jid}"
+        report = Report([f"MAM of {args.jid}"])
     else:
         if not args.dsn:
             raise SourceError(f"--source {args.source} needs --dsn")
-        rows = sql_rows(args.source, Dsn.parse(args.dsn))
-        label = f"{args.source} tables"
+        report = Report([f"{args.source} tables"])
+        rows = sql_rows(args.source, Dsn.parse(args.dsn), report.missing_table)
     fetcher = (CertificateFetcher(args.jid, password, args.host, args.port, args.ca,
                                   args.ca_service) if args.fetch_certs and password else None)
     try:
-        report = Auditor(root, bundle, crl, fetcher.fetch if fetcher else None).run(
-            rows, Report([label]), _progress(args.progress or sys.stderr.isatty()))
+        Auditor(root, bundle, crl, fetcher.fetch if fetcher else None).run(
+            rows, report, _progress(args.progress or sys.stderr.isatty()))
     finally:
         if fetcher:
             fetcher.close()
@@ -239,8 +259,9 @@ def cmd_enroll(args: argparse.Namespace) -> None:
     else:
         if not args.jid:
             raise ProfileError(f"{path} does not exist: give --jid to create it")
-        pin = _pin(args.pin_file, PIN_ENV, "New PIN (6+ digits) or passphrase", confirm=True)
-        profile = Profile.create(path, args.jid, pin, email=args.email)
+        pin = _new_pin(args, args.pin_file, PIN_ENV)
+        profile = Profile.create(path, args.jid, pin, email=args.email, short_pin=args.short_pin,
+                                 key_file=args.key_file)
         print(f"created {path} for {args.jid}")
     _connect_and(args, profile, rotate=False)
     print(f"{profile.data.jid} is enrolled with {args.ca}; certificates stored and published")
@@ -264,20 +285,28 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("--profile", required=True, help="the profile file")
         p.add_argument("--pin-file", help=f"file holding the PIN (else ${PIN_ENV}, else a prompt)")
+        p.add_argument("--key-file", help="the profile's key file (init: create and bind one)")
         return p
+
+    def short_pin(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--short-pin", action="store_true",
+                       help="allow a PIN of 6-9 digits or a passphrase of 8-11 characters "
+                       "(prints what trying them all costs a thief)")
 
     p = command("init", "generate keys locally and write CSRs for the CA")
     p.add_argument("--jid", required=True, help="your bare JID")
     p.add_argument("--email", help="an e-mail address to put in the certificates")
     p.add_argument("--key-bits", type=int, default=2048, choices=(2048, 3072, 4096))
+    short_pin(p)
     p.set_defaults(func=cmd_init)
     p = command("import-cert", "store issued certificates and the CA root")
     p.add_argument("certs", nargs="+",
                    help="PEM files: your sign/encrypt certificates, the CA root, the CA's CRL")
     p.set_defaults(func=cmd_import)
-    command("show", "print JID, fingerprints and expiry").set_defaults(func=cmd_show)
+    command("show", "print JID, protection, fingerprints and expiry").set_defaults(func=cmd_show)
     p = command("change-pin", "re-encrypt the profile under a new PIN")
     p.add_argument("--new-pin-file", help=f"file with the new PIN (else ${NEW_PIN_ENV})")
+    short_pin(p)
     p.set_defaults(func=cmd_change_pin)
 
     for name, text, func in (
@@ -289,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = top.add_parser(name, help=text, description=text)
         p.add_argument("--profile", required=True, help="the profile file")
         p.add_argument("--pin-file", help=f"file holding the PIN (else ${PIN_ENV}, else a prompt)")
+        p.add_argument("--key-file", help="the profile's key file (enroll: bind a new profile)")
         p.add_argument("--ca", required=True, help="the CA service's JID, e.g. ca@example.org")
         p.add_argument("--ca-cert", help="the CA root to trust (else pinned on first use)")
         p.add_argument("--tls-ca", help="CA file for the server's TLS certificate "
@@ -300,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "enroll":
             p.add_argument("--jid", help="your bare JID (to create the profile)")
             p.add_argument("--email", help="an e-mail address for the certificates")
+            short_pin(p)
             p.add_argument("--register", action="store_true",
                            help="create the XMPP account in-band (XEP-0077) if the server allows")
         p.set_defaults(func=func)

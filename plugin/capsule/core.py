@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import os
+import re
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -87,6 +88,21 @@ def utc_timestamp(now: dt.datetime | None = None) -> str:
     return (now or dt.datetime.now(dt.UTC)).astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+_TS = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z", re.ASCII)
+
+
+def parse_timestamp(ts: str) -> int:
+    """Seconds since the epoch of a capsule ``ts``: exactly ``YYYY-MM-DDTHH:MM:SSZ``, else
+    MalformedCapsule (strptime alone accepts unpadded fields, which sort wrongly)."""
+    if not _TS.fullmatch(ts):
+        raise MalformedCapsule(f"bad timestamp {ts!r}")
+    try:
+        stamp = dt.datetime.strptime(ts, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+    except ValueError:
+        raise MalformedCapsule(f"bad timestamp {ts!r}") from None
+    return int(stamp.timestamp())
+
+
 def _lp(data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + data
 
@@ -125,10 +141,7 @@ def check_shape(capsule: Capsule) -> None:
         raise MalformedCapsule("payload is shorter than the GCM tag")
     if not h.sender or "/" in h.sender or "@" not in h.sender:
         raise MalformedCapsule(f"sender is not a bare JID: {h.sender!r}")
-    try:
-        dt.datetime.strptime(h.ts, "%Y-%m-%dT%H:%M:%SZ")
-    except ValueError:
-        raise MalformedCapsule(f"bad timestamp {h.ts!r}") from None
+    parse_timestamp(h.ts)
 
 
 def seal(

@@ -72,6 +72,27 @@ class ReplayedCapsule(CapsuleError):
     reason = "replay"
 
 
+class DuplicateCapsule(CapsuleError):
+    """The very capsule (sender, nid and signature) was already accepted: a resend or a copy.
+
+    Never reaches the app as ``capsule_error``: dropped quietly and counted.
+    """
+
+    reason = "duplicate"
+
+
+class FutureCapsule(CapsuleError):
+    """The capsule is dated later than our clock plus the allowed skew."""
+
+    reason = "clock-skew"
+
+
+class StaleCapsule(CapsuleError):
+    """The capsule is older than the maximum age for live delivery (read it from history)."""
+
+    reason = "too-old"
+
+
 class DecryptionFailed(CapsuleError):
     """The key could not be unwrapped or the payload did not authenticate."""
 
@@ -94,6 +115,12 @@ class ProfileError(CapsuleError):
     """The local profile cannot be used."""
 
     reason = "profile"
+
+
+class StorageError(CapsuleError):
+    """State cannot be made durable (full or read-only disk): nothing is delivered meanwhile."""
+
+    reason = "storage"
 
 
 class WrongPin(ProfileError):

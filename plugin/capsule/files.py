@@ -1,8 +1,9 @@
-"""Writing files that hold secrets: private (0600) and atomic."""
+"""Files that hold secrets: private (0600) and atomic writes, the profile lock, no litter."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import tempfile
 from pathlib import Path
@@ -29,3 +30,51 @@ def write_private(path: Path, data: bytes) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+class FileLock:
+    """An exclusive advisory lock (flock) on ``<path>.lock``: one writer of a file at a time.
+
+    Whoever writes ``path`` (and its companions) holds it, so temp files left beside ``path``
+    while nobody holds it are litter of a killed writer.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path.with_name(path.name + ".lock")
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> bool:
+        """Take the lock without waiting; False if another open file holds it."""
+        if self._fd is not None:
+            return True
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._fd = fd
+        remove_litter(self.path.with_name(self.path.name.removesuffix(".lock")))
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def remove_litter(path: Path) -> list[Path]:
+    """Delete the temp files of killed :func:`write_private` calls for ``path`` and its
+    companions (``.<name>.XXXXXXXX``); call only while holding ``path``'s FileLock."""
+    removed = []
+    prefix = f".{path.name}."
+    for candidate in path.parent.iterdir():
+        if candidate.name.startswith(prefix) and candidate.is_file() and not candidate.is_symlink():
+            with contextlib.suppress(OSError):  # gone already, or a read-only disk
+                candidate.unlink()
+                removed.append(candidate)
+    return removed

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
@@ -31,22 +32,27 @@ from capsule import stanza as st
 from capsule.connection import Reconnect
 from capsule.errors import (
     CapsuleError,
+    DuplicateCapsule,
     EnvelopeMismatch,
     NoCertificate,
     PolicyViolation,
     ProfileError,
     RevocationUnknown,
+    StorageError,
     UntrustedCertificate,
 )
 from capsule.inbound import HandledCount
+from capsule.journal import GroupCommit
 from capsule.outbox import Outbox
 from capsule.profile import PIN_ENV, Contact, Profile, now_iso
+from capsule.replay import DEFAULT_MAX_AGE, DEFAULT_SKEW, Entry, TimeRules, Verdict
 from capsule.trust import CertBundle, CertificateSource, TrustStore, VerifiedCert
 from capsule.trust import Contact as VerifiedContact
 
 log = logging.getLogger(__name__)
 POLICIES = ("require", "prefer", "off")
 PROTECTED = ("body", "subject")  # elements moved into the envelope
+COMPACT_AFTER = 512  # journal records (batches) before the profile is saved
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,7 @@ class XEP_Capsule(BasePlugin):
         "profile": None,  # path of the profile file
         "pin": None,  # else "pin_file", else $CAPSULE_PIN
         "pin_file": None,
+        "key_file": None,  # the profile's key file, if it is bound to one
         "policy": "prefer",  # require | prefer | off
         "allow_insecure": False,  # operate on a stream without TLS
         "publish": True,  # publish our certificates to PEP on session start
@@ -101,7 +108,10 @@ class XEP_Capsule(BasePlugin):
         "crl_refresh": 300,  # seconds between CRL refreshes (file and CA service)
         "crl_retry": 30,  # seconds before a failed fetch of an expired CRL is tried again
         "ca_service": None,  # JID of `capsule-ca serve` (default: the one stored at enrollment)
-        "save_delay": 0.2,  # seconds to batch profile saves (replay cache, pins)
+        "save_delay": 0.2,  # seconds to batch profile saves (pins, CRL); replay: journal
+        "skew": DEFAULT_SKEW,  # seconds a capsule may be dated ahead of our clock
+        "max_age": DEFAULT_MAX_AGE,  # seconds a capsule may wait (offline) for live delivery
+        "storage_retry": 2.0,  # seconds between attempts to make state durable again
         "fetch_timeout": 10,
         "source": None,  # a CertificateSource; default: PEP
         "delivery_timeout": 120,  # seconds for the server to ack a capsule, else undelivered
@@ -116,8 +126,9 @@ class XEP_Capsule(BasePlugin):
             raise ValueError(f"capsule policy must be one of {POLICIES}, not {self.policy!r}")
         if not self.profile:
             raise ProfileError("the capsule plugin needs a 'profile' path")
-        self.store = Profile.load(self.profile, self._take_pin())
+        self.store = Profile.load(self.profile, self._take_pin(), self.key_file)
         data = self.store.data
+        data.replay.rules = TimeRules(int(self.skew), int(self.max_age))
         if not (data.signing_cert and data.encryption_cert and data.ca_root):
             raise ProfileError(f"{self.profile} has no certificates yet: import them with "
                                f"`capsule profile import-cert` or run `capsule enroll`")
@@ -143,6 +154,11 @@ class XEP_Capsule(BasePlugin):
         self._tasks: set[asyncio.Future[None]] = set()
         self._cleared: set[int] = set()
         self._save_handle: asyncio.TimerHandle | None = None
+        self._retry_handle: asyncio.TimerHandle | None = None
+        self._commit = GroupCommit(self.store.append, self._journal_failed)
+        self._storage_error: StorageError | None = None
+        self.duplicates = 0  # resends and copies of accepted capsules, dropped quietly
+        self._persist()  # take the profile lock, clear litter, start the journal
         self._crl_mtime = 0.0
         self._crl_task: asyncio.Task[None] | None = None
         self._crl_tried = -float("inf")  # loop time of the last fetch of an expired CRL
@@ -161,7 +177,7 @@ class XEP_Capsule(BasePlugin):
         self.refresh_crl()
 
     def _events(self) -> list[tuple[str, Callable[..., Any]]]:
-        return [("session_start", self._session_start), ("disconnected", self._flush),
+        return [("session_start", self._session_start), ("disconnected", self._disconnected),
                 ("carbon_received", self._on_carbon), ("carbon_sent", self._on_carbon),
                 ("pubsub_publish", self._on_pubsub)]
 
@@ -176,7 +192,7 @@ class XEP_Capsule(BasePlugin):
         self.outbox.close()
         if self.reconnector:
             self.reconnector.close()
-        self._flush()
+        self._release()
 
     def session_bind(self, jid: JID) -> None:
         if JID(jid).bare != self.store.data.jid:
@@ -481,10 +497,21 @@ class XEP_Capsule(BasePlugin):
                        ) -> None:
         async with lock:  # arrival order per sender, even while certificates are fetched
             try:
-                msg = await self.open(stanza)
+                msg, durable = await self._open(stanza)
+            except DuplicateCapsule as exc:
+                self.duplicates += 1
+                log.debug("dropped a duplicate (stanza %s): %s", stanza["id"], exc)
+                self.xmpp.event("capsule_duplicate", self._failure(exc, stanza,
+                                                                   stanza["from"].bare))
+                return
             except CapsuleError as exc:
                 self._fail(exc, stanza, stanza["from"].bare)
                 return
+        try:  # outside the lock: the sender's next capsules join the same journal batch
+            await durable
+        except StorageError as exc:
+            self._fail(exc, stanza, stanza["from"].bare)
+            return
         if sent_carbon:  # what another resource of ours sent: not a message *to* the bot
             self.xmpp.event("capsule_carbon_sent", msg)
             return
@@ -504,8 +531,17 @@ class XEP_Capsule(BasePlugin):
         """Verify and decrypt a capsule stanza into a new Message (see CapsuleInfo).
 
         The signature is checked first, with the sender's verified certificate; then our key
-        is unwrapped, the envelope decrypted and its addressing checked, then the replay cache.
+        is unwrapped, the envelope decrypted and its addressing checked, then the time rules
+        and the replay state (DuplicateCapsule for the very capsule again). With
+        ``replay_check`` it returns only once the replay entry is on disk.
         """
+        msg, durable = await self._open(stanza, replay_check)
+        await durable
+        return msg
+
+    async def _open(self, stanza: Message, replay_check: bool = True
+                    ) -> tuple[Message, asyncio.Future[None]]:
+        """:meth:`open`, and a future done when its replay entry is durable."""
         self._check_usable()
         capsule = st.to_core(stanza["capsule"])
         core.check_shape(capsule)
@@ -525,16 +561,14 @@ class XEP_Capsule(BasePlugin):
         # the room, and the nick must belong to the signer
         addressee = stanza["from"].bare if stanza["type"] == "groupchat" else stanza["to"].bare
         envelope.check_addressing(env, sender, self._real_sender(stanza), addressee, me)
-        if replay_check:
-            self.store.remember(sender, capsule.header.nid, capsule.header.ts)
-            self._dirty()
+        durable = self._remember(capsule) if replay_check else _done()
         msg = self.xmpp.make_message(mto=stanza["to"], mfrom=stanza["from"], mtype=stanza["type"])
         msg["id"] = stanza["id"]
         for el in env.content:
             msg.xml.append(el)
         msg.capsule_info = CapsuleInfo(sender, signer, capsule.header.nid.hex(),  # type: ignore[attr-defined]
                                        capsule.header.ts)
-        return msg
+        return msg, durable
 
     async def _signer(self, sender: str, cert_fp: str) -> VerifiedCert:
         contact = await self.contact(sender)
@@ -561,26 +595,121 @@ class XEP_Capsule(BasePlugin):
                 self._fail(exc, inner, inner["from"].bare)
         return out
 
-    # -- errors and saving -----------------------------------------------------
-    def _fail(self, exc: CapsuleError, stanza: StanzaBase, peer: str) -> CapsuleFailure:
-        log.warning("capsule %s for stanza %s with %s: %s", exc.reason, stanza["id"], peer, exc)
-        failure = CapsuleFailure(exc.reason, str(exc), stanza["id"], peer, exc)
-        self.xmpp.event("capsule_error", failure)
-        return failure
+    # -- errors ----------------------------------------------------------------
+    @staticmethod
+    def _failure(exc: CapsuleError, stanza: StanzaBase | None, peer: str) -> CapsuleFailure:
+        return CapsuleFailure(exc.reason, str(exc), stanza["id"] if stanza else "", peer, exc)
+
+    def _fail(self, exc: CapsuleError, stanza: StanzaBase | None, peer: str) -> None:
+        log.warning("capsule %s for stanza %s with %s: %s", exc.reason,
+                    stanza["id"] if stanza else "-", peer or "-", exc)
+        self.xmpp.event("capsule_error", self._failure(exc, stanza, peer))
 
     def _undelivered(self, exc: CapsuleError, stanza: StanzaBase, peer: str) -> None:
-        self.xmpp.event("capsule_undelivered", self._fail(exc, stanza, peer))
+        self._fail(exc, stanza, peer)
+        self.xmpp.event("capsule_undelivered", self._failure(exc, stanza, peer))
 
-    def _dirty(self) -> None:
-        if self._save_handle is None:
-            loop = asyncio.get_event_loop()
-            self._save_handle = loop.call_later(self.save_delay, self._flush)
+    # -- durable state -----------------------------------------------------------
+    def _remember(self, capsule: core.Capsule) -> asyncio.Future[None]:
+        """Judge a verified capsule; a NEW one's entry goes to the journal (the future)."""
+        self._ensure_durable()
+        h = capsule.header
+        verdict, entry = self.store.remember(h.sender, h.nid, h.ts, capsule.signature,
+                                             int(time.time()))
+        if verdict is Verdict.DUPLICATE:
+            raise DuplicateCapsule(f"capsule {h.nid.hex()[:8]}… from {h.sender} was already "
+                                   f"accepted")
+        journal = self.store.journal
+        if journal is not None and journal.records >= COMPACT_AFTER:
+            self._dirty()  # fold the journal into the profile soon
+        return self._commit.submit(entry)
 
-    def _flush(self, _event: Any = None) -> None:
+    def _ensure_durable(self) -> None:
+        """Refuse (StorageError) while replay entries cannot be written; retry first."""
+        if self._storage_error is None and self.store.journal is not None:
+            return
+        if not self._commit.busy:
+            self._persist()
+        if self._storage_error is not None:
+            raise StorageError(f"capsules are refused until the replay state can be made "
+                               f"durable again ({self._storage_error})")
+
+    def _journal_failed(self, entries: list[Entry], exc: Exception) -> None:
+        for entry in entries:
+            self.store.data.replay.forget(entry)  # not delivered: a resend must be accepted
+        self._storage_failed(StorageError(f"cannot write the replay journal: "
+                                          f"{getattr(exc, 'strerror', None) or exc}"))
+
+    def _storage_failed(self, exc: CapsuleError) -> None:
+        first = self._storage_error is None
+        self._storage_error = exc if isinstance(exc, StorageError) else StorageError(str(exc))
+        if first:
+            self._fail(self._storage_error, None, "")
+        if self._retry_handle is None:
+            self._retry_handle = self.xmpp.loop.call_later(self.storage_retry, self._retry)
+
+    def _retry(self) -> None:
+        self._retry_handle = None
+        if self._commit.busy:
+            self._retry_handle = self.xmpp.loop.call_later(self.storage_retry, self._retry)
+            return
+        self._persist()
+
+    def _persist(self) -> None:
+        """Save now under the profile lock (compacting the journal); the outcome decides
+        whether capsules are delivered. Call only while no journal write runs."""
+        self._cancel_save()
+        try:
+            self.store.hold()
+        except (StorageError, ProfileError) as exc:
+            self._storage_failed(exc)
+            return
+        if self._storage_error is not None:
+            log.warning("capsule state is durable again: capsules are delivered again")
+            self.xmpp.event("capsule_storage_recovered", str(self.store.path))
+        self._storage_error = None
+
+    def _cancel_save(self) -> None:
         if self._save_handle is not None:
             self._save_handle.cancel()
             self._save_handle = None
-        self.store.save()
+
+    def _dirty(self) -> None:
+        if self._save_handle is None:
+            self._save_handle = self.xmpp.loop.call_later(self.save_delay, self._spawn_save)
+
+    def _spawn_save(self) -> None:
+        self._save_handle = None
+        self._spawn(self._save())
+
+    async def _save(self) -> None:
+        await self._commit.idle()
+        self._persist()
+
+    def _disconnected(self, _event: Any) -> None:
+        if self._commit.busy:
+            self._spawn(self._release_when_idle())
+        else:
+            self._release()  # at once: a restarted bot may open the profile next
+
+    async def _release_when_idle(self) -> None:
+        await self._commit.idle()
+        self._release()
+
+    def _release(self) -> None:
+        """Save and give the profile lock up (taken again with the next capsule)."""
+        self._cancel_save()
+        try:
+            self.store.release()
+        except (StorageError, ProfileError) as exc:
+            self._fail(exc if isinstance(exc, StorageError) else StorageError(str(exc)),
+                       None, "")
+
+
+def _done() -> asyncio.Future[None]:
+    future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    future.set_result(None)
+    return future
 
 
 def attach(client: BaseXMPP, profile: str | Path, pin: str, **config: Any

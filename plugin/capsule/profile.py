@@ -1,22 +1,25 @@
 """The local profile: one file per account, AES-256-GCM under an Argon2id key from the PIN.
 
-File layout (version 1)::
+File layout (version 2; version 1 files are read and rewritten as 2 at the next save)::
 
-    CAPSULE-PROFILE <header JSON>\\n<AES-256-GCM ciphertext + tag>
+    CAPSULE-PROFILE <header JSON>\n<AES-256-GCM ciphertext + tag>
 
-The header names the format version, the KDF and its parameters, the salt and the nonce; the
-whole first line is the associated data, so changing a parameter breaks the tag. Saves are
-atomic (temp file in the same directory, fsync, rename, fsync of the directory): a crash
-leaves the old or the new profile, never a mix.
+The header names the format version, the KDF and its parameters (bounded before use), the
+salt, the nonce and whether a key file is needed; the whole first line is the associated data,
+so changing a parameter breaks the tag. With a key file the profile key is derived from the PIN
+*and* 32 random bytes kept elsewhere: the file alone cannot be brute-forced. Saves are atomic
+(temp file, fsync, rename, fsync of the directory) under the profile lock; replay entries
+accepted between saves are in the journal beside it (capsule.journal).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import json
 import os
-from collections import OrderedDict
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,18 +30,28 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.oid import NameOID
 
 from capsule import algorithms as alg
+from capsule import journal
 from capsule.core import cert_fingerprint
-from capsule.errors import CorruptProfile, ProfileError, ReplayedCapsule, UnsupportedVersion, WrongPin
-from capsule.files import write_private
+from capsule.errors import (
+    CapsuleError,
+    CorruptProfile,
+    ProfileError,
+    StorageError,
+    UnsupportedVersion,
+    WrongPin,
+)
+from capsule.files import FileLock, write_private
 from capsule.jids import bare_jid
+from capsule.replay import Entry, ReplayState, Verdict
 from capsule_ca.xmppaddr import ID_ON_XMPPADDR, cert_jids
 
 MAGIC = b"CAPSULE-PROFILE "
-FORMAT_VERSION = 1
-REPLAY_CACHE_MAX = 20000
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 PIN_ENV = "CAPSULE_PIN"
 
 
@@ -50,21 +63,66 @@ class KdfParams:
     iterations: int = 3
     lanes: int = 4
 
-    def derive(self, pin: str, salt: bytes) -> bytes:
-        return Argon2id(salt=salt, length=32, iterations=self.iterations, lanes=self.lanes,
-                        memory_cost=self.memory_cost).derive(pin.encode())
+    def check(self) -> KdfParams:
+        """Refuse parameters outside alg.ARGON2_* (a crafted header must not pick our cost)."""
+        for value, (low, high), name in ((self.memory_cost, alg.ARGON2_MEMORY_KIB, "memory"),
+                                         (self.iterations, alg.ARGON2_ITERATIONS, "iterations"),
+                                         (self.lanes, alg.ARGON2_LANES, "lanes")):
+            if not low <= value <= high:
+                raise CorruptProfile(f"Argon2id {name} {value} is outside {low}..{high}")
+        return self
+
+    def derive(self, pin: str, salt: bytes, key_file: bytes | None = None) -> bytes:
+        self.check()
+        key = Argon2id(salt=salt, length=32, iterations=self.iterations, lanes=self.lanes,
+                       memory_cost=self.memory_cost).derive(pin.encode())
+        if key_file is None:
+            return key
+        return HKDF(alg.KEY_HASH, 32, salt=None, info=alg.PROFILE_KEY_FILE_INFO).derive(
+            key + key_file)
+
+    def describe(self) -> str:
+        return (f"Argon2id {self.memory_cost // 1024} MiB, {self.iterations} iteration(s), "
+                f"{self.lanes} lane(s)")
 
 
 FAST_KDF = KdfParams(memory_cost=8192, iterations=1, lanes=1)  # for tests and bulk bots
 
 
-def check_pin(pin: str) -> str:
-    """A PIN of 6+ digits, or a passphrase of 8+ characters."""
-    if pin.isdigit() and len(pin) >= 6:
-        return pin
-    if not pin.isdigit() and len(pin) >= 8:
-        return pin
-    raise ProfileError("the PIN must be 6 or more digits, or a passphrase of 8 or more characters")
+def check_pin(pin: str, short_ok: bool = False) -> str:
+    """'strong' (10+ digits, or a passphrase of 12+ characters) or, only with ``short_ok``,
+    'short' (6+ digits, or 8+ characters); anything else is refused."""
+    digits = pin.isdigit()
+    if len(pin) >= (10 if digits else 12):
+        return "strong"
+    if short_ok and len(pin) >= (6 if digits else 8):
+        return "short"
+    if short_ok:
+        raise ProfileError("the PIN must be 6 or more digits, or a passphrase of 8 or more "
+                           "characters")
+    raise ProfileError("the PIN must be 10 or more digits, or a passphrase of 12 or more "
+                       "characters (6+ digits or 8+ characters only with --short-pin)")
+
+
+def brute_force_cost(pin: str, seconds_per_guess: float) -> str:
+    """What trying every PIN like ``pin`` costs a thief of the file (no key file)."""
+    if pin.isdigit():
+        hours = 10 ** len(pin) * seconds_per_guess / 3600
+        return (f"a thief of the profile file can try all 10^{len(pin)} PINs of {len(pin)} "
+                f"digits in about {hours:,.0f} core-hours ({seconds_per_guess:.2f} s per guess "
+                f"here): {hours / 64:,.1f} hours on one rented 64-core machine")
+    return (f"each guess costs a thief {seconds_per_guess:.2f} s of one core; a passphrase "
+            f"of {len(pin)} characters from a word list or keyboard pattern falls in hours")
+
+
+def read_key_file(path: str | os.PathLike[str]) -> bytes:
+    try:
+        secret = Path(path).read_bytes()
+    except OSError as exc:
+        raise ProfileError(f"cannot read the key file {path}: {exc.strerror}") from None
+    if len(secret) != alg.KEY_FILE_BYTES:
+        raise ProfileError(f"{path} is not a Capsule key file ({alg.KEY_FILE_BYTES} bytes)")
+    return secret
 
 
 def _pem_key(key: rsa.RSAPrivateKey) -> str:
@@ -102,8 +160,8 @@ class ProfileData:
     retired: list[tuple[str, rsa.RSAPrivateKey]] = field(default_factory=list)  # (cert PEM, key)
     retired_sign: list[str] = field(default_factory=list)  # our former signing certs (PEM)
     contacts: dict[str, Contact] = field(default_factory=dict)
-    replay: OrderedDict[str, str] = field(default_factory=OrderedDict)  # "sender nid" -> ts
-    replay_horizon: str = ""
+    replay: ReplayState = field(default_factory=ReplayState)
+    secret: str = "unknown"  # strong | short | unknown (format 1): for `profile show`
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -115,7 +173,7 @@ class ProfileData:
             "retired": [[cert, _pem_key(key)] for cert, key in self.retired],
             "retired_sign": self.retired_sign,
             "contacts": {j: vars(c) for j, c in self.contacts.items()},
-            "replay": list(self.replay.items()), "replay_horizon": self.replay_horizon,
+            "replay": self.replay.to_json(int(time.time())), "secret": self.secret,
         }
 
     @classmethod
@@ -130,22 +188,52 @@ class ProfileData:
                 retired=[(cert, _load_key(key)) for cert, key in raw.get("retired", [])],
                 retired_sign=list(raw.get("retired_sign", [])),
                 contacts={j: Contact(**c) for j, c in raw.get("contacts", {}).items()},
-                replay=OrderedDict((k, v) for k, v in raw.get("replay", [])),
-                replay_horizon=raw.get("replay_horizon", ""),
+                replay=(_replay_v1(raw.get("replay", []), raw.get("replay_horizon", ""))
+                        if isinstance(raw.get("replay", []), list)
+                        else ReplayState.from_json(raw["replay"])),
+                secret=raw.get("secret", "unknown"),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, CapsuleError) as exc:
             raise CorruptProfile(f"profile content is damaged ({exc.__class__.__name__})") from None
+
+
+def _replay_v1(pairs: list[list[str]], horizon: str) -> ReplayState:
+    """Format 1's replay cache ("sender nid" -> ts, one global horizon): its horizon becomes a
+    floor for every sender, never later than the clock at migration. Format 1 accepted
+    unpadded stamps (2026-9-1T0:0:0Z), so they are read leniently here, and only here."""
+    now = int(time.time())
+    floor = min(_v1_time(horizon) or now, now) if horizon else 0
+    state = ReplayState(floor=floor)
+    entries = []
+    for key, ts in pairs:
+        sender, nid = key.split(" ")
+        entries.append(Entry(sender, nid, _v1_time(ts) or now, ""))
+    state.load(entries)
+    return state
+
+
+def _v1_time(ts: str) -> int | None:
+    try:
+        return int(dt.datetime.strptime(ts, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+                   .timestamp())
+    except ValueError:
+        return None
 
 
 class Profile:
     """An unlocked profile. The derived key stays in memory so saves need no Argon2 run."""
 
-    def __init__(self, path: Path, data: ProfileData, key: bytes, salt: bytes, kdf: KdfParams):
+    def __init__(self, path: Path, data: ProfileData, key: bytes, salt: bytes, kdf: KdfParams,
+                 key_file: bytes | None = None):
         self.path = path
         self.data = data
         self._key = key
         self._salt = salt
         self._kdf = kdf
+        self._second = key_file
+        self._lock = FileLock(path)
+        self._holding = False
+        self.journal: journal.Journal | None = None
         self._decryption_keys: tuple[list[Any], dict[str, rsa.RSAPrivateKey]] | None = None
 
     def __repr__(self) -> str:  # never show keys
@@ -154,8 +242,14 @@ class Profile:
     # -- creation, loading, saving ----------------------------------------------
     @classmethod
     def create(cls, path: str | os.PathLike[str], jid: str, pin: str, email: str | None = None,
-               key_bits: int = alg.DEFAULT_RSA_BITS, kdf: KdfParams | None = None) -> Profile:
-        """Generate signing and encryption key pairs locally and write a new profile."""
+               key_bits: int = alg.DEFAULT_RSA_BITS, kdf: KdfParams | None = None,
+               short_pin: bool = False, key_file: str | os.PathLike[str] | None = None
+               ) -> Profile:
+        """Generate signing and encryption key pairs locally and write a new profile.
+
+        A PIN shorter than 10 digits / 12 characters needs ``short_pin``. ``key_file``: bind
+        the profile key to that file too (created with 32 random bytes if missing).
+        """
         target = Path(path)
         if target.exists():
             raise ProfileError(f"{target} exists; refusing to overwrite a profile")
@@ -165,20 +259,24 @@ class Profile:
             raise ProfileError(str(exc)) from None
         if key_bits not in alg.ACCEPTED_RSA_BITS:
             raise ProfileError(f"RSA key size must be one of {alg.ACCEPTED_RSA_BITS}")
-        check_pin(pin)
-        kdf = kdf or KdfParams()
+        secret = check_pin(pin, short_pin)
+        kdf = (kdf or KdfParams()).check()
+        second = _new_key_file(Path(key_file)) if key_file else None
         salt = os.urandom(16)
         data = ProfileData(
             jid=jid, email=email,
             signing_key=rsa.generate_private_key(65537, key_bits),
             encryption_key=rsa.generate_private_key(65537, key_bits),
+            secret=secret,
         )
-        profile = cls(target, data, kdf.derive(pin, salt), salt, kdf)
+        profile = cls(target, data, kdf.derive(pin, salt, second), salt, kdf, second)
         profile.save()
         return profile
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], pin: str) -> Profile:
+    def load(cls, path: str | os.PathLike[str], pin: str,
+             key_file: str | os.PathLike[str] | None = None) -> Profile:
+        """Open a profile (format 1 or 2) and the replay entries journalled since its save."""
         target = Path(path)
         try:
             raw = target.read_bytes()
@@ -195,9 +293,9 @@ class Profile:
             version = header["version"]
         except (ValueError, KeyError, TypeError):
             raise CorruptProfile(f"{target} has a damaged header") from None
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise UnsupportedVersion(
-                f"{target} is profile format {version}; this Capsule reads {FORMAT_VERSION}")
+                f"{target} is profile format {version}; this Capsule reads {READABLE_VERSIONS}")
         try:
             k = header["kdf"]
             if k["name"] != "argon2id" or header["cipher"] != "AES-256-GCM":
@@ -205,40 +303,121 @@ class Profile:
             kdf = KdfParams(int(k["memory_cost"]), int(k["iterations"]), int(k["lanes"]))
             salt = base64.b64decode(k["salt"], validate=True)
             nonce = base64.b64decode(header["nonce"], validate=True)
+            needs_key_file = bool(header.get("key_file", False))
         except (KeyError, TypeError, ValueError):
             raise CorruptProfile(f"{target} has a damaged header") from None
-        if len(ciphertext) < alg.TAG_BYTES:
+        kdf.check()
+        if len(ciphertext) < alg.TAG_BYTES or len(salt) < 16 or len(nonce) != alg.IV_BYTES:
             raise CorruptProfile(f"{target} is truncated")
-        key = kdf.derive(pin, salt)
+        if needs_key_file and key_file is None:
+            raise ProfileError(f"{target} is bound to a key file: give its path (key_file, "
+                               f"--key-file)")
+        second = read_key_file(key_file) if needs_key_file and key_file else None
+        key = kdf.derive(pin, salt, second)
         try:
             plain = AESGCM(key).decrypt(nonce, ciphertext, line)
         except InvalidTag:
-            raise WrongPin(f"wrong PIN for {target} (or the file was altered)") from None
+            raise WrongPin(f"wrong PIN for {target} (or the file was altered"
+                           + (", or the wrong key file)" if second else ")")) from None
         try:
             content = json.loads(plain)
-        except ValueError:
+            epoch = bytes.fromhex(content.get("journal_epoch", ""))
+        except (ValueError, AttributeError):
             raise CorruptProfile(f"{target} decrypts to damaged content") from None
-        return cls(target, ProfileData.from_json(content), key, salt, kdf)
+        profile = cls(target, ProfileData.from_json(content), key, salt, kdf, second)
+        if epoch:
+            profile.data.replay.load(journal.read(journal.journal_path(target),
+                                                  journal.journal_key(key), epoch))
+        with contextlib.suppress(OSError):  # a read-only disk still opens
+            if profile._lock.acquire():  # nobody is writing: clear litter of killed saves
+                profile._lock.release()
+        return profile
 
     def save(self) -> None:
-        """Encrypt under a fresh nonce and replace the file atomically."""
+        """Encrypt under a fresh nonce and replace the file atomically, under the profile lock;
+        with a journal attached, start its next epoch. Raises StorageError if the disk fails."""
         nonce = os.urandom(alg.IV_BYTES)
+        epoch = os.urandom(16)
         header = {
             "version": FORMAT_VERSION, "cipher": "AES-256-GCM",
             "kdf": {"name": "argon2id", "salt": base64.b64encode(self._salt).decode(),
                     "memory_cost": self._kdf.memory_cost, "iterations": self._kdf.iterations,
                     "lanes": self._kdf.lanes},
+            "key_file": self._second is not None,
             "nonce": base64.b64encode(nonce).decode(),
         }
         line = MAGIC + json.dumps(header, sort_keys=True).encode()
-        body = AESGCM(self._key).encrypt(nonce, json.dumps(self.data.to_json()).encode(), line)
-        write_private(self.path, line + b"\n" + body)
+        content = {**self.data.to_json(), "journal_epoch": epoch.hex()}
+        body = AESGCM(self._key).encrypt(nonce, json.dumps(content).encode(), line)
+        took = not self._lock.held
+        if took:
+            self._take_lock()
+        try:
+            if self.journal is not None:
+                self.journal.close()
+                self.journal = None
+            write_private(self.path, line + b"\n" + body)
+            if self._holding:
+                self.journal = journal.Journal(journal.journal_path(self.path),
+                                               journal.journal_key(self._key), epoch)
+            else:
+                journal.journal_path(self.path).unlink(missing_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot save {self.path}: {exc.strerror or exc}") from None
+        finally:
+            if took:
+                self._lock.release()
 
-    def change_pin(self, new_pin: str, kdf: KdfParams | None = None) -> None:
-        check_pin(new_pin)
-        self._kdf = kdf or self._kdf
+    def hold(self) -> None:
+        """Become the profile's only writer (a running bot): take the lock, clear litter, and
+        from the next save on journal replay entries (:meth:`append`) between saves.
+        Raises ProfileError if another process holds it, StorageError if the save fails."""
+        self._take_lock()
+        self._holding = True
+        self.save()
+
+    def _take_lock(self) -> None:
+        try:
+            if self._lock.acquire():
+                return
+        except OSError as exc:
+            raise StorageError(f"cannot lock {self.path}: {exc.strerror or exc}") from None
+        raise ProfileError(f"{self.path} is in use by another process (a running bot?)")
+
+    def release(self) -> None:
+        """Save (compacting the journal into the profile) and give the lock up."""
+        self._holding = False
+        try:
+            if self._lock.held:
+                self.save()
+        finally:
+            if self.journal is not None:
+                self.journal.close()
+                self.journal = None
+            self._lock.release()
+
+    def append(self, entries: list[Entry]) -> None:
+        """Write entries to the journal and fsync (raises OSError); needs :meth:`hold`."""
+        if self.journal is None:
+            raise OSError("the replay journal is not open")
+        self.journal.append(entries)
+
+    @property
+    def protection(self) -> str:
+        """What guards the file against a thief, in words (for `capsule profile show`)."""
+        secret = {"strong": "a strong PIN/passphrase (10+ digits or 12+ characters)",
+                  "short": "a SHORT PIN/passphrase (allowed with --short-pin)",
+                  }.get(self.data.secret, "a PIN of unknown strength (format 1; run change-pin)")
+        second = " + a key file kept outside the profile" if self._second else " (no key file)"
+        return f"{self._kdf.describe()} over {secret}{second}"
+
+    def change_pin(self, new_pin: str, kdf: KdfParams | None = None, short_pin: bool = False
+                   ) -> None:
+        """Re-encrypt under a new PIN (the key file, if any, stays bound)."""
+        self.data.secret = check_pin(new_pin, short_pin)
+        self._kdf = (kdf or self._kdf).check()
         self._salt = os.urandom(16)
-        self._key = self._kdf.derive(new_pin, self._salt)
+        self._key = self._kdf.derive(new_pin, self._salt, self._second)
         self.save()
 
     # -- certificates -----------------------------------------------------------
@@ -303,18 +482,23 @@ class Profile:
         return bool(self.data.signing_cert and self.data.encryption_cert and self.data.ca_root)
 
     # -- replay cache -----------------------------------------------------------
-    def remember(self, sender: str, nid: bytes, ts: str) -> None:
-        """Record (sender, nid) or raise ReplayedCapsule. Bounded: evictions raise a horizon."""
-        entry = f"{sender} {nid.hex()}"
-        if entry in self.data.replay:
-            raise ReplayedCapsule(f"capsule {nid.hex()[:8]}… from {sender} was already received")
-        if self.data.replay_horizon and ts <= self.data.replay_horizon:
-            raise ReplayedCapsule(
-                f"capsule from {sender} dated {ts} is older than the replay window")
-        self.data.replay[entry] = ts
-        while len(self.data.replay) > REPLAY_CACHE_MAX:
-            _, old_ts = self.data.replay.popitem(last=False)
-            self.data.replay_horizon = max(self.data.replay_horizon, old_ts)
+    def remember(self, sender: str, nid: bytes, ts: str, signature: bytes,
+                 now: int | None = None) -> tuple[Verdict, Entry]:
+        """Judge a verified capsule (see capsule.replay) and record it if NEW; raises
+        FutureCapsule, StaleCapsule or ReplayedCapsule. Durable only once journalled."""
+        entry = Entry.of(sender, nid, ts, signature)
+        return self.data.replay.accept(entry, int(time.time()) if now is None else now), entry
+
+
+def _new_key_file(path: Path) -> bytes:
+    if path.exists():
+        return read_key_file(path)
+    secret = os.urandom(alg.KEY_FILE_BYTES)
+    try:
+        write_private(path, secret)
+    except OSError as exc:
+        raise StorageError(f"cannot write the key file {path}: {exc.strerror}") from None
+    return secret
 
 
 def _der_length(n: int) -> bytes:

@@ -20,7 +20,7 @@ def enroll(authority: Authority, path: str | Path, jid: str, pin: str,
     ``kdf`` defaults to light Argon2id parameters: test bots open many profiles. Real users get
     the strong defaults from ``capsule profile init``.
     """
-    profile = Profile.create(path, jid, pin, kdf=kdf)
+    profile = Profile.create(path, jid, pin, kdf=kdf, short_pin=True)  # test PINs are short
     for usage in (Usage.SIGN, Usage.ENCRYPT):
         record = authority.issue(profile.csr(usage.value), jid, usage, replace=True,
                                  not_before=not_before, not_after=not_after)

@@ -1,0 +1,296 @@
+"""Replay state under faults, over the real stack: a receiver SIGKILLed mid-burst, a full and a
+read-only disk under the profile. Nothing is delivered twice, nothing honest is refused, and
+while state cannot be made durable nothing is delivered at all."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from slixmpp import Message
+from slixmpp.xmlstream import ET
+
+from capsule import algorithms as alg
+from capsule import core
+from capsule import stanza as st
+from capsule.profile import FAST_KDF, Profile
+from capsule.testing.identities import enroll
+
+from .test_e2e import BOT_PIN, Inbox
+
+RECEIVER = Path(__file__).with_name("receiver_bot.py")
+KILLS = 22
+BURST = 12
+
+
+class Receiver:
+    """tests/receiver_bot.py in its own process; its event lines collected as they come."""
+
+    def __init__(self, lines: list[list[str]]):
+        self.lines = lines
+        self.raw: list[bytes] = []
+        self.proc: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+
+    async def start(self, stack: Any, account: Any, profile: Path) -> None:
+        env = {**os.environ, "BOT_PASSWORD": account.password, "CAPSULE_PIN": BOT_PIN}
+        self._ready = asyncio.Event()
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, str(RECEIVER), account.jid, str(stack.info.c2s_port),
+            str(stack.info.ca_root), str(profile), env=env, stdout=subprocess.PIPE)
+        self._reader = asyncio.ensure_future(self._read())
+        await asyncio.wait_for(self._ready.wait(), 60)
+
+    async def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        async for raw in self.proc.stdout:
+            self.raw.append(raw)
+            words = raw.decode().split()
+            if words == ["ready"]:
+                self._ready.set()
+            elif words:
+                self.lines.append(words)
+
+    async def kill(self) -> None:
+        assert self.proc is not None and self._reader is not None
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
+        await self.proc.wait()
+        await self._reader
+
+
+@pytest_asyncio.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    bot = Receiver([])
+    yield bot
+    if bot.proc is not None and bot.proc.returncode is None:
+        await bot.kill()
+
+
+async def _until(predicate: Any, timeout: float) -> bool:
+    for _ in range(int(timeout / 0.1)):
+        if predicate():
+            return True
+        await asyncio.sleep(0.1)
+    return bool(predicate())
+
+
+async def test_receiver_killed_mid_burst_never_accepts_a_capsule_twice(
+        xmpp_stack, new_account, capsule_bot, receiver, tmp_path) -> None:
+    alice = await capsule_bot("alice")
+    bob = new_account("bob")
+    profile = tmp_path / "bob.capsule"
+    enroll(xmpp_stack.authority(), profile, bob.jid, BOT_PIN)
+    await receiver.start(xmpp_stack, bob, profile)
+    raws: list[str] = []
+    rng = random.Random(int.from_bytes(os.urandom(4), "big"))
+    for _ in range(KILLS):
+        for i in range(BURST):
+            msg = alice.client.make_message(mto=bob.jid, mbody=f"burst {i}", mtype="chat")
+            msg["id"] = alice.client.new_id()
+            raw = str(await alice.capsule.encrypt_message(msg))
+            raws.append(raw)
+            alice.client.send_raw(raw)
+            await asyncio.sleep(0)
+        await asyncio.sleep(rng.uniform(0.0, 0.5))  # killed somewhere in the burst's handling
+        await receiver.kill()
+        await receiver.start(xmpp_stack, bob, profile)  # the offline queue comes in now
+    litter = [p.name for p in tmp_path.iterdir() if p.name.startswith(".bob.capsule.")]
+    assert not litter, f"temp files of killed saves left beside the profile: {litter}"
+    for raw in raws:  # everything again, to the restarted receiver
+        alice.client.send_raw(raw)
+    # every replayed capsule is either delivered (its first copy was lost in transit) or dropped
+    # as a duplicate; wait until the receiver has judged as many as were replayed
+    judged = len(receiver.lines)
+    assert await _until(lambda: len(receiver.lines) - judged >= len(raws), 120), (
+        f"only {len(receiver.lines) - judged} of {len(raws)} replayed capsules were judged")
+    while True:  # the last offline ones may have been counted among them: wait for quiet
+        seen = len(receiver.lines)
+        await asyncio.sleep(2)
+        if len(receiver.lines) == seen:
+            break
+    await receiver.kill()
+    odd = [words for words in receiver.lines
+           if not (words[0] in ("got", "dup", "error") and len(words) >= 2)]
+    assert not odd, f"unexpected lines from the receiver: {odd[:5]} in " + repr(
+        [r for i, r in enumerate(receiver.raw) if any(
+            receiver.raw[j].split() == odd[0] for j in range(i - 2, min(i + 3, len(receiver.raw))))][:8])
+    got = Counter(words[1] for words in receiver.lines if words[0] == "got")
+    twice = {nid: n for nid, n in got.items() if n > 1}
+    errors = [words for words in receiver.lines if words[0] == "error"]
+    duplicates = sum(1 for words in receiver.lines if words[0] == "dup")
+    print(f"\n{KILLS} kills, {len(raws)} capsules: {len(got)} delivered, {duplicates} "
+          f"duplicates dropped, {len(twice)} twice, {len(errors)} refused")
+    assert not twice, f"{len(twice)} capsules were accepted a second time"
+    assert not errors, f"honest capsules refused: {errors[:5]}"
+    assert duplicates >= len(got) // 2  # the replay phase really met delivered capsules
+
+
+def _resigned(bot: Any, raw: str) -> str:
+    """The same capsule (sender, nid, content) under a fresh signature: what a sender that
+    reuses a nid, or a forger holding its key, would produce."""
+    msg = Message(xml=ET.fromstring(raw))
+    capsule = st.to_core(msg["capsule"])
+    unsigned = core.Capsule(capsule.header, capsule.payload, b"")
+    signature = bot.capsule.store.data.signing_key.sign(core.signed_bytes(unsigned), alg.pss(),
+                                                        alg.SIGNATURE_HASH)
+    copy = bot.client.make_message(mto=msg["to"], mtype="chat")
+    st.from_core(copy, core.Capsule(capsule.header, capsule.payload, signature))
+    return str(copy)
+
+
+async def test_resend_is_dropped_quietly_and_nid_reuse_is_a_replay_also_after_restart(
+        capsule_bot) -> None:
+    alice, bob = await capsule_bot("alice"), await capsule_bot("bob")
+    inbox = Inbox(bob.client)
+    msg = alice.client.make_message(mto=bob.jid, mbody="once only", mtype="chat")
+    raw = str(await alice.capsule.encrypt_message(msg))
+    alice.client.send_raw(raw)
+    assert (await inbox.message())["body"] == "once only"
+    reused = _resigned(alice, raw)
+    for bot in (bob, None):
+        if bot is None:  # restart: the profile is saved on disconnect
+            await bob.client.disconnect(wait=1)
+            bot = await capsule_bot("bob", account=bob.account, profile=bob.profile)
+            inbox = Inbox(bot.client)
+        alice.client.send_raw(raw)  # the very capsule again: a resend, not an attack
+        assert await _until(lambda b=bot: b.capsule.duplicates == 1, 15)
+        alice.client.send_raw(reused)  # same sender and nid, another signature
+        assert (await inbox.error()).reason == "replay"
+        await inbox.nothing(0.5)
+        assert inbox.errors.empty()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs of our own: fillable and remountable read-only."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(mount)],
+                   check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def _fill(disk: Path) -> Path:
+    filler = disk / "filler"
+    with contextlib.suppress(OSError), filler.open("wb", buffering=0) as f:
+        while True:
+            f.write(b"\0" * 4096)
+    return filler
+
+
+def _remount(disk: Path, mode: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{mode}", str(disk)], check=True)
+
+
+@pytest.mark.parametrize("fault", ["full", "read-only"])
+async def test_storage_failure_refuses_delivery_and_recovers(
+        xmpp_stack, new_account, capsule_bot, small_disk, fault) -> None:
+    alice = await capsule_bot("alice")
+    account = new_account("bob")
+    profile = small_disk / "bob.capsule"
+    enroll(xmpp_stack.authority(), profile, account.jid, BOT_PIN)
+    other = small_disk / "other.capsule"
+    Profile.create(other, "other@capsule.test", BOT_PIN, kdf=FAST_KDF, short_pin=True)
+    if fault == "read-only":  # (a file open for writing would block the remount)
+        _remount(small_disk, "ro")
+    bob = await capsule_bot("bob", account=account, profile=profile, storage_retry=0.2)
+    inbox = Inbox(bob.client)
+    recovered: asyncio.Queue[str] = asyncio.Queue()
+    bob.client.add_event_handler("capsule_storage_recovered", recovered.put_nowait)
+
+    async def seal(text: str) -> str:
+        msg = alice.client.make_message(mto=bob.jid, mbody=text, mtype="chat")
+        msg["id"] = text.replace(" ", "-")
+        return str(await alice.capsule.encrypt_message(msg))
+
+    general: list[Any] = []  # storage failures not about one capsule
+
+    async def outcome(text: str) -> str:
+        """'delivered' or the refusal's reason, for the capsule sent with ``text``."""
+        wanted = text.replace(" ", "-")
+        for _ in range(300):
+            with contextlib.suppress(asyncio.QueueEmpty):
+                msg = inbox.messages.get_nowait()
+                assert msg["id"] == wanted, f"{msg['id']} delivered, waiting for {wanted}"
+                return "delivered"
+            with contextlib.suppress(asyncio.QueueEmpty):
+                failure = inbox.errors.get_nowait()
+                if not failure.stanza_id:
+                    general.append(failure)
+                    continue
+                assert failure.stanza_id == wanted
+                return str(failure.reason)
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"{text}: neither delivered nor refused")
+
+    sent: list[str] = []
+    filler = None
+    if fault == "full":
+        sent.append(await seal("before the fault"))
+        alice.client.send_raw(sent[0])
+        assert (await inbox.message())["body"] == "before the fault"
+        filler = _fill(small_disk)
+    # tmpfs may still fit a few records in the journal's last page: those are durable and
+    # delivered; the first that cannot be written must be refused, and so is all that follows
+    refused = []
+    for i in range(200):
+        raw = await seal(f"during the fault {i}")
+        sent.append(raw)
+        alice.client.send_raw(raw)
+        result = await outcome(f"during the fault {i}")
+        if result != "delivered":
+            assert result == "storage"
+            refused.append(raw)
+            break
+    assert refused, "the full/read-only disk was never noticed"
+    for i in range(3):  # still broken: refused, said so, nothing delivered
+        raw = await seal(f"still broken {i}")
+        refused.append(raw)
+        alice.client.send_raw(raw)
+        assert await outcome(f"still broken {i}") == "storage"
+    await inbox.nothing(0.5)
+    assert {f.reason for f in general} <= {"storage"}  # (read-only: said before we listened)
+    # a command on the same disk fails loudly too: one line, exit status 1
+    command = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "capsule.cli", "profile", "change-pin",
+                         "--profile", str(other)], capture_output=True, text=True,
+        env={**os.environ, "CAPSULE_PIN": BOT_PIN, "CAPSULE_NEW_PIN": "a new long passphrase"})
+    assert command.returncode == 1
+    assert command.stderr.startswith("capsule: error: cannot ") and str(other) in command.stderr
+    assert command.stderr.count("\n") == 1
+    if filler is not None:
+        filler.unlink()
+    else:
+        _remount(small_disk, "rw")
+    await asyncio.wait_for(recovered.get(), 15)  # by itself, with no traffic
+    for raw in refused:  # the sender's resends are accepted now, once each
+        alice.client.send_raw(raw)
+    bodies = sorted([(await inbox.message())["body"] for _ in refused])
+    last = len(sent) - 1 - (fault == "full")
+    assert bodies == sorted([f"during the fault {last}"] + [f"still broken {i}" for i in range(3)])
+    await inbox.nothing(0.5)
+    # after a restart nothing that was delivered is accepted again, and no error is raised
+    await bob.client.disconnect(wait=1)
+    again = await capsule_bot("bob", account=account, profile=profile)
+    inbox = Inbox(again.client)
+    everything = [*sent, *refused[1:]]
+    for raw in everything:
+        alice.client.send_raw(raw)
+    assert await _until(lambda: again.capsule.duplicates == len(everything), 30)
+    await inbox.nothing(0.5)
+    assert inbox.errors.empty()
