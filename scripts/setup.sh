@@ -2,7 +2,7 @@
 # Sourced by scripts/demo, scripts/test and scripts/stack: installs what is missing, safely rerun.
 # Debian packages (as root), then the virtualenv .venv with Capsule and its Python deps.
 
-CAPSULE_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+CAPSULE_ROOT=$(cd -P "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 APT_PACKAGES=(openssl mariadb-server mariadb-client ejabberd erlang-p1-mysql prosody
               lua-dbi-mysql lua-unbound python3 python3-venv shellcheck chromium)
 
@@ -40,5 +40,15 @@ capsule_setup() {
             return 1
         fi
         echo "$want" >"$stamp"
+    fi
+    # slixmpp's examples (echo_client.py, which the tests run with Capsule added) ship only in
+    # its sdist: fetch the one of the installed version, once
+    local version
+    version=$("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("slixmpp"))')
+    if [ ! -f "$venv/sdist/slixmpp-$version.tar.gz" ]; then
+        echo "setup: fetching the slixmpp $version sdist (its examples) into $venv/sdist"
+        "$venv/bin/python" -m pip download "slixmpp==$version" --no-binary :all: --no-deps \
+            -d "$venv/sdist" >>"$venv/pip-install.log" 2>&1 ||
+            echo "setup: could not download the slixmpp sdist (see $venv/pip-install.log)" >&2
     fi
 }

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as hst
 
 from capsule import core, envelope
 from capsule import stanza as st
@@ -26,6 +28,7 @@ from capsule.audit import (
     StanzaReader,
     StoredRow,
     Timeline,
+    capsule_span,
 )
 from capsule.audit_report import as_html
 from capsule.audit_sources import Dsn, SourceError, mam_rows, sql_rows
@@ -171,6 +174,93 @@ def test_stanza_reader_parses_exactly_like_fromstring():
         except ET.ParseError:
             got = None
         assert got == expected, text
+
+
+def hostile_rows(alice, bob) -> list[str]:
+    """Genuine and tampered capsules as servers store them, and rows built to mislead a
+    search for the capsule's text: decoys nested elsewhere or in a processing instruction, a
+    prefixed capsule child first, prefixes bound outside the capsule, a capsule inside a
+    capsule, the fast path's own marker, a second root."""
+    capsule = sealed(alice, bob)
+    payload = bytearray(capsule.payload)
+    payload[5] ^= 0x01
+    tampered = B64(bytes(payload))
+    genuine, bad = (stored_text(capsule, bob.data.jid, "plain", p) for p in (None, tampered))
+    one, bad_one = (t[t.index("<capsule"):t.index("</capsule>") + 10] for t in (genuine, bad))
+    single = one.replace('"', "'")
+    bad_prefixed = stored_text(capsule, bob.data.jid, "prefixed", tampered)
+    c_bad = bad_prefixed[bad_prefixed.index("<c:capsule"):bad_prefixed.index("</c:capsule>") + 12]
+    head, tail = '<message from="alice@capsule.test" to="bob@capsule.test" id="m1">', "</message>"
+    cut = one.index("<header")
+    return [
+        genuine, bad, genuine.replace('"', "'"), bad.replace('"', "'"),
+        head + single + tail, head + one.replace(">", ">\n  ", 3) + tail,
+        head + f"<x>{one}</x>{c_bad}" + tail,  # genuine decoy nested, tampered capsule child
+        head + f"<x>{one}</x><body>hi</body>" + tail,  # only a decoy: no capsule at all
+        head + f"<?pi {one}?>{c_bad}" + tail, head + f"<?pi {one}?><body>hi</body>" + tail,
+        head + c_bad + one + tail, head + one + c_bad + tail,
+        head + one.replace("<header", "<p:header").replace("</header>", "</p:header>") + tail,
+        head.replace("<message ", "<message xmlns:p='urn:capsule:0' ")
+        + one.replace("<header", "<p:header").replace("</header>", "</p:header>") + tail,
+        head.replace("<message ", "<message xmlns='urn:capsule:0' ")
+        + c_bad.replace("<c:header", "<header").replace("</c:header>", "</header>") + tail,
+        head + one[:cut] + one + one[cut:] + tail,  # a capsule inside the capsule
+        head + one + "<body>capsule-audit-span</body>" + tail,
+        head + f"<capsule-audit-span xmlns=''/><x>{one}</x><body>hi</body>" + tail,
+        head + one.replace('xmlns="urn:capsule:0"', 'xmlns="urn:other"') + "<body>hi</body>" + tail,
+        head + one.replace("<capsule xmlns", "<capsule-audit-span xmlns='' /><capsule xmlns", 1)
+        + tail,
+        head + one + tail + head + tail, head + one + tail + "<!-- x -->", head + one,
+        head + one.replace("</capsule>", "</capsule >") + tail,
+        head + one.replace('xmlns="urn:capsule:0"', 'xmlns="urn:capsule:0" xmlns:q="x"') + tail,
+        head + one.replace("<payload>", "<payload>&#65;") + tail,
+        head + bad_one + tail, head + one + tail,
+    ]
+
+
+def same_findings(authority, alice, texts: list[str]) -> None:
+    """Every row gives the fast path's auditor the finding the whole-stanza path gives, in
+    sequence (so that a verdict cached for one row cannot leak into another)."""
+    fast, whole = offline_auditor(authority, alice), offline_auditor(authority, alice)
+    for i, text in enumerate(texts):
+        row = StoredRow("archive", str(i), "bob@capsule.test", None, text)
+        reference = whole.examine(row) if "<!" in text else whole.examine_whole(row)
+        assert fast.examine(row) == reference, text
+
+
+def test_fast_path_matches_the_whole_stanza_on_hostile_rows(authority, pair):
+    alice, bob = pair
+    rows = hostile_rows(alice, bob)
+    same_findings(authority, alice, rows + rows[::-1])
+    verdicts = [offline_auditor(authority, alice).examine(
+        StoredRow("a", "1", "", None, t)).verdict for t in rows[:8]]
+    assert verdicts == ["capsule", "bad-signature"] * 2 + ["capsule", "capsule",
+                                                           "bad-signature", "plaintext"]
+    # servers' own forms take the fast path (or the benchmark measures the other one)
+    assert all(capsule_span(t) for t in rows[:6])
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=hst.data())
+def test_fast_path_matches_the_whole_stanza_on_mangled_rows(authority, pair, data):
+    """Hostile rows cut, spliced into each other and sprinkled with markup characters."""
+    alice, bob = pair
+    rows = _HOSTILE.setdefault("rows", hostile_rows(alice, bob))
+    texts = []
+    for _ in range(data.draw(hst.integers(1, 4))):
+        text = data.draw(hst.sampled_from(rows))
+        for _ in range(data.draw(hst.integers(0, 3))):
+            at = data.draw(hst.integers(0, len(text)))
+            edit = data.draw(hst.sampled_from(["<", ">", "/", "'", '"', "&", "x", "", "?",
+                                                "<capsule xmlns='urn:capsule:0'>", "</capsule>",
+                                                "<x>", "</x>", "xmlns:p='q' ", "cut"]))
+            text = text[:at] if edit == "cut" else text[:at] + edit + text[at + len(edit) % 2:]
+        texts.append(text)
+    same_findings(authority, alice, texts)
+
+
+_HOSTILE: dict[str, list[str]] = {}  # built once: sealing is slow next to hypothesis' examples
 
 
 def test_timeline_stays_small_and_loses_no_message():

@@ -4,6 +4,7 @@ login failures, and a lifecycle that never leaves or kills processes it does not
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
 import signal
 import ssl
@@ -12,6 +13,9 @@ import pytest
 from slixmpp import ClientXMPP
 
 from capsule.connection import LoginError, login
+from capsule.errors import ProfileError
+from capsule.plugin import attach
+from capsule.testing.identities import enroll
 from capsule.testing.processes import pid_alive, wait_for
 from capsule.testing.stack import Stack, wait_stored
 
@@ -72,7 +76,7 @@ async def test_offline_message_survives_server_restart(xmpp_stack, new_account, 
 
 def test_lifecycle_idempotent_start_stale_cleanup_and_stop(xmpp_stack, tmp_path):
     stack = Stack(tmp_path / "own", xmpp_stack.info.server, ca_dir=None)
-    first = stack.start()
+    first = copy.deepcopy(stack.start())
     pids = dict(first.pids)
     assert stack.start().pids == pids  # starting a running stack is harmless
     markers = {"server": str(tmp_path / "own" / xmpp_stack.info.server),
@@ -83,8 +87,33 @@ def test_lifecycle_idempotent_start_stale_cleanup_and_stop(xmpp_stack, tmp_path)
     again = Stack(tmp_path / "own", xmpp_stack.info.server).start()
     assert again.pids["server"] != pids["server"]
     assert not pid_alive(pids["mariadb"], markers["mariadb"])  # the stale one was cleaned
+    # ports and credentials kept: clients configured for the stack reach it again
+    assert (again.c2s_port, again.db_port, again.db_password, again.probe_password) == (
+        first.c2s_port, first.db_port, first.db_password, first.probe_password)
     Stack(tmp_path / "own").stop()
     assert not any(pid_alive(pid, markers[name]) for name, pid in again.pids.items())
-    assert not (tmp_path / "own" / "stack.json").exists()
+    kept = Stack(tmp_path / "own")
+    assert kept.state is not None and kept.state.pids == {} and kept.running() == {}
     # the shared session stack was left alone
     assert all(xmpp_stack.running().values())
+
+
+async def test_plugin_registered_on_a_client_already_logged_in(xmpp_stack, new_account, connect,
+                                                               capsule_bot, tmp_path):
+    """slixmpp calls session_bind before plugin_init then: the plugin checks the session and
+    publishes at once (it raised AttributeError: 'store')."""
+    account = new_account("late")
+    client = await connect(account)
+    foreign = tmp_path / "other.capsule"
+    enroll(xmpp_stack.authority(), foreign, f"other@{xmpp_stack.info.domain}", "482916")
+    with pytest.raises(ProfileError, match="profile is for other@"):
+        attach(await connect(account), foreign, "482916")  # another resource of the account
+    profile = tmp_path / "late.capsule"
+    enroll(xmpp_stack.authority(), profile, account.jid, "482916")
+    published = attach(client, profile, "482916")
+    await published(30)
+    got: asyncio.Queue = asyncio.Queue()
+    client.add_event_handler("capsule_message", got.put_nowait)
+    alice = await capsule_bot("alice")
+    await alice.capsule.send(account.jid, "registered late, still encrypted")
+    assert (await asyncio.wait_for(got.get(), 30))["body"] == "registered late, still encrypted"

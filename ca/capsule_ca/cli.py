@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from capsule.connection import HOST_ENV, PORT_ENV, TLS_CA_ENV, LoginError
 from capsule_ca.authority import CRL_DAYS, Authority
 from capsule_ca.errors import CAError
 from capsule_ca.profiles import Usage
@@ -36,6 +37,17 @@ def read_secret(file: str | None, env: str, what: str, confirm: bool = False,
     if confirm and getpass.getpass(f"{what} again: ") != first:
         raise error(f"the two entries of the {what} differ")
     return first
+
+
+def add_server_options(parser: argparse.ArgumentParser, tls_default: str) -> None:
+    """--host, --port and --tls-ca, defaulting to what `scripts/stack status --exports` sets."""
+    parser.add_argument("--host", default=os.environ.get(HOST_ENV, "127.0.0.1"),
+                        help=f"XMPP server host (default ${HOST_ENV}, else 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=int(os.environ.get(PORT_ENV, "5222")),
+                        help=f"c2s port, STARTTLS (default ${PORT_ENV}, else 5222)")
+    parser.add_argument("--tls-ca", default=os.environ.get(TLS_CA_ENV),
+                        help=f"CA file for the server's TLS certificate (default ${TLS_CA_ENV}, "
+                        f"else {tls_default})")
 
 
 def read_passphrase(args: argparse.Namespace, confirm: bool = False) -> bytes:
@@ -98,18 +110,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from capsule_ca.service import EnrollmentService
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    slixmpp_log = logging.getLogger("slixmpp")
+    slixmpp_log.setLevel(logging.CRITICAL)  # a failed login is our one line, not its log
     authority = _authority(args)
     password = read_secret(args.password_file, "CAPSULE_CA_XMPP_PASSWORD", "CA account password")
-    service = EnrollmentService(args.jid, password, authority, args.host, args.port,
-                                args.tls_ca or authority.root_path, args.rate_limit)
 
     async def serve() -> None:
+        # slixmpp binds a client to the loop that is running when it is built: build it here
+        service = EnrollmentService(args.jid, password, authority, args.host, args.port,
+                                    args.tls_ca or authority.root_path, args.rate_limit)
+        print(f"connecting to {args.host}:{args.port} as {service.boundjid.full}…", flush=True)
         await service.start()
+        slixmpp_log.setLevel(logging.WARNING)
+        print(f"logged in as {service.boundjid.full}", flush=True)
         print(f"CA service {args.jid} serving urn:capsule:enroll:0 (Ctrl-C stops)", flush=True)
-        await asyncio.Event().wait()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await service.stop()
 
     try:
         asyncio.run(serve())
+    except LoginError as exc:
+        raise CAError(str(exc)) from None
     except KeyboardInterrupt:
         return 0
     return 0
@@ -168,9 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jid", required=True, help="the CA's account, e.g. ca@example.org")
     p.add_argument("--password-file", dest="password_file",
                    help="the account's password (else $CAPSULE_CA_XMPP_PASSWORD)")
-    p.add_argument("--host", default="127.0.0.1", help="XMPP server host")
-    p.add_argument("--port", type=int, default=5222, help="c2s port (STARTTLS)")
-    p.add_argument("--tls-ca", help="CA file for the server certificate (default: this CA's root)")
+    add_server_options(p, "this CA's root")
     p.add_argument("--rate-limit", type=int, default=5, help="enrollments per JID per hour")
     p.set_defaults(func=cmd_serve)
     return parser

@@ -64,6 +64,7 @@ class EnrollmentService(ClientXMPP):
         self.crl_poll = crl_poll
         self._crl_mtime = 0.0
         self._running = True
+        self._served = False  # reconnect only once a session started: a failed login just fails
         self._tasks: set[asyncio.Task[Any]] = set()
         enrollment.register()
         for plugin in ("xep_0030", "xep_0060", "xep_0163"):
@@ -88,6 +89,7 @@ class EnrollmentService(ClientXMPP):
         await self.disconnect(wait=1)
 
     async def _started(self, _event: Any) -> None:
+        self._served = True
         self.send_presence()
         self._crl_mtime = 0.0  # publish on every (re)start
         if not any(t.get_name() == "crl-watch" for t in self._tasks):
@@ -96,8 +98,9 @@ class EnrollmentService(ClientXMPP):
             task.add_done_callback(self._tasks.discard)
 
     def _lost(self, _event: Any) -> None:
-        if self._running:
-            task = asyncio.ensure_future(self._reconnect())
+        reconnecting = any(t.get_name() == "reconnect" for t in self._tasks)
+        if self._running and self._served and not reconnecting:  # one reconnect loop at a time
+            task = asyncio.create_task(self._reconnect(), name="reconnect")
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -143,6 +146,7 @@ class EnrollmentService(ClientXMPP):
     async def _enroll(self, stanza: StanzaBase) -> None:
         iq = cast(Iq, stanza)
         requester = iq["from"].bare
+        log.info("enrollment request from %s", requester)
         try:
             asked = iq["capsule_enroll"]["jid"]
             if asked and not same_jid(asked, requester):

@@ -11,6 +11,7 @@ import configparser
 import os
 import re
 import secrets
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,13 @@ KEYS: dict[str, dict[str, tuple[str | None, str]]] = {
         "admin_password": ("", "admin console password (generated when empty)"),
         "encryption_key": ("", "key Openfire encrypts stored secrets with (generated when empty)"),
         "offline_quota": ("1048576", "bytes of offline messages kept per user"),
-        "console_interface": ("127.0.0.1", "interface the admin console and REST API bind to"),
+        "console_interface": ("127.0.0.1", "interface the admin console binds to"),
+        "user": ("openfire", "system user Openfire runs as (created when missing)"),
+        "service": ("auto", "auto: systemd when the host runs it, else launcher (bin/openfire.sh "
+                            "under a PID file); or systemd, launcher"),
+        "inband_registration": ("false", "let anyone create an account over XMPP (XEP-0077)"),
+        "tls_max": ("auto", "highest TLS version of Openfire's c2s and of our clients: auto "
+                            "(1.2 before Openfire 4.8, which hangs on 1.3: OF-2435), 1.2, 1.3"),
     },
     "database": {
         "mode": ("local", "local: install MariaDB here; external: use host/port below"),
@@ -42,9 +49,12 @@ KEYS: dict[str, dict[str, tuple[str | None, str]]] = {
         "admin_dsn": ("", "external mode: mysql://root:PW@HOST:PORT/ to create database and user"),
     },
     "plugins": {
+        "monitoring": ("true", "install the Monitoring (archiving) plugin"),
         "monitoring_version": ("2.7.0", "Monitoring (archiving) plugin version"),
         "monitoring_file": ("", "a local monitoring.jar instead of downloading"),
         "monitoring_sha256": ("", "SHA-256 of monitoring.jar (required when downloading)"),
+        "restapi": ("false", "install the REST API plugin (basic auth as the admin; provisioning "
+                             "does not need it)"),
         "restapi_version": ("1.12.0", "REST API plugin version"),
         "restapi_file": ("", "a local restAPI.jar instead of downloading"),
         "restapi_sha256": ("", "SHA-256 of restAPI.jar (required when downloading)"),
@@ -53,13 +63,13 @@ KEYS: dict[str, dict[str, tuple[str | None, str]]] = {
         "ca_dir": (None, "the capsule-ca directory that issues the server certificate"),
         "ca_passphrase_file": ("", "file with the CA passphrase (else $CAPSULE_CA_PASSPHRASE)"),
     },
-    "rest": {
-        "secret": ("", "REST API shared secret (generated when empty)"),
-    },
 }
 USERS_SECTION = "users"  # name = Full Name <email>; passwords generated into the secrets file
 SECRET_KEYS = {("openfire", "admin_password"), ("openfire", "encryption_key"),
-               ("database", "password"), ("rest", "secret")}
+               ("database", "password")}
+BOOLEANS = {("openfire", "inband_registration"), ("plugins", "monitoring"), ("plugins", "restapi")}
+CHOICES = {("openfire", "service"): ("auto", "systemd", "launcher"),
+           ("openfire", "tls_max"): ("auto", "1.2", "1.3")}
 
 
 class ConfigError(Exception):
@@ -91,6 +101,21 @@ class Config:
         v = self.values["database"]
         return (f"jdbc:mysql://{v['host']}:{v['port']}/{v['name']}?rewriteBatchedStatements=true"
                 f"&characterEncoding=UTF-8&characterSetResults=UTF-8&serverTimezone=UTC")
+
+    def flag(self, key: str) -> bool:
+        return self[key] == "true"
+
+    @property
+    def version(self) -> tuple[int, ...]:
+        return tuple(int(n) for n in self["openfire.version"].split("."))
+
+    @property
+    def tls_max(self) -> ssl.TLSVersion | None:
+        """The cap for our clients (None: no cap); ``auto`` caps at 1.2 before Openfire 4.8."""
+        choice = self["openfire.tls_max"]
+        if choice == "1.2" or (choice == "auto" and self.version < (4, 8)):
+            return ssl.TLSVersion.TLSv1_2
+        return None
 
     @property
     def secret_values(self) -> list[str]:
@@ -167,6 +192,12 @@ def _check(values: dict[str, dict[str, str]], target: Path) -> None:
         raise ConfigError(f"{target}: [database] port must be a number")
     if values["database"]["mode"] not in ("local", "external"):
         raise ConfigError(f"{target}: [database] mode must be local or external")
+    for section, key in sorted(BOOLEANS):
+        if values[section][key] not in ("true", "false"):
+            raise ConfigError(f"{target}: [{section}] {key} must be true or false")
+    for (section, key), allowed in CHOICES.items():
+        if values[section][key] not in allowed:
+            raise ConfigError(f"{target}: [{section}] {key} must be one of {', '.join(allowed)}")
     if not re.fullmatch(r"\d+\.\d+\.\d+", values["openfire"]["version"]):
         raise ConfigError(f"{target}: [openfire] version must look like 5.1.1")
 

@@ -2,16 +2,19 @@
 
 Every check runs before the first change; a failed check refuses with one line and changes
 nothing. Steps: Java and MariaDB packages, the database and its user, the Openfire tarball
-(local file, or a download checked against a SHA-256), the Monitoring and REST API plugins, the
+(local file, or a download checked against a SHA-256), the enabled plugins (Monitoring, REST API), the
 server certificate from our CA into Openfire's keystore and the CA root into client.truststore,
-openfire.xml with <autosetup>, a systemd unit, the first start, readiness, then the secrets are
-removed from openfire.xml and a summary is printed.
+openfire.xml with <autosetup> and the seeded properties, the service (systemd, or Openfire's own
+launcher under a PID file on hosts without systemd), the first start and readiness (an admin
+login over STARTTLS), clean-up of openfire.xml and ofProperty, a restart to prove the install
+survives one, the seeded properties checked in ofProperty, and a summary.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -23,29 +26,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from capsule.audit_sources import Dsn  # the same DSN syntax as capsule audit
 from capsule.files import write_private
 from capsule_ca import Authority
-from capsule_openfire import database, keystore, render
+from capsule_openfire import database, keystore, ready, render
 from capsule_openfire.config import Config
+from capsule_openfire.service import Launcher, Systemd, has_systemd
 
 DOWNLOADS = "https://www.igniterealtime.org/downloadServlet?filename="
 PLUGIN_DOWNLOADS = "https://www.igniterealtime.org/projects/openfire/plugins/{version}/{jar}"
 PORTS = (5222, 5223, 5269, 7070, 7443, 9090, 9091)
 APT = ["openjdk-17-jre-headless"]
-UNIT = """[Unit]
-Description=Openfire XMPP server (installed by Capsule's openfire-setup)
-After=network.target mariadb.service
-
-[Service]
-Type=simple
-User=openfire
-WorkingDirectory={dir}
-ExecStart={dir}/bin/openfire.sh
-Restart=on-failure
-
-[Install]
-WantedBy=multi-user.target
-"""
 
 
 class InstallError(Exception):
@@ -90,6 +81,7 @@ class Installer:
         self.dir = root / o["install_dir"].lstrip("/")
         self.tarball = f"openfire_{o['version'].replace('.', '_')}.tar.gz"
         self.work = root / "var/lib/capsule-openfire-setup"
+        self.service = service_for(config, root)
 
     # -- checks (no changes) ---------------------------------------------------
     def checks(self) -> list[tuple[str, Callable[[], str | None]]]:
@@ -123,8 +115,10 @@ class Installer:
             return f"ports in use: {', '.join(busy)}" if busy else None
 
         def files() -> str | None:
-            for key, sha in (("package", o["sha256"]), ("monitoring_file", p["monitoring_sha256"]),
-                             ("restapi_file", p["restapi_sha256"])):
+            wanted = [("package", o["sha256"])] + [
+                (f"{name}_file", p[f"{name}_sha256"]) for name in ("monitoring", "restapi")
+                if self.config.flag(f"plugins.{name}")]
+            for key, sha in wanted:
                 local = (o if key == "package" else p)[key]
                 if local and not Path(local).is_file():
                     return f"{key} {local} does not exist"
@@ -171,7 +165,7 @@ class Installer:
                      else ["mariadb", f"--defaults-extra-file={self.work / 'client.cnf'}"])
         steps = [
             Step("install Java 17" + (" and MariaDB" if d["mode"] == "local" else ""),
-                 lambda: _cmd(["apt-get", "install", "-y", "--no-install-recommends", *self._apt()]),
+                 self._packages,
                  [["apt-get", "install", "-y", "--no-install-recommends", *self._apt()]]),
             Step("create the database (utf8mb4) and its user", self._database,
                  [db_client],
@@ -180,28 +174,42 @@ class Installer:
                  writes=[str(self.work / self.tarball)]),
             Step(f"unpack Openfire {o['version']} into {self.dir}", self._unpack,
                  writes=[str(self.dir)]),
-            Step("install the Monitoring and REST API plugins", self._plugins,
-                 writes=[str(plugins / "monitoring.jar"), str(plugins / "restAPI.jar")]),
+            Step("install the plugins: " + (", ".join(self._plugin_jars()) or "none"),
+                 self._plugins, writes=[str(plugins / jar) for jar in self._plugin_jars()]),
             Step("issue the server certificate (SAN domain + FQDN) and import it", self._tls,
                  keystore.import_commands(tls / "server.key", tls / "chain.pem",
                                           Path(c["tls.ca_dir"]) / "root.pem", security,
                                           o["domain"], tls / "server.p12"),
                  writes=[str(tls / "server.key"), str(tls / "chain.pem"),
                          str(security / "keystore"), str(security / "client.truststore")]),
-            Step("write openfire.xml with <autosetup>", self._write_conf, writes=[str(conf)],
+            Step("write openfire.xml with <autosetup> and the seeded properties",
+                 self._write_conf, writes=[str(conf)],
                  shows=render.openfire_xml(c, mask_secrets=True)),
-            Step("install the systemd unit and start Openfire", self._start,
-                 [["systemctl", "daemon-reload"], ["systemctl", "enable", "--now", "openfire"]],
-                 writes=[str(self.root / "etc/systemd/system/openfire.service")]),
-            Step("wait for Openfire (5222 and the REST API)", self._wait_ready),
-            Step("remove the secrets left in clear text in openfire.xml", self._strip,
-                 writes=[str(conf)]),
+            Step(f"create user {o['user']}, hand it {self.dir}, start Openfire "
+                 f"({self.service.describe()})", self._start,
+                 self.service.commands(), writes=self.service.files()),
+            Step("wait until the console answers and the admin logs in over STARTTLS",
+                 self._wait_ready),
+            Step("remove <autosetup> from openfire.xml, REST secrets from ofProperty",
+                 self._clean, writes=[str(conf)]),
+            Step("restart Openfire and wait again (the install must survive a restart)",
+                 self._restart),
+            Step("check the seeded properties in ofProperty", self._check_properties,
+                 shows="\n".join(f"{k} = {v}" for k, v in render.seeded_properties(c).items())),
         ]
         return steps
 
     def _apt(self) -> list[str]:
         local = self.config["database.mode"] == "local"
         return APT + (["mariadb-server", "mariadb-client"] if local else ["mariadb-client"])
+
+    def _packages(self) -> None:
+        """Install only what is missing: an installed Java or MariaDB is never upgraded."""
+        missing = [p for p in self._apt() if subprocess.run(
+            ["dpkg-query", "-W", "-f=${Status}", p], capture_output=True, text=True,
+            check=False).stdout.strip() != "install ok installed"]
+        if missing:
+            _cmd(["apt-get", "install", "-y", "--no-install-recommends", *missing])
 
     def _db_hosts(self) -> tuple[str, ...]:
         return ("localhost", "127.0.0.1") if self.config["database.mode"] == "local" else ("%",)
@@ -210,11 +218,10 @@ class Installer:
         d = self.config.values["database"]
         self.work.mkdir(parents=True, exist_ok=True)
         if d["mode"] == "local":
-            _cmd(["systemctl", "enable", "--now", "mariadb"])
+            _cmd(["systemctl", "enable", "--now", "mariadb"] if has_systemd(self.root)
+                 else ["service", "mariadb", "start"])  # Debian's init script, no systemd
             args: list[str] = []  # root over the socket
         else:
-            from capsule.audit_sources import Dsn  # the same DSN syntax as capsule audit
-
             args = [f"--defaults-extra-file={Dsn.parse(d['admin_dsn']).option_file(str(self.work))}"]
         deadline = time.monotonic() + 60  # autosetup writes setup=true before checking the DB
         while True:
@@ -247,16 +254,22 @@ class Installer:
     def _unpack(self) -> None:
         if self.dir.exists():
             shutil.rmtree(self.dir)  # only reached with --force
+        self.dir.parent.mkdir(parents=True, exist_ok=True)
         with tarfile.open(self.work / self.tarball) as tar, tempfile.TemporaryDirectory(
                 dir=self.dir.parent) as tmp:
             tar.extractall(tmp, filter="data")
             (Path(tmp) / "openfire").rename(self.dir)
 
+    def _plugin_jars(self) -> list[str]:
+        return [jar for name, jar in (("monitoring", "monitoring.jar"), ("restapi", "restAPI.jar"))
+                if self.config.flag(f"plugins.{name}")]
+
     def _plugins(self) -> None:
         p = self.config.values["plugins"]
         for name, jar in (("monitoring", "monitoring.jar"), ("restapi", "restAPI.jar")):
-            url = PLUGIN_DOWNLOADS.format(version=p[f"{name}_version"], jar=jar)
-            self._fetch(p[f"{name}_file"], url, p[f"{name}_sha256"], self.dir / "plugins" / jar)
+            if self.config.flag(f"plugins.{name}"):
+                url = PLUGIN_DOWNLOADS.format(version=p[f"{name}_version"], jar=jar)
+                self._fetch(p[f"{name}_file"], url, p[f"{name}_sha256"], self.dir / "plugins" / jar)
 
     def _tls(self) -> None:
         o = self.config.values["openfire"]
@@ -268,40 +281,56 @@ class Installer:
         keystore.import_server_cert(files.key, files.chain, ca.root_path,
                                     self.dir / "resources/security", o["domain"])
 
-    def _write_conf(self) -> None:
-        write_private(self.dir / "conf/openfire.xml", render.openfire_xml(self.config).encode())
+    def _write_conf(self, text: str | None = None) -> None:
+        """openfire.xml, 0600 and owned by the service user: Openfire must read and rewrite it
+        (root-owned, Openfire falls back to setup mode at the next start)."""
+        conf = self.dir / "conf/openfire.xml"
+        write_private(conf, (text or render.openfire_xml(self.config)).encode())
+        account = _account(self.config["openfire.user"])
+        if account is not None:
+            os.chown(conf, account.pw_uid, account.pw_gid)
 
     def _start(self) -> None:
-        unit = self.root / "etc/systemd/system/openfire.service"
-        _cmd(["sh", "-c", "id openfire >/dev/null 2>&1 || useradd --system --home "
-              f"{self.dir} --shell /usr/sbin/nologin openfire"])
-        _cmd(["chown", "-R", "openfire:openfire", str(self.dir)])
-        unit.write_text(UNIT.format(dir=self.dir))
-        _cmd(["systemctl", "daemon-reload"])
-        _cmd(["systemctl", "enable", "--now", "openfire"])
+        user = self.config["openfire.user"]
+        if _account(user) is None:
+            _cmd(["useradd", "--system", "--user-group", "--home-dir", str(self.dir),
+                  "--shell", "/usr/sbin/nologin", user])
+        (self.dir / "logs").mkdir(exist_ok=True)  # Openfire writes there; the tarball has none
+        _cmd(["chown", "-R", f"{user}:", str(self.dir)])
+        self.service.install()
+        self.service.start()
 
     def _wait_ready(self) -> None:
-        from capsule_openfire.rest import OpenfireRest
+        try:
+            ready.wait_ready(self.config, alive=self.service.running)
+        except ready.NotReady as exc:
+            raise InstallError(f"{exc}; see {self.dir}/logs/") from None
 
-        rest = OpenfireRest("http://127.0.0.1:9090", self.config["rest.secret"])
-        deadline = time.monotonic() + 300
-        while not (_port_busy(5222) and rest.readiness()):
-            if time.monotonic() > deadline:
-                raise InstallError("Openfire did not become ready in 5 minutes: see "
-                                   f"{self.dir}/logs/openfire.log")
-            time.sleep(2)
-
-    def _strip(self) -> None:
+    def _clean(self) -> None:
         conf = self.dir / "conf/openfire.xml"
-        write_private(conf, render.strip_secrets(conf.read_text()).encode())
+        self._write_conf(render.without_autosetup(conf.read_text()))
+        # an earlier install (or a hand-enabled REST plugin) may have left its shared secret
+        ready.property_sql(self.config, "DELETE FROM ofProperty WHERE name = "
+                                        "'plugin.restapi.secret';")
+
+    def _restart(self) -> None:
+        self.service.stop()
+        self.service.start()
+        self._wait_ready()
+
+    def _check_properties(self) -> None:
+        ok, detail = ready.check_properties(self.config)
+        if not ok:
+            raise InstallError(f"ofProperty after the start: {detail}")
 
     def summary(self) -> str:
         o = self.config.values["openfire"]
         return (f"Openfire {o['version']} for {o['domain']} ({o['fqdn']})\n"
                 f"  c2s 5222 (STARTTLS required), 5223 (direct TLS); admin console "
                 f"http://{o['console_interface']}:9090/ (user admin)\n"
-                f"  REST API http://{o['console_interface']}:9090/plugins/restapi/v1/\n"
-                f"  secrets (admin, database, REST, users): {self.config.secrets_path} (0600)")
+                f"  service: {self.service.describe()}; openfire-setup/service CONFIG "
+                f"start|stop|restart|status\n"
+                f"  secrets (admin, database, users): {self.config.secrets_path} (0600)")
 
     # -- driving ---------------------------------------------------------------
     def plan(self) -> str:
@@ -323,6 +352,24 @@ class Installer:
             log(f"[{i}] {step.title}")
             step.run()
         log(self.summary())
+
+
+def _account(user: str) -> pwd.struct_passwd | None:
+    try:
+        return pwd.getpwnam(user)
+    except KeyError:
+        return None
+
+
+def service_for(config: Config, root: Path = Path("/")) -> Systemd | Launcher:
+    """systemd where the host runs it (or the config says so), else Openfire's launcher."""
+    install_dir = root / config["openfire.install_dir"].lstrip("/")
+    choice = config["openfire.service"]
+    if choice == "systemd" or (choice == "auto" and has_systemd(root)):
+        return Systemd(install_dir, config["openfire.user"],
+                       root / "etc/systemd/system/openfire.service")
+    return Launcher(install_dir, config["openfire.user"], root / "run/openfire/openfire.pid",
+                    install_dir / "logs/launcher.log")
 
 
 def _mask(arg: str, config: Config) -> str:

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import hashlib
 import xml.etree.ElementTree as ET
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +26,13 @@ from capsule.stanza import parse_capsule
 from capsule.trust import TrustStore, VerifiedCert
 
 CAPSULE_TAG = f"{{{alg.NAMESPACE}}}capsule"
+CAPSULE_OPEN, CAPSULE_CLOSE = "<capsule xmlns=", "</capsule>"
+CAPSULE_NS_VALUES = (f'"{alg.NAMESPACE}"', f"'{alg.NAMESPACE}'")
+SPAN_TAG = "capsule-audit-span"  # takes a capsule's place while the rest of its row is parsed
+SPAN_ELEMENT = f"<{SPAN_TAG} xmlns=''/>"
 VERDICTS = ("plaintext", "capsule", "bad-signature", "sender-mismatch", "unverified",
             "malformed", "other")
-SEEN_MAX = 20000  # verdicts remembered per capsule digest
+SEEN_MAX = 2000  # verdicts remembered, keyed by their capsule (~2 KB each)
 FAILING = ("plaintext", "bad-signature", "sender-mismatch", "unverified", "malformed")
 TAMPERED = ("bad-signature", "sender-mismatch")
 BARS = 48  # a conversation's timeline holds at most this many time buckets
@@ -236,17 +238,37 @@ def _bare(jid: str | None) -> str:
     return (jid or "").split("/", 1)[0]
 
 
-def element_digest(element: ET.Element) -> bytes:
-    """What a capsule's verdict is keyed by: the parsed element, every tag, attribute, text and
-    the tree's shape (all that :func:`parse_capsule` reads; tails are not). Rows share a verdict
-    only when they hold the same capsule as parsed, however the stored text writes it."""
-    parts: list[str] = []
-    for node in element.iter():  # per node: tag, children, text, n attributes, n (name, value)
-        attrib = node.attrib
-        parts += (node.tag, str(len(node)), node.text or "", str(len(attrib)))
-        for item in attrib.items():
-            parts += item
-    return hashlib.sha256("\0".join(parts).encode()).digest()  # no part can hold a NUL
+ElementKey = tuple[tuple[str, str | None, tuple[tuple[str, str], ...], int], ...]
+
+
+def element_key(element: ET.Element) -> ElementKey:
+    """What a capsule's verdict is keyed by: the parsed element itself, every tag, text,
+    attribute and child count in document order (all that :func:`parse_capsule` reads, and the
+    tree's shape; tails are not). Rows share a verdict only when they hold the same capsule as
+    parsed, however the stored text writes it; the verdict cache compares keys for equality, so
+    no hash collision can make two capsules share one."""
+    return tuple([(node.tag, node.text, tuple(node.attrib.items()), len(node))
+                  for node in element.iter()])
+
+
+def capsule_span(text: str) -> tuple[int, int] | None:
+    """Where a stored stanza writes its capsule as ``<capsule xmlns='urn:capsule:0' …>`` up to
+    the first ``</capsule>`` after it, or None (then the whole stanza is parsed).
+
+    Such text, if it parses on its own, is the same element wherever it stands: the element
+    sets its own default namespace, a prefix it does not bind fails the parse, and with DTDs
+    refused no entity can mean anything else. That the text stands where an element may start
+    (not inside a processing instruction, say) shows when the marker put in its place parses as
+    the message's child: the text before it is the same, so the parser is in the same state
+    there. The marker must therefore occur nowhere else in the stanza."""
+    start = text.find(CAPSULE_OPEN)
+    if start < 0 or SPAN_TAG in text:
+        return None
+    after = start + len(CAPSULE_OPEN)
+    if text[after:after + len(alg.NAMESPACE) + 2] not in CAPSULE_NS_VALUES:
+        return None
+    end = text.find(CAPSULE_CLOSE, after)
+    return None if end < 0 else (start, end + len(CAPSULE_CLOSE))
 
 
 class StanzaReader:
@@ -255,28 +277,33 @@ class StanzaReader:
     no text around it, followed by a sentinel element fed after it (so the row left nothing
     open or pending in the parser); anything else is parsed again on its own with
     ``ET.fromstring``, which decides and names the error. The result is what ``ET.fromstring``
-    would give."""
+    would give.
+
+    The parser reports no events (one per element would cost a Python step each): the element
+    rows are parsed into is opened on the tree builder by hand, then by the parser inside it.
+    """
 
     SENTINEL = "capsule-audit-row-end"
+    END = f"<{SENTINEL}/>"
 
     def __init__(self) -> None:
         self._reset()
 
     def _reset(self) -> None:
-        self._parser: ET.XMLPullParser[ET.Element] = ET.XMLPullParser(events=("start",))
+        builder = ET.TreeBuilder()
+        outer = builder.start("outer", {})
+        self._parser = ET.XMLParser(target=builder)  # noqa: S314 - the caller refuses DTDs
         self._parser.feed("<rows>")
-        roots = [e[-1] for e in self._parser.read_events() if isinstance(e[-1], ET.Element)]
-        self._root = roots[0]
+        self._root = outer[0]
         self._flush = getattr(self._parser, "flush", None)  # expat >= 2.6 defers big tokens
 
     def parse(self, text: str) -> ET.Element:
         """The stanza's element; raises ``ET.ParseError`` as ``ET.fromstring`` would."""
         root = self._root
         try:
-            self._parser.feed(text + f"<{self.SENTINEL}/>")
+            self._parser.feed(text + self.END)
             if self._flush is not None:
                 self._flush()
-            deque(self._parser.read_events(), maxlen=0)  # raises what feed() met
         except ET.ParseError:
             pass
         else:
@@ -304,32 +331,75 @@ class Auditor:
         self.fetch = fetch
         self._fetched: set[str] = set()
         self._certs: dict[tuple[str, str], tuple[VerifiedCert | None, CertFacts, str]] = {}
-        self._seen: dict[bytes, Judgement] = {}  # element_digest -> its judgement
+        self._seen: dict[ElementKey, Judgement] = {}  # element_key -> its judgement
+        self._spans: dict[str, Judgement] = {}  # a capsule's text (capsule_span) -> judgement
         self._reader = StanzaReader()
 
     def examine(self, row: StoredRow) -> Finding:
         if "<!" in row.stanza:
             return Finding(row, "malformed", "", row.owner, f"row {row.store} {row.row_id}",
                            "stanza holds a DTD or comment")
+        span = capsule_span(row.stanza)
+        if span is not None:
+            finding = self._examine_span(row, *span)
+            if finding is not None:
+                return finding
+        return self.examine_whole(row)
+
+    def _examine_span(self, row: StoredRow, start: int, end: int) -> Finding | None:
+        """The fast path: the capsule's text, cut out by :func:`capsule_span`, is looked up as
+        it is (and parsed on its own once); the rest of the row is parsed with an empty element
+        in its place, which must come out as the message's only capsule-like child. None when
+        anything is off: then the whole row is parsed and decides."""
+        text = row.stanza
+        capsule = text[start:end]
+        judgement = self._spans.get(capsule)
+        if judgement is None:
+            try:
+                element = ET.fromstring(capsule)  # noqa: S314 - the caller refused DTDs
+            except ET.ParseError:
+                return None
+            judgement = self._judgement(element)  # its tag is CAPSULE_TAG: see capsule_span
+            if len(self._spans) >= SEEN_MAX:
+                self._spans.clear()
+            self._spans[capsule] = judgement
         try:
-            msg = self._reader.parse(row.stanza)  # DTDs refused above
+            msg = self._reader.parse(text[:start] + SPAN_ELEMENT + text[end:])
+        except ET.ParseError:
+            return None
+        if msg.find(CAPSULE_TAG) is not None or msg.find(SPAN_TAG) is None:
+            return None  # another capsule child (the first one counts), or nested elsewhere
+        return self._finding(row, msg, judgement)
+
+    def examine_whole(self, row: StoredRow) -> Finding:
+        """The reference path: the whole stanza parsed (DTDs refused by the caller)."""
+        try:
+            msg = self._reader.parse(row.stanza)
         except ET.ParseError as exc:
             return Finding(row, "malformed", "", row.owner, f"row {row.store} {row.row_id}",
                            f"unparseable stanza: {exc}")
-        sender, recipient = _bare(msg.get("from")), _bare(msg.get("to"))
-        sender = sender or row.owner
         element = msg.find(CAPSULE_TAG)
         if element is None:
+            sender, recipient = _bare(msg.get("from")) or row.owner, _bare(msg.get("to"))
             body = next((c for c in msg if c.tag.rsplit("}", 1)[-1] == "body"), None)
             verdict = "plaintext" if body is not None and (body.text or "").strip() else "other"
             key = f"{sender}>{recipient}#{msg.get('id') or row.store + row.row_id}"
             return Finding(row, verdict, sender, recipient, key)
-        digest = element_digest(element)
-        seen = self._seen.get(digest)
+        return self._finding(row, msg, self._judgement(element))
+
+    def _judgement(self, element: ET.Element) -> Judgement:
+        parsed = element_key(element)
+        seen = self._seen.get(parsed)
         if seen is None:
             if len(self._seen) >= SEEN_MAX:  # bounded: a row stored twice sits close by
                 self._seen.clear()
-            seen = self._seen[digest] = self._judge(element)
+            seen = self._seen[parsed] = self._judge(element)
+        return seen
+
+    @staticmethod
+    def _finding(row: StoredRow, msg: ET.Element, seen: Judgement) -> Finding:
+        """A capsule row's finding: the capsule's judgement, checked against who stored it."""
+        sender, recipient = _bare(msg.get("from")) or row.owner, _bare(msg.get("to"))
         if not seen.key:  # unreadable: no message to count it under but this row
             return Finding(row, seen.verdict, sender, recipient, f"row {row.store} {row.row_id}",
                            seen.detail)

@@ -168,12 +168,13 @@ def _stream(connection: Any, table: Table) -> Iterator[StoredRow]:
     cursor.execute(table.sql)
     label, unit = table.label, table.time_unit
     while rows := cursor.fetchmany(500):
-        for row_id, owner, when, stanza, *columns in rows:
+        for row in rows:  # indexed, not unpacked: no list per row for the rebuild columns
+            stanza = row[3]
             if stanza is None:
-                stanza = _rebuilt(*columns) if columns else ""  # judged "other"
+                stanza = _rebuilt(*row[4:]) if len(row) > 4 else ""  # judged "other"
             elif isinstance(stanza, bytes):
                 stanza = stanza.decode("utf-8", "replace")
-            yield StoredRow(label, str(row_id), owner or "", _time(when, unit), stanza)
+            yield StoredRow(label, str(row[0]), row[1] or "", _time(row[2], unit), stanza)
     cursor.close()
 
 

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
+import os
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlparse
 
 from cryptography import x509
 from slixmpp import ClientXMPP
@@ -27,15 +30,16 @@ from capsule.audit_sources import (
     mam_rows,
     sql_rows,
 )
-from capsule.connection import enable_registration, login
+from capsule.connection import HOST_ENV, PORT_ENV, LoginError, enable_registration, login
 from capsule.core import cert_fingerprint
 from capsule.enrollment import EnrollmentError
 from capsule.errors import CapsuleError, ProfileError, UntrustedCertificate
 from capsule.panel import PanelError, check_ejabberd_queue, check_openfire_archive
 from capsule.profile import PIN_ENV, KdfParams, Profile, brute_force_cost, check_pin
-from capsule_ca.cli import read_secret, run
+from capsule_ca.cli import add_server_options, read_secret, run
 
 NEW_PIN_ENV = "CAPSULE_NEW_PIN"
+DB_PASSWORD_ENV = "CAPSULE_AUDIT_DB_PASSWORD"
 
 
 def _pin(file: str | None, env: str, prompt: str, confirm: bool, short_ok: bool = False) -> str:
@@ -73,10 +77,11 @@ def cmd_init(args: argparse.Namespace) -> None:
         csr = base.with_name(f"{base.name}.{usage}.csr")
         csr.write_bytes(profile.csr(usage))
         print(f"{usage:8} CSR: {csr}")
+    email = f" --email {args.email}" if args.email else ""  # the CA checks the CSR's SAN
     print(f"profile for {args.jid} written to {base}. Have the CA certify both CSRs, e.g.\n"
-          f"  capsule-ca issue CADIR --csr {base.name}.sign.csr --jid {args.jid} --usage sign "
-          f"--out sign.pem\n"
-          f"  capsule-ca issue CADIR --csr {base.name}.encrypt.csr --jid {args.jid} "
+          f"  capsule-ca issue CADIR --csr {base.name}.sign.csr --jid {args.jid}{email} "
+          f"--usage sign --out sign.pem\n"
+          f"  capsule-ca issue CADIR --csr {base.name}.encrypt.csr --jid {args.jid}{email} "
           f"--usage encrypt --out encrypt.pem\n"
           f"then: capsule profile import-cert --profile {base} sign.pem encrypt.pem CADIR/root.pem "
           f"CADIR/crl.pem")
@@ -140,6 +145,18 @@ def _progress(enabled: bool, every: int = 5000) -> Iterator[None]:
             print(f"audited {count} rows ({rate:.0f} rows/s)…", file=sys.stderr, flush=True)
 
 
+def _dsn(args: argparse.Namespace) -> Dsn:
+    """The DSN from --dsn, its password from a file or the environment, never from argv."""
+    if not args.dsn:
+        raise SourceError(f"--source {args.source} needs --dsn")
+    if urlparse(args.dsn).password is not None:
+        raise SourceError("the DSN holds a password, which every local user can read in the "
+                          f"command line: put it in ${DB_PASSWORD_ENV} or --db-password-file")
+    password = (read_secret(args.db_password_file, DB_PASSWORD_ENV, "database password",
+                            error=SourceError) if args.db_password_file else None)
+    return Dsn.parse(args.dsn, password)  # else from $CAPSULE_AUDIT_DB_PASSWORD, if set
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     try:
         root = Path(args.ca).read_bytes()
@@ -154,16 +171,14 @@ def cmd_audit(args: argparse.Namespace) -> int:
         if not (args.jid and args.password_file and args.port):
             raise SourceError("--source mam and --fetch-certs need --jid, --password-file and "
                               "--port")
-        password = Path(args.password_file).read_text().strip()
+        password = read_secret(args.password_file, "", "XMPP password", error=SourceError)
     if args.source == "mam":
         assert password is not None
         rows = mam_rows(args.jid, password, args.host, args.port, args.ca)
         report = Report([f"MAM of {args.jid}"])
     else:
-        if not args.dsn:
-            raise SourceError(f"--source {args.source} needs --dsn")
         report = Report([f"{args.source} tables"])
-        rows = sql_rows(args.source, Dsn.parse(args.dsn), report.missing_table)
+        rows = sql_rows(args.source, _dsn(args), report.missing_table)
     fetcher = (CertificateFetcher(args.jid, password, args.host, args.port, args.ca,
                                   args.ca_service) if args.fetch_certs and password else None)
     try:
@@ -217,7 +232,10 @@ def _connect_and(args: argparse.Namespace, profile: Profile, rotate: bool) -> No
     """Log in as the profile's JID, (re)enroll with the CA service, publish the certificates."""
     password = _pin(args.password_file, "CAPSULE_XMPP_PASSWORD", "XMPP account password",
                     confirm=False)
-    ca_root = Path(args.ca_cert).read_bytes() if args.ca_cert else None
+    try:
+        ca_root = Path(args.ca_cert).read_bytes() if args.ca_cert else None
+    except OSError as exc:
+        raise EnrollmentError(f"cannot read {args.ca_cert}: {exc.strerror}") from None
     tls_ca = args.tls_ca or args.ca_cert
     if not tls_ca and profile.data.ca_root:
         tls_file = Path(args.profile).with_name(Path(args.profile).name + ".ca.pem")
@@ -242,6 +260,8 @@ def _connect_and(args: argparse.Namespace, profile: Profile, rotate: bool) -> No
         if getattr(args, "register", False):
             enable_registration(client)
         await login(client, args.host, args.port, tls_ca)
+        print(f"logged in as {client.boundjid.bare}; asking the CA service {args.ca}…",
+              flush=True)
         try:
             if rotate:
                 profile.rotate_keys()
@@ -321,11 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--key-file", help="the profile's key file (enroll: bind a new profile)")
         p.add_argument("--ca", required=True, help="the CA service's JID, e.g. ca@example.org")
         p.add_argument("--ca-cert", help="the CA root to trust (else pinned on first use)")
-        p.add_argument("--tls-ca", help="CA file for the server's TLS certificate "
-                       "(default: --ca-cert, or the profile's CA root)")
+        add_server_options(p, "--ca-cert, or the profile's CA root")
         p.add_argument("--password-file", help="XMPP password (else $CAPSULE_XMPP_PASSWORD)")
-        p.add_argument("--host", default="127.0.0.1", help="XMPP server host")
-        p.add_argument("--port", type=int, default=5222, help="c2s port (STARTTLS)")
         p.add_argument("--yes", action="store_true", help="accept the CA root shown")
         if name == "enroll":
             p.add_argument("--jid", help="your bare JID (to create the profile)")
@@ -340,12 +357,15 @@ def build_parser() -> argparse.ArgumentParser:
                        "plaintext, other), verify every capsule's signature from certificates "
                        "alone, and report per conversation.")
     p.add_argument("--source", required=True, choices=[*SQL_SOURCES, "mam"])
-    p.add_argument("--dsn", help="mysql://user:password@host:port/db[?socket=PATH] "
-                   "(password also from $CAPSULE_AUDIT_DB_PASSWORD)")
+    p.add_argument("--dsn", help="mysql://user@host:port/db[?socket=PATH], no password: that "
+                   f"comes from --db-password-file or ${DB_PASSWORD_ENV}")
+    p.add_argument("--db-password-file", help="file holding the database password")
     p.add_argument("--jid", help="MAM source / --fetch-certs: the XMPP account to use")
     p.add_argument("--password-file", help="file holding that account's password")
-    p.add_argument("--host", default="127.0.0.1", help="XMPP server host")
-    p.add_argument("--port", type=int, help="c2s port (STARTTLS)")
+    p.add_argument("--host", default=os.environ.get(HOST_ENV, "127.0.0.1"),
+                   help=f"XMPP server host (default ${HOST_ENV}, else 127.0.0.1)")
+    p.add_argument("--port", type=int, default=os.environ.get(PORT_ENV),
+                   help=f"c2s port, STARTTLS (default ${PORT_ENV})")
     p.add_argument("--ca", required=True, help="the CA root (PEM) certificates must chain to")
     p.add_argument("--crl", help="the CA's CRL (PEM)")
     p.add_argument("--certs", action="append", metavar="PATH",
@@ -381,7 +401,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(build_parser(), argv, (CapsuleError, SourceError, PanelError))
+    # slixmpp's own log lines would reach stderr through logging's last resort handler; its
+    # failures reach the user as our one line instead
+    slixmpp_log = logging.getLogger("slixmpp")
+    if not slixmpp_log.handlers:
+        slixmpp_log.addHandler(logging.NullHandler())
+    return run(build_parser(), argv, (CapsuleError, SourceError, PanelError, LoginError))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import ssl
 from collections.abc import Callable, Coroutine
@@ -15,16 +16,40 @@ from slixmpp.exceptions import IqError
 
 T = TypeVar("T")
 
+# Where the XMPP server is and which CA its TLS certificate chains to: set by
+# `scripts/stack status --exports`, read as defaults by the command line tools and use_server().
+HOST_ENV, PORT_ENV, TLS_CA_ENV = "CAPSULE_HOST", "CAPSULE_PORT", "CAPSULE_TLS_CA"
+
 
 class LoginError(Exception):
     """An XMPP login failed: bad credentials, untrusted certificate, or no server."""
 
 
-def tls_context(ca_root: str | Path) -> ssl.SSLContext:
-    """A TLS client context that trusts only ``ca_root`` and checks the host name."""
+def tls_context(ca_root: str | Path, maximum: ssl.TLSVersion | None = None) -> ssl.SSLContext:
+    """A TLS client context that trusts only ``ca_root`` and checks the host name.
+
+    ``maximum`` caps the version for servers that hang on TLS 1.3 (Openfire before 4.8).
+    """
     context = ssl.create_default_context(cafile=str(ca_root))
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if maximum is not None:
+        context.maximum_version = maximum
     return context
+
+
+def use_server(client: ClientXMPP) -> tuple[str, int]:
+    """Point ``client`` at the server in $CAPSULE_HOST/$CAPSULE_PORT over STARTTLS trusting only
+    $CAPSULE_TLS_CA; return ``(host, port)`` for ``client.connect``.
+
+    A local test domain has no DNS and a private CA, so slixmpp's defaults cannot reach it.
+    """
+    missing = [name for name in (PORT_ENV, TLS_CA_ENV) if not os.environ.get(name)]
+    if missing:
+        raise LoginError(f"${' and $'.join(missing)} not set: run "
+                         f"`eval \"$(scripts/stack status --exports)\"` first")
+    client.ssl_context = tls_context(os.environ[TLS_CA_ENV])
+    client.enable_direct_tls = False
+    return os.environ.get(HOST_ENV, "127.0.0.1"), int(os.environ[PORT_ENV])
 
 
 async def login(
@@ -33,9 +58,10 @@ async def login(
     port: int,
     ca_root: str | Path,
     timeout: float = 20.0,
+    tls_max: ssl.TLSVersion | None = None,
 ) -> ClientXMPP:
     """Connect ``client`` and wait for its session, or raise LoginError with the reason."""
-    client.ssl_context = tls_context(ca_root)
+    client.ssl_context = tls_context(ca_root, tls_max)
     client.enable_direct_tls = False
     loop = asyncio.get_running_loop()
     outcome: asyncio.Future[None] = loop.create_future()
@@ -70,6 +96,9 @@ async def login(
     try:
         await asyncio.wait_for(outcome, timeout)
     except BaseException as exc:
+        # slixmpp reschedules a failed connect on its own: stop that too, or the caller's next
+        # attempt races it and the server replaces one session by the other
+        client.cancel_connection_attempt()
         client.abort()
         if isinstance(exc, TimeoutError):
             raise LoginError(f"{client.boundjid.bare}: no session within {timeout:.0f} s") from None
@@ -117,8 +146,7 @@ class Reconnect:
         self.client = client
         self.first, self.cap, self.login_timeout = first, cap, login_timeout
         self.delay = first
-        self.armed = False
-        self.in_session = False
+        self.armed = self.in_session = bool(client.sessionstarted)  # maybe logged in already
         self._retry: asyncio.TimerHandle | None = None
         self._watchdog: asyncio.TimerHandle | None = None
         self._app_disconnect = client.disconnect

@@ -11,6 +11,7 @@ item-not-found (no certificates), internal-server-error; each with a ``<text/>``
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 
@@ -19,6 +20,7 @@ from cryptography.hazmat.primitives import hashes
 from slixmpp import JID, BaseXMPP, Iq
 from slixmpp.exceptions import IqError, IqTimeout
 from slixmpp.plugins.xep_0060.stanza import EventItem, Item
+from slixmpp.plugins.xep_0199.stanza import Ping
 from slixmpp.xmlstream import ElementBase, register_stanza_plugin
 
 from capsule import discovery
@@ -30,6 +32,8 @@ from capsule.trust import CertBundle, CertificateSource, TrustStore
 NS = "urn:capsule:enroll:0"
 CRL_NODE = "urn:capsule:crl:0"
 RESOURCE = "capsule-ca"  # IQs to a bare JID are answered by the server, so the CA has a resource
+# what a server answers for a full JID with no session behind it (RFC 6121 8.5.3.2.2)
+OFFLINE = {"service-unavailable", "recipient-unavailable"}
 
 
 def service_jid(ca: str) -> JID:
@@ -40,9 +44,14 @@ log = logging.getLogger(__name__)
 
 
 class EnrollmentError(CapsuleError):
-    """The CA service refused or did not answer."""
+    """The CA service refused, is offline or did not answer; ``condition`` tells which (the
+    XMPP error condition, "offline" or "timeout")."""
 
     reason = "enrollment"
+
+    def __init__(self, message: str, condition: str = "") -> None:
+        super().__init__(message)
+        self.condition = condition
 
 
 class Csr(TextValue):
@@ -86,6 +95,7 @@ def register() -> None:
     register_stanza_plugin(Iq, Enroll)
     register_stanza_plugin(Iq, Lookup)
     register_stanza_plugin(Iq, Crl)
+    register_stanza_plugin(Iq, Ping)
     register_stanza_plugin(Enroll, Csr, iterable=True)
     register_stanza_plugin(Enroll, Cert, iterable=True)
     register_stanza_plugin(Lookup, Cert, iterable=True)
@@ -99,14 +109,53 @@ def pems(element: ElementBase) -> dict[str, bytes]:
 
 
 async def _ask(xmpp: BaseXMPP, iq: Iq, timeout: int) -> Iq:
+    """Send ``iq`` to the CA service; fail as soon as the service is seen offline."""
+    request = asyncio.ensure_future(iq.send(timeout=timeout))
+    watch = asyncio.ensure_future(_while_online(xmpp, iq["to"]))
     try:
-        result: Iq = await iq.send(timeout=timeout)
+        await asyncio.wait({request, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if not request.done():
+            watch.result()  # raises: the service went away before answering
+        result: Iq = request.result()
     except IqError as exc:
-        text = exc.iq["error"]["text"] or exc.iq["error"]["condition"]
-        raise EnrollmentError(f"the CA refused: {text}") from None
+        condition = exc.iq["error"]["condition"]
+        if condition in OFFLINE:
+            raise EnrollmentError(f"the CA service {iq['to']} is not online",
+                                  condition) from None
+        text = exc.iq["error"]["text"] or condition
+        raise EnrollmentError(f"the CA refused: {text}", condition) from None
     except IqTimeout:
-        raise EnrollmentError(f"the CA {iq['to']} did not answer within {timeout} s") from None
+        raise EnrollmentError(f"the CA {iq['to']} did not answer within {timeout} s",
+                              "timeout") from None
+    finally:
+        for task in (request, watch):
+            task.cancel()
     return result
+
+
+async def _while_online(xmpp: BaseXMPP, service: JID, every: float = 2.0) -> None:
+    """Ping ``service`` every few seconds (each ping on its own, so one that a dying session
+    swallowed does not delay the next); raise once its server says the session is gone."""
+    offline = asyncio.get_running_loop().create_future()
+
+    def check(ping: asyncio.Future[Iq]) -> None:
+        error = None if ping.cancelled() else ping.exception()
+        if (isinstance(error, IqError) and error.iq["error"]["condition"] in OFFLINE
+                and not offline.done()):
+            offline.set_result(None)
+
+    pings: list[asyncio.Future[Iq]] = []
+    try:
+        while not offline.done():
+            await asyncio.wait([offline], timeout=every)
+            iq = xmpp.make_iq_get(ito=service)
+            iq.enable("ping")
+            pings.append(iq.send(timeout=60))
+            pings[-1].add_done_callback(check)
+    finally:
+        for pending in pings:
+            pending.cancel()
+    raise EnrollmentError(f"the CA service {service} went offline before answering", "offline")
 
 
 async def enroll(xmpp: BaseXMPP, ca: str, csrs: dict[str, bytes], timeout: int = 30
@@ -133,7 +182,7 @@ async def lookup(xmpp: BaseXMPP, ca: str, jid: str, timeout: int = 15) -> CertBu
     try:
         found = pems((await _ask(xmpp, iq, timeout))["capsule_lookup"])
     except EnrollmentError as exc:
-        if "item-not-found" in str(exc) or "no valid certificate" in str(exc):
+        if exc.condition == "item-not-found":
             return None
         raise
     if "sign" in found and "encrypt" in found:

@@ -57,12 +57,17 @@ class Outbox:
         self._given_up: OrderedDict[str, None] = OrderedDict()  # never to be sent again
         self._acked: OrderedDict[str, str] = OrderedDict()  # id -> peer, to report bounces
         self._ack_request: asyncio.Handle | None = None
-        self.live = False  # a session is up: sending goes through slixmpp at once
+        self.live = bool(xmpp.sessionstarted)  # a session is up: sending goes out at once
         self.resent = 0
         # an "out" filter runs before xep_0198's "out_sync" one: a refused stanza is not counted
         xmpp.add_filter("out", self._on_wire)
         for event, handler in self._events():
             xmpp.add_event_handler(event, handler)
+        sm = xmpp.plugin["xep_0198"]
+        if self.live and not sm.enabled_out:  # registered on a client already logged in
+            enable = sm.stanza.Enable(xmpp)
+            enable["resume"] = sm.allow_resume
+            enable.send()
 
     def _events(self) -> list[tuple[str, Callable[..., Any]]]:
         return [("stanza_acked", self._on_acked), ("session_start", self._up),

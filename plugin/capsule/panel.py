@@ -8,8 +8,11 @@ must and must not appear, and a screenshot is saved as evidence.
   dedicated audit admin account).
 - Openfire: the Monitoring plugin's archive pages. The console uses a form login with a CSRF
   token, which the Chromium command line cannot fill in, so the pages are fetched over one
-  logged-in session and the saved HTML is then rendered by Chromium. Written from Openfire's
-  documented pages; not run here (Openfire cannot be installed on our build machines).
+  logged-in session (redirects are never followed: where the console sends us is the answer)
+  and the saved HTML is then rendered by Chromium. Any other answer than the archive page
+  itself (a redirect to login.jsp: login refused or still starting; 404: the Monitoring plugin
+  is not loaded; no answer) is a ``PanelError``, so nothing is judged that was not the archive.
+  The login and the 404 were seen on a live Openfire 4.5.0; tests use a named fake of them.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
@@ -41,10 +45,11 @@ class PanelResult:
     screenshot: Path
     missing: list[str] = field(default_factory=list)  # should have been shown
     leaked: list[str] = field(default_factory=list)  # must never be shown
+    pages: int = 1  # admin pages actually seen and judged
 
     @property
     def ok(self) -> bool:
-        return not self.missing and not self.leaked
+        return self.pages > 0 and not self.missing and not self.leaked
 
 
 def chromium() -> str:
@@ -90,6 +95,45 @@ def check_ejabberd_queue(host: str, port: int, domain: str, user: str, admin_pas
     return _judge(dom, page, screenshot, show, hide)
 
 
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: object, **kwargs: object) -> None:
+        return None  # a 3xx surfaces as HTTPError: where the console sends us is the answer
+
+
+class _Console:
+    """One session with Openfire's admin console; every answer but 200 is a PanelError."""
+
+    def __init__(self, base: str):
+        self.base = base.rstrip("/")
+        self.opener = urllib.request.build_opener(
+            urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()), NoRedirect)
+
+    def fetch(self, path: str, form: dict[str, str] | None = None) -> tuple[int, str, str]:
+        """(status, redirect target path, body) of one request; 4xx/5xx/no answer raise."""
+        data = urllib.parse.urlencode(form).encode() if form is not None else None
+        try:
+            with self.opener.open(self.base + path, data, timeout=20) as response:
+                return response.status, "", response.read().decode(errors="replace")
+        except urllib.error.HTTPError as exc:
+            if 300 <= exc.code < 400:
+                return exc.code, urllib.parse.urlparse(exc.headers.get("Location", "")).path, ""
+            hint = (": the Monitoring plugin is not loaded" if exc.code == 404
+                    and path.startswith("/plugins/monitoring/") else "")
+            raise PanelError(f"{path.split('?')[0]} answered HTTP {exc.code}{hint}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise PanelError(f"Openfire console {self.base} unreachable: "
+                             f"{getattr(exc, 'reason', exc)}") from None
+
+    def page(self, path: str) -> str:
+        """The body of ``path``; a redirect (to login.jsp, or anywhere) is a PanelError."""
+        status, target, body = self.fetch(path)
+        if status != 200:
+            where = target.rsplit("/", 1)[-1] or "elsewhere"
+            raise PanelError(f"{path.split('?')[0]}: the console sent us to {where} "
+                             f"(HTTP {status}): not logged in, or Openfire is still starting")
+        return body
+
+
 def check_openfire_archive(console: str, admin: str, password: str, screenshot: Path,
                            show: list[str], hide: list[str]) -> PanelResult:
     """Log in to Openfire's admin console and render the Monitoring archive pages.
@@ -97,25 +141,22 @@ def check_openfire_archive(console: str, admin: str, password: str, screenshot: 
     ``console`` is e.g. ``http://127.0.0.1:9090``. Fetches ``archive-search.jsp`` and every
     ``conversation-viewer.jsp?conversationID=N`` it links to, within one session.
     """
-    jar = http.cookiejar.CookieJar()
-    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
-    login_page = opener.open(f"{console}/login.jsp", timeout=20).read().decode(errors="replace")
-    csrf = re.search(r'name="csrf" value="([^"]+)"', login_page)
+    session = _Console(console)
+    csrf = re.search(r'name="csrf" value="([^"]+)"', session.page("/login.jsp"))
     form = {"username": admin, "password": password, "login": "true"}
     if csrf:
         form["csrf"] = csrf.group(1)
-    opener.open(f"{console}/login.jsp", urllib.parse.urlencode(form).encode(), timeout=20)
-    search = opener.open(f"{console}/plugins/monitoring/archive-search.jsp",
-                         timeout=20).read().decode(errors="replace")
-    if "login.jsp" in search and "archive" not in search.lower():
-        raise PanelError("Openfire console login failed")
-    pages = [search]
-    for conv in sorted(set(re.findall(r"conversationID=(\d+)", search)))[:20]:
-        pages.append(opener.open(f"{console}/plugins/monitoring/conversation-viewer.jsp?"
-                                 f"conversationID={conv}", timeout=20).read().decode(
-            errors="replace"))
+    status, target, _body = session.fetch("/login.jsp", form)
+    if status == 200 or target.endswith("login.jsp"):  # the form again: refused
+        raise PanelError(f"Openfire console login refused for {admin}")
+    search = session.page("/plugins/monitoring/archive-search.jsp")
+    pages = [search] + [session.page(f"/plugins/monitoring/conversation-viewer.jsp?"
+                                     f"conversationID={conv}")
+                        for conv in sorted(set(re.findall(r"conversationID=(\d+)", search)))[:20]]
     with tempfile.TemporaryDirectory() as tmp:
         saved = Path(tmp) / "archive.html"
         saved.write_text("\n<hr>\n".join(pages))
         dom = render(saved.as_uri(), screenshot)
-    return _judge(dom, f"{console}/plugins/monitoring/archive-search.jsp", screenshot, show, hide)
+    result = _judge(dom, f"{console}/plugins/monitoring/archive-search.jsp", screenshot, show, hide)
+    result.pages = len(pages)
+    return result

@@ -119,6 +119,7 @@ class XEP_Capsule(BasePlugin):
         "reconnect": True,  # reconnect a lost session, back-off doubling up to reconnect_max
         "reconnect_max": 30,
     }
+    secure = False  # the stream has TLS (set by session_bind)
 
     # -- life cycle ------------------------------------------------------------
     def plugin_init(self) -> None:
@@ -127,6 +128,8 @@ class XEP_Capsule(BasePlugin):
         if not self.profile:
             raise ProfileError("the capsule plugin needs a 'profile' path")
         self.store = Profile.load(self.profile, self._take_pin(), self.key_file)
+        if self.xmpp.session_bind_event.is_set():  # session_bind ran first
+            self._check_session(self.xmpp.boundjid)
         data = self.store.data
         data.replay.rules = TimeRules(int(self.skew), int(self.max_age))
         if not (data.signing_cert and data.encryption_cert and data.ca_root):
@@ -162,7 +165,6 @@ class XEP_Capsule(BasePlugin):
         self._crl_mtime = 0.0
         self._crl_task: asyncio.Task[None] | None = None
         self._crl_tried = -float("inf")  # loop time of the last fetch of an expired CRL
-        self.secure = False
         st.register()
         enrollment.register()
         self.handled = HandledCount(self.xmpp)  # its "in" filter must come before ours
@@ -175,6 +177,8 @@ class XEP_Capsule(BasePlugin):
         self.reconnector = (Reconnect(self.xmpp, cap=self.reconnect_max)
                             if self.reconnect and isinstance(self.xmpp, ClientXMPP) else None)
         self.refresh_crl()
+        if self.xmpp.sessionstarted:  # registered on a client already logged in
+            self._spawn(self._session_start(None))
 
     def _events(self) -> list[tuple[str, Callable[..., Any]]]:
         return [("session_start", self._session_start), ("disconnected", self._disconnected),
@@ -195,12 +199,17 @@ class XEP_Capsule(BasePlugin):
         self._release()
 
     def session_bind(self, jid: JID) -> None:
-        if JID(jid).bare != self.store.data.jid:
-            raise ProfileError(f"profile is for {self.store.data.jid}, the session is {jid}")
+        # also called before plugin_init when registered on a client already logged in
         transport = self.xmpp.transport
         self.secure = transport is not None and transport.get_extra_info("ssl_object") is not None
         if not self.secure and not self.allow_insecure:
             log.error("stream has no TLS: Capsule refuses to operate (allow_insecure is off)")
+        if hasattr(self, "store"):
+            self._check_session(jid)
+
+    def _check_session(self, jid: JID) -> None:
+        if JID(jid).bare != self.store.data.jid:
+            raise ProfileError(f"profile is for {self.store.data.jid}, the session is {jid}")
 
     def _take_pin(self) -> str:
         """The PIN from config, a file or the environment; not kept once the profile is open."""

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import string
@@ -26,7 +27,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar
 
-from capsule.connection import LoginError, probe_login, run_sync
+from capsule.connection import (
+    HOST_ENV,
+    PORT_ENV,
+    TLS_CA_ENV,
+    LoginError,
+    probe_login,
+    run_sync,
+)
 from capsule.files import write_private
 from capsule.sql import create_database_sql
 from capsule.testing.processes import (
@@ -46,6 +54,7 @@ OFFLINE_QUOTA = 10000
 MAX_SESSIONS = 50
 PROBE_USER = "capsule-probe"
 ADMIN_USER = "admin"  # the ejabberd acl "admin" names admin@DOMAIN (WebAdmin login)
+ADMIN_PASSWORD_FILE = "admin-password"  # its password, for `capsule panel --password-file`
 
 
 def _render(template: str, target: Path, **values: Any) -> None:
@@ -88,15 +97,18 @@ class StackState:
         values = {
             "CAPSULE_SERVER": self.server,
             "CAPSULE_DOMAIN": self.domain,
-            "CAPSULE_HOST": "127.0.0.1",
-            "CAPSULE_C2S_PORT": str(self.c2s_port),
+            HOST_ENV: "127.0.0.1",
+            PORT_ENV: str(self.c2s_port),
+            TLS_CA_ENV: str(self.ca_root),
             "CAPSULE_HTTP_PORT": str(self.http_port),
             "CAPSULE_DB_PORT": str(self.db_port),
             "CAPSULE_DB_SOCKET": str(Path(self.dir) / "mariadb/mysqld.sock"),
             "CAPSULE_CA_DIR": self.ca_dir,
             "CAPSULE_CA_ROOT": str(self.ca_root),
+            "CAPSULE_CA_PASSPHRASE_FILE": str(Path(self.dir) / "ca-passphrase"),
+            "CAPSULE_ADMIN_PASSWORD_FILE": str(Path(self.dir) / ADMIN_PASSWORD_FILE),
         }
-        return "\n".join(f"export {k}={json.dumps(v)}" for k, v in values.items())
+        return "\n".join(f"export {k}={shlex.quote(v)}" for k, v in values.items())
 
 
 class MariaDB:
@@ -203,8 +215,7 @@ class Ejabberd(XMPPServer):
         _render("ejabberdctl.cfg", self.dir / "ejabberdctl.cfg", dir=self.dir,
                 # mnesia ties the spool to the node name: keep it stable per directory
                 node="capsule" + hashlib.sha256(str(self.dir).encode()).hexdigest()[:10],
-                dist_port=free_port(),
-                cookie=cookie_path.read_text().strip())
+                dist_port=free_port())
         _render("ejabberd.yml", self.dir / "ejabberd.yml", dir=self.dir, domain=s.domain,
                 ca_root=s.ca_root, db_port=s.db_port, db_name=s.db_name, db_user=s.db_name,
                 db_password=s.db_password, c2s_port=s.c2s_port, http_port=s.http_port,
@@ -270,11 +281,12 @@ class Prosody(XMPPServer):
         out.close()
         return proc.pid
 
-    def _ctl(self, *args: str) -> None:
-        _run(["prosodyctl", "--config", str(self.config), *args], "prosodyctl")
+    def _ctl(self, *args: str, stdin: str = "") -> None:
+        _run(["prosodyctl", "--config", str(self.config), *args], "prosodyctl", stdin=stdin)
 
     def register(self, user: str, password: str) -> None:
-        self._ctl("register", user, self.state.domain, password)
+        # adduser reads the password (twice) from stdin: never in argv
+        self._ctl("adduser", f"{user}@{self.state.domain}", stdin=f"{password}\n{password}\n")
 
     def unregister(self, user: str) -> None:
         self._ctl("deluser", f"{user}@{self.state.domain}")
@@ -339,7 +351,11 @@ class Stack:
 
     # -- lifecycle -------------------------------------------------------------
     def start(self) -> StackState:
-        """Start the stack and return once a real XMPP login succeeded."""
+        """Start the stack and return once a real XMPP login succeeded.
+
+        A directory that held a stack before is started on the same ports with the same
+        credentials, so clients configured for it (and bots still running) reconnect.
+        """
         alive = self.running()
         if alive and all(alive.values()) and len(alive) == 2:
             try:
@@ -347,14 +363,19 @@ class Stack:
                 return self.info
             except LoginError:
                 pass
-        if self.state is not None:
-            self.stop()  # stale or half-dead: clean it before starting anew
+        self._end_processes()  # stale or half-dead: clean it before starting again
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.state = StackState(
-            server=self._server_name, domain=self._domain, dir=str(self.dir),
-            ca_dir=str(self._ca_dir), c2s_port=free_port(), db_port=free_port(),
-            http_port=free_port(),
-        )
+        if self.state is None:
+            self.state = StackState(
+                server=self._server_name, domain=self._domain, dir=str(self.dir),
+                ca_dir=str(self._ca_dir), c2s_port=free_port(), db_port=free_port(),
+                http_port=free_port(),
+            )
+        taken = [p for p in (self.state.c2s_port, self.state.db_port, self.state.http_port)
+                 if p and port_open(p)]
+        if taken:
+            raise StackError(f"port {taken[0]} of the stack in {self.dir} is used by another "
+                             f"process; stop it, or start a fresh stack with another --dir")
         db, server = self._parts()
         try:
             self.state.pids["mariadb"] = db.start()
@@ -367,12 +388,14 @@ class Stack:
                 with contextlib.suppress(StackError):  # left over from an earlier run
                     server.unregister(user)
                 server.register(user, password)
+            write_private(self.dir / ADMIN_PASSWORD_FILE, self.state.admin_password.encode())
             self.probe()
         except BaseException as exc:
             excerpt = log_tail(server.log)
-            self.stop()
+            self._end_processes()
             if isinstance(exc, StackError | LoginError | CAError):
-                raise StackError(f"{exc}\n--- {server.log} ---\n{excerpt}") from None
+                raise StackError(f"{str(exc).splitlines()[0]} (log: {server.log})\n{excerpt}"
+                                 ) from None
             raise
         return self.state
 
@@ -390,11 +413,21 @@ class Stack:
             wait_for(lambda: port_open(state.http_port), 20)
 
     def restart_server(self) -> None:
-        """Restart the XMPP server only (MariaDB keeps running): offline data must survive."""
-        server = self._parts()[1]
-        terminate(self.info.pids.pop("server", 0), server.marker)
+        """Restart the XMPP server (MariaDB keeps running, or is started again if it died):
+        offline data must survive."""
+        db, server = self._parts()
+        state = self.info
+        if not state.pids:
+            raise StackError(f"the stack in {self.dir} is stopped; use `start`")
+        if not pid_alive(state.pids.get("mariadb", 0), db.marker):
+            state.pids["mariadb"] = db.start()
+            self._save_state()
+        terminate(state.pids.pop("server", 0), server.marker)
         self._start_server(server)
-        self.probe()
+        try:
+            self.probe()
+        except LoginError as exc:
+            raise StackError(f"{exc} (log: {server.log})") from None
 
     def kill_server(self) -> None:
         """SIGKILL the XMPP server (a crash: no goodbye to its clients); ``restart_server``
@@ -407,16 +440,21 @@ class Stack:
             raise StackError(f"{server.name} (PID {pid}) survived SIGKILL")
 
     def stop(self) -> None:
-        """End this stack's own processes (server first, then MariaDB) and wait for them."""
-        if self.state is None:
+        """End this stack's own processes (server first, then MariaDB) and wait for them.
+
+        ``stack.json`` stays (without PIDs): the next ``start`` reuses its ports and passwords.
+        """
+        self._end_processes()
+
+    def _end_processes(self) -> None:
+        if self.state is None or not self.state.pids:
             return
         db, server = self._parts()
         for name, marker in (("server", server.marker), ("mariadb", db.marker)):
             pid = self.state.pids.pop(name, None)
             if pid:
                 terminate(pid, marker)
-        self.state_path.unlink(missing_ok=True)
-        self.state = None
+        self._save_state()
 
     def probe(self, timeout: float = 30.0) -> float:
         """Log in as the probe account; return the seconds it took (retrying while not ready)."""

@@ -1,65 +1,104 @@
-"""``scripts/stack``: start, stop and inspect the private stack from a shell."""
+"""``scripts/stack``: start, stop and inspect the private stack from a shell.
+
+Every failure is one line on stderr and exit 1; passwords never come from or go to argv.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import secrets
 import sys
 import time
+from pathlib import Path
 
+from capsule.connection import LoginError
+from capsule.files import write_private
 from capsule.testing.processes import StackError
 from capsule.testing.stack import DEFAULT_DOMAIN, SERVERS, Stack
+from capsule_ca import CAError
+from capsule_ca.cli import read_secret
 
-DEFAULT_DIR = ".stack"
+DIR_ENV = "CAPSULE_STACK_DIR"
+PASSWORD_ENV = "CAPSULE_XMPP_PASSWORD"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scripts/stack", description=__doc__)
     parser.add_argument("command", choices=["start", "stop", "restart", "status", "adduser",
                                             "deluser"])
     parser.add_argument("user", nargs="?", help="account name for adduser/deluser")
-    parser.add_argument("password", nargs="?", help="password for adduser (default: random)")
     parser.add_argument("--server", choices=SERVERS, default="ejabberd")
-    parser.add_argument("--dir", help=f"stack directory (default {DEFAULT_DIR}/SERVER)")
+    parser.add_argument("--dir", default=os.environ.get(DIR_ENV),
+                        help=f"stack directory (default ${DIR_ENV}, else .stack/SERVER in the "
+                        f"checkout)")
     parser.add_argument("--domain", default=DEFAULT_DOMAIN)
     parser.add_argument("--ca", help="use this CA directory (passphrase in $CAPSULE_CA_PASSPHRASE)")
     parser.add_argument("--exports", action="store_true", help="status as shell exports")
+    parser.add_argument("--password-file",
+                        help=f"adduser: the password from this file (else ${PASSWORD_ENV}, "
+                        f"else a new random one, written to this file if given)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    stack = Stack(args.dir or f"{DEFAULT_DIR}/{args.server}", args.server, args.domain, args.ca)
+    default_dir = Path(os.environ.get("CAPSULE_ROOT", ".")) / ".stack" / args.server
     try:
-        if args.command == "start":
-            began = time.monotonic()
-            state = stack.start()
-            print(f"{state.server} for {state.domain} ready on 127.0.0.1:{state.c2s_port} "
-                  f"in {time.monotonic() - began:.1f} s (CA {state.ca_root})")
-        elif args.command == "stop":
-            stack.stop()
-            print("stopped")
-        elif args.command == "restart":
-            stack.restart_server()
-            print("server restarted")
-        elif args.command == "status":
-            return _status(stack, args.exports)
-        elif args.command in ("adduser", "deluser"):
-            if not args.user:
-                parser.error(f"{args.command} needs a user name")
-            if args.command == "deluser":
-                stack.deluser(args.user)
-                print(f"deleted {args.user}")
-            else:
-                password = args.password or secrets.token_urlsafe(12)
-                jid = stack.adduser(args.user, password)
-                print(f"{jid} {password}" if not args.password else jid)
-    except StackError as exc:
-        print(f"stack: error: {exc}", file=sys.stderr)
+        stack = Stack(args.dir or default_dir, args.server, args.domain, args.ca)
+        if args.command in ("adduser", "deluser") and not args.user:
+            parser.error(f"{args.command} needs a user name")
+        return _run(stack, args)
+    except (StackError, LoginError, CAError, OSError) as exc:
+        print(f"stack: error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 1
+
+
+def _run(stack: Stack, args: argparse.Namespace) -> int:
+    if args.command == "start":
+        began = time.monotonic()
+        state = stack.start()
+        print(f"{state.server} for {state.domain} ready on 127.0.0.1:{state.c2s_port} "
+              f"in {time.monotonic() - began:.1f} s (CA {state.ca_root})")
+    elif args.command == "stop":
+        stack.stop()
+        print("stopped")
+    elif args.command == "restart":
+        stack.restart_server()
+        print("server restarted")
+    elif args.command == "status":
+        return _status(stack, args.exports)
+    elif args.command == "deluser":
+        stack.deluser(args.user)
+        print(f"deleted {args.user}")
+    else:
+        _adduser(stack, args.user, args.password_file)
     return 0
+
+
+def _adduser(stack: Stack, user: str, password_file: str | None) -> None:
+    existing = password_file if password_file and Path(password_file).exists() else None
+    if existing or os.environ.get(PASSWORD_ENV):
+        jid = stack.adduser(user, read_secret(existing, PASSWORD_ENV, "password",
+                                              error=StackError))
+        print(jid)
+        return
+    password = secrets.token_urlsafe(12)
+    jid = stack.adduser(user, password)
+    if password_file:
+        write_private(Path(password_file), password.encode())
+        print(f"{jid} (password written to {password_file})")
+    else:
+        print(f"{jid} {password}")
 
 
 def _status(stack: Stack, exports: bool) -> int:
     running = stack.running()
     if not running:
-        print(f"no stack in {stack.dir}")
+        print(f"no stack running in {stack.dir}" if stack.state is None else
+              f"stack in {stack.dir} is stopped (start keeps c2s port {stack.state.c2s_port})",
+              file=sys.stderr)
         return 3
     state = stack.info
     if exports:

@@ -16,6 +16,7 @@ https_ports = {}
 c2s_require_encryption = true
 s2s_require_encryption = true
 authentication = "internal_hashed"
+admins = { "admin@$domain" }  -- XEP-0133 service administration (mod_admin_adhoc)
 storage = "sql"
 sql = { driver = "MySQL", database = "$db_name", username = "$db_user", password = "$db_password", host = "127.0.0.1", port = $db_port }
 allow_registration = true  -- in-band registration (XEP-0077); 127.0.0.1 is not throttled
@@ -24,7 +25,7 @@ archive_expires_after = "never"
 max_archive_query_results = 250
 modules_enabled = {
   "roster"; "saslauth"; "tls"; "disco"; "carbons"; "pep"; "private"; "vcard4"; "vcard_legacy";
-  "mam"; "offline"; "ping"; "admin_shell"; "smacks"; "register";
+  "mam"; "offline"; "ping"; "admin_shell"; "smacks"; "register"; "admin_adhoc";
 }
 modules_disabled = { "s2s" }
 -- XEP-0198 (smacks): a dead client's session waits this long for its resumption, then what it had
