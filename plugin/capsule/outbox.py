@@ -57,7 +57,7 @@ class Outbox:
         self._given_up: OrderedDict[str, None] = OrderedDict()  # never to be sent again
         self._acked: OrderedDict[str, str] = OrderedDict()  # id -> peer, to report bounces
         self._ack_request: asyncio.Handle | None = None
-        self.live = bool(xmpp.sessionstarted)  # a session is up: sending goes out at once
+        self.live = bool(getattr(xmpp, "sessionstarted", False))  # sending goes out at once
         self.resent = 0
         # an "out" filter runs before xep_0198's "out_sync" one: a refused stanza is not counted
         xmpp.add_filter("out", self._on_wire)
