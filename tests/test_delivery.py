@@ -89,7 +89,16 @@ async def test_server_killed_mid_burst(xmpp_stack, capsule_bot):
         assert restart is not None
         await restart
     await settle(ledger, sent)
-    ledger.check(sent)
+    # A server killed after acking a capsule and handing it to bob's stream, before bob got
+    # it, takes it along (only its archive keeps it, readable with history()): the one loss
+    # no client can see. Counted and shown; any other loss fails.
+    archive = "\n".join(await asyncio.to_thread(xmpp_stack.stored, "archive", bob.account.user))
+    in_archive = frozenset(sid for sid, body in sent.items()
+                           if not ledger.delivered[body] and sid in ledger.acked and sid in archive)
+    print(f"server {xmpp_stack.info.server}: {len(sent)} sent, {len(ledger.acked)} acked, "
+          f"{len(ledger.undelivered)} reported undelivered, {alice.capsule.outbox.resent} resent, "
+          f"{len(in_archive)} acked but lost with the server (in bob's archive)")
+    ledger.check(sent, crash_window=in_archive)
     assert ledger.acked | set(ledger.undelivered) >= set(sent)
     assert alice.capsule.outbox.resent > 0  # the kills did catch capsules unacknowledged
 
@@ -162,6 +171,11 @@ async def test_undelivered_reported_within_bound_and_never_sent_later(xmpp_stack
     assert set(ledger.undelivered) == set(sent)
     assert all("within 2 s" in why for why in ledger.undelivered.values())
     await asyncio.to_thread(xmpp_stack.restart_server)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 45
+    while not alice.client.plugin["xep_0198"].enabled_in:  # reconnected, with its back-off
+        assert loop.time() < deadline, "alice did not reconnect"
+        await asyncio.sleep(0.1)
     [sid] = await alice.capsule.send(bob.jid, "after the restart")
     await settle(ledger, {sid: "after the restart"})
     assert sid in ledger.acked and ledger.delivered == {"before": 1, "after the restart": 1}
