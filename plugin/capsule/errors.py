@@ -135,6 +135,24 @@ class CorruptProfile(ProfileError):
     reason = "corrupt-profile"
 
 
+class CertificateLookupFailed(CapsuleError):
+    """Looking up certificates gave no definite answer (time-out, server error): never plaintext."""
+
+    reason = "lookup-failed"
+
+
+class CertificateWithdrawn(UntrustedCertificate):
+    """A contact we pinned now publishes no valid certificates: refused, never plaintext."""
+
+    reason = "withdrawn"
+
+
+class UninterpretableContent(MalformedCapsule):
+    """The envelope holds nothing this receiver can read (e.g. a body outside jabber:client)."""
+
+    reason = "uninterpretable"
+
+
 class Undelivered(CapsuleError):
     """A sent capsule was not acknowledged by the server within the bound, or was returned."""
 
