@@ -4,8 +4,8 @@ Every capsule that leaves is held here, keyed by stanza id, until the server's s
 management ack covers it (``capsule_acked``). slixmpp itself resends its unacked stanzas when a
 stream is *resumed*; when resumption fails (the server restarted) the session is new and
 slixmpp forgets them, so the outbox sends again every capsule that went out unacknowledged,
-once stream management is on again. While no stream is up, capsules wait here rather than in
-slixmpp's queues (which would write them before the next login or before ``<enable/>``).
+once stream management is on again. While no connection is up, capsules wait here rather than in
+slixmpp's queues (which would write them into the next connection before its login).
 A capsule not acknowledged within ``timeout`` seconds, one the outbox has no room for, and one
 the server returns with an error, are reported as ``capsule_undelivered`` and never sent
 again. A resent capsule is the identical stanza: the receiver drops the copy as a duplicate.
@@ -57,21 +57,20 @@ class Outbox:
         self._given_up: OrderedDict[str, None] = OrderedDict()  # never to be sent again
         self._acked: OrderedDict[str, str] = OrderedDict()  # id -> peer, to report bounces
         self._ack_request: asyncio.Handle | None = None
-        self.live = bool(getattr(xmpp, "sessionstarted", False))  # sending goes out at once
         self.resent = 0
         # an "out" filter runs before xep_0198's "out_sync" one: a refused stanza is not counted
         xmpp.add_filter("out", self._on_wire)
         for event, handler in self._events():
             xmpp.add_event_handler(event, handler)
         sm = xmpp.plugin["xep_0198"]
-        if self.live and not sm.enabled_out:  # registered on a client already logged in
+        if getattr(xmpp, "sessionstarted", False) and not sm.enabled_out:  # logged in already
             enable = sm.stanza.Enable(xmpp)
             enable["resume"] = sm.allow_resume
             enable.send()
 
     def _events(self) -> list[tuple[str, Callable[..., Any]]]:
-        return [("stanza_acked", self._on_acked), ("session_start", self._up),
-                ("sm_enabled", self._resend), ("session_resumed", self._resumed),
+        return [("stanza_acked", self._on_acked),
+                ("sm_enabled", self._resend), ("session_resumed", self._resend),
                 ("disconnected", self._down), ("message_error", self._on_bounce)]
 
     def close(self) -> None:
@@ -86,7 +85,7 @@ class Outbox:
     def send(self, msg: Message) -> None:
         """Send a sealed capsule; its delivery bound starts now, even while no stream is up."""
         self.track(msg)
-        if self.live:
+        if self.xmpp.transport is not None:  # slixmpp holds it until the session is up
             self.xmpp.send(msg)
         elif msg["id"] in self.pending:
             self.pending[msg["id"]].out = True  # sent once a stream is up
@@ -130,13 +129,9 @@ class Outbox:
         self._remember(self._acked, sid, peer)
         self.xmpp.event("capsule_acked", Acked(sid, peer))
 
-    def _up(self, _event: Any) -> None:
-        self.live = True
-
     def _down(self, _event: Any) -> None:
         """The stream is gone: capsules slixmpp still queued for it come back here (it would
         write them to the next connection before the login); the rest stays in its queue."""
-        self.live = False
         queue = self.xmpp.waiting_queue
         kept = []
         while not queue.empty():
@@ -149,14 +144,9 @@ class Outbox:
         for item in kept:
             queue.put_nowait(item)
 
-    def _resumed(self, event: Any) -> None:
-        self._up(event)
-        self._resend(event)
-
     def _resend(self, _event: Any) -> None:
         """Stream management is on (a new session, or a resumed one): send what went out or
         waited and xep_0198 does not track (it forgets a dead session's unacked stanzas)."""
-        self.live = True
         tracked = {id(stanza) for _seq, stanza in self.xmpp.plugin["xep_0198"].unacked_queue}
         unacked = [e.stanza for e in self.pending.values() if e.out and id(e.stanza) not in tracked]
         if unacked:
