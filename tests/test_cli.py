@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -54,4 +57,30 @@ def test_import_refuses_someone_elses_certificate(tmp_path: Path, authority: Aut
     before = profile.read_bytes()
     assert main(["profile", "import-cert", "--profile", str(profile), str(foreign)]) == 1
     assert "not for fay@capsule.test" in capsys.readouterr().err
+    assert profile.read_bytes() == before
+
+
+def test_import_refuses_a_certificate_its_crl_revokes(tmp_path: Path, authority: Authority,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """`capsule profile import-cert … CADIR/crl.pem` as typed: a revoked certificate is refused
+    with one line and nothing is stored."""
+    monkeypatch.setenv("CAPSULE_PIN", "7319024685")
+    profile = tmp_path / "hal.capsule"
+    jid = "hal@capsule.test"
+    assert main(["profile", "init", "--profile", str(profile), "--jid", jid]) == 0
+    certs = []
+    for usage in (Usage.SIGN, Usage.ENCRYPT):
+        csr = (tmp_path / f"hal.capsule.{usage.value}.csr").read_bytes()
+        record = authority.issue(csr, jid, usage, replace=True)
+        (tmp_path / f"{usage.value}.pem").write_bytes(record.pem())
+        certs.append(str(tmp_path / f"{usage.value}.pem"))
+    authority.revoke(serial=record.serial)  # the encryption certificate
+    before = profile.read_bytes()
+    proc = subprocess.run(
+        [str(Path(sys.executable).with_name("capsule")), "profile", "import-cert", "--profile",
+         str(profile), *certs, str(authority.root_path), str(authority.crl_path)],
+        capture_output=True, text=True, check=False, env=os.environ.copy())
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert proc.stderr.startswith("capsule: error: ") and proc.stderr.count("\n") == 1
+    assert "revoked" in proc.stderr and "encrypt.pem" in proc.stderr
     assert profile.read_bytes() == before

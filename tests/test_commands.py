@@ -29,10 +29,12 @@ from slixmpp import ClientXMPP
 from capsule import enrollment
 from capsule.cli import build_parser as capsule_parser
 from capsule.connection import login
+from capsule.files import FileLock
 from capsule.plugin import attach
 from capsule.testing import stackctl
 from capsule.testing.processes import pid_alive, wait_for
 from capsule.testing.stack import Stack, StackState, wait_stored
+from capsule_ca.authority import Authority
 from capsule_ca.cli import build_parser as ca_parser
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -386,11 +388,30 @@ async def test_enroll_rotate_audit_panel_commands(xmpp_stack, new_account, tmp_p
     with ca_service(stack, ca, env, tmp_path) as serve:
         log = await asyncio.to_thread(wait_output, tmp_path / "ca.log", "serving", serve)
         assert log.index("connecting to") < log.index("logged in as") < log.index("serving")
+        second = await asyncio.to_thread(  # would knock the first off its session forever
+            run, "capsule-ca", "serve", state.ca_dir, "--jid", ca.jid, "--password-file",
+            tmp_path / "ca.pw", "--passphrase-file", stack.dir / "ca-passphrase", env=env)
+        assert "another `capsule-ca serve` already serves" in one_line_error(second, "capsule-ca")
 
         assert "is enrolled" in ok(await asyncio.to_thread(enroll, bob, "--ca-cert",
                                                            state.ca_root))
+        # failures the client can see locally must not cost bob his certificates
+        issued = ok(await asyncio.to_thread(run, "capsule-ca", "list", state.ca_dir, env=env))
+        other = Authority.init(tmp_path / "other", "Other CA", b"other passphrase")
+        foreign = await asyncio.to_thread(
+            enroll, bob, "--ca-cert", other.root_path, "--tls-ca", state.ca_root)
+        assert "not the one we trust" in one_line_error(foreign, "capsule")
+        bot = FileLock(tmp_path / f"{bob.user}.capsule")  # as a running bot holds it
+        assert bot.acquire()
+        in_use = await asyncio.to_thread(
+            run, "capsule", "rotate", "--profile", f"{bob.user}.capsule", "--ca", ca.jid,
+            "--password-file", f"{bob.user}.pw", env=env, cwd=tmp_path)
+        bot.release()
+        assert "in use by another process" in one_line_error(in_use, "capsule")
         unconfirmed = await asyncio.to_thread(enroll, carol)  # TOFU without --yes, no terminal
         assert "must be confirmed" in one_line_error(unconfirmed, "capsule")
+        assert ok(await asyncio.to_thread(run, "capsule-ca", "list", state.ca_dir, env=env)
+                  ) == issued  # nothing issued, nothing revoked
         tofu = ok(await asyncio.to_thread(enroll, carol, "--yes"))
         fingerprint = enrollment.fingerprint(state.ca_root.read_bytes())
         assert f"root certificate SHA-256 {fingerprint}" in tofu

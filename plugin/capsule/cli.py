@@ -36,6 +36,7 @@ from capsule.enrollment import EnrollmentError
 from capsule.errors import CapsuleError, ProfileError, UntrustedCertificate
 from capsule.panel import PanelError, check_ejabberd_queue, check_openfire_archive
 from capsule.profile import PIN_ENV, KdfParams, Profile, brute_force_cost, check_pin
+from capsule.trust import TrustStore
 from capsule_ca.cli import add_server_options, read_secret, run
 
 NEW_PIN_ENV = "CAPSULE_NEW_PIN"
@@ -89,7 +90,7 @@ def cmd_init(args: argparse.Namespace) -> None:
 
 def cmd_import(args: argparse.Namespace) -> None:
     profile = _open(args)
-    crls = []
+    crls, ours = [], []
     for name in args.certs:
         try:
             pem = Path(name).read_bytes()
@@ -98,7 +99,10 @@ def cmd_import(args: argparse.Namespace) -> None:
         if b"-----BEGIN X509 CRL-----" in pem:
             crls.append((name, pem))  # checked against the root, which may come later
             continue
-        print(f"{name}: stored as {profile.import_cert(pem)} certificate")
+        usage = profile.import_cert(pem)
+        if usage != "ca":
+            ours.append((name, pem, usage))
+        print(f"{name}: stored as {usage} certificate")
     for name, pem in crls:
         try:
             stored = enrollment.store_crl(profile, pem)
@@ -106,6 +110,14 @@ def cmd_import(args: argparse.Namespace) -> None:
             raise ProfileError(f"{name}: {exc}") from None
         print(f"{name}: " + ("stored as the CA's CRL" if stored
                              else "not newer than the stored CRL; kept that one"))
+    if profile.data.ca_root:  # nothing is saved unless ours chain to the root, unrevoked
+        crl = profile.data.crl.encode() if profile.data.crl else None
+        trust = TrustStore(profile.data.ca_root.encode(), crl)
+        for name, pem, usage in ours:
+            try:
+                trust.verify(pem, profile.data.jid, usage)
+            except UntrustedCertificate as exc:
+                raise ProfileError(f"{name}: {exc}; nothing stored") from None
     profile.save()
     if profile.ready():
         print("profile is ready: keys, both certificates and the CA root are in place")
@@ -263,13 +275,12 @@ def _connect_and(args: argparse.Namespace, profile: Profile, rotate: bool) -> No
         print(f"logged in as {client.boundjid.bare}; asking the CA service {args.ca}…",
               flush=True)
         try:
-            if rotate:
-                profile.rotate_keys()
-            await enrollment.enroll_profile(client, profile, args.ca, ca_root, confirm)
+            await enrollment.enroll_profile(client, profile, args.ca, ca_root, confirm, rotate)
         finally:
             await client.disconnect()
 
-    asyncio.run(go())
+    with profile.exclusive():  # a running bot's profile fails here, before the CA revokes
+        asyncio.run(go())
 
 
 def cmd_enroll(args: argparse.Namespace) -> None:
