@@ -299,8 +299,10 @@ def test_ca_and_profile_commands(tmp_path):
     garbage.write_text("-----BEGIN CERTIFICATE REQUEST-----\nnonsense\n")
     one_line_error(run("capsule-ca", "issue", ca, "--csr", garbage, "--jid", "bot@example.org",
                        "--usage", "sign", *pp, env=env), "capsule-ca")
+    files = "sign.pem enc.pem CADIR/root.pem CADIR/crl.pem"  # as README names them
+    assert files in out and files in README.read_text()
     imported = run("capsule", "profile", "import-cert", "--profile", "bot.capsule", "sign.pem",
-                   "encrypt.pem", ca / "root.pem", ca / "crl.pem", env=env, cwd=tmp_path)
+                   "enc.pem", ca / "root.pem", ca / "crl.pem", env=env, cwd=tmp_path)
     assert "profile is ready" in ok(imported)
     shown = ok(run("capsule", "profile", "show", "--profile", tmp_path / "bot.capsule", env=env))
     assert "bot@example.org" in shown and "(missing)" not in shown and PIN not in shown
@@ -498,3 +500,32 @@ def test_stack_start_on_a_taken_port_is_one_line(tmp_path):
             tmp_path / "stack")))
     assert f"port {port} " in one_line_error(failed, "stack")
     assert not (tmp_path / "stack" / "mariadb").exists()
+
+
+def test_ctrl_c_at_start_up_and_a_closed_pipe_end_quietly(tmp_path):
+    """Ctrl-C while the command still imports exits 130 without a traceback; so does a reader
+    that went away (`capsule profile show … | head -1`), with 141."""
+    fake = tmp_path / "fake-ctrl-c"  # a fake of the user's Ctrl-C, at a known moment
+    fake.mkdir()
+    (fake / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class CtrlC:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'slixmpp':\n"
+        "            raise KeyboardInterrupt\n"
+        "sys.meta_path.insert(0, CtrlC())\n")
+    for program in ("capsule", "capsule-ca"):
+        proc = run(program, "--help", env=clean_env(PYTHONPATH=str(fake)))
+        assert (proc.returncode, proc.stdout, proc.stderr) == (130, "", ""), proc
+
+    env = clean_env(CAPSULE_PIN=PIN)
+    ok(run("capsule", "profile", "init", "--profile", "ivy.capsule", "--jid",
+           "ivy@capsule.test", env=env, cwd=tmp_path))
+    for args in (["profile", "show", "--profile", "ivy.capsule"], ["--help"]):
+        read, write = os.pipe()
+        os.close(read)  # `head -1` has read its line and gone
+        with os.fdopen(write, "w") as closed:
+            proc = subprocess.run([str(BIN / "capsule"), *args], stdout=closed,
+                                  stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+                                  check=False, timeout=120)
+        assert (proc.returncode, proc.stderr) == (141, ""), proc

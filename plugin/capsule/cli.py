@@ -83,8 +83,8 @@ def cmd_init(args: argparse.Namespace) -> None:
           f"  capsule-ca issue CADIR --csr {base.name}.sign.csr --jid {args.jid}{email} "
           f"--usage sign --out sign.pem\n"
           f"  capsule-ca issue CADIR --csr {base.name}.encrypt.csr --jid {args.jid}{email} "
-          f"--usage encrypt --out encrypt.pem\n"
-          f"then: capsule profile import-cert --profile {base} sign.pem encrypt.pem CADIR/root.pem "
+          f"--usage encrypt --out enc.pem\n"
+          f"then: capsule profile import-cert --profile {base} sign.pem enc.pem CADIR/root.pem "
           f"CADIR/crl.pem")
 
 
