@@ -15,7 +15,7 @@ BROKEN_PIPE = 141  # 128 + SIGPIPE
 
 
 def _launch(module: str) -> None:
-    code: object
+    code: str | int | None
     try:
         try:
             code = importlib.import_module(module).main()
