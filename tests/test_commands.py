@@ -223,9 +223,15 @@ def _stack_commands(stack: Stack, env: dict[str, str]) -> None:
     made = run("scripts/stack", "adduser", "dora", env=env | {"CAPSULE_XMPP_PASSWORD": "d0ra-pw"})
     assert ok(made).strip() == f"dora@{stack.info.domain}" and "d0ra-pw" not in made.stdout
     assert asyncio.run(_can_login(stack, "dora", "d0ra-pw"))
+    assert "certmanager" not in made.stdout + made.stderr  # prosodyctl finds its certificates
     refused = run("scripts/stack", "adduser", "dora", "a-password-in-argv", env=env)
     assert refused.returncode == 2 and "unrecognized arguments" in refused.stderr
+    again = run("scripts/stack", "adduser", "dora", env=env | {"CAPSULE_XMPP_PASSWORD": "other"})
+    assert one_line_error(again, "stack") == "stack: error: user dora exists\n"
+    assert asyncio.run(_can_login(stack, "dora", "d0ra-pw"))  # untouched
     assert ok(run("scripts/stack", "deluser", "dora", env=env)).strip() == "deleted dora"
+    gone = run("scripts/stack", "deluser", "dora", env=env)
+    assert "no user dora" in one_line_error(gone, "stack")
     assert not asyncio.run(_can_login(stack, "dora", "d0ra-pw"))
 
     mariadb = stack.info.pids["mariadb"]
@@ -240,6 +246,9 @@ def _stack_commands(stack: Stack, env: dict[str, str]) -> None:
     assert ok(run("scripts/stack", "stop", env=env)).strip() == "stopped"
     stopped = run("scripts/stack", "status", env=env)
     assert stopped.returncode == 3 and "stopped" in stopped.stderr
+    exports = run("scripts/stack", "status", "--exports", env=env)
+    assert (exports.returncode, exports.stdout) == (3, "") and "stopped" in exports.stderr
+    assert "is stopped" in one_line_error(run("scripts/stack", "adduser", "eve", env=env), "stack")
     one_line_error(run("scripts/stack", "restart", env=env), "stack")
     assert "use `start`" in run("scripts/stack", "restart", env=env).stderr
 
@@ -461,6 +470,12 @@ async def test_enroll_rotate_audit_panel_commands(xmpp_stack, new_account, tmp_p
     in_argv = f"mysql://{state.db_name}:{state.db_password}@127.0.0.1:{state.db_port}/x"
     refused = await asyncio.to_thread(run, "capsule", *audit, "--dsn", in_argv, env=env)
     assert "holds a password" in one_line_error(refused, "capsule")
+    as_typed = next(line for line in readme_section("The local stack").splitlines()
+                    if line.startswith('capsule audit --source "$CAPSULE_SERVER"'))
+    stack_audit = await asyncio.to_thread(  # the README line, with the exports and no --dsn
+        subprocess.run, ["bash", "-c", as_typed], capture_output=True, text=True,
+        env=env | {"PATH": f"{BIN}:{os.environ['PATH']}"}, check=False, timeout=300)
+    assert "ENCRYPTED" in ok(stack_audit) and secret not in stack_audit.stdout
     db_password = tmp_path / "db.pw"
     db_password.write_text(state.db_password + "\n")
     tcp = f"mysql://{state.db_name}@127.0.0.1:{state.db_port}/{state.db_name}"

@@ -36,6 +36,7 @@ from capsule.enrollment import EnrollmentError
 from capsule.errors import CapsuleError, ProfileError, UntrustedCertificate
 from capsule.panel import PanelError, check_ejabberd_queue, check_openfire_archive
 from capsule.profile import PIN_ENV, KdfParams, Profile, brute_force_cost, check_pin
+from capsule.sql import AUDIT_DB_PASSWORD_FILE_ENV, AUDIT_DSN_ENV
 from capsule.trust import TrustStore
 from capsule_ca.cli import add_server_options, read_secret, run
 
@@ -159,14 +160,18 @@ def _progress(enabled: bool, every: int = 5000) -> Iterator[None]:
 
 def _dsn(args: argparse.Namespace) -> Dsn:
     """The DSN from --dsn, its password from a file or the environment, never from argv."""
-    if not args.dsn:
-        raise SourceError(f"--source {args.source} needs --dsn")
-    if urlparse(args.dsn).password is not None:
+    dsn, password_file = args.dsn, args.db_password_file
+    if not dsn:  # the pair `scripts/stack status --exports` sets
+        dsn = os.environ.get(AUDIT_DSN_ENV)
+        password_file = password_file or os.environ.get(AUDIT_DB_PASSWORD_FILE_ENV)
+    if not dsn:
+        raise SourceError(f"--source {args.source} needs --dsn (or ${AUDIT_DSN_ENV})")
+    if urlparse(dsn).password is not None:
         raise SourceError("the DSN holds a password, which every local user can read in the "
                           f"command line: put it in ${DB_PASSWORD_ENV} or --db-password-file")
-    password = (read_secret(args.db_password_file, DB_PASSWORD_ENV, "database password",
-                            error=SourceError) if args.db_password_file else None)
-    return Dsn.parse(args.dsn, password)  # else from $CAPSULE_AUDIT_DB_PASSWORD, if set
+    password = (read_secret(password_file, DB_PASSWORD_ENV, "database password",
+                            error=SourceError) if password_file else None)
+    return Dsn.parse(dsn, password)  # else from $CAPSULE_AUDIT_DB_PASSWORD, if set
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -369,7 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "alone, and report per conversation.")
     p.add_argument("--source", required=True, choices=[*SQL_SOURCES, "mam"])
     p.add_argument("--dsn", help="mysql://user@host:port/db[?socket=PATH], no password: that "
-                   f"comes from --db-password-file or ${DB_PASSWORD_ENV}")
+                   f"comes from --db-password-file or ${DB_PASSWORD_ENV} (default "
+                   f"${AUDIT_DSN_ENV} with its password file ${AUDIT_DB_PASSWORD_FILE_ENV})")
     p.add_argument("--db-password-file", help="file holding the database password")
     p.add_argument("--jid", help="MAM source / --fetch-certs: the XMPP account to use")
     p.add_argument("--password-file", help="file holding that account's password")

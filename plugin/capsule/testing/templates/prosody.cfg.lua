@@ -28,6 +28,8 @@ modules_enabled = {
   "mam"; "offline"; "ping"; "admin_shell"; "smacks"; "register"; "admin_adhoc";
 }
 modules_disabled = { "s2s" }
+-- where certmanager looks for more (default: a certs/ beside the config, which does not exist)
+certificates = "$dir"
 ssl = { certificate = "$dir/server.crt", key = "$dir/server.key" }
 
 VirtualHost "$domain"
