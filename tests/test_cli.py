@@ -11,8 +11,21 @@ import pytest
 
 from capsule.cli import main
 from capsule.profile import Profile
-from capsule_ca import Authority
+from capsule_ca import Authority, CertRecord
 from capsule_ca.profiles import Usage
+
+
+def certify_init(authority: Authority, profile: Path, jid: str) -> list[tuple[Path, CertRecord]]:
+    """Have the CA certify the CSRs `profile init` wrote beside ``profile``: [(PEM file, record)]
+    for sign, then encrypt."""
+    issued = []
+    for usage in (Usage.SIGN, Usage.ENCRYPT):
+        csr = profile.with_name(f"{profile.name}.{usage.value}.csr").read_bytes()
+        record = authority.issue(csr, jid, usage, replace=True)
+        out = profile.with_name(f"{usage.value}.pem")
+        out.write_bytes(record.pem())
+        issued.append((out, record))
+    return issued
 
 
 def test_profile_life_cycle(tmp_path: Path, authority: Authority, monkeypatch: pytest.MonkeyPatch,
@@ -21,12 +34,7 @@ def test_profile_life_cycle(tmp_path: Path, authority: Authority, monkeypatch: p
     profile = tmp_path / "erin.capsule"
     jid = "erin@capsule.test"
     assert main(["profile", "init", "--profile", str(profile), "--jid", jid]) == 0
-    certs = []
-    for usage in (Usage.SIGN, Usage.ENCRYPT):
-        csr = (tmp_path / f"erin.capsule.{usage.value}.csr").read_bytes()
-        out = tmp_path / f"{usage.value}.pem"
-        out.write_bytes(authority.issue(csr, jid, usage, replace=True).pem())
-        certs.append(str(out))
+    certs = [str(path) for path, _ in certify_init(authority, profile, jid)]
     args = ["--profile", str(profile)]
     assert main(["profile", "import-cert", *args, *certs, str(authority.root_path)]) == 0
     assert "profile is ready" in capsys.readouterr().out
@@ -68,13 +76,9 @@ def test_import_refuses_a_certificate_its_crl_revokes(tmp_path: Path, authority:
     profile = tmp_path / "hal.capsule"
     jid = "hal@capsule.test"
     assert main(["profile", "init", "--profile", str(profile), "--jid", jid]) == 0
-    certs = []
-    for usage in (Usage.SIGN, Usage.ENCRYPT):
-        csr = (tmp_path / f"hal.capsule.{usage.value}.csr").read_bytes()
-        record = authority.issue(csr, jid, usage, replace=True)
-        (tmp_path / f"{usage.value}.pem").write_bytes(record.pem())
-        certs.append(str(tmp_path / f"{usage.value}.pem"))
-    authority.revoke(serial=record.serial)  # the encryption certificate
+    issued = certify_init(authority, profile, jid)
+    certs = [str(path) for path, _ in issued]
+    authority.revoke(serial=issued[1][1].serial)  # the encryption certificate
     before = profile.read_bytes()
     proc = subprocess.run(
         [str(Path(sys.executable).with_name("capsule")), "profile", "import-cert", "--profile",

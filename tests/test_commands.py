@@ -367,6 +367,20 @@ def wait_output(path: Path, text: str, proc: subprocess.Popen[str], timeout: flo
     return path.read_text()
 
 
+def enroll_on_a_terminal(answer: str, args: list[str], env: dict[str, str], cwd: Path
+                         ) -> subprocess.CompletedProcess[str]:
+    """`capsule enroll` with a terminal as its standard input, the user typing ``answer``."""
+    control, terminal = os.openpty()
+    os.write(control, answer.encode())
+    try:
+        return subprocess.run([str(BIN / "capsule"), "enroll", *args], stdin=terminal,
+                              capture_output=True, text=True, env=env, cwd=cwd, check=False,
+                              timeout=300)
+    finally:
+        os.close(terminal)
+        os.close(control)
+
+
 async def test_enroll_rotate_audit_panel_commands(xmpp_stack, new_account, tmp_path):
     stack, state = xmpp_stack, xmpp_stack.info
     env = stack_env(stack, CAPSULE_PIN=PIN)
@@ -421,6 +435,11 @@ async def test_enroll_rotate_audit_panel_commands(xmpp_stack, new_account, tmp_p
         assert "in use by another process" in one_line_error(in_use, "capsule")
         unconfirmed = await asyncio.to_thread(enroll, carol)  # TOFU without --yes, no terminal
         assert "must be confirmed" in one_line_error(unconfirmed, "capsule")
+        answered_no = await asyncio.to_thread(enroll_on_a_terminal, "n\n", [
+            "--profile", f"{carol.user}.capsule", "--jid", carol.jid, "--ca", ca.jid,
+            "--password-file", f"{carol.user}.pw"], env, tmp_path)
+        assert "Trust this CA root? [y/N]" in answered_no.stdout
+        assert "not confirmed; nothing was sent" in one_line_error(answered_no, "capsule")
         assert ok(await asyncio.to_thread(run, "capsule-ca", "list", state.ca_dir, env=env)
                   ) == issued  # nothing issued, nothing revoked
         tofu = ok(await asyncio.to_thread(enroll, carol, "--yes"))
