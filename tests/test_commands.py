@@ -489,7 +489,7 @@ async def test_enroll_rotate_audit_panel_commands(xmpp_stack, new_account, tmp_p
     in_argv = f"mysql://{state.db_name}:{state.db_password}@127.0.0.1:{state.db_port}/x"
     refused = await asyncio.to_thread(run, "capsule", *audit, "--dsn", in_argv, env=env)
     assert "holds a password" in one_line_error(refused, "capsule")
-    as_typed = next(line for line in readme_section("The local stack").splitlines()
+    as_typed = next(line for line in readme_section("The local stack: `scripts/stack`").splitlines()
                     if line.startswith('capsule audit --source "$CAPSULE_SERVER"'))
     stack_audit = await asyncio.to_thread(  # the README line, with the exports and no --dsn
         subprocess.run, ["bash", "-c", as_typed], capture_output=True, text=True,
