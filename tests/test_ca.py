@@ -392,3 +392,39 @@ def test_superseding_a_certificate_publishes_a_crl_listing_it(ca: Authority) -> 
     ca.issue(make_csr(), "superseded@capsule.test", Usage.SIGN, replace=True)
     crl = x509.load_pem_x509_crl(ca.crl_path.read_bytes())
     assert crl.get_revoked_certificate_by_serial_number(int(old.serial, 16)) is not None
+
+
+def test_an_enrollment_is_one_transaction(ca: Authority, monkeypatch: pytest.MonkeyPatch
+                                          ) -> None:
+    """Ctrl-C between the two signatures of a re-enrollment leaves the old pair valid and no
+    file changed (not sign superseded and reissued, encrypt not)."""
+    jid = "pair@capsule.test"
+    first = ca.enroll({Usage.SIGN: make_csr(jid), Usage.ENCRYPT: make_csr(jid)}, jid, jid)
+    before = snapshot(ca.dir)
+    real_sign, signed = Authority._sign, []
+
+    def interrupted_after_one(self: Authority, *args: object, **kwargs: object) -> object:
+        if signed:
+            raise KeyboardInterrupt
+        signed.append(real_sign(self, *args, **kwargs))  # type: ignore[arg-type]
+        return signed[-1]
+
+    monkeypatch.setattr(Authority, "_sign", interrupted_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        ca.enroll({Usage.SIGN: make_csr(jid), Usage.ENCRYPT: make_csr(jid)}, jid, jid)
+    assert signed and snapshot(ca.dir) == before
+    assert {r.serial for r in ca.valid_for(jid)} == {r.serial for r in first.values()}
+    monkeypatch.undo()
+    second = ca.enroll({Usage.SIGN: make_csr(jid), Usage.ENCRYPT: make_csr(jid)}, jid, jid)
+    assert {r.serial for r in ca.valid_for(jid)} == {r.serial for r in second.values()}
+    revoked = {r.serial for r in ca.records() if r.subject == jid and r.status == "revoked"}
+    assert revoked == {r.serial for r in first.values()}
+
+
+def test_serve_with_a_wrong_passphrase_refuses_at_start(ca: Authority, tmp_path: Path) -> None:
+    wrong = tmp_path / "wrong"
+    wrong.write_text("not the passphrase\n")
+    proc = capsule_ca("serve", str(ca.dir), "--jid", "ca@capsule.test", "--passphrase-file",
+                      str(wrong), env={"CAPSULE_CA_XMPP_PASSWORD": "unused"})
+    assert proc.returncode == 1 and proc.stdout == "", (proc.stdout, proc.stderr)
+    assert proc.stderr == "capsule-ca: error: wrong CA passphrase (cannot unlock the root key)\n"

@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from capsule.cli import main
 from capsule.profile import Profile
-from capsule_ca import Authority
+from capsule_ca import Authority, CertRecord
 from capsule_ca.profiles import Usage
+
+
+def certify_init(authority: Authority, profile: Path, jid: str) -> list[tuple[Path, CertRecord]]:
+    """Have the CA certify the CSRs `profile init` wrote beside ``profile``: [(PEM file, record)]
+    for sign, then encrypt."""
+    issued = []
+    for usage in (Usage.SIGN, Usage.ENCRYPT):
+        csr = profile.with_name(f"{profile.name}.{usage.value}.csr").read_bytes()
+        record = authority.issue(csr, jid, usage, replace=True)
+        out = profile.with_name(f"{usage.value}.pem")
+        out.write_bytes(record.pem())
+        issued.append((out, record))
+    return issued
 
 
 def test_profile_life_cycle(tmp_path: Path, authority: Authority, monkeypatch: pytest.MonkeyPatch,
@@ -18,12 +34,7 @@ def test_profile_life_cycle(tmp_path: Path, authority: Authority, monkeypatch: p
     profile = tmp_path / "erin.capsule"
     jid = "erin@capsule.test"
     assert main(["profile", "init", "--profile", str(profile), "--jid", jid]) == 0
-    certs = []
-    for usage in (Usage.SIGN, Usage.ENCRYPT):
-        csr = (tmp_path / f"erin.capsule.{usage.value}.csr").read_bytes()
-        out = tmp_path / f"{usage.value}.pem"
-        out.write_bytes(authority.issue(csr, jid, usage, replace=True).pem())
-        certs.append(str(out))
+    certs = [str(path) for path, _ in certify_init(authority, profile, jid)]
     args = ["--profile", str(profile)]
     assert main(["profile", "import-cert", *args, *certs, str(authority.root_path)]) == 0
     assert "profile is ready" in capsys.readouterr().out
@@ -54,4 +65,26 @@ def test_import_refuses_someone_elses_certificate(tmp_path: Path, authority: Aut
     before = profile.read_bytes()
     assert main(["profile", "import-cert", "--profile", str(profile), str(foreign)]) == 1
     assert "not for fay@capsule.test" in capsys.readouterr().err
+    assert profile.read_bytes() == before
+
+
+def test_import_refuses_a_certificate_its_crl_revokes(tmp_path: Path, authority: Authority,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """`capsule profile import-cert … CADIR/crl.pem` as typed: a revoked certificate is refused
+    with one line and nothing is stored."""
+    monkeypatch.setenv("CAPSULE_PIN", "7319024685")
+    profile = tmp_path / "hal.capsule"
+    jid = "hal@capsule.test"
+    assert main(["profile", "init", "--profile", str(profile), "--jid", jid]) == 0
+    issued = certify_init(authority, profile, jid)
+    certs = [str(path) for path, _ in issued]
+    authority.revoke(serial=issued[1][1].serial)  # the encryption certificate
+    before = profile.read_bytes()
+    proc = subprocess.run(
+        [str(Path(sys.executable).with_name("capsule")), "profile", "import-cert", "--profile",
+         str(profile), *certs, str(authority.root_path), str(authority.crl_path)],
+        capture_output=True, text=True, check=False, env=os.environ.copy())
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert proc.stderr.startswith("capsule: error: ") and proc.stderr.count("\n") == 1
+    assert "revoked" in proc.stderr and "encrypt.pem" in proc.stderr
     assert profile.read_bytes() == before

@@ -29,10 +29,12 @@ from slixmpp import ClientXMPP
 from capsule import enrollment
 from capsule.cli import build_parser as capsule_parser
 from capsule.connection import login
+from capsule.files import FileLock
 from capsule.plugin import attach
 from capsule.testing import stackctl
 from capsule.testing.processes import pid_alive, wait_for
 from capsule.testing.stack import Stack, StackState, wait_stored
+from capsule_ca.authority import Authority
 from capsule_ca.cli import build_parser as ca_parser
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -221,9 +223,15 @@ def _stack_commands(stack: Stack, env: dict[str, str]) -> None:
     made = run("scripts/stack", "adduser", "dora", env=env | {"CAPSULE_XMPP_PASSWORD": "d0ra-pw"})
     assert ok(made).strip() == f"dora@{stack.info.domain}" and "d0ra-pw" not in made.stdout
     assert asyncio.run(_can_login(stack, "dora", "d0ra-pw"))
+    assert "certmanager" not in made.stdout + made.stderr  # prosodyctl finds its certificates
     refused = run("scripts/stack", "adduser", "dora", "a-password-in-argv", env=env)
     assert refused.returncode == 2 and "unrecognized arguments" in refused.stderr
+    again = run("scripts/stack", "adduser", "dora", env=env | {"CAPSULE_XMPP_PASSWORD": "other"})
+    assert one_line_error(again, "stack") == "stack: error: user dora exists\n"
+    assert asyncio.run(_can_login(stack, "dora", "d0ra-pw"))  # untouched
     assert ok(run("scripts/stack", "deluser", "dora", env=env)).strip() == "deleted dora"
+    gone = run("scripts/stack", "deluser", "dora", env=env)
+    assert "no user dora" in one_line_error(gone, "stack")
     assert not asyncio.run(_can_login(stack, "dora", "d0ra-pw"))
 
     mariadb = stack.info.pids["mariadb"]
@@ -238,6 +246,9 @@ def _stack_commands(stack: Stack, env: dict[str, str]) -> None:
     assert ok(run("scripts/stack", "stop", env=env)).strip() == "stopped"
     stopped = run("scripts/stack", "status", env=env)
     assert stopped.returncode == 3 and "stopped" in stopped.stderr
+    exports = run("scripts/stack", "status", "--exports", env=env)
+    assert (exports.returncode, exports.stdout) == (3, "") and "stopped" in exports.stderr
+    assert "is stopped" in one_line_error(run("scripts/stack", "adduser", "eve", env=env), "stack")
     one_line_error(run("scripts/stack", "restart", env=env), "stack")
     assert "use `start`" in run("scripts/stack", "restart", env=env).stderr
 
@@ -297,8 +308,10 @@ def test_ca_and_profile_commands(tmp_path):
     garbage.write_text("-----BEGIN CERTIFICATE REQUEST-----\nnonsense\n")
     one_line_error(run("capsule-ca", "issue", ca, "--csr", garbage, "--jid", "bot@example.org",
                        "--usage", "sign", *pp, env=env), "capsule-ca")
+    files = "sign.pem enc.pem CADIR/root.pem CADIR/crl.pem"  # as README names them
+    assert files in out and files in README.read_text()
     imported = run("capsule", "profile", "import-cert", "--profile", "bot.capsule", "sign.pem",
-                   "encrypt.pem", ca / "root.pem", ca / "crl.pem", env=env, cwd=tmp_path)
+                   "enc.pem", ca / "root.pem", ca / "crl.pem", env=env, cwd=tmp_path)
     assert "profile is ready" in ok(imported)
     shown = ok(run("capsule", "profile", "show", "--profile", tmp_path / "bot.capsule", env=env))
     assert "bot@example.org" in shown and "(missing)" not in shown and PIN not in shown
@@ -354,6 +367,20 @@ def wait_output(path: Path, text: str, proc: subprocess.Popen[str], timeout: flo
     return path.read_text()
 
 
+def enroll_on_a_terminal(answer: str, args: list[str], env: dict[str, str], cwd: Path
+                         ) -> subprocess.CompletedProcess[str]:
+    """`capsule enroll` with a terminal as its standard input, the user typing ``answer``."""
+    control, terminal = os.openpty()
+    os.write(control, answer.encode())
+    try:
+        return subprocess.run([str(BIN / "capsule"), "enroll", *args], stdin=terminal,
+                              capture_output=True, text=True, env=env, cwd=cwd, check=False,
+                              timeout=300)
+    finally:
+        os.close(terminal)
+        os.close(control)
+
+
 async def test_enroll_rotate_audit_panel_commands(xmpp_stack, new_account, tmp_path):
     stack, state = xmpp_stack, xmpp_stack.info
     env = stack_env(stack, CAPSULE_PIN=PIN)
@@ -386,11 +413,35 @@ async def test_enroll_rotate_audit_panel_commands(xmpp_stack, new_account, tmp_p
     with ca_service(stack, ca, env, tmp_path) as serve:
         log = await asyncio.to_thread(wait_output, tmp_path / "ca.log", "serving", serve)
         assert log.index("connecting to") < log.index("logged in as") < log.index("serving")
+        second = await asyncio.to_thread(  # would knock the first off its session forever
+            run, "capsule-ca", "serve", state.ca_dir, "--jid", ca.jid, "--password-file",
+            tmp_path / "ca.pw", "--passphrase-file", stack.dir / "ca-passphrase", env=env)
+        assert "another `capsule-ca serve` already serves" in one_line_error(second, "capsule-ca")
 
         assert "is enrolled" in ok(await asyncio.to_thread(enroll, bob, "--ca-cert",
                                                            state.ca_root))
+        # failures the client can see locally must not cost bob his certificates
+        issued = ok(await asyncio.to_thread(run, "capsule-ca", "list", state.ca_dir, env=env))
+        other = Authority.init(tmp_path / "other", "Other CA", b"other passphrase")
+        foreign = await asyncio.to_thread(
+            enroll, bob, "--ca-cert", other.root_path, "--tls-ca", state.ca_root)
+        assert "not the one we trust" in one_line_error(foreign, "capsule")
+        bot = FileLock(tmp_path / f"{bob.user}.capsule")  # as a running bot holds it
+        assert bot.acquire()
+        in_use = await asyncio.to_thread(
+            run, "capsule", "rotate", "--profile", f"{bob.user}.capsule", "--ca", ca.jid,
+            "--password-file", f"{bob.user}.pw", env=env, cwd=tmp_path)
+        bot.release()
+        assert "in use by another process" in one_line_error(in_use, "capsule")
         unconfirmed = await asyncio.to_thread(enroll, carol)  # TOFU without --yes, no terminal
         assert "must be confirmed" in one_line_error(unconfirmed, "capsule")
+        answered_no = await asyncio.to_thread(enroll_on_a_terminal, "n\n", [
+            "--profile", f"{carol.user}.capsule", "--jid", carol.jid, "--ca", ca.jid,
+            "--password-file", f"{carol.user}.pw"], env, tmp_path)
+        assert "Trust this CA root? [y/N]" in answered_no.stdout
+        assert "not confirmed; nothing was sent" in one_line_error(answered_no, "capsule")
+        assert ok(await asyncio.to_thread(run, "capsule-ca", "list", state.ca_dir, env=env)
+                  ) == issued  # nothing issued, nothing revoked
         tofu = ok(await asyncio.to_thread(enroll, carol, "--yes"))
         fingerprint = enrollment.fingerprint(state.ca_root.read_bytes())
         assert f"root certificate SHA-256 {fingerprint}" in tofu
@@ -438,6 +489,12 @@ async def test_enroll_rotate_audit_panel_commands(xmpp_stack, new_account, tmp_p
     in_argv = f"mysql://{state.db_name}:{state.db_password}@127.0.0.1:{state.db_port}/x"
     refused = await asyncio.to_thread(run, "capsule", *audit, "--dsn", in_argv, env=env)
     assert "holds a password" in one_line_error(refused, "capsule")
+    as_typed = next(line for line in readme_section("The local stack: `scripts/stack`").splitlines()
+                    if line.startswith('capsule audit --source "$CAPSULE_SERVER"'))
+    stack_audit = await asyncio.to_thread(  # the README line, with the exports and no --dsn
+        subprocess.run, ["bash", "-c", as_typed], capture_output=True, text=True,
+        env=env | {"PATH": f"{BIN}:{os.environ['PATH']}"}, check=False, timeout=300)
+    assert "ENCRYPTED" in ok(stack_audit) and secret not in stack_audit.stdout
     db_password = tmp_path / "db.pw"
     db_password.write_text(state.db_password + "\n")
     tcp = f"mysql://{state.db_name}@127.0.0.1:{state.db_port}/{state.db_name}"
@@ -477,3 +534,31 @@ def test_stack_start_on_a_taken_port_is_one_line(tmp_path):
             tmp_path / "stack")))
     assert f"port {port} " in one_line_error(failed, "stack")
     assert not (tmp_path / "stack" / "mariadb").exists()
+
+
+def test_ctrl_c_at_start_up_and_a_closed_pipe_end_quietly(tmp_path):
+    """Ctrl-C while the command still imports exits 130 without a traceback; so does a reader
+    that went away (`capsule profile show … | head -1`), with 141."""
+    fake = tmp_path / "fake-ctrl-c"  # a fake of the user's Ctrl-C, at a known moment
+    fake.mkdir()
+    (fake / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class CtrlC:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'slixmpp':\n"
+        "            raise KeyboardInterrupt\n"
+        "sys.meta_path.insert(0, CtrlC())\n")
+    for program in ("capsule", "capsule-ca"):
+        proc = run(program, "--help", env=clean_env(PYTHONPATH=str(fake)))
+        assert (proc.returncode, proc.stdout, proc.stderr) == (130, "", ""), proc
+
+    env = clean_env(CAPSULE_PIN=PIN)
+    ok(run("capsule", "profile", "init", "--profile", "ivy.capsule", "--jid",
+           "ivy@capsule.test", env=env, cwd=tmp_path))
+    read, write = os.pipe()
+    os.close(read)  # `head -1` has read its line and gone
+    with os.fdopen(write, "w") as closed:
+        proc = subprocess.run([str(BIN / "capsule"), "profile", "show", "--profile",
+                               "ivy.capsule"], stdout=closed, stderr=subprocess.PIPE, text=True,
+                              env=env, cwd=tmp_path, check=False, timeout=120)
+    assert (proc.returncode, proc.stderr) == (141, ""), proc

@@ -33,6 +33,7 @@ USER_DAYS = 365
 SERVER_DAYS = 825
 CRL_DAYS = 7  # a CRL's life (nextUpdate); `capsule-ca serve` renews it at half-life
 LOG_NAME = "issuance.log"  # append-only, never part of a rollback
+SERVE_LOCK = "serve.lock"  # held by `capsule-ca serve` for its life
 # what openssl children must not inherit: they get the passphrase through a pipe only
 _SECRET_ENV_PREFIX = "CAPSULE_"
 
@@ -251,28 +252,64 @@ class Authority:
         ``jid`` is normalised (RFC 7622) first; the certificate names that form or none is issued.
         A superseded certificate is revoked and the CRL regenerated in the same transaction.
         """
+        jid = self._check_request(csr_pem, jid, usage, email)
+        if not_before and not_after and not_after <= not_before:
+            raise CAError("the validity window must end after it starts")
+        with self._transaction():
+            record, existing = self._issue_locked(csr_pem, jid, usage, email, replace,
+                                                  not_before, not_after)
+            if existing:
+                self._gencrl_locked()
+        self._log_issued(requester, record, existing)
+        return record
+
+    def enroll(self, csrs: dict[Usage, bytes], jid: str, requester: str
+               ) -> dict[Usage, CertRecord]:
+        """Certify one key per usage for ``jid``, superseding its valid certificates, as one
+        transaction: all are issued (and the old ones revoked) or nothing changes."""
+        jid = _jid(jid)
+        for usage, csr_pem in csrs.items():
+            self._check_request(csr_pem, jid, usage, None)
+        issued: dict[Usage, tuple[CertRecord, list[CertRecord]]] = {}
+        with self._transaction():
+            for usage, csr_pem in csrs.items():
+                issued[usage] = self._issue_locked(csr_pem, jid, usage, None, True, None, None)
+            if any(existing for _, existing in issued.values()):
+                self._gencrl_locked()
+        for record, existing in issued.values():
+            self._log_issued(requester, record, existing)
+        return {usage: record for usage, (record, _) in issued.items()}
+
+    @staticmethod
+    def _check_request(csr_pem: bytes, jid: str, usage: Usage, email: str | None) -> str:
+        """The normalised JID, once the CSR and usage are fit to be certified for it."""
         if usage is Usage.SERVER:
             raise CAError("use issue-server for server certificates")
         jid = _jid(jid)
-        if not_before and not_after and not_after <= not_before:
-            raise CAError("the validity window must end after it starts")
         _check_csr(csr_pem, jid, email)
+        return jid
+
+    def _issue_locked(self, csr_pem: bytes, jid: str, usage: Usage, email: str | None,
+                      replace: bool, not_before: dt.datetime | None,
+                      not_after: dt.datetime | None) -> tuple[CertRecord, list[CertRecord]]:
+        """Sign (inside a transaction); returns the record and the certificates it superseded
+        (the caller regenerates the CRL once if there are any)."""
         san = [("xmpp", jid)] + ([("email", email)] if email else [])
-        with self._transaction():
-            existing = self.valid_for(jid, usage)
-            if existing and not replace:
-                raise CAError(
-                    f"{jid} already has a valid {usage.value} certificate "
-                    f"(serial {existing[0].serial}); pass --replace to revoke it and issue anew"
-                )
-            for old in existing:
-                self._revoke_locked(old, "superseded")
-            record = self._sign(csr_pem, usage, jid, san, not_before, not_after)
-            if existing:
-                self._gencrl_locked()
+        existing = self.valid_for(jid, usage)
+        if existing and not replace:
+            raise CAError(
+                f"{jid} already has a valid {usage.value} certificate "
+                f"(serial {existing[0].serial}); pass --replace to revoke it and issue anew"
+            )
+        for old in existing:
+            self._revoke_locked(old, "superseded")
+        return self._sign(csr_pem, usage, jid, san, not_before, not_after), existing
+
+    def _log_issued(self, requester: str, record: CertRecord, existing: list[CertRecord]
+                    ) -> None:
         superseded = "".join(f", superseded {old.serial}" for old in existing)
-        self.log(requester, f"issued {usage.value} serial {record.serial} for {jid}{superseded}")
-        return record
+        self.log(requester,
+                 f"issued {record.usage} serial {record.serial} for {record.subject}{superseded}")
 
     def issue_server(
         self,
@@ -357,7 +394,8 @@ class Authority:
             raise CAError("this operation needs the CA passphrase")
         return self._passphrase
 
-    def _check_passphrase(self) -> None:
+    def check_passphrase(self) -> None:
+        """Raise CAError unless the passphrase unlocks the root key."""
         try:
             _run_openssl(
                 ["pkey", "-in", str(self.dir / "private/root.key"), "-passin", "fd:{fd}", "-noout"],
@@ -442,8 +480,8 @@ class Authority:
         other processes append to without the lock)."""
         with open(self.dir / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            self._check_passphrase()
-            outside = {self.dir / LOG_NAME, self.dir / ".lock"}
+            self.check_passphrase()
+            outside = {self.dir / LOG_NAME, self.dir / ".lock", self.dir / SERVE_LOCK}
             before = {p: p.read_bytes() for p in self.dir.iterdir()
                       if p.is_file() and p not in outside}
             certs = set((self.dir / "newcerts").iterdir())

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import fcntl
 import getpass
 import os
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from capsule.connection import HOST_ENV, PORT_ENV, TLS_CA_ENV, LoginError
-from capsule_ca.authority import CRL_DAYS, Authority
+from capsule_ca.authority import CRL_DAYS, SERVE_LOCK, Authority
 from capsule_ca.errors import CAError
 from capsule_ca.profiles import Usage
 
@@ -113,29 +116,49 @@ def cmd_serve(args: argparse.Namespace) -> int:
     slixmpp_log = logging.getLogger("slixmpp")
     slixmpp_log.setLevel(logging.CRITICAL)  # a failed login is our one line, not its log
     authority = _authority(args)
+    authority.check_passphrase()  # a wrong one would fail every enrollment, not the start
     password = read_secret(args.password_file, "CAPSULE_CA_XMPP_PASSWORD", "CA account password")
 
     async def serve() -> None:
         # slixmpp binds a client to the loop that is running when it is built: build it here
         service = EnrollmentService(args.jid, password, authority, args.host, args.port,
                                     args.tls_ca or authority.root_path, args.rate_limit)
+        stop = asyncio.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):  # stop between requests, not inside one
+            asyncio.get_running_loop().add_signal_handler(signum, stop.set)
         print(f"connecting to {args.host}:{args.port} as {service.boundjid.full}…", flush=True)
         await service.start()
         slixmpp_log.setLevel(logging.WARNING)
         print(f"logged in as {service.boundjid.full}", flush=True)
         print(f"CA service {args.jid} serving urn:capsule:enroll:0 (Ctrl-C stops)", flush=True)
         try:
-            await asyncio.Event().wait()
+            await stop.wait()
         finally:
             await service.stop()
 
-    try:
-        asyncio.run(serve())
-    except LoginError as exc:
-        raise CAError(str(exc)) from None
-    except KeyboardInterrupt:
-        return 0
+    with _serve_lock(authority):
+        try:
+            asyncio.run(serve())
+        except LoginError as exc:
+            raise CAError(str(exc)) from None
     return 0
+
+
+@contextlib.contextmanager
+def _serve_lock(authority: Authority) -> Iterator[None]:
+    """One service per CA directory: two would log in as one account and knock each other off."""
+    path = authority.dir / SERVE_LOCK
+    try:
+        lock = open(path, "w")
+    except OSError as exc:
+        raise CAError(f"cannot open {path}: {exc.strerror}") from None
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CAError(f"another `capsule-ca serve` already serves {authority.dir} "
+                          f"({path} is locked)") from None
+        yield
 
 
 def build_parser() -> argparse.ArgumentParser:

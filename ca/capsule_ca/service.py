@@ -75,6 +75,8 @@ class EnrollmentService(ClientXMPP):
             "capsule lookup", StanzaPath("iq@type=get/capsule_lookup"), self._lookup))
         self.register_handler(CoroutineCallback(
             "capsule crl", StanzaPath("iq@type=get/capsule_crl"), self._crl))
+        self.register_handler(CoroutineCallback(
+            "capsule root", StanzaPath("iq@type=get/capsule_root"), self._root))
         self.add_event_handler("session_start", self._started)
         self.add_event_handler("disconnected", self._lost)
 
@@ -158,18 +160,16 @@ class EnrollmentService(ClientXMPP):
             if not self.limiter.allow(requester):
                 raise XMPPError("resource-constraint", "too many enrollments; try again later",
                                 etype="wait")
-            issued = {}
-            for usage in ("sign", "encrypt"):
-                try:
-                    record = await asyncio.to_thread(self.authority.issue, csrs[usage],
-                                                     requester, Usage(usage), None, True,
-                                                     requester=requester)
-                except CAError as exc:
-                    self.authority.log(requester, f"refused {usage}: {exc}")
-                    if "asks for" in str(exc):
-                        raise XMPPError("forbidden", str(exc)) from None
-                    raise XMPPError("bad-request", str(exc)) from None
-                issued[usage] = record.pem()
+            try:  # one CA transaction: both certificates (old ones revoked) or nothing
+                records = await asyncio.to_thread(
+                    self.authority.enroll, {Usage(u): pem for u, pem in csrs.items()},
+                    requester, requester)
+            except CAError as exc:
+                self.authority.log(requester, f"refused enrollment: {exc}")
+                if "asks for" in str(exc):
+                    raise XMPPError("forbidden", str(exc)) from None
+                raise XMPPError("bad-request", str(exc)) from None
+            issued = {usage.value: record.pem() for usage, record in records.items()}
             issued["ca"] = self.authority.root_pem
         except XMPPError as exc:
             log.info("enrollment of %s refused: %s", requester, exc.text)
@@ -212,4 +212,10 @@ class EnrollmentService(ClientXMPP):
         iq = cast(Iq, stanza)
         reply = iq.reply()
         reply["capsule_crl"]["value"] = self.authority.crl_path.read_text()
+        reply.send()
+
+    async def _root(self, stanza: StanzaBase) -> None:
+        iq = cast(Iq, stanza)
+        reply = iq.reply()
+        reply["capsule_root"]["value"] = self.authority.root_pem.decode()
         reply.send()

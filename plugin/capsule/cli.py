@@ -36,6 +36,8 @@ from capsule.enrollment import EnrollmentError
 from capsule.errors import CapsuleError, ProfileError, UntrustedCertificate
 from capsule.panel import PanelError, check_ejabberd_queue, check_openfire_archive
 from capsule.profile import PIN_ENV, KdfParams, Profile, brute_force_cost, check_pin
+from capsule.sql import AUDIT_DB_PASSWORD_FILE_ENV, AUDIT_DSN_ENV
+from capsule.trust import TrustStore
 from capsule_ca.cli import add_server_options, read_secret, run
 
 NEW_PIN_ENV = "CAPSULE_NEW_PIN"
@@ -82,14 +84,14 @@ def cmd_init(args: argparse.Namespace) -> None:
           f"  capsule-ca issue CADIR --csr {base.name}.sign.csr --jid {args.jid}{email} "
           f"--usage sign --out sign.pem\n"
           f"  capsule-ca issue CADIR --csr {base.name}.encrypt.csr --jid {args.jid}{email} "
-          f"--usage encrypt --out encrypt.pem\n"
-          f"then: capsule profile import-cert --profile {base} sign.pem encrypt.pem CADIR/root.pem "
+          f"--usage encrypt --out enc.pem\n"
+          f"then: capsule profile import-cert --profile {base} sign.pem enc.pem CADIR/root.pem "
           f"CADIR/crl.pem")
 
 
 def cmd_import(args: argparse.Namespace) -> None:
     profile = _open(args)
-    crls = []
+    crls, ours = [], []
     for name in args.certs:
         try:
             pem = Path(name).read_bytes()
@@ -98,7 +100,10 @@ def cmd_import(args: argparse.Namespace) -> None:
         if b"-----BEGIN X509 CRL-----" in pem:
             crls.append((name, pem))  # checked against the root, which may come later
             continue
-        print(f"{name}: stored as {profile.import_cert(pem)} certificate")
+        usage = profile.import_cert(pem)
+        if usage != "ca":
+            ours.append((name, pem, usage))
+        print(f"{name}: stored as {usage} certificate")
     for name, pem in crls:
         try:
             stored = enrollment.store_crl(profile, pem)
@@ -106,6 +111,14 @@ def cmd_import(args: argparse.Namespace) -> None:
             raise ProfileError(f"{name}: {exc}") from None
         print(f"{name}: " + ("stored as the CA's CRL" if stored
                              else "not newer than the stored CRL; kept that one"))
+    if profile.data.ca_root:  # nothing is saved unless ours chain to the root, unrevoked
+        crl = profile.data.crl.encode() if profile.data.crl else None
+        trust = TrustStore(profile.data.ca_root.encode(), crl)
+        for name, pem, usage in ours:
+            try:
+                trust.verify(pem, profile.data.jid, usage)
+            except UntrustedCertificate as exc:
+                raise ProfileError(f"{name}: {exc}; nothing stored") from None
     profile.save()
     if profile.ready():
         print("profile is ready: keys, both certificates and the CA root are in place")
@@ -147,14 +160,18 @@ def _progress(enabled: bool, every: int = 5000) -> Iterator[None]:
 
 def _dsn(args: argparse.Namespace) -> Dsn:
     """The DSN from --dsn, its password from a file or the environment, never from argv."""
-    if not args.dsn:
-        raise SourceError(f"--source {args.source} needs --dsn")
-    if urlparse(args.dsn).password is not None:
+    dsn, password_file = args.dsn, args.db_password_file
+    if not dsn:  # the pair `scripts/stack status --exports` sets
+        dsn = os.environ.get(AUDIT_DSN_ENV)
+        password_file = password_file or os.environ.get(AUDIT_DB_PASSWORD_FILE_ENV)
+    if not dsn:
+        raise SourceError(f"--source {args.source} needs --dsn (or ${AUDIT_DSN_ENV})")
+    if urlparse(dsn).password is not None:
         raise SourceError("the DSN holds a password, which every local user can read in the "
                           f"command line: put it in ${DB_PASSWORD_ENV} or --db-password-file")
-    password = (read_secret(args.db_password_file, DB_PASSWORD_ENV, "database password",
-                            error=SourceError) if args.db_password_file else None)
-    return Dsn.parse(args.dsn, password)  # else from $CAPSULE_AUDIT_DB_PASSWORD, if set
+    password = (read_secret(password_file, DB_PASSWORD_ENV, "database password",
+                            error=SourceError) if password_file else None)
+    return Dsn.parse(dsn, password)  # else from $CAPSULE_AUDIT_DB_PASSWORD, if set
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -263,13 +280,12 @@ def _connect_and(args: argparse.Namespace, profile: Profile, rotate: bool) -> No
         print(f"logged in as {client.boundjid.bare}; asking the CA service {args.ca}…",
               flush=True)
         try:
-            if rotate:
-                profile.rotate_keys()
-            await enrollment.enroll_profile(client, profile, args.ca, ca_root, confirm)
+            await enrollment.enroll_profile(client, profile, args.ca, ca_root, confirm, rotate)
         finally:
             await client.disconnect()
 
-    asyncio.run(go())
+    with profile.exclusive():  # a running bot's profile fails here, before the CA revokes
+        asyncio.run(go())
 
 
 def cmd_enroll(args: argparse.Namespace) -> None:
@@ -358,7 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "alone, and report per conversation.")
     p.add_argument("--source", required=True, choices=[*SQL_SOURCES, "mam"])
     p.add_argument("--dsn", help="mysql://user@host:port/db[?socket=PATH], no password: that "
-                   f"comes from --db-password-file or ${DB_PASSWORD_ENV}")
+                   f"comes from --db-password-file or ${DB_PASSWORD_ENV} (default "
+                   f"${AUDIT_DSN_ENV} with its password file ${AUDIT_DB_PASSWORD_FILE_ENV})")
     p.add_argument("--db-password-file", help="file holding the database password")
     p.add_argument("--jid", help="MAM source / --fetch-certs: the XMPP account to use")
     p.add_argument("--password-file", help="file holding that account's password")

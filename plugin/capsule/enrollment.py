@@ -5,6 +5,8 @@
   <cert usage='ca'>…</cert></enroll>``; issued only for the bare JID the server authenticated.
 - lookup (iq get): ``<lookup jid='bob@example.org'/>`` answered with bob's valid certificates.
 - crl (iq get): ``<crl/>`` answered by ``<crl>PEM</crl>``.
+- root (iq get): ``<root/>`` answered by ``<root>PEM</root>``, the CA root; the client checks it
+  (trusted root or TOFU) before it sends CSRs, because an enrollment revokes the old certificates.
 Errors: bad-request (malformed), forbidden (another JID), resource-constraint (rate limit),
 item-not-found (no certificates), internal-server-error; each with a ``<text/>``.
 """
@@ -91,10 +93,18 @@ class Crl(TextValue):
     interfaces = {"value"}
 
 
+class Root(TextValue):
+    name = "root"
+    namespace = NS
+    plugin_attrib = "capsule_root"
+    interfaces = {"value"}
+
+
 def register() -> None:
     register_stanza_plugin(Iq, Enroll)
     register_stanza_plugin(Iq, Lookup)
     register_stanza_plugin(Iq, Crl)
+    register_stanza_plugin(Iq, Root)
     register_stanza_plugin(Iq, Ping)
     register_stanza_plugin(Enroll, Csr, iterable=True)
     register_stanza_plugin(Enroll, Cert, iterable=True)
@@ -200,6 +210,20 @@ async def fetch_crl(xmpp: BaseXMPP, ca: str, timeout: int = 15) -> bytes:
     return text.strip().encode() + b"\n"
 
 
+async def fetch_root(xmpp: BaseXMPP, ca: str, timeout: int = 15) -> bytes:
+    """The CA service's root certificate (PEM), not yet trusted."""
+    register()
+    iq = xmpp.make_iq_get(ito=service_jid(ca))
+    iq.enable("capsule_root")
+    text: str = (await _ask(xmpp, iq, timeout))["capsule_root"]["value"]
+    pem = text.strip().encode() + b"\n"
+    try:
+        x509.load_pem_x509_certificate(pem)
+    except ValueError:
+        raise EnrollmentError("the CA sent no root certificate") from None
+    return pem
+
+
 def fingerprint(pem: bytes) -> str:
     """SHA-256 fingerprint as the user is asked to confirm it (AA:BB:…)."""
     digest = x509.load_pem_x509_certificate(pem).fingerprint(hashes.SHA256())
@@ -252,26 +276,34 @@ def store_crl(profile: Profile, pem: bytes) -> bool:
 
 
 async def enroll_profile(xmpp: BaseXMPP, profile: Profile, ca: str, ca_root: bytes | None,
-                         confirm: Callable[[str], bool]) -> dict[str, bytes]:
-    """Enroll ``profile``'s current keys with the CA service and store what comes back.
+                         confirm: Callable[[str], bool], rotate: bool = False
+                         ) -> dict[str, bytes]:
+    """Enroll ``profile``'s current keys (new ones when ``rotate``) with the CA service and
+    store what comes back.
 
-    The CA root is checked against ``ca_root`` when given, else against the one already in the
-    profile, else pinned on first use once ``confirm(fingerprint)`` agrees. The issued
-    certificates must match our keys, name our JID, chain to that root and not be on its CRL.
-    The CRL and the service's JID are stored too (the plugin keeps the CRL fresh from there by
-    default). Then the profile is saved and the chain published to PEP.
+    An enrollment revokes the JID's former certificates, so everything checkable is checked
+    before the CSRs go out: the service's root must match ``ca_root`` when given, else the one
+    already in the profile, else be pinned on first use once ``confirm(fingerprint)`` agrees.
+    The issued certificates must match our keys, name our JID, chain to that root and not be on
+    its CRL. The CRL and the service's JID are stored too (the plugin keeps the CRL fresh from
+    there by default). Then the profile is saved and the chain published to PEP.
     """
     jid = profile.data.jid
     if JID(xmpp.boundjid.bare) != JID(jid):
         raise EnrollmentError(f"logged in as {xmpp.boundjid.bare} but the profile is {jid}")
-    answer = await enroll(xmpp, ca, {"sign": profile.csr("sign"), "encrypt": profile.csr("encrypt")})
-    root = answer["ca"]
+    root = await fetch_root(xmpp, ca)
     expected = ca_root or (profile.data.ca_root.encode() if profile.data.ca_root else None)
     if expected is not None and fingerprint(expected) != fingerprint(root):
         raise EnrollmentError(f"the CA sent root {fingerprint(root)}, not the one we trust "
-                              f"({fingerprint(expected)})")
+                              f"({fingerprint(expected)}); nothing was sent to it")
     if expected is None and not confirm(fingerprint(root)):
-        raise EnrollmentError("the CA root was not confirmed; nothing stored")
+        raise EnrollmentError("the CA root was not confirmed; nothing was sent to it")
+    if rotate:
+        profile.rotate_keys()
+    answer = await enroll(xmpp, ca, {"sign": profile.csr("sign"), "encrypt": profile.csr("encrypt")})
+    if fingerprint(answer["ca"]) != fingerprint(root):
+        raise EnrollmentError(f"the CA issued under root {fingerprint(answer['ca'])}, not "
+                              f"{fingerprint(root)}")
     crl = await fetch_crl(xmpp, ca)
     trust = TrustStore(root, crl)
     trust.verify(answer["sign"], jid, "sign")

@@ -21,6 +21,7 @@ import itertools
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -393,6 +394,16 @@ class Profile:
         self._take_lock()
         self._holding = True
         self.save()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Keep other processes (a running bot) out while a command changes the profile, and
+        fail up front if one is in it; unlike :meth:`hold`, nothing is saved on leaving."""
+        self._take_lock()
+        try:
+            yield
+        finally:
+            self._lock.release()
 
     def _take_lock(self) -> None:
         try:

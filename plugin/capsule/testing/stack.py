@@ -36,7 +36,7 @@ from capsule.connection import (
     run_sync,
 )
 from capsule.files import write_private
-from capsule.sql import create_database_sql
+from capsule.sql import AUDIT_DB_PASSWORD_FILE_ENV, AUDIT_DSN_ENV, create_database_sql
 from capsule.testing.processes import (
     StackError,
     free_port,
@@ -55,6 +55,7 @@ MAX_SESSIONS = 50
 PROBE_USER = "capsule-probe"
 ADMIN_USER = "admin"  # the ejabberd acl "admin" names admin@DOMAIN (WebAdmin login)
 ADMIN_PASSWORD_FILE = "admin-password"  # its password, for `capsule panel --password-file`
+DB_PASSWORD_FILE = "db-password"  # the server's database password, for `capsule audit`
 
 
 def _render(template: str, target: Path, **values: Any) -> None:
@@ -107,6 +108,9 @@ class StackState:
             "CAPSULE_CA_ROOT": str(self.ca_root),
             "CAPSULE_CA_PASSPHRASE_FILE": str(Path(self.dir) / "ca-passphrase"),
             "CAPSULE_ADMIN_PASSWORD_FILE": str(Path(self.dir) / ADMIN_PASSWORD_FILE),
+            # what `capsule audit --source SERVER` reads: the server's own database account
+            AUDIT_DSN_ENV: f"mysql://{self.db_name}@127.0.0.1:{self.db_port}/{self.db_name}",
+            AUDIT_DB_PASSWORD_FILE_ENV: str(Path(self.dir) / DB_PASSWORD_FILE),
         }
         return "\n".join(f"export {k}={shlex.quote(v)}" for k, v in values.items())
 
@@ -389,6 +393,7 @@ class Stack:
                     server.unregister(user)
                 server.register(user, password)
             write_private(self.dir / ADMIN_PASSWORD_FILE, self.state.admin_password.encode())
+            write_private(self.dir / DB_PASSWORD_FILE, self.state.db_password.encode())
             self.probe()
         except BaseException as exc:
             excerpt = log_tail(server.log)
@@ -500,11 +505,32 @@ class Stack:
         return Authority(self.info.ca_dir, (self.dir / "ca-passphrase").read_bytes().strip())
 
     def adduser(self, user: str, password: str) -> str:
+        if self.has_user(user):
+            raise StackError(f"user {user} exists")
         self._parts()[1].register(user, password)
         return f"{user}@{self.info.domain}"
 
     def deluser(self, user: str) -> None:
+        if not self.has_user(user):
+            raise StackError(f"no user {user} on {self.info.domain}")
         self._parts()[1].unregister(user)
+
+    # where each server keeps its accounts (both in the stack's MariaDB)
+    _ACCOUNTS: ClassVar[dict[str, str]] = {
+        "ejabberd": "SELECT username FROM users WHERE username='{u}'",
+        "prosody": "SELECT user FROM prosody WHERE user='{u}' AND store='accounts' LIMIT 1",
+    }
+
+    def has_user(self, user: str) -> bool:
+        """Whether the running stack's server has the account (StackError when it is stopped,
+        so a command on a stopped stack says so instead of what a dead server answers)."""
+        running = self.running()
+        if not running or not all(running.values()):
+            raise StackError(f"the stack in {self.dir} is stopped (scripts/stack start)")
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", user):  # the only names that reach SQL
+            raise StackError(f"refusing the user name {user!r} (letters, digits, . _ - only)")
+        query = self._ACCOUNTS[self.info.server].format(u=user)
+        return any(line.strip() for line in self.sql(query).splitlines())
 
     # (table, column, condition, order) of what each server stored, per store
     _STORES: ClassVar[dict[tuple[str, str], tuple[str, str, str, str]]] = {

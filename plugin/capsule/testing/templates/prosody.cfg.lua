@@ -28,6 +28,8 @@ modules_enabled = {
   "mam"; "offline"; "ping"; "admin_shell"; "smacks"; "register"; "admin_adhoc";
 }
 modules_disabled = { "s2s" }
+-- where certmanager looks for more (default: a certs/ beside the config, which does not exist)
+certificates = "$dir"
 -- XEP-0198 (smacks): a dead client's session waits this long for its resumption, then what it had
 -- not acked goes to offline storage (the last session of the account) or back to the sender
 smacks_hibernation_time = 10
