@@ -235,7 +235,7 @@ def test_fast_path_matches_the_whole_stanza_on_hostile_rows(authority, pair):
     verdicts = [offline_auditor(authority, alice).examine(
         StoredRow("a", "1", "", None, t)).verdict for t in rows[:8]]
     assert verdicts == ["capsule", "bad-signature"] * 2 + ["capsule", "capsule",
-                                                           "bad-signature", "plaintext"]
+                                                           "malformed", "plaintext"]
     # servers' own forms take the fast path (or the benchmark measures the other one)
     assert all(capsule_span(t) for t in rows[:6])
 
@@ -261,6 +261,128 @@ def test_fast_path_matches_the_whole_stanza_on_mangled_rows(authority, pair, dat
 
 
 _HOSTILE: dict[str, list[str]] = {}  # built once: sealing is slow next to hypothesis' examples
+
+
+FB = f"<body>{st.FALLBACK_BODY}</body>"
+XHTML = ("<html xmlns='http://jabber.org/protocol/xhtml-im'>"
+         "<body xmlns='http://www.w3.org/1999/xhtml'>SECRET</body></html>")
+
+
+def verdicts_of(authority, alice, texts: dict[str, str], column: str = "") -> dict[str, str]:
+    """Each row's verdict from one auditor, fast path and whole stanza agreeing (one auditor for
+    all rows: a verdict cached for a genuine capsule must not carry over to a changed copy)."""
+    same_findings(authority, alice, list(texts.values()))
+    auditor = offline_auditor(authority, alice)
+    return {name: auditor.examine(StoredRow("a", name, "bob@capsule.test", None, text,
+                                            column)).verdict for name, text in texts.items()}
+
+
+def test_readable_content_beside_a_genuine_capsule_is_plaintext(authority, pair):
+    """A capsule message may carry readable text only as the exact fallback body."""
+    alice, bob = pair
+    genuine = stored_text(sealed(alice, bob), bob.data.jid, "plain")
+    rows = {
+        "genuine": genuine,
+        "body replaced": genuine.replace(FB, "<body>SECRET</body>"),
+        "second body": genuine.replace(FB, FB + "<body xml:lang='de'>SECRET</body>"),
+        "subject": genuine.replace(FB, FB + "<subject>SECRET</subject>"),
+        "thread": genuine.replace(FB, FB + "<thread>SECRET</thread>"),
+        "xhtml": genuine.replace(FB, FB + XHTML),
+        "text in message": genuine.replace(FB, FB + "SECRET"),
+        "fallback with text after a child": genuine.replace(FB, FB[:-7] + "<b/>SECRET</body>"),
+        "attribute on a foreign element": genuine.replace(FB, FB + "<x xmlns='urn:x' n='S'/>"),
+        "text in a receipt": genuine.replace(FB, FB + "<received xmlns='urn:xmpp:receipts' "
+                                             "id='1'>SECRET</received>"),
+        "attribute on message": genuine.replace("<message ", "<message note='SECRET' "),
+    }
+    assert verdicts_of(authority, alice, rows) == {
+        name: "capsule" if name == "genuine" else "plaintext" for name in rows}
+    # the body a server keeps in a column (ejabberd txt, Openfire body) beside the stanza
+    assert verdicts_of(authority, alice, {"genuine": genuine}, "SECRET") == {
+        "genuine": "plaintext"}
+    assert verdicts_of(authority, alice, {"genuine": genuine}, st.FALLBACK_BODY) == {
+        "genuine": "capsule"}
+    allowed = genuine.replace(FB, FB + "<active xmlns='http://jabber.org/protocol/chatstates'/>"
+                              "<delay xmlns='urn:xmpp:delay' from='capsule.test' stamp='2026-01-"
+                              "01T00:00:00Z'>Offline Storage</delay>"
+                              "<stanza-id xmlns='urn:xmpp:sid:0' by='bob@capsule.test' id='9'/>")
+    assert verdicts_of(authority, alice, {"hints": allowed}) == {"hints": "capsule"}
+
+
+def test_material_added_inside_a_genuine_capsule_is_malformed(authority, pair):
+    """Anything beyond the documented shape, inside a capsule that verifies, is a changed
+    copy: malformed, counted apart from the genuine message."""
+    alice, bob = pair
+    genuine = stored_text(sealed(alice, bob), bob.data.jid, "plain")
+    changes = {
+        "extra child": ("<payload>", "<note>SECRET</note><payload>"),
+        "foreign child": ("<payload>", "<n xmlns='urn:x'>SECRET</n><payload>"),
+        "capsule attribute": ('<capsule xmlns="urn:capsule:0">',
+                              '<capsule xmlns="urn:capsule:0" note="SECRET">'),
+        "header attribute": ("<header ", "<header note='SECRET' "),
+        "key attribute": ("<key ", "<key note='SECRET' "),
+        "iv attribute": ("<iv>", "<iv note='SECRET'>"),
+        "payload attribute": ("<payload>", "<payload note='SECRET'>"),
+        "signature attribute": ("<signature>", "<signature note='SECRET'>"),
+        "text after an element": ("</payload>", "</payload>SECRET"),
+        "text in header": ("<iv>", "SECRET<iv>"),
+        "second iv": ("</iv>", "</iv><iv>AAAA</iv>"),
+        "child in payload": ("</payload>", "<x/></payload>"),
+    }
+    rows = {"genuine": genuine} | {name: genuine.replace(*change, 1)
+                                   for name, change in changes.items()}
+    assert all(rows[name] != genuine for name in changes)
+    assert verdicts_of(authority, alice, rows) == {
+        name: "capsule" if name == "genuine" else "malformed" for name in rows}
+    report = offline_auditor(authority, alice).run(
+        (StoredRow("a", str(i), "", None, t) for i, t in enumerate(rows.values())),
+        Report(["test"]))
+    assert report.totals()["capsule"] == 1 and report.totals()["malformed"] == len(changes)
+
+
+def test_every_capsule_in_a_message_is_judged(authority, pair):
+    alice, bob = pair
+    capsule = sealed(alice, bob)
+    payload = bytearray(capsule.payload)
+    payload[3] ^= 1
+    genuine = stored_text(capsule, bob.data.jid, "plain")
+    bad = stored_text(capsule, bob.data.jid, "plain", B64(bytes(payload)))
+    one, bad_one = (t[t.index("<capsule"):t.index("</capsule>") + 10] for t in (genuine, bad))
+    rows = {"genuine then tampered": genuine.replace(FB, bad_one + FB),
+            "tampered then genuine": bad.replace(FB, one + FB),
+            "twice the same": genuine.replace(FB, one + FB),
+            "nested in a wrapper": genuine.replace(one, f"<x xmlns='urn:x'>{bad_one}</x>")}
+    assert verdicts_of(authority, alice, rows) == dict.fromkeys(rows, "malformed")
+
+
+def test_any_readable_content_without_a_capsule_is_plaintext(authority, pair):
+    alice, _ = pair
+    head, tail = "<message from='alice@capsule.test/a' to='bob@capsule.test' id='m'>", "</message>"
+    plaintext = ["<body/><body xml:lang='de'>SECRET</body>", "<body><span/>SECRET</body>",
+                 "<subject>SECRET</subject>", XHTML, "<body> </body><thread>SECRET</thread>",
+                 "<body xmlns='urn:foo'>SECRET</body>", "<body>&#83;ECRET</body>", FB]
+    other = ["<active xmlns='http://jabber.org/protocol/chatstates'/>",
+             "<received xmlns='urn:xmpp:receipts' id='x'/>", "<body/>", "<body>  </body>",
+             "<composing xmlns='http://jabber.org/protocol/chatstates'/>"
+             "<delay xmlns='urn:xmpp:delay' stamp='2026-01-01T00:00:00Z'>Offline Storage</delay>"]
+    rows = {text: head + text + tail for text in plaintext + other}
+    assert verdicts_of(authority, alice, rows) == {
+        text: "plaintext" if text in plaintext else "other" for text in rows}
+    assert verdicts_of(authority, alice, {"column only": head + tail}, "SECRET") == {
+        "column only": "plaintext"}
+
+
+def test_a_capsule_stored_for_someone_it_has_no_key_for_is_misaddressed(authority, pair):
+    alice, bob = pair
+    genuine = stored_text(sealed(alice, bob), bob.data.jid, "plain")
+    rows = {"to bob": genuine, "to bob's phone": genuine.replace('to="bob@capsule.test"',
+                                                                  'to="bob@capsule.test/phone"'),
+            "to carol": genuine.replace('to="bob@capsule.test"', 'to="carol@capsule.test"'),
+            "to the sender": genuine.replace('to="bob@capsule.test"', 'to="alice@capsule.test"'),
+            "to nobody": genuine.replace(' to="bob@capsule.test"', "")}
+    assert verdicts_of(authority, alice, rows) == {
+        "to bob": "capsule", "to bob's phone": "capsule", "to carol": "recipient-mismatch",
+        "to the sender": "recipient-mismatch", "to nobody": "recipient-mismatch"}
 
 
 def test_timeline_stays_small_and_loses_no_message():

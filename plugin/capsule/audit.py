@@ -294,17 +294,17 @@ def readable(msg: ET.Element, column: str, encrypted: bool,
     return ""
 
 
-ElementKey = tuple[tuple[str, str | None, tuple[tuple[str, str], ...], int], ...]
+ElementKey = tuple[tuple[str, str | None, str | None, tuple[tuple[str, str], ...], int], ...]
 
 
 def element_key(element: ET.Element) -> ElementKey:
-    """What a capsule's verdict is keyed by: the parsed element itself, every tag, text,
-    attribute and child count in document order (all that :func:`parse_capsule` reads, and the
-    tree's shape; tails are not). Rows share a verdict only when they hold the same capsule as
-    parsed, however the stored text writes it; the verdict cache compares keys for equality, so
-    no hash collision can make two capsules share one."""
-    return tuple([(node.tag, node.text, tuple(node.attrib.items()), len(node))
-                  for node in element.iter()])
+    """What a capsule's verdict is keyed by: the parsed element itself, every tag, text, tail
+    inside it, attribute and child count in document order (all that :func:`parse_capsule`
+    reads and checks). Rows share a verdict only when they hold the same capsule as parsed,
+    however the stored text writes it; the verdict cache compares keys for equality, so no hash
+    collision can make two capsules share one."""
+    return tuple([(node.tag, node.text, None if node is element else node.tail,
+                   tuple(node.attrib.items()), len(node)) for node in element.iter()])
 
 
 def capsule_span(text: str) -> tuple[int, int] | None:
