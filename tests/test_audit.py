@@ -616,6 +616,49 @@ def test_missing_table_is_reported_and_the_rest_audited(xmpp_stack, tmp_path):
         list(sql_rows("openfire", Dsn.parse(xmpp_stack.dsn("no_such_database"))))
 
 
+def test_command_line_mistakes_are_one_line(xmpp_stack, new_account, tmp_path):
+    """Each mistake an auditor can make with the README's command is one line on stderr and
+    exit 1, never a traceback: an unknown --fail-on word, a report path that is a directory or
+    in a missing one, --certs that do not exist, a reader that stops early, a wrong password."""
+    db = "openfire_cli_mistakes"
+    xmpp_stack.sql(f"DROP DATABASE IF EXISTS {db}; CREATE DATABASE {db} CHARACTER SET utf8mb4")
+    values = ", ".join(f"('bob', {i}, '1795700000001', 9, " + literal(
+        f"<message from='u{i}@capsule.test/x' to='bob@capsule.test'><body>{i}</body></message>")
+        + ")" for i in range(1500))
+    xmpp_stack.sql(OPENFIRE_OFFLINE + f"INSERT INTO ofOffline VALUES {values};", db)
+    root = str(xmpp_stack.info.ca_root)
+    capsule = str(Path(sys.executable).with_name("capsule"))
+    base = [capsule, "audit", "--source", "openfire", "--dsn", xmpp_stack.dsn(db), "--ca", root]
+
+    def one_line(*more: str) -> str:
+        done = subprocess.run([*base, *more], capture_output=True, text=True, timeout=120,
+                              check=False)
+        assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+        assert done.stderr.startswith("capsule: error:"), done.stderr
+        return done.stderr
+
+    assert ",".join(VERDICTS) in one_line("--fail-on", "plaintext,bogus")
+    assert str(tmp_path) in one_line("--html", str(tmp_path))
+    assert "missing" in one_line("--json", str(tmp_path / "missing" / "report.json"))
+    assert "/nonexistent" in one_line("--certs", "/nonexistent")
+    whole = subprocess.run([*base, "--json", "-"], capture_output=True, text=True, timeout=120,
+                           check=True)
+    assert len(whole.stdout) > 4 * 65536  # more than a pipe holds: the writer meets the closed end
+    err = tmp_path / "err"
+    piped = subprocess.run(["bash", "-c", 'set -o pipefail; "$@" --json - 2>"$ERR" | head -c 100 '
+                            ">/dev/null", "sh", *base], env={"ERR": str(err)}, timeout=120,
+                           check=False)
+    assert piped.returncode == 1 and err.read_text().count("\n") == 1, err.read_text()
+    xmpp_stack.sql(f"DROP DATABASE {db}")
+    account = new_account("auditor")
+    wrong = tmp_path / "wrong.pw"
+    wrong.write_text("not the password\n")
+    base = [capsule, "audit", "--source", "mam", "--jid", account.jid, "--password-file",
+            str(wrong), "--host", "127.0.0.1", "--port", str(xmpp_stack.info.c2s_port),
+            "--ca", root]
+    assert account.jid in one_line()
+
+
 def test_database_killed_mid_stream_is_a_source_error(xmpp_stack):
     """The database connection dies while rows stream: the audit stops with a SourceError
     (exit 1 from the CLI), never a partial report that looks complete."""
