@@ -129,17 +129,38 @@ def test_malformed_shapes_rejected_before_crypto(keys: dict[str, rsa.RSAPrivateK
         core.verify(bad, keys["alice-sign"].public_key())
 
 
+def _header(sender: str, *keyed: str) -> core.Header:
+    return core.Header(sender, "fp", b"n" * 16, "t",
+                       tuple(core.KeyEntry(j, "fp", b"k") for j in keyed), b"i" * 12)
+
+
 def test_envelope_addressing_checks() -> None:
     env = envelope.decode(envelope.encode(body("x"), "alice@x.test", ["bob@x.test"], "t"))
-    envelope.check_addressing(env, "alice@x.test", "alice@x.test", "bob@x.test", "bob@x.test")
+    alice = _header("alice@x.test", "alice@x.test", "bob@x.test")
+    envelope.check_addressing(env, alice, "alice@x.test", "bob@x.test", "bob@x.test")
     # alice reads her own capsule from her archive or a carbon
-    envelope.check_addressing(env, "alice@x.test", "alice@x.test", "bob@x.test", "alice@x.test")
+    envelope.check_addressing(env, alice, "alice@x.test", "bob@x.test", "alice@x.test")
     with pytest.raises(EnvelopeMismatch, match="forwarded or spoofed"):
-        envelope.check_addressing(env, "alice@x.test", "bob@x.test", "carol@x.test", "carol@x.test")
+        envelope.check_addressing(env, alice, "bob@x.test", "carol@x.test", "carol@x.test")
     with pytest.raises(EnvelopeMismatch, match="not among the envelope's recipients"):
-        envelope.check_addressing(env, "alice@x.test", "alice@x.test", "carol@x.test", "carol@x.test")
+        envelope.check_addressing(env, alice, "alice@x.test", "carol@x.test", "carol@x.test")
     with pytest.raises(EnvelopeMismatch, match="header sender"):
-        envelope.check_addressing(env, "eve@x.test", "eve@x.test", "bob@x.test", "bob@x.test")
+        envelope.check_addressing(env, _header("eve@x.test", "bob@x.test"), "eve@x.test",
+                                  "bob@x.test", "bob@x.test")
+    # the addressees are exactly the keyed recipients: carol keyed but not named
+    with pytest.raises(EnvelopeMismatch, match="keyed recipients"):
+        envelope.check_addressing(env, _header("alice@x.test", "bob@x.test", "carol@x.test"),
+                                  "alice@x.test", "bob@x.test", "bob@x.test")
+    # a room capsule needs the room named, and outside a room the room is an extra addressee
+    room = envelope.decode(envelope.encode(body("x"), "alice@x.test",
+                                           ["bob@x.test", "r@muc.x.test"], "t"))
+    envelope.check_addressing(room, alice, "alice@x.test", "r@muc.x.test", "bob@x.test",
+                              room="r@muc.x.test")
+    with pytest.raises(EnvelopeMismatch, match="keyed recipients"):
+        envelope.check_addressing(room, alice, "alice@x.test", "bob@x.test", "bob@x.test")
+    with pytest.raises(EnvelopeMismatch, match="not addressed to the room"):
+        envelope.check_addressing(env, alice, "alice@x.test", "r@muc.x.test", "bob@x.test",
+                                  room="r@muc.x.test")
 
 
 @pytest.mark.parametrize("data", [

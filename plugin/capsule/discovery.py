@@ -18,12 +18,15 @@ from slixmpp.exceptions import IqError, IqTimeout
 from slixmpp.plugins.xep_0004.stanza import Form
 
 from capsule import algorithms as alg
-from capsule.errors import NoCertificate
+from capsule.errors import CertificateLookupFailed
 from capsule.stanza import Cert, Certs
 from capsule.trust import CertBundle, CertificateSource
 
 log = logging.getLogger(__name__)
 ITEM_ID = "current"
+# the answers that mean "no Capsule node": ejabberd says item-not-found; Prosody forbidden (a
+# missing node has the default, presence-only access, while ours is always open)
+DEFINITELY_NONE = frozenset({"item-not-found", "forbidden"})
 # ejabberd refuses pubsub#max_items as a publish option, so it is set only by reconfiguring.
 _PUBLISH_OPTIONS = {"pubsub#access_model": "open", "pubsub#persist_items": "true"}
 _NODE_CONFIG = {**_PUBLISH_OPTIONS, "pubsub#max_items": "1"}
@@ -92,17 +95,28 @@ class PepSource(CertificateSource):
         self.timeout = timeout
 
     async def fetch(self, jid: str) -> CertBundle | None:
-        """The published bundle; None when there is none; NoCertificate on a time-out."""
+        """The published bundle; None only on a definite "none" (DEFINITELY_NONE, no items).
+
+        A time-out, any other error or an item without usable certificates is no answer:
+        CertificateLookupFailed, so that policy ``prefer`` never falls back to plaintext on it.
+        """
         try:
             iq = await self.xmpp.plugin["xep_0060"].get_item(JID(jid), alg.CERTS_NODE, ITEM_ID,
                                                       timeout=self.timeout)
         except IqError as exc:
-            log.info("no Capsule certificates published by %s (%s)", jid, exc.condition)
-            return None
+            if exc.condition in DEFINITELY_NONE:
+                return None
+            raise CertificateLookupFailed(f"looking up {jid}'s Capsule certificates failed: "
+                                          f"{exc.condition}") from None
         except IqTimeout:
-            raise NoCertificate(f"timed out fetching {jid}'s Capsule certificates") from None
-        for item in iq["pubsub"]["items"]:
+            raise CertificateLookupFailed(f"timed out fetching {jid}'s Capsule certificates"
+                                          ) from None
+        items = list(iq["pubsub"]["items"])
+        for item in items:
             found = parse_certs(item["capsule_certs"])
             if "sign" in found and "encrypt" in found:
                 return CertBundle(sign=found["sign"], encrypt=found["encrypt"])
+        if items:
+            raise CertificateLookupFailed(f"{jid} published a Capsule item without usable "
+                                          f"certificates")
         return None

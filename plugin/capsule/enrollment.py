@@ -217,16 +217,24 @@ class CaDirectorySource(CertificateSource):
 
 
 class FirstFound(CertificateSource):
-    """Ask several sources in turn; the first bundle found wins."""
+    """Ask several sources in turn; the first bundle found wins. "None" only when every
+    source answered so definitely; else the first failure is raised (fail closed)."""
 
     def __init__(self, *sources: CertificateSource):
         self.sources = sources
 
     async def fetch(self, jid: str) -> CertBundle | None:
+        failure: CapsuleError | None = None
         for source in self.sources:
-            bundle = await source.fetch(jid)
+            try:
+                bundle = await source.fetch(jid)
+            except CapsuleError as exc:
+                failure = failure or exc
+                continue
             if bundle is not None:
                 return bundle
+        if failure is not None:
+            raise failure
         return None
 
 

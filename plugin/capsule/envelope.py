@@ -2,7 +2,8 @@
 
 ``<envelope xmlns='urn:xmpp:sce:1'><content>…</content><rpad>…</rpad><time stamp='…'/>
 <to jid='…'/>…<from jid='…'/></envelope>`` — one ``<to>`` per recipient. The receiver checks
-from/to against the header and the stanza, so a capsule cannot be re-sent under another name.
+from/to against the header and the stanza, so a capsule cannot be re-sent under another name,
+and reads it within size and depth limits.
 """
 
 from __future__ import annotations
@@ -11,13 +12,17 @@ import base64
 import os
 import secrets
 import xml.etree.ElementTree as ET
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from capsule import algorithms as alg
-from capsule.errors import EnvelopeMismatch, MalformedCapsule
+from capsule import core, elements
+from capsule.errors import EnvelopeMismatch, MalformedCapsule, UninterpretableContent
 
 _NS = "{" + alg.SCE_NAMESPACE + "}"
+MAX_BYTES = 128 * 1024  # an envelope larger than this is refused before decryption
+MAX_DEPTH = 32  # envelope, content, then XHTML-IM nesting; deeper is refused
 
 
 @dataclass(frozen=True)
@@ -44,14 +49,28 @@ def encode(content: Sequence[ET.Element], sender: str, recipients: Sequence[str]
     return data
 
 
-def decode(data: bytes) -> Envelope:
-    """Parse an envelope; refuses DTDs and entities (no expansion attacks inside a capsule)."""
+def decode(data: bytes, max_bytes: int = MAX_BYTES, max_depth: int = MAX_DEPTH) -> Envelope:
+    """Parse an envelope within size and nesting limits; refuses DTDs and entities (no
+    expansion attacks inside a capsule) and content the receiver cannot interpret."""
+    if len(data) > max_bytes:
+        raise MalformedCapsule(f"envelope of {len(data)} bytes exceeds the limit of {max_bytes}")
     if b"<!" in data:
         raise MalformedCapsule("envelope contains a DTD, entity or comment declaration")
+    parser: ET.XMLPullParser[ET.Element] = ET.XMLPullParser(events=("start", "end"))
+    depth = 0
+    root: ET.Element | None = None
     try:
-        root = ET.fromstring(data)  # noqa: S314 - DTDs and entities refused above
+        parser.feed(data)  # the tree is built without recursion; nothing recursive runs before
+        parser.close()  # the depth is known to be bounded
+        for event, element in cast(Iterator[tuple[str, ET.Element]], parser.read_events()):
+            root = element if root is None else root
+            depth += 1 if event == "start" else -1
+            if depth > max_depth:
+                raise MalformedCapsule(f"envelope nests deeper than {max_depth} elements")
     except ET.ParseError as exc:
         raise MalformedCapsule(f"envelope is not well-formed XML: {exc}") from None
+    if root is None:
+        raise MalformedCapsule("envelope is empty")
     if root.tag != _NS + "envelope":
         raise MalformedCapsule(f"payload is not an SCE envelope but {root.tag}")
     content = root.find(_NS + "content")
@@ -62,23 +81,51 @@ def decode(data: bytes) -> Envelope:
     recipients = tuple(el.get("jid", "") for el in root.findall(_NS + "to"))
     if not recipients or "" in recipients:
         raise MalformedCapsule("envelope names no recipient")
-    return Envelope(tuple(content), sender.get("jid", ""), recipients, time.get("stamp", ""))
+    return Envelope(_interpret(content), sender.get("jid", ""), recipients, time.get("stamp", ""))
 
 
-def check_addressing(env: Envelope, header_sender: str, stanza_from: str, stanza_to: str,
-                     me: str) -> None:
-    """from = header sender = stanza sender; the stanza's addressee and we are among the to's.
+def _interpret(holder: ET.Element) -> tuple[ET.Element, ...]:
+    """The content a receiver delivers: protected elements only (routing and server metadata
+    never come from inside); refuses what it cannot read rather than deliver it empty."""
+    delivered = []
+    for child in holder:
+        ns, local = elements.name(child)
+        if elements.outside(child):
+            continue
+        if not ns or (local in elements.INTERPRETED and ns != elements.CLIENT):
+            raise UninterpretableContent(f"envelope holds <{local}> in namespace '{ns}', "
+                                         f"which no receiver can read as a message")
+        delivered.append(child)
+    if not any(elements.readable_element(child) for child in delivered):
+        raise UninterpretableContent("envelope holds no readable content")
+    return tuple(delivered)
 
-    ``stanza_from``/``stanza_to`` are bare JIDs. Our own capsules (carbons, MAM) come back with
-    us as sender; then we need not be among the recipients.
+
+def check_addressing(env: Envelope, header: core.Header, stanza_from: str, stanza_to: str,
+                     me: str, room: str | None = None) -> None:
+    """from = header sender = stanza sender; the envelope's addressees are exactly the keyed
+    recipients (the sender aside), plus the room for a group chat; the stanza's addressee and
+    we are among them.
+
+    ``stanza_from``/``stanza_to`` are bare JIDs (in a room: the signer's real JID, the room).
+    Our own capsules (carbons, MAM) come back with us as sender; then we need not be among the
+    recipients.
     """
-    if env.sender != header_sender:
-        raise EnvelopeMismatch(f"envelope from {env.sender} but header sender {header_sender}")
-    if stanza_from != header_sender:
+    sender = header.sender
+    if env.sender != sender:
+        raise EnvelopeMismatch(f"envelope from {env.sender} but header sender {sender}")
+    if stanza_from != sender:
         raise EnvelopeMismatch(
-            f"capsule signed by {header_sender} arrived from {stanza_from}: forwarded or spoofed"
+            f"capsule signed by {sender} arrived from {stanza_from}: forwarded or spoofed"
         )
+    addressees = set(env.recipients) - {sender}
+    if room is not None:
+        if room not in addressees:
+            raise EnvelopeMismatch(f"the capsule is not addressed to the room {room}")
+        addressees.discard(room)
+    if addressees != {key.jid for key in header.keys} - {sender}:
+        raise EnvelopeMismatch("the envelope's addressees are not the capsule's keyed recipients")
     if stanza_to not in env.recipients:
         raise EnvelopeMismatch(f"stanza to {stanza_to} is not among the envelope's recipients")
-    if me != header_sender and me not in env.recipients:
+    if me != sender and me not in env.recipients:
         raise EnvelopeMismatch(f"the envelope is not addressed to {me}")

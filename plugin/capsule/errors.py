@@ -133,3 +133,21 @@ class CorruptProfile(ProfileError):
     """The profile file is truncated or damaged."""
 
     reason = "corrupt-profile"
+
+
+class CertificateLookupFailed(CapsuleError):
+    """Looking up certificates gave no definite answer (time-out, server error): never plaintext."""
+
+    reason = "lookup-failed"
+
+
+class CertificateWithdrawn(UntrustedCertificate):
+    """A contact we pinned now publishes no valid certificates: refused, never plaintext."""
+
+    reason = "withdrawn"
+
+
+class UninterpretableContent(MalformedCapsule):
+    """The envelope holds nothing this receiver can read (e.g. a body outside jabber:client)."""
+
+    reason = "uninterpretable"

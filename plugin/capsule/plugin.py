@@ -3,16 +3,20 @@
 Incoming capsules are taken out of the stream by an *in* filter (so handlers never see the
 fallback body), verified and decrypted in arrival order per sender, and handed to the bot's
 ordinary ``message`` handlers and to ``capsule_message``; failures become ``capsule_error``.
-Outgoing chat messages pass an async *out* filter that seals them for the addressee.
+Outgoing messages with readable content (any child not on the allow-list of
+:mod:`capsule.elements`) are held by an *out* filter and sealed for the addressee by a task.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
+import datetime as dt
 import logging
 import os
 import time
 import xml.etree.ElementTree as ET
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,16 +26,20 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 from slixmpp import JID, BaseXMPP, Message
 from slixmpp.exceptions import IqError, IqTimeout
-from slixmpp.plugins import BasePlugin
+from slixmpp.plugins import BasePlugin, xep_0082
 from slixmpp.xmlstream import StanzaBase
 
-from capsule import core, discovery, enrollment, envelope
+from capsule import algorithms as alg
+from capsule import core, discovery, elements, enrollment, envelope
 from capsule import stanza as st
 from capsule.errors import (
     CapsuleError,
+    CertificateWithdrawn,
     DuplicateCapsule,
     EnvelopeMismatch,
+    MalformedCapsule,
     NoCertificate,
+    NotAddressedToUs,
     PolicyViolation,
     ProfileError,
     RevocationUnknown,
@@ -39,6 +47,7 @@ from capsule.errors import (
     UntrustedCertificate,
 )
 from capsule.journal import GroupCommit
+from capsule.locks import LockTable
 from capsule.profile import PIN_ENV, Contact, Profile, now_iso
 from capsule.replay import DEFAULT_MAX_AGE, DEFAULT_SKEW, Entry, TimeRules, Verdict
 from capsule.trust import CertBundle, CertificateSource, TrustStore, VerifiedCert
@@ -46,7 +55,9 @@ from capsule.trust import Contact as VerifiedContact
 
 log = logging.getLogger(__name__)
 POLICIES = ("require", "prefer", "off")
-PROTECTED = ("body", "subject")  # elements moved into the envelope
+FETCH_MEMORY = 1024  # claimed senders whose last look-up is remembered (rate limit, negative cache)
+DELAY_SLACK = dt.timedelta(minutes=5)  # a server's <delay> may not predate the signed time by more
+Origin = Literal["live", "carbon", "archive"]
 COMPACT_AFTER = 512  # journal records (batches) before the profile is saved
 
 
@@ -62,6 +73,24 @@ class CapsuleInfo:
 
 
 @dataclass(frozen=True)
+class _Lookup:
+    """What a claimed sender's last look-up gave, when, and whether it was a refresh."""
+
+    when: float
+    outcome: CertBundle | CapsuleError | None
+    refresh: bool
+
+
+@dataclass(frozen=True)
+class PlaintextSent:
+    """The payload of ``capsule_plaintext_sent``: a message left unencrypted, and why."""
+
+    peer: str
+    stanza_id: str
+    reason: str  # "no-certificate" (policy prefer, a definite answer) or "policy-off"
+
+
+@dataclass(frozen=True)
 class CapsuleFailure:
     """The payload of ``capsule_error``: why, about which stanza; never any plaintext."""
 
@@ -70,11 +99,6 @@ class CapsuleFailure:
     stanza_id: str
     peer: str
     error: CapsuleError
-
-
-def _protected(msg: Message) -> list[ET.Element]:
-    """The elements a capsule carries inside its envelope (body, subject)."""
-    return [el for el in msg.xml if el.tag.split("}")[-1] in PROTECTED]
 
 
 def capsule_info(msg: Message) -> CapsuleInfo | None:
@@ -108,6 +132,9 @@ class XEP_Capsule(BasePlugin):
         "max_age": DEFAULT_MAX_AGE,  # seconds a capsule may wait (offline) for live delivery
         "storage_retry": 2.0,  # seconds between attempts to make state durable again
         "fetch_timeout": 10,
+        "fetch_interval": 60,  # seconds: at most one look-up per claimed sender, answer reused
+        "max_envelope_bytes": envelope.MAX_BYTES,
+        "max_envelope_depth": envelope.MAX_DEPTH,
         "source": None,  # a CertificateSource; default: PEP
     }
     secure = False  # the stream has TLS (set by session_bind)
@@ -144,7 +171,8 @@ class XEP_Capsule(BasePlugin):
             fp = core.cert_fingerprint(cert)
             self._own_signers[fp] = VerifiedCert(data.jid, "sign", cert, fp,
                                                  cast(rsa.RSAPublicKey, cert.public_key()))
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks = LockTable()
+        self._fetched: OrderedDict[str, _Lookup] = OrderedDict()
         self._tasks: set[asyncio.Future[None]] = set()
         self._cleared: set[int] = set()
         self._save_handle: asyncio.TimerHandle | None = None
@@ -286,7 +314,7 @@ class XEP_Capsule(BasePlugin):
             return
         except RevocationUnknown:
             pass
-        async with self._lock("crl"):
+        async with self._locks.hold("crl"):
             self.refresh_crl()
             loop = asyncio.get_running_loop()
             if self.ca_service and loop.time() - self._crl_tried >= self.crl_retry:
@@ -302,15 +330,17 @@ class XEP_Capsule(BasePlugin):
                 await self.refresh_crl_from_ca()
 
     # -- contacts --------------------------------------------------------------
-    def _lock(self, jid: str) -> asyncio.Lock:
-        return self._locks.setdefault(jid, asyncio.Lock())
-
-    async def contact(self, jid: str, refresh: bool = False) -> VerifiedContact:
+    async def contact(self, jid: str, refresh: bool = False, claimed: bool = False
+                      ) -> VerifiedContact:
         """A contact's verified certificates: pinned ones if still valid, else fetched anew.
 
-        Refused (RevocationUnknown) while we cannot tell whether they are revoked."""
+        ``claimed``: the sender named by an incoming capsule, whose look-ups are rate-limited.
+        A pinned contact that now publishes nothing is refused (CertificateWithdrawn), never
+        treated as having no certificates. Refused (RevocationUnknown) while we cannot tell
+        whether they are revoked.
+        """
         await self.check_revocation()
-        async with self._lock("contact " + jid):
+        async with self._locks.hold("contact " + jid):
             pinned = self.store.data.contacts.get(jid)
             if pinned and not refresh:
                 try:
@@ -319,7 +349,10 @@ class XEP_Capsule(BasePlugin):
                 except UntrustedCertificate as exc:
                     log.info("pinned certificates of %s no longer valid (%s); refetching",
                              jid, exc.reason)
-            bundle = await self.certificates.fetch(jid)
+            bundle = await (self._fetch_claimed(jid, refresh) if claimed
+                            else self.certificates.fetch(jid))
+            if bundle is None and pinned is not None:
+                raise CertificateWithdrawn(f"{jid} was pinned but now publishes no certificates")
             if bundle is None:
                 raise NoCertificate(f"{jid} has published no Capsule certificates")
             verified = self.trust.verify_contact(jid, bundle)
@@ -331,6 +364,27 @@ class XEP_Capsule(BasePlugin):
                     log.info("certificates of %s changed and validated", jid)
                     self.xmpp.event("capsule_cert_changed", {"jid": jid, "contact": verified})
             return verified
+
+    async def _fetch_claimed(self, jid: str, refresh: bool) -> CertBundle | None:
+        """Look up a claimed sender at most once per ``fetch_interval``, plus one refresh (a
+        capsule naming a certificate we have not seen: a rotation); meanwhile the answer, or
+        the failure, is reused, so a flood naming one sender costs at most two look-ups."""
+        now = time.monotonic()
+        last = self._fetched.get(jid)
+        if (last is None or now - last.when >= self.fetch_interval
+                or (refresh and not last.refresh)):
+            try:
+                outcome: CertBundle | CapsuleError | None = await self.certificates.fetch(jid)
+            except CapsuleError as exc:
+                outcome = exc
+            last = _Lookup(now, outcome, refresh)
+            self._fetched[jid] = last
+            self._fetched.move_to_end(jid)
+            while len(self._fetched) > FETCH_MEMORY:
+                self._fetched.popitem(last=False)
+        if isinstance(last.outcome, CapsuleError):
+            raise type(last.outcome)(*last.outcome.args)
+        return last.outcome
 
     # -- sending ---------------------------------------------------------------
     async def seal(self, msg: Message, recipients: Iterable[str], room: str | None = None
@@ -349,7 +403,7 @@ class XEP_Capsule(BasePlugin):
         keys = [core.Recipient(c.jid, c.encrypt.fingerprint, c.encrypt.public_key)
                 for c in contacts]
         keys.append(core.Recipient(me, self.own_encrypt.fingerprint, self.own_encrypt.public_key))
-        content = _protected(msg)
+        content = elements.content(msg.xml)
         addressees = [*bare, room] if room else bare
         sealed_env = envelope.encode(content, me, addressees, core.utc_timestamp())
         return core.seal(sealed_env, sender=me, sender_cert=self.own_sign.fingerprint,
@@ -357,7 +411,7 @@ class XEP_Capsule(BasePlugin):
 
     @staticmethod
     def _wrap(msg: Message, capsule: core.Capsule) -> Message:
-        for el in _protected(msg):
+        for el in elements.content(msg.xml):
             msg.xml.remove(el)
         st.from_core(msg, capsule)
         return msg
@@ -419,30 +473,40 @@ class XEP_Capsule(BasePlugin):
         return ids
 
     def _filter_out(self, stanza: StanzaBase) -> StanzaBase | None:
-        """Hold back chat messages with a body; they are sealed and sent by a task.
+        """Hold back every message with readable content; it is sealed and sent by a task.
 
         A synchronous filter: slixmpp runs async filters as a task per outgoing stanza, which
         would tax every stanza; only the messages to encrypt pay for a task here.
         """
-        if (self.policy == "off" or not isinstance(stanza, Message) or st.has_capsule(stanza)
-                or stanza["type"] not in ("chat", "normal", "groupchat") or not stanza["body"]):
+        if (not isinstance(stanza, Message) or st.has_capsule(stanza)
+                or not elements.readable(stanza.xml)):
             return stanza
         if id(stanza) in self._cleared:  # plaintext allowed by policy prefer, coming back
             self._cleared.discard(id(stanza))
+            self._plaintext_sent(stanza, "no-certificate")
+            return stanza
+        if self.policy == "off":
+            self._plaintext_sent(stanza, "policy-off")
             return stanza
         self._spawn(self._seal_and_send(stanza))
         return None
 
+    def _plaintext_sent(self, stanza: Message, reason: str) -> None:
+        log.info("message %s to %s sent in plaintext (%s)", stanza["id"], stanza["to"].bare,
+                 reason)
+        self.xmpp.event("capsule_plaintext_sent",
+                        PlaintextSent(str(stanza["to"].bare), stanza["id"], reason))
+
     async def _seal_and_send(self, stanza: Message) -> None:
         to = stanza["to"].bare
-        async with self._lock("out " + to):  # keeps the order of messages to one contact
+        async with self._locks.hold("out " + to):  # keeps the order of messages to one contact
             try:
                 await self.encrypt_message(stanza)
             except NoCertificate as exc:
-                if self.policy != "prefer":
+                # only a definite "none published", never for a room (every occupant or nobody)
+                if self.policy != "prefer" or stanza["type"] == "groupchat":
                     self._fail(exc, stanza, to)
                     return
-                log.info("no certificate for %s: sending in plaintext (policy prefer)", to)
                 self._cleared.add(id(stanza))
             except CapsuleError as exc:
                 self._fail(exc, stanza, to)  # refused: never fall back to plaintext
@@ -460,32 +524,41 @@ class XEP_Capsule(BasePlugin):
 
     # -- receiving -------------------------------------------------------------
     def _filter_in(self, stanza: StanzaBase) -> StanzaBase | None:
-        if not isinstance(stanza, Message) or stanza["type"] not in (
-                "chat", "normal", "groupchat", ""):
+        if not isinstance(stanza, Message):
             return stanza
-        if stanza["type"] == "groupchat" and not stanza["from"].resource:
-            return stanza  # the room itself speaking (subject, status): not an occupant
+        peer = str(stanza["from"].bare)
         try:
             st.check_namespace_version(stanza)
         except CapsuleError as exc:
-            self._fail(exc, stanza, stanza["from"].bare)
+            self._fail(exc, stanza, peer)
             return None
+        from_room = stanza["type"] == "groupchat" and not stanza["from"].resource
+        if st.has_capsule(stanza) and stanza["type"] == "error":
+            # a bounce: the app learns which message failed; capsule and fallback withheld
+            stanza.xml.remove(stanza["capsule"].xml)
+            elements.strip(stanza.xml)
+            return stanza
         if st.has_capsule(stanza):
-            sender = stanza["from"].bare  # a room serialises all of its occupants
-            lock = self._lock("in " + sender)
-            self._spawn(self._receive(stanza, lock))
+            if from_room:
+                self._fail(EnvelopeMismatch(f"a capsule from the room {peer} itself"), stanza, peer)
+            else:  # a room serialises all of its occupants
+                self._spawn(self._receive(stanza, "in " + peer))
             return None
-        if self.policy == "require" and stanza["body"]:
-            self._fail(PolicyViolation(f"plaintext message from {stanza['from'].bare} refused "
-                                       f"(policy require)"), stanza, stanza["from"].bare)
-            return None
-        return stanza
+        if self.policy != "require" or not elements.readable(stanza.xml):
+            return stanza
+        kind = stanza["type"] or "normal"
+        self._fail(PolicyViolation(f"plaintext {kind} message from {peer} refused (policy "
+                                   f"require)"), stanza, peer)
+        if stanza["type"] == "error" or from_room:  # still routed: its content withheld
+            elements.strip(stanza.xml)
+            return stanza
+        return None
 
-    async def _receive(self, stanza: Message, lock: asyncio.Lock, sent_carbon: bool = False
-                       ) -> None:
-        async with lock:  # arrival order per sender, even while certificates are fetched
+    async def _receive(self, stanza: Message, key: str, origin: Origin = "live",
+                       sent_carbon: bool = False) -> None:
+        async with self._locks.hold(key):  # arrival order per sender, also while fetching
             try:
-                msg, durable = await self._open(stanza)
+                msg, durable = await self._open(stanza, origin=origin)
             except DuplicateCapsule as exc:
                 self.duplicates += 1
                 log.debug("dropped a duplicate (stanza %s): %s", stanza["id"], exc)
@@ -511,57 +584,103 @@ class XEP_Capsule(BasePlugin):
     def _on_carbon(self, wrapper: Message) -> None:
         sent = wrapper.xml.find("{urn:xmpp:carbons:2}sent") is not None
         inner = wrapper["carbon_sent" if sent else "carbon_received"]
-        if st.has_capsule(inner) and inner["type"] in ("chat", "normal"):
+        if st.has_capsule(inner) and inner["type"] in ("chat", "normal", "headline"):
             peer = inner["to" if sent else "from"].bare
-            self._spawn(self._receive(inner, self._lock("in " + peer), sent_carbon=sent))
+            self._spawn(self._receive(inner, "in " + peer, origin="carbon", sent_carbon=sent))
 
-    async def open(self, stanza: Message, replay_check: bool = True) -> Message:
+    async def open(self, stanza: Message, replay_check: bool = True, origin: Origin = "live"
+                   ) -> Message:
         """Verify and decrypt a capsule stanza into a new Message (see CapsuleInfo).
 
-        The signature is checked first, with the sender's verified certificate; then our key
-        is unwrapped, the envelope decrypted and its addressing checked, then the time rules
-        and the replay state (DuplicateCapsule for the very capsule again). With
-        ``replay_check`` it returns only once the replay entry is on disk.
+        Cheap checks come first (shape, size, who sent it, whether it holds a key for us), so
+        junk costs no look-up and no cryptography; then the signature with the sender's
+        verified certificate; then our key is unwrapped, the envelope decrypted and its
+        addressing checked, then the time rules and the replay state (DuplicateCapsule for the
+        very capsule again). Our own capsules are accepted only as carbons, from the archive
+        (``origin``) or echoed by a room, never reflected back live. With ``replay_check`` it
+        returns only once the replay entry is on disk.
         """
-        msg, durable = await self._open(stanza, replay_check)
+        msg, durable = await self._open(stanza, replay_check, origin)
         await durable
         return msg
 
-    async def _open(self, stanza: Message, replay_check: bool = True
+    async def _open(self, stanza: Message, replay_check: bool = True, origin: Origin = "live"
                     ) -> tuple[Message, asyncio.Future[None]]:
         """:meth:`open`, and a future done when its replay entry is durable."""
         self._check_usable()
         capsule = st.to_core(stanza["capsule"])
         core.check_shape(capsule)
+        header = capsule.header
+        if len(capsule.payload) > self.max_envelope_bytes + alg.TAG_BYTES:
+            raise MalformedCapsule(f"capsule payload exceeds {self.max_envelope_bytes} bytes")
         me = self.store.data.jid
-        sender = capsule.header.sender
+        sender = header.sender
+        real_sender = self._real_sender(stanza)
+        if real_sender != sender:
+            raise EnvelopeMismatch(f"capsule signed by {sender} arrived from {real_sender}: "
+                                   f"forwarded or spoofed")
+        keys = self.store.decryption_keys()
+        if not any(k.jid == me and k.cert in keys for k in header.keys):
+            raise NotAddressedToUs(f"the capsule from {sender} holds no key for {me}")
+        room = stanza["from"].bare if stanza["type"] == "groupchat" else None
         if sender == me:
-            signer = self._own_signers.get(capsule.header.cert, self.own_sign)
+            if origin == "live" and room is None:  # a room echoes what we say; nobody else may
+                raise EnvelopeMismatch("our own capsule came back from another entity "
+                                       "(only carbons, the archive and the room return it)")
+            signer = self._own_signers.get(header.cert, self.own_sign)
         else:
-            signer = await self._signer(sender, capsule.header.cert)
-        if signer.fingerprint != capsule.header.cert:
+            signer = await self._signer(sender, header.cert)
+        if signer.fingerprint != header.cert:
             raise UntrustedCertificate(f"capsule names a signing certificate {sender} "
                                        f"does not hold")
         core.verify(capsule, signer.public_key)
-        plain = core.unseal(capsule, jid=me, certs=self.store.decryption_keys())
-        env = envelope.decode(plain)
+        plain = core.unseal(capsule, jid=me, certs=keys)
+        env = envelope.decode(plain, self.max_envelope_bytes, self.max_envelope_depth)
         # in a room the stanza comes from room/nick and is addressed to us; the envelope names
         # the room, and the nick must belong to the signer
-        addressee = stanza["from"].bare if stanza["type"] == "groupchat" else stanza["to"].bare
-        envelope.check_addressing(env, sender, self._real_sender(stanza), addressee, me)
+        envelope.check_addressing(env, header, real_sender, room or stanza["to"].bare, me, room)
         durable = self._remember(capsule) if replay_check else _done()
         msg = self.xmpp.make_message(mto=stanza["to"], mfrom=stanza["from"], mtype=stanza["type"])
         msg["id"] = stanza["id"]
+        for el in stanza.xml:  # routing and metadata from outside, content only from inside
+            if elements.outside(el) and self._entitled(el, stanza, room, header.ts):
+                msg.xml.append(copy.deepcopy(el))
         for el in env.content:
             msg.xml.append(el)
-        msg.capsule_info = CapsuleInfo(sender, signer, capsule.header.nid.hex(),  # type: ignore[attr-defined]
-                                       capsule.header.ts)
+        msg.capsule_info = CapsuleInfo(sender, signer, header.nid.hex(),  # type: ignore[attr-defined]
+                                       header.ts)
         return msg, durable
 
+    def _entitled(self, el: ET.Element, stanza: Message, room: str | None, signed: str) -> bool:
+        """Whether an outer element may reach the app beside the decrypted content.
+
+        Not the capsule machinery; server metadata (<delay>, <stanza-id>) only when our server
+        or the room added it (XEP-0359: servers strip stanza-ids in their own name), and a
+        delay never earlier than the signed time.
+        """
+        tag = elements.name(el)
+        if tag in {(alg.NAMESPACE, "capsule"), ("urn:xmpp:eme:0", "encryption")}:
+            return False
+        if tag not in elements.SERVER_METADATA:
+            return True
+        me = JID(self.store.data.jid)
+        attr = JID(el.get("by" if tag[1] == "stanza-id" else "from", ""))
+        allowed = {room} if room else {me.bare, me.domain}
+        if attr.bare not in allowed or attr.resource:
+            return False
+        if tag[1] == "stanza-id":
+            return True
+        try:
+            stamp = xep_0082.parse(el.get("stamp", ""))
+        except ValueError:
+            return False
+        when = dt.datetime.strptime(signed, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+        return bool(stamp >= when - DELAY_SLACK)
+
     async def _signer(self, sender: str, cert_fp: str) -> VerifiedCert:
-        contact = await self.contact(sender)
-        if contact.sign.fingerprint != cert_fp:  # rotated? look again before refusing
-            contact = await self.contact(sender, refresh=True)
+        contact = await self.contact(sender, claimed=True)
+        if contact.sign.fingerprint != cert_fp:  # rotated? look again (rate-limited) first
+            contact = await self.contact(sender, refresh=True, claimed=True)
         return contact.sign
 
     async def history(self, with_jid: str | None = None, limit: int = 100) -> list[Message]:
@@ -578,7 +697,7 @@ class XEP_Capsule(BasePlugin):
             if not st.has_capsule(inner):
                 continue
             try:
-                out.append(await self.open(inner, replay_check=False))
+                out.append(await self.open(inner, replay_check=False, origin="archive"))
             except CapsuleError as exc:
                 self._fail(exc, inner, inner["from"].bare)
         return out

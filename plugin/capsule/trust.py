@@ -44,7 +44,9 @@ class CertificateSource(abc.ABC):
 
     @abc.abstractmethod
     async def fetch(self, jid: str) -> CertBundle | None:
-        """The certificates ``jid`` published, or None if there are none."""
+        """The certificates ``jid`` published, or None only on a definite answer that there
+        are none (which lets policy ``prefer`` send plaintext); any doubt raises a CapsuleError
+        (CertificateLookupFailed)."""
 
 
 @dataclass(frozen=True)

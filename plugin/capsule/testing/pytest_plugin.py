@@ -26,6 +26,7 @@ from capsule.connection import login
 from capsule.plugin import attach
 from capsule.testing.identities import enroll
 from capsule.testing.stack import SERVERS, Stack
+from capsule.testing.stream import Cast
 
 _REQUIRED = {
     "ejabberd": ["ejabberdctl", "mariadbd", "mariadb-install-db"],
@@ -68,6 +69,12 @@ def xmpp_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
         yield stack
     finally:
         stack.stop()
+
+
+@pytest.fixture(scope="session")
+def stream_cast(tmp_path_factory: pytest.TempPathFactory) -> Cast:
+    """Identities from one throwaway CA for server-free stream tests (capsule.testing.stream)."""
+    return Cast(tmp_path_factory.mktemp("stream-cast"))
 
 
 @pytest.fixture
