@@ -20,7 +20,7 @@ from typing import NamedTuple
 from cryptography import x509
 
 from capsule import algorithms as alg
-from capsule import core
+from capsule import core, elements
 from capsule.errors import CapsuleError, UntrustedCertificate
 from capsule.stanza import FALLBACK_BODY, parse_capsule
 from capsule.trust import TrustStore, VerifiedCert
@@ -38,13 +38,6 @@ FAILING = ("plaintext", "bad-signature", "sender-mismatch", "recipient-mismatch"
 TAMPERED = ("bad-signature", "sender-mismatch", "recipient-mismatch")
 XML_LANG = "{http://www.w3.org/XML/1998/namespace}lang"
 MESSAGE_ATTRIBUTES = frozenset({"to", "from", "id", "type", XML_LANG})
-# namespaces of what servers and clients put beside a message's content: routing, hints,
-# receipts, chat states, ids, delays, room roles. Their attributes are allowed; text is not
-QUIET = frozenset({
-    "urn:xmpp:eme:0", "urn:xmpp:hints", "urn:xmpp:sid:0", "urn:xmpp:delay", "jabber:x:delay",
-    "urn:xmpp:receipts", "http://jabber.org/protocol/chatstates", "urn:xmpp:chat-markers:0",
-    "urn:xmpp:mam:tmp", "urn:xmpp:carbons:2", "http://jabber.org/protocol/muc#user",
-})
 SERVER_NOTES = frozenset({"Offline Storage"})  # the one <delay/> text a server writes (ejabberd)
 BARS = 48  # a conversation's timeline holds at most this many time buckets
 TS_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
@@ -261,9 +254,9 @@ def readable(msg: ET.Element, column: str, encrypted: bool,
     nothing). Capsule elements (and the fast path's ``marker`` in one's place) are skipped.
     When the message holds a capsule (``encrypted``), one attribute-less ``<body>`` holding
     exactly the fallback text is allowed, and so is ``column`` (the body the server stored)
-    holding that text. Anything else is readable: text anywhere, an attribute the message or a
-    non-:data:`QUIET` element carries, text in a quiet element (but a server's
-    :data:`SERVER_NOTES`)."""
+    holding that text. Anything else is readable: text anywhere (but a server's
+    :data:`SERVER_NOTES`), an attribute on the message (but :data:`MESSAGE_ATTRIBUTES`) or on an
+    element not on the plugin's allow-list (:func:`capsule.elements.outside`) nor inside one."""
     fallback = encrypted
     if column.strip() and not (fallback and column.strip() == FALLBACK_BODY):
         return "the stored body column"
@@ -285,7 +278,7 @@ def readable(msg: ET.Element, column: str, encrypted: bool,
                 and not len(node) and node.text == FALLBACK_BODY):
             fallback = False  # the fallback once, exactly
             continue
-        quiet = quiet or (tag[:1] == "{" and tag[1:tag.find("}")] in QUIET)
+        quiet = quiet or elements.outside(node)
         if text and not (quiet and text in SERVER_NOTES):
             return f"text in <{_local(tag)}>"
         if node.attrib and not quiet:
