@@ -520,6 +520,9 @@ async def test_openfire_tables_stand_in(xmpp_stack, capsule_bot, tmp_path, capsy
             for i, s in enumerate(stanzas)]
     rows.append(f"(9, 2, '{alice.jid}', 'x', '{bob.jid}', NULL, 1795700000009, NULL, "
                 f"{literal(MARKUP_BODY)}, NULL)")
+    # a genuine capsule stanza whose body column the operator filled with readable text
+    rows.append(f"(10, 1, '{alice.jid}', 'x', '{bob.jid}', NULL, 1795700000010, "
+                f"{literal(stanzas[1])}, 'SECRET', NULL)")
     xmpp_stack.sql(
         OPENFIRE_SCHEMA + "INSERT INTO ofMessageArchive VALUES " + ", ".join(rows) + ";"
         + f"INSERT INTO ofOffline VALUES ('{bob.account.user}', 7, '1795700000007', 10, "
@@ -535,9 +538,12 @@ async def test_openfire_tables_stand_in(xmpp_stack, capsule_bot, tmp_path, capsy
     assert "found plaintext" in capsys.readouterr().err
     data = json.loads(out.read_text())
     (conv,) = [c for c in data["conversations"] if alice.jid in c["peers"]]
-    # 2 capsules (one also queued offline) and the plaintext row rebuilt from its body column
-    assert (conv["messages"], conv["counts"]["capsule"], conv["counts"]["plaintext"]) == (3, 2, 1)
-    assert conv["rows"] == 4 and conv["verdict"] == "PLAINTEXT"
+    # 2 capsules (one also queued offline), the plaintext row rebuilt from its body column and
+    # the capsule whose body column is readable (counted apart from its clean copy)
+    assert (conv["messages"], conv["counts"]["capsule"], conv["counts"]["plaintext"]) == (4, 2, 2)
+    assert conv["rows"] == 5 and conv["verdict"] == "PLAINTEXT"
+    assert any(f["row"] == "10" and f["detail"].startswith("the stored body column")
+               for f in data["findings"])
     page = html.read_text()
     assert page.startswith("<!DOCTYPE html>") and alice.jid in page and MARKUP_BODY not in page
     assert capsule_main(["audit", "--source", "openfire", "--dsn", dsn, "--ca",
