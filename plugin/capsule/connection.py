@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import ssl
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
@@ -130,6 +131,85 @@ def enable_registration(client: ClientXMPP) -> None:
 
     client.add_event_handler("register", register)
     client.capsule_registration_refused = refused  # type: ignore[attr-defined]
+
+
+class Reconnect:
+    """Reconnect a client whose session dropped, with capped exponential back-off and jitter.
+
+    Armed by the first session, disarmed by the app's own ``disconnect()`` and by a refused
+    login or certificate (retrying would not help). slixmpp alone does not reconnect after a
+    lost stream; with stream management (XEP-0198) the new stream resumes the session.
+    """
+
+    def __init__(self, client: ClientXMPP, first: float = 0.5, cap: float = 30.0,
+                 login_timeout: float = 30.0):
+        self.client = client
+        self.first, self.cap, self.login_timeout = first, cap, login_timeout
+        self.delay = first
+        self.armed = self.in_session = bool(client.sessionstarted)  # maybe logged in already
+        self._retry: asyncio.TimerHandle | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._app_disconnect = client.disconnect
+        setattr(client, "disconnect", self._disconnect)  # noqa: B010 - the app's stop signal
+        for event, handler in self._events():
+            client.add_event_handler(event, handler)
+
+    def _events(self) -> list[tuple[str, Callable[[Any], None]]]:
+        return [("session_start", self._up), ("session_resumed", self._up),
+                ("disconnected", self._down), ("connection_failed", self._down),
+                ("failed_all_auth", self._stop), ("ssl_invalid_chain", self._stop)]
+
+    def close(self) -> None:
+        self._stop(None)
+        setattr(self.client, "disconnect", self._app_disconnect)  # noqa: B010
+        for event, handler in self._events():
+            self.client.del_event_handler(event, handler)
+
+    def _disconnect(self, *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
+        self._stop(None)
+        return self._app_disconnect(*args, **kwargs)
+
+    def _up(self, _event: Any) -> None:
+        self.armed, self.in_session, self.delay = True, True, self.first
+        self._cancel()
+
+    def _stop(self, _event: Any) -> None:
+        self.armed = False
+        self._cancel()
+
+    def _cancel(self) -> None:
+        for timer in (self._retry, self._watchdog):
+            if timer is not None:
+                timer.cancel()
+        self._retry = self._watchdog = None
+
+    def _down(self, _event: Any) -> None:
+        self.in_session = False
+        if not self.armed or self._retry is not None:
+            return
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        wait = self.delay * random.uniform(0.5, 1.0)  # jitter, not a secret
+        self.delay = min(self.cap, self.delay * 2)
+        self._retry = asyncio.get_event_loop().call_later(wait, self._connect)
+
+    def _connect(self) -> None:
+        self._retry = None
+        if not self.armed or self.client.transport is not None:
+            return  # slixmpp's own retry got there first
+        address = self.client.custom_address or (None, None)
+        self.client.connect(*address)
+        # a server that accepts TCP but never opens a session (e.g. its database is down)
+        self._watchdog = asyncio.get_event_loop().call_later(self.login_timeout, self._hung)
+
+    def _hung(self) -> None:
+        self._watchdog = None
+        if self.armed and not self.in_session:
+            if self.client.transport is not None:
+                self.client.abort()  # -> disconnected -> another attempt
+            else:
+                self._down(None)
 
 
 async def probe_login(jid: str, password: str, host: str, port: int, ca_root: str | Path) -> None:

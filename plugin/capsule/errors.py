@@ -151,3 +151,9 @@ class UninterpretableContent(MalformedCapsule):
     """The envelope holds nothing this receiver can read (e.g. a body outside jabber:client)."""
 
     reason = "uninterpretable"
+
+
+class Undelivered(CapsuleError):
+    """A sent capsule was not acknowledged by the server within the bound, or was returned."""
+
+    reason = "undelivered"

@@ -5,6 +5,8 @@ fallback body), verified and decrypted in arrival order per sender, and handed t
 ordinary ``message`` handlers and to ``capsule_message``; failures become ``capsule_error``.
 Outgoing messages with readable content (any child not on the allow-list of
 :mod:`capsule.elements`) are held by an *out* filter and sealed for the addressee by a task.
+Delivery rides on stream management (XEP-0198, a dependency): the outbox resends what the
+server did not acknowledge and reports what it cannot deliver; the client reconnects.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any, ClassVar, Literal, cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
-from slixmpp import JID, BaseXMPP, Message
+from slixmpp import JID, BaseXMPP, ClientXMPP, Message
 from slixmpp.exceptions import IqError, IqTimeout
 from slixmpp.plugins import BasePlugin, xep_0082
 from slixmpp.xmlstream import StanzaBase
@@ -32,6 +34,7 @@ from slixmpp.xmlstream import StanzaBase
 from capsule import algorithms as alg
 from capsule import core, discovery, elements, enrollment, envelope
 from capsule import stanza as st
+from capsule.connection import Reconnect
 from capsule.errors import (
     CapsuleError,
     CertificateWithdrawn,
@@ -46,8 +49,10 @@ from capsule.errors import (
     StorageError,
     UntrustedCertificate,
 )
+from capsule.inbound import HandledCount
 from capsule.journal import GroupCommit
 from capsule.locks import LockTable
+from capsule.outbox import Outbox
 from capsule.profile import PIN_ENV, Contact, Profile, now_iso
 from capsule.replay import DEFAULT_MAX_AGE, DEFAULT_SKEW, Entry, TimeRules, Verdict
 from capsule.trust import CertBundle, CertificateSource, TrustStore, VerifiedCert
@@ -112,7 +117,7 @@ class XEP_Capsule(BasePlugin):
     name = "capsule"
     description = "Capsule: end-to-end encrypted, signed encapsulated messages"
     dependencies: ClassVar[set[str]] = {"xep_0030", "xep_0045", "xep_0060", "xep_0115", "xep_0163",
-                                        "xep_0280",
+                                        "xep_0198", "xep_0280",
                                         "xep_0313", "xep_0334", "xep_0380"}
     default_config: ClassVar[dict[str, Any]] = {
         "profile": None,  # path of the profile file
@@ -136,6 +141,10 @@ class XEP_Capsule(BasePlugin):
         "max_envelope_bytes": envelope.MAX_BYTES,
         "max_envelope_depth": envelope.MAX_DEPTH,
         "source": None,  # a CertificateSource; default: PEP
+        "delivery_timeout": 120,  # seconds for the server to ack a capsule, else undelivered
+        "outbox_limit": 2000,  # unacknowledged capsules kept for resending
+        "reconnect": True,  # reconnect a lost session, back-off doubling up to reconnect_max
+        "reconnect_max": 30,
     }
     secure = False  # the stream has TLS (set by session_bind)
 
@@ -186,10 +195,15 @@ class XEP_Capsule(BasePlugin):
         self._crl_tried = -float("inf")  # loop time of the last fetch of an expired CRL
         st.register()
         enrollment.register()
+        self.handled = HandledCount(self.xmpp)  # its "in" filter must come before ours
         self.xmpp.add_filter("in", self._filter_in)
         self.xmpp.add_filter("out", self._filter_out)
         for event, handler in self._events():
             self.xmpp.add_event_handler(event, handler)
+        self.outbox = Outbox(self.xmpp, self.delivery_timeout, self.outbox_limit,
+                             self._undelivered)
+        self.reconnector = (Reconnect(self.xmpp, cap=self.reconnect_max)
+                            if self.reconnect and isinstance(self.xmpp, ClientXMPP) else None)
         self.refresh_crl()
         if self.xmpp.sessionstarted:  # registered on a client already logged in
             self._spawn(self._session_start(None))
@@ -206,6 +220,10 @@ class XEP_Capsule(BasePlugin):
             self.xmpp.del_event_handler(event, handler)
         if self._crl_task:
             self._crl_task.cancel()
+        self.handled.close()
+        self.outbox.close()
+        if self.reconnector:
+            self.reconnector.close()
         self._release()
 
     def session_bind(self, jid: JID) -> None:
@@ -451,7 +469,7 @@ class XEP_Capsule(BasePlugin):
         """Send ``body`` to a joined non-anonymous room, sealed once for every occupant."""
         msg = self.xmpp.make_message(mto=JID(JID(room).bare), mbody=body, mtype="groupchat")
         msg["id"] = self.xmpp.new_id()
-        (await self.encrypt_message(msg)).send()
+        self.outbox.send(await self.encrypt_message(msg))
         return str(msg["id"])
 
     async def send(self, to: str | JID | Iterable[str | JID], body: str,
@@ -468,7 +486,7 @@ class XEP_Capsule(BasePlugin):
         for target in targets:
             msg = self.xmpp.make_message(mto=JID(target), mtype=mtype)
             msg["id"] = self.xmpp.new_id()
-            self._wrap(msg, capsule).send()
+            self.outbox.send(self._wrap(msg, capsule))
             ids.append(msg["id"])
         return ids
 
@@ -511,7 +529,10 @@ class XEP_Capsule(BasePlugin):
             except CapsuleError as exc:
                 self._fail(exc, stanza, to)  # refused: never fall back to plaintext
                 return
-            self.xmpp.send(stanza)
+            if st.has_capsule(stanza):
+                self.outbox.send(stanza)
+            else:
+                self.xmpp.send(stanza)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -542,7 +563,7 @@ class XEP_Capsule(BasePlugin):
             if from_room:
                 self._fail(EnvelopeMismatch(f"a capsule from the room {peer} itself"), stanza, peer)
             else:  # a room serialises all of its occupants
-                self._spawn(self._receive(stanza, "in " + peer))
+                self._spawn(self.handled.hold(stanza, self._receive(stanza, "in " + peer)))
             return None
         if self.policy != "require" or not elements.readable(stanza.xml):
             return stanza
@@ -711,6 +732,10 @@ class XEP_Capsule(BasePlugin):
         log.warning("capsule %s for stanza %s with %s: %s", exc.reason,
                     stanza["id"] if stanza else "-", peer or "-", exc)
         self.xmpp.event("capsule_error", self._failure(exc, stanza, peer))
+
+    def _undelivered(self, exc: CapsuleError, stanza: StanzaBase, peer: str) -> None:
+        self._fail(exc, stanza, peer)
+        self.xmpp.event("capsule_undelivered", self._failure(exc, stanza, peer))
 
     # -- durable state -----------------------------------------------------------
     def _remember(self, capsule: core.Capsule) -> asyncio.Future[None]:

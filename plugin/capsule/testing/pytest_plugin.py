@@ -113,9 +113,9 @@ async def connect(xmpp_stack: Stack) -> AsyncIterator[ConnectFn]:
         client = client or ClientXMPP(account.jid, account.password, **kwargs)
         clients.append(client)
         state = xmpp_stack.info
+        if presence:  # on every new session (a reconnect after the server restarted, too)
+            client.add_event_handler("session_start", lambda _: client.send_presence())
         await login(client, "127.0.0.1", state.c2s_port, state.ca_root)
-        if presence:
-            client.send_presence()
         return client
 
     yield do_connect

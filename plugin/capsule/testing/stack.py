@@ -15,6 +15,7 @@ import re
 import secrets
 import shlex
 import shutil
+import signal
 import string
 import subprocess
 import time
@@ -427,6 +428,16 @@ class Stack:
             self.probe()
         except LoginError as exc:
             raise StackError(f"{exc} (log: {server.log})") from None
+
+    def kill_server(self) -> None:
+        """SIGKILL the XMPP server (a crash: no goodbye to its clients); ``restart_server``
+        brings it back on the same ports."""
+        server = self._parts()[1]
+        pid = self.info.pids["server"]
+        if pid_alive(pid, server.marker):
+            os.kill(pid, signal.SIGKILL)
+        if not wait_for(lambda: not pid_alive(pid, server.marker), 15):
+            raise StackError(f"{server.name} (PID {pid}) survived SIGKILL")
 
     def stop(self) -> None:
         """End this stack's own processes (server first, then MariaDB) and wait for them.

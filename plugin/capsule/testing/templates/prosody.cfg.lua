@@ -28,6 +28,9 @@ modules_enabled = {
   "mam"; "offline"; "ping"; "admin_shell"; "smacks"; "register"; "admin_adhoc";
 }
 modules_disabled = { "s2s" }
+-- XEP-0198 (smacks): a dead client's session waits this long for its resumption, then what it had
+-- not acked goes to offline storage (the last session of the account) or back to the sender
+smacks_hibernation_time = 10
 ssl = { certificate = "$dir/server.crt", key = "$dir/server.key" }
 
 VirtualHost "$domain"
