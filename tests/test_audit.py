@@ -235,7 +235,7 @@ def test_fast_path_matches_the_whole_stanza_on_hostile_rows(authority, pair):
     verdicts = [offline_auditor(authority, alice).examine(
         StoredRow("a", "1", "", None, t)).verdict for t in rows[:8]]
     assert verdicts == ["capsule", "bad-signature"] * 2 + ["capsule", "capsule",
-                                                           "bad-signature", "plaintext"]
+                                                           "malformed", "plaintext"]
     # servers' own forms take the fast path (or the benchmark measures the other one)
     assert all(capsule_span(t) for t in rows[:6])
 
@@ -261,6 +261,128 @@ def test_fast_path_matches_the_whole_stanza_on_mangled_rows(authority, pair, dat
 
 
 _HOSTILE: dict[str, list[str]] = {}  # built once: sealing is slow next to hypothesis' examples
+
+
+FB = f"<body>{st.FALLBACK_BODY}</body>"
+XHTML = ("<html xmlns='http://jabber.org/protocol/xhtml-im'>"
+         "<body xmlns='http://www.w3.org/1999/xhtml'>SECRET</body></html>")
+
+
+def verdicts_of(authority, alice, texts: dict[str, str], column: str = "") -> dict[str, str]:
+    """Each row's verdict from one auditor, fast path and whole stanza agreeing (one auditor for
+    all rows: a verdict cached for a genuine capsule must not carry over to a changed copy)."""
+    same_findings(authority, alice, list(texts.values()))
+    auditor = offline_auditor(authority, alice)
+    return {name: auditor.examine(StoredRow("a", name, "bob@capsule.test", None, text,
+                                            column)).verdict for name, text in texts.items()}
+
+
+def test_readable_content_beside_a_genuine_capsule_is_plaintext(authority, pair):
+    """A capsule message may carry readable text only as the exact fallback body."""
+    alice, bob = pair
+    genuine = stored_text(sealed(alice, bob), bob.data.jid, "plain")
+    rows = {
+        "genuine": genuine,
+        "body replaced": genuine.replace(FB, "<body>SECRET</body>"),
+        "second body": genuine.replace(FB, FB + "<body xml:lang='de'>SECRET</body>"),
+        "subject": genuine.replace(FB, FB + "<subject>SECRET</subject>"),
+        "thread": genuine.replace(FB, FB + "<thread>SECRET</thread>"),
+        "xhtml": genuine.replace(FB, FB + XHTML),
+        "text in message": genuine.replace(FB, FB + "SECRET"),
+        "fallback with text after a child": genuine.replace(FB, FB[:-7] + "<b/>SECRET</body>"),
+        "attribute on a foreign element": genuine.replace(FB, FB + "<x xmlns='urn:x' n='S'/>"),
+        "text in a receipt": genuine.replace(FB, FB + "<received xmlns='urn:xmpp:receipts' "
+                                             "id='1'>SECRET</received>"),
+        "attribute on message": genuine.replace("<message ", "<message note='SECRET' "),
+    }
+    assert verdicts_of(authority, alice, rows) == {
+        name: "capsule" if name == "genuine" else "plaintext" for name in rows}
+    # the body a server keeps in a column (ejabberd txt, Openfire body) beside the stanza
+    assert verdicts_of(authority, alice, {"genuine": genuine}, "SECRET") == {
+        "genuine": "plaintext"}
+    assert verdicts_of(authority, alice, {"genuine": genuine}, st.FALLBACK_BODY) == {
+        "genuine": "capsule"}
+    allowed = genuine.replace(FB, FB + "<active xmlns='http://jabber.org/protocol/chatstates'/>"
+                              "<delay xmlns='urn:xmpp:delay' from='capsule.test' stamp='2026-01-"
+                              "01T00:00:00Z'>Offline Storage</delay>"
+                              "<stanza-id xmlns='urn:xmpp:sid:0' by='bob@capsule.test' id='9'/>")
+    assert verdicts_of(authority, alice, {"hints": allowed}) == {"hints": "capsule"}
+
+
+def test_material_added_inside_a_genuine_capsule_is_malformed(authority, pair):
+    """Anything beyond the documented shape, inside a capsule that verifies, is a changed
+    copy: malformed, counted apart from the genuine message."""
+    alice, bob = pair
+    genuine = stored_text(sealed(alice, bob), bob.data.jid, "plain")
+    changes = {
+        "extra child": ("<payload>", "<note>SECRET</note><payload>"),
+        "foreign child": ("<payload>", "<n xmlns='urn:x'>SECRET</n><payload>"),
+        "capsule attribute": ('<capsule xmlns="urn:capsule:0">',
+                              '<capsule xmlns="urn:capsule:0" note="SECRET">'),
+        "header attribute": ("<header ", "<header note='SECRET' "),
+        "key attribute": ("<key ", "<key note='SECRET' "),
+        "iv attribute": ("<iv>", "<iv note='SECRET'>"),
+        "payload attribute": ("<payload>", "<payload note='SECRET'>"),
+        "signature attribute": ("<signature>", "<signature note='SECRET'>"),
+        "text after an element": ("</payload>", "</payload>SECRET"),
+        "text in header": ("<iv>", "SECRET<iv>"),
+        "second iv": ("</iv>", "</iv><iv>AAAA</iv>"),
+        "child in payload": ("</payload>", "<x/></payload>"),
+    }
+    rows = {"genuine": genuine} | {name: genuine.replace(*change, 1)
+                                   for name, change in changes.items()}
+    assert all(rows[name] != genuine for name in changes)
+    assert verdicts_of(authority, alice, rows) == {
+        name: "capsule" if name == "genuine" else "malformed" for name in rows}
+    report = offline_auditor(authority, alice).run(
+        (StoredRow("a", str(i), "", None, t) for i, t in enumerate(rows.values())),
+        Report(["test"]))
+    assert report.totals()["capsule"] == 1 and report.totals()["malformed"] == len(changes)
+
+
+def test_every_capsule_in_a_message_is_judged(authority, pair):
+    alice, bob = pair
+    capsule = sealed(alice, bob)
+    payload = bytearray(capsule.payload)
+    payload[3] ^= 1
+    genuine = stored_text(capsule, bob.data.jid, "plain")
+    bad = stored_text(capsule, bob.data.jid, "plain", B64(bytes(payload)))
+    one, bad_one = (t[t.index("<capsule"):t.index("</capsule>") + 10] for t in (genuine, bad))
+    rows = {"genuine then tampered": genuine.replace(FB, bad_one + FB),
+            "tampered then genuine": bad.replace(FB, one + FB),
+            "twice the same": genuine.replace(FB, one + FB),
+            "nested in a wrapper": genuine.replace(one, f"<x xmlns='urn:x'>{bad_one}</x>")}
+    assert verdicts_of(authority, alice, rows) == dict.fromkeys(rows, "malformed")
+
+
+def test_any_readable_content_without_a_capsule_is_plaintext(authority, pair):
+    alice, _ = pair
+    head, tail = "<message from='alice@capsule.test/a' to='bob@capsule.test' id='m'>", "</message>"
+    plaintext = ["<body/><body xml:lang='de'>SECRET</body>", "<body><span/>SECRET</body>",
+                 "<subject>SECRET</subject>", XHTML, "<body> </body><thread>SECRET</thread>",
+                 "<body xmlns='urn:foo'>SECRET</body>", "<body>&#83;ECRET</body>", FB]
+    other = ["<active xmlns='http://jabber.org/protocol/chatstates'/>",
+             "<received xmlns='urn:xmpp:receipts' id='x'/>", "<body/>", "<body>  </body>",
+             "<composing xmlns='http://jabber.org/protocol/chatstates'/>"
+             "<delay xmlns='urn:xmpp:delay' stamp='2026-01-01T00:00:00Z'>Offline Storage</delay>"]
+    rows = {text: head + text + tail for text in plaintext + other}
+    assert verdicts_of(authority, alice, rows) == {
+        text: "plaintext" if text in plaintext else "other" for text in rows}
+    assert verdicts_of(authority, alice, {"column only": head + tail}, "SECRET") == {
+        "column only": "plaintext"}
+
+
+def test_a_capsule_stored_for_someone_it_has_no_key_for_is_misaddressed(authority, pair):
+    alice, bob = pair
+    genuine = stored_text(sealed(alice, bob), bob.data.jid, "plain")
+    rows = {"to bob": genuine, "to bob's phone": genuine.replace('to="bob@capsule.test"',
+                                                                  'to="bob@capsule.test/phone"'),
+            "to carol": genuine.replace('to="bob@capsule.test"', 'to="carol@capsule.test"'),
+            "to the sender": genuine.replace('to="bob@capsule.test"', 'to="alice@capsule.test"'),
+            "to nobody": genuine.replace(' to="bob@capsule.test"', "")}
+    assert verdicts_of(authority, alice, rows) == {
+        "to bob": "capsule", "to bob's phone": "capsule", "to carol": "recipient-mismatch",
+        "to the sender": "recipient-mismatch", "to nobody": "recipient-mismatch"}
 
 
 def test_timeline_stays_small_and_loses_no_message():
@@ -398,6 +520,9 @@ async def test_openfire_tables_stand_in(xmpp_stack, capsule_bot, tmp_path, capsy
             for i, s in enumerate(stanzas)]
     rows.append(f"(9, 2, '{alice.jid}', 'x', '{bob.jid}', NULL, 1795700000009, NULL, "
                 f"{literal(MARKUP_BODY)}, NULL)")
+    # a genuine capsule stanza whose body column the operator filled with readable text
+    rows.append(f"(10, 1, '{alice.jid}', 'x', '{bob.jid}', NULL, 1795700000010, "
+                f"{literal(stanzas[1])}, 'SECRET', NULL)")
     xmpp_stack.sql(
         OPENFIRE_SCHEMA + "INSERT INTO ofMessageArchive VALUES " + ", ".join(rows) + ";"
         + f"INSERT INTO ofOffline VALUES ('{bob.account.user}', 7, '1795700000007', 10, "
@@ -413,9 +538,12 @@ async def test_openfire_tables_stand_in(xmpp_stack, capsule_bot, tmp_path, capsy
     assert "found plaintext" in capsys.readouterr().err
     data = json.loads(out.read_text())
     (conv,) = [c for c in data["conversations"] if alice.jid in c["peers"]]
-    # 2 capsules (one also queued offline) and the plaintext row rebuilt from its body column
-    assert (conv["messages"], conv["counts"]["capsule"], conv["counts"]["plaintext"]) == (3, 2, 1)
-    assert conv["rows"] == 4 and conv["verdict"] == "PLAINTEXT"
+    # 2 capsules (one also queued offline), the plaintext row rebuilt from its body column and
+    # the capsule whose body column is readable (counted apart from its clean copy)
+    assert (conv["messages"], conv["counts"]["capsule"], conv["counts"]["plaintext"]) == (4, 2, 2)
+    assert conv["rows"] == 5 and conv["verdict"] == "PLAINTEXT"
+    assert any(f["row"] == "10" and f["detail"].startswith("the stored body column")
+               for f in data["findings"])
     page = html.read_text()
     assert page.startswith("<!DOCTYPE html>") and alice.jid in page and MARKUP_BODY not in page
     assert capsule_main(["audit", "--source", "openfire", "--dsn", dsn, "--ca",
@@ -492,6 +620,49 @@ def test_missing_table_is_reported_and_the_rest_audited(xmpp_stack, tmp_path):
     xmpp_stack.sql(f"DROP DATABASE {db}")
     with pytest.raises(SourceError):
         list(sql_rows("openfire", Dsn.parse(xmpp_stack.dsn("no_such_database"))))
+
+
+def test_command_line_mistakes_are_one_line(xmpp_stack, new_account, tmp_path):
+    """Each mistake an auditor can make with the README's command is one line on stderr and
+    exit 1, never a traceback: an unknown --fail-on word, a report path that is a directory or
+    in a missing one, --certs that do not exist, a reader that stops early, a wrong password."""
+    db = "openfire_cli_mistakes"
+    xmpp_stack.sql(f"DROP DATABASE IF EXISTS {db}; CREATE DATABASE {db} CHARACTER SET utf8mb4")
+    values = ", ".join(f"('bob', {i}, '1795700000001', 9, " + literal(
+        f"<message from='u{i}@capsule.test/x' to='bob@capsule.test'><body>{i}</body></message>")
+        + ")" for i in range(1500))
+    xmpp_stack.sql(OPENFIRE_OFFLINE + f"INSERT INTO ofOffline VALUES {values};", db)
+    root = str(xmpp_stack.info.ca_root)
+    capsule = str(Path(sys.executable).with_name("capsule"))
+    base = [capsule, "audit", "--source", "openfire", "--dsn", xmpp_stack.dsn(db), "--ca", root]
+
+    def one_line(*more: str) -> str:
+        done = subprocess.run([*base, *more], capture_output=True, text=True, timeout=120,
+                              check=False)
+        assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+        assert done.stderr.startswith("capsule: error:"), done.stderr
+        return done.stderr
+
+    assert ",".join(VERDICTS) in one_line("--fail-on", "plaintext,bogus")
+    assert str(tmp_path) in one_line("--html", str(tmp_path))
+    assert "missing" in one_line("--json", str(tmp_path / "missing" / "report.json"))
+    assert "/nonexistent" in one_line("--certs", "/nonexistent")
+    whole = subprocess.run([*base, "--json", "-"], capture_output=True, text=True, timeout=120,
+                           check=True)
+    assert len(whole.stdout) > 4 * 65536  # more than a pipe holds: the writer meets the closed end
+    err = tmp_path / "err"
+    piped = subprocess.run(["bash", "-c", 'set -o pipefail; "$@" --json - 2>"$ERR" | head -c 100 '
+                            ">/dev/null", "sh", *base], env={"ERR": str(err)}, timeout=120,
+                           check=False)
+    assert piped.returncode == 1 and err.read_text().count("\n") == 1, err.read_text()
+    xmpp_stack.sql(f"DROP DATABASE {db}")
+    account = new_account("auditor")
+    wrong = tmp_path / "wrong.pw"
+    wrong.write_text("not the password\n")
+    base = [capsule, "audit", "--source", "mam", "--jid", account.jid, "--password-file",
+            str(wrong), "--host", "127.0.0.1", "--port", str(xmpp_stack.info.c2s_port),
+            "--ca", root]
+    assert account.jid in one_line()
 
 
 def test_database_killed_mid_stream_is_a_source_error(xmpp_stack):

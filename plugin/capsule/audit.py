@@ -20,9 +20,9 @@ from typing import NamedTuple
 from cryptography import x509
 
 from capsule import algorithms as alg
-from capsule import core
+from capsule import core, elements
 from capsule.errors import CapsuleError, UntrustedCertificate
-from capsule.stanza import parse_capsule
+from capsule.stanza import FALLBACK_BODY, parse_capsule
 from capsule.trust import TrustStore, VerifiedCert
 
 CAPSULE_TAG = f"{{{alg.NAMESPACE}}}capsule"
@@ -30,11 +30,15 @@ CAPSULE_OPEN, CAPSULE_CLOSE = "<capsule xmlns=", "</capsule>"
 CAPSULE_NS_VALUES = (f'"{alg.NAMESPACE}"', f"'{alg.NAMESPACE}'")
 SPAN_TAG = "capsule-audit-span"  # takes a capsule's place while the rest of its row is parsed
 SPAN_ELEMENT = f"<{SPAN_TAG} xmlns=''/>"
-VERDICTS = ("plaintext", "capsule", "bad-signature", "sender-mismatch", "unverified",
-            "malformed", "other")
+VERDICTS = ("plaintext", "capsule", "bad-signature", "sender-mismatch", "recipient-mismatch",
+            "unverified", "malformed", "other")
 SEEN_MAX = 2000  # verdicts remembered, keyed by their capsule (~2 KB each)
-FAILING = ("plaintext", "bad-signature", "sender-mismatch", "unverified", "malformed")
-TAMPERED = ("bad-signature", "sender-mismatch")
+FAILING = ("plaintext", "bad-signature", "sender-mismatch", "recipient-mismatch", "unverified",
+           "malformed")
+TAMPERED = ("bad-signature", "sender-mismatch", "recipient-mismatch")
+XML_LANG = "{http://www.w3.org/XML/1998/namespace}lang"
+MESSAGE_ATTRIBUTES = frozenset({"to", "from", "id", "type", XML_LANG})
+SERVER_NOTES = frozenset({"Offline Storage"})  # the one <delay/> text a server writes (ejabberd)
 BARS = 48  # a conversation's timeline holds at most this many time buckets
 TS_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
@@ -48,6 +52,7 @@ class StoredRow(NamedTuple):
     owner: str  # the account whose archive or queue holds it ("" if none)
     when: dt.datetime | None
     stanza: str
+    column: str = ""  # a body the server stored beside the stanza (ejabberd txt, Openfire body)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +82,7 @@ class Judgement:
     signer: str  # the header's sender
     key: str  # identifies the message across the rows that store it ("": unreadable)
     cert: CertFacts | None
+    recipients: frozenset[str] = frozenset()  # the JIDs the capsule has a <key> for
 
 
 class Finding(NamedTuple):
@@ -238,17 +244,60 @@ def _bare(jid: str | None) -> str:
     return (jid or "").split("/", 1)[0]
 
 
-ElementKey = tuple[tuple[str, str | None, tuple[tuple[str, str], ...], int], ...]
+def _local(tag: str) -> str:
+    return tag.rsplit("}", 1)[-1]
+
+
+def readable(msg: ET.Element, column: str, encrypted: bool,
+             marker: ET.Element | None = None) -> str:
+    """What a person could read in a stored message outside its capsules, in words ("" if
+    nothing). Capsule elements (and the fast path's ``marker`` in one's place) are skipped.
+    When the message holds a capsule (``encrypted``), one attribute-less ``<body>`` holding
+    exactly the fallback text is allowed, and so is ``column`` (the body the server stored)
+    holding that text. Anything else is readable: text anywhere (but a server's
+    :data:`SERVER_NOTES`), an attribute on the message (but :data:`MESSAGE_ATTRIBUTES`) or on an
+    element not on the plugin's allow-list (:func:`capsule.elements.outside`) nor inside one."""
+    fallback = encrypted
+    if column.strip() and not (fallback and column.strip() == FALLBACK_BODY):
+        return "the stored body column"
+    if any(name not in MESSAGE_ATTRIBUTES for name in msg.attrib):
+        return "an attribute on <message>"
+    if (msg.text or "").strip():
+        return "text in <message>"
+    body = msg.tag[:-len(_local(msg.tag))] + "body"
+    stack = [(child, False) for child in reversed(msg)]
+    while stack:
+        node, quiet = stack.pop()
+        tag = node.tag
+        if (node.tail or "").strip():
+            return f"text after <{_local(tag)}>"
+        if node is marker or tag == CAPSULE_TAG:
+            continue
+        text = (node.text or "").strip()
+        if (fallback and tag == body and text == FALLBACK_BODY and not node.attrib
+                and not len(node) and node.text == FALLBACK_BODY):
+            fallback = False  # the fallback once, exactly
+            continue
+        quiet = quiet or elements.outside(node)
+        if text and not (quiet and text in SERVER_NOTES):
+            return f"text in <{_local(tag)}>"
+        if node.attrib and not quiet:
+            return f"attributes on <{_local(tag)}>"
+        stack.extend((child, quiet) for child in reversed(node))
+    return ""
+
+
+ElementKey = tuple[tuple[str, str | None, str | None, tuple[tuple[str, str], ...], int], ...]
 
 
 def element_key(element: ET.Element) -> ElementKey:
-    """What a capsule's verdict is keyed by: the parsed element itself, every tag, text,
-    attribute and child count in document order (all that :func:`parse_capsule` reads, and the
-    tree's shape; tails are not). Rows share a verdict only when they hold the same capsule as
-    parsed, however the stored text writes it; the verdict cache compares keys for equality, so
-    no hash collision can make two capsules share one."""
-    return tuple([(node.tag, node.text, tuple(node.attrib.items()), len(node))
-                  for node in element.iter()])
+    """What a capsule's verdict is keyed by: the parsed element itself, every tag, text, tail
+    inside it, attribute and child count in document order (all that :func:`parse_capsule`
+    reads and checks). Rows share a verdict only when they hold the same capsule as parsed,
+    however the stored text writes it; the verdict cache compares keys for equality, so no hash
+    collision can make two capsules share one."""
+    return tuple([(node.tag, node.text, None if node is element else node.tail,
+                   tuple(node.attrib.items()), len(node)) for node in element.iter()])
 
 
 def capsule_span(text: str) -> tuple[int, int] | None:
@@ -367,9 +416,10 @@ class Auditor:
             msg = self._reader.parse(text[:start] + SPAN_ELEMENT + text[end:])
         except ET.ParseError:
             return None
-        if msg.find(CAPSULE_TAG) is not None or msg.find(SPAN_TAG) is None:
-            return None  # another capsule child (the first one counts), or nested elsewhere
-        return self._finding(row, msg, judgement)
+        marker = msg.find(SPAN_TAG)
+        if marker is None or next(msg.iter(CAPSULE_TAG), None) is not None:
+            return None  # another capsule, or this one nested elsewhere
+        return self._finding(row, msg, marker, judgement, 1)
 
     def examine_whole(self, row: StoredRow) -> Finding:
         """The reference path: the whole stanza parsed (DTDs refused by the caller)."""
@@ -378,14 +428,15 @@ class Auditor:
         except ET.ParseError as exc:
             return Finding(row, "malformed", "", row.owner, f"row {row.store} {row.row_id}",
                            f"unparseable stanza: {exc}")
-        element = msg.find(CAPSULE_TAG)
-        if element is None:
+        capsules = sum(1 for _ in msg.iter(CAPSULE_TAG))
+        if not capsules:
             sender, recipient = _bare(msg.get("from")) or row.owner, _bare(msg.get("to"))
-            body = next((c for c in msg if c.tag.rsplit("}", 1)[-1] == "body"), None)
-            verdict = "plaintext" if body is not None and (body.text or "").strip() else "other"
+            leak = readable(msg, row.column, False)
             key = f"{sender}>{recipient}#{msg.get('id') or row.store + row.row_id}"
-            return Finding(row, verdict, sender, recipient, key)
-        return self._finding(row, msg, self._judgement(element))
+            return Finding(row, "plaintext" if leak else "other", sender, recipient, key, leak)
+        element = msg.find(CAPSULE_TAG)
+        judgement = None if element is None else self._judgement(element)
+        return self._finding(row, msg, element, judgement, capsules)
 
     def _judgement(self, element: ET.Element) -> Judgement:
         parsed = element_key(element)
@@ -397,16 +448,31 @@ class Auditor:
         return seen
 
     @staticmethod
-    def _finding(row: StoredRow, msg: ET.Element, seen: Judgement) -> Finding:
-        """A capsule row's finding: the capsule's judgement, checked against who stored it."""
+    def _finding(row: StoredRow, msg: ET.Element, capsule: ET.Element | None,
+                 seen: Judgement | None, capsules: int) -> Finding:
+        """A capsule row's finding: nothing readable beside the capsule (``capsule``, a child
+        of ``msg``; None when the message's capsules are all nested deeper), the message's one
+        capsule (of ``capsules``), its judgement, checked against who stored it for whom."""
         sender, recipient = _bare(msg.get("from")) or row.owner, _bare(msg.get("to"))
+        here = f"row {row.store} {row.row_id}"
+        leak = readable(msg, row.column, True, capsule)
+        if leak:  # counted apart from the clean copies of the same message
+            key = f"{seen.key} plaintext" if seen and seen.key else here
+            return Finding(row, "plaintext", sender, recipient, key, f"{leak} beside a capsule")
+        if seen is None or capsules > 1:
+            return Finding(row, "malformed", sender, recipient, here,
+                           f"{capsules} capsules in one message" if capsules > 1
+                           else "capsule nested inside another element")
         if not seen.key:  # unreadable: no message to count it under but this row
-            return Finding(row, seen.verdict, sender, recipient, f"row {row.store} {row.row_id}",
-                           seen.detail)
+            return Finding(row, seen.verdict, sender, recipient, here, seen.detail)
         verdict, detail = seen.verdict, seen.detail
         if verdict != "malformed" and seen.signer != sender:
             verdict, detail = "sender-mismatch", f"stored from {sender}, capsule signed as " \
                                                  f"{seen.signer}"
+        elif verdict in ("capsule", "unverified") and (recipient == sender
+                                                        or recipient not in seen.recipients):
+            verdict, detail = "recipient-mismatch", f"stored to {recipient or 'nobody'}, " \
+                f"capsule keyed for {', '.join(sorted(seen.recipients - {sender}))}"
         return Finding(row, verdict, sender, recipient, seen.key, detail, seen.signer, seen.cert)
 
     def _judge(self, element: ET.Element) -> Judgement:
@@ -417,21 +483,22 @@ class Auditor:
             return Judgement("malformed", str(exc), "", "", None)
         h = capsule.header
         key = f"capsule {h.sender} {h.nid.hex()}"
+        keyed = frozenset(k.jid for k in h.keys)
         signer, facts, problem = self._certificate(h.cert, h.sender)
         facts = dataclasses.replace(facts, signed_at=dt.datetime.strptime(h.ts, TS_FORMAT)
                                     .replace(tzinfo=dt.UTC))
         if signer is None:
-            return Judgement("unverified", problem, h.sender, key, facts)
+            return Judgement("unverified", problem, h.sender, key, facts, keyed)
         try:
             core.verify(capsule, signer.public_key)
         except CapsuleError as exc:
             verdict = "bad-signature" if exc.reason == "bad-signature" else "malformed"
-            return Judgement(verdict, str(exc), h.sender, key, facts)
+            return Judgement(verdict, str(exc), h.sender, key, facts, keyed)
         if not facts.valid_at_signing:
             return Judgement("unverified", f"signed at {h.ts}, outside the certificate's "
                              f"validity ({facts.not_before:%Y-%m-%d} to "
-                             f"{facts.not_after:%Y-%m-%d})", h.sender, key, facts)
-        return Judgement("capsule", "", h.sender, key, facts)
+                             f"{facts.not_after:%Y-%m-%d})", h.sender, key, facts, keyed)
+        return Judgement("capsule", "", h.sender, key, facts, keyed)
 
     def _certificate(self, fingerprint: str, sender: str
                      ) -> tuple[VerifiedCert | None, CertFacts, str]:

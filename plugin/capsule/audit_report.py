@@ -16,11 +16,16 @@ from typing import Any
 
 from capsule.audit import VERDICTS, CertFacts, Conversation, Finding, Report
 
-COLUMNS = ("plaintext", "capsule", "bad-signature", "sender-mismatch", "unverified", "other")
+COLUMNS = ("plaintext", "capsule", "bad-signature", "sender-mismatch", "recipient-mismatch",
+           "unverified", "other")
 COLOURS = {"capsule": "#2e7d32", "plaintext": "#c62828", "bad-signature": "#6a1b9a",
-           "sender-mismatch": "#ad1457", "unverified": "#f9a825", "malformed": "#795548",
-           "other": "#9e9e9e"}
+           "sender-mismatch": "#ad1457", "recipient-mismatch": "#d81b60", "unverified": "#f9a825",
+           "malformed": "#795548", "other": "#9e9e9e"}
 SPARKS = " ▁▂▃▄▅▆▇█"
+
+
+class ReportError(Exception):
+    """The report cannot be written where it was asked for (a directory, a missing folder)."""
 
 
 def _time(value: dt.datetime | None) -> str:

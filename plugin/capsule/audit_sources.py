@@ -45,8 +45,9 @@ class SourceError(Exception):
 
 @dataclass(frozen=True)
 class Table:
-    """One stored-message table: a query yielding (row id, owner, time, stanza), and where a
-    table may keep a message only as columns, (from, to, body) to rebuild its stanza from."""
+    """One stored-message table: a query yielding (row id, owner, time, stanza, the body the
+    server stored beside it), and where a table may keep a message only as columns, (from, to,
+    body) to rebuild its stanza from."""
 
     label: str
     sql: str
@@ -56,22 +57,24 @@ class Table:
 SQL_SOURCES: dict[str, list[Table]] = {
     "ejabberd": [
         Table("ejabberd archive",
-              "SELECT id, username, timestamp, xml FROM archive ORDER BY id", 1e-6),
+              "SELECT id, username, timestamp, xml, txt FROM archive ORDER BY id", 1e-6),
         Table("ejabberd spool",
-              "SELECT seq, username, UNIX_TIMESTAMP(created_at), xml FROM spool ORDER BY seq", 1),
+              "SELECT seq, username, UNIX_TIMESTAMP(created_at), xml, NULL FROM spool "
+              "ORDER BY seq", 1),
     ],
     "prosody": [
         Table("prosody archive/offline",
-              "SELECT sort_id, CONCAT(user, '@', host), `when`, value FROM prosodyarchive "
+              "SELECT sort_id, CONCAT(user, '@', host), `when`, value, NULL FROM prosodyarchive "
               "WHERE store IN ('archive', 'offline') AND type = 'xml' ORDER BY sort_id", 1),
     ],
     "openfire": [
         Table("openfire ofMessageArchive",
-              "SELECT messageID, NULL, sentDate, stanza, IF(stanza IS NULL, fromJID, NULL), "
+              "SELECT messageID, NULL, sentDate, stanza, IF(stanza IS NULL, NULL, body), "
+              "IF(stanza IS NULL, fromJID, NULL), "
               "IF(stanza IS NULL, toJID, NULL), IF(stanza IS NULL, body, NULL) "
               "FROM ofMessageArchive ORDER BY messageID", 1e-3),
         Table("openfire ofOffline",
-              "SELECT messageID, username, creationDate, stanza FROM ofOffline "
+              "SELECT messageID, username, creationDate, stanza, NULL FROM ofOffline "
               "ORDER BY username, messageID", 1e-3),
     ],
 }
@@ -171,10 +174,14 @@ def _stream(connection: Any, table: Table) -> Iterator[StoredRow]:
         for row in rows:  # indexed, not unpacked: no list per row for the rebuild columns
             stanza = row[3]
             if stanza is None:
-                stanza = _rebuilt(*row[4:]) if len(row) > 4 else ""  # judged "other"
+                stanza = _rebuilt(*row[5:]) if len(row) > 5 else ""  # judged "other"
             elif isinstance(stanza, bytes):
                 stanza = stanza.decode("utf-8", "replace")
-            yield StoredRow(label, str(row[0]), row[1] or "", _time(row[2], unit), stanza)
+            column = row[4]
+            if isinstance(column, bytes):
+                column = column.decode("utf-8", "replace")
+            yield StoredRow(label, str(row[0]), row[1] or "", _time(row[2], unit), stanza,
+                            column or "")
     cursor.close()
 
 

@@ -20,8 +20,8 @@ from cryptography import x509
 from slixmpp import ClientXMPP
 
 from capsule import enrollment
-from capsule.audit import FAILING, Auditor, CertificateBundle, Report
-from capsule.audit_report import as_html, as_json, as_table
+from capsule.audit import FAILING, VERDICTS, Auditor, CertificateBundle, Report
+from capsule.audit_report import ReportError, as_html, as_json, as_table
 from capsule.audit_sources import (
     SQL_SOURCES,
     CertificateFetcher,
@@ -175,14 +175,29 @@ def _dsn(args: argparse.Namespace) -> Dsn:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
+    unknown = [word for word in args.fail_on if word not in VERDICTS]
+    if unknown:  # one line, before any work, naming the words that exist
+        raise ReportError(f"--fail-on: unknown verdict {', '.join(unknown)}; choose from "
+                          f"{','.join(VERDICTS)}")
     try:
         root = Path(args.ca).read_bytes()
         crl = Path(args.crl).read_bytes() if args.crl else None
     except OSError as exc:
         raise ProfileError(f"cannot read {exc.filename}: {exc.strerror}") from None
+    targets = {kind: getattr(args, kind) for kind in ("json", "html")}
+    for target in targets.values():
+        if target and target != "-" and (Path(target).is_dir()
+                                         or not Path(target).absolute().parent.is_dir()):
+            raise ReportError(f"cannot write the report to {target}: not a file in an "
+                              "existing directory")
     bundle = CertificateBundle()
     for path in args.certs or []:
-        bundle.add_path(Path(path))
+        try:
+            if not Path(path).exists():
+                raise FileNotFoundError(2, "No such file or directory")
+            bundle.add_path(Path(path))
+        except OSError as exc:
+            raise ProfileError(f"cannot read certificates from {path}: {exc.strerror}") from None
     password = None
     if args.source == "mam" or args.fetch_certs:
         if not (args.jid and args.password_file and args.port):
@@ -205,14 +220,21 @@ def cmd_audit(args: argparse.Namespace) -> int:
         if fetcher:
             fetcher.close()
     outputs = {"json": as_json, "html": as_html}
-    for kind, render in outputs.items():
-        target = getattr(args, kind)
-        if target == "-":
-            print(render(report))
-        elif target:
-            Path(target).write_text(render(report))
-    if "-" not in (args.json, args.html):
-        print(as_table(report))
+    try:
+        for kind, render in outputs.items():
+            target = targets[kind]
+            if target == "-":
+                print(render(report))
+            elif target:
+                Path(target).write_text(render(report))
+        if "-" not in targets.values():
+            print(as_table(report))
+        sys.stdout.flush()
+    except BrokenPipeError:  # a reader such as `head` stopped early: nothing more to say there
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise ReportError("the report's reader closed the pipe before the end") from None
+    except OSError as exc:
+        raise ReportError(f"cannot write the report to {exc.filename}: {exc.strerror}") from None
     failing = [v for v in args.fail_on if report.totals().get(v)]
     if failing:
         print(f"capsule audit: found {', '.join(failing)}", file=sys.stderr)
@@ -423,7 +445,8 @@ def main(argv: list[str] | None = None) -> int:
     slixmpp_log = logging.getLogger("slixmpp")
     if not slixmpp_log.handlers:
         slixmpp_log.addHandler(logging.NullHandler())
-    return run(build_parser(), argv, (CapsuleError, SourceError, PanelError, LoginError))
+    return run(build_parser(), argv, (CapsuleError, SourceError, PanelError, LoginError,
+                                      ReportError))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ OUTSIDE: frozenset[tuple[str, str | None]] = frozenset({
     ("http://jabber.org/protocol/address", "addresses"),
     ("http://jabber.org/protocol/pubsub#event", "event"),  # PEP notifications from the server
     ("urn:xmpp:carbons:2", None), ("urn:xmpp:mam:2", "result"),  # wrappers: see readable()
+    ("urn:xmpp:mam:tmp", "archived"),  # ejabberd's archive id on a message fetched over MAM
 })
 # what may reach the app from outside a capsule (and survive strip()): no wrapper, no text
 PASSED: frozenset[tuple[str, str | None]] = frozenset({

@@ -114,8 +114,45 @@ def to_core(element: CapsuleElement) -> core.Capsule:
     return parse_capsule(element.xml)
 
 
+# the documented shape: each element's attributes and children (a <key> may repeat)
+SHAPE: dict[str, tuple[frozenset[str], tuple[str, ...]]] = {
+    "capsule": (frozenset(), ("header", "payload", "signature")),
+    "header": (frozenset({"sender", "cert", "nid", "ts"}), ("key", "iv")),
+    "key": (frozenset({"jid", "cert"}), ()),
+    "iv": (frozenset(), ()),
+    "payload": (frozenset(), ()),
+    "signature": (frozenset(), ()),
+}
+
+
+def check_element_shape(xml: ET.Element) -> None:
+    """Refuse a capsule with anything the format does not define: another attribute, child or
+    namespace, text between elements, a missing or repeated part. The signature covers what
+    :func:`parse_capsule` reads, so without this, material added beside it would ride along
+    unnoticed under a valid signature."""
+    ns = f"{{{alg.NAMESPACE}}}"
+    for node in xml.iter():
+        name = node.tag[len(ns):] if node.tag.startswith(ns) else ""
+        if name not in SHAPE:
+            raise MalformedCapsule(f"capsule holds a foreign element <{node.tag}>")
+        attributes, children = SHAPE[name]
+        if set(node.attrib) != attributes:
+            raise MalformedCapsule(f"<{name}> has attributes {sorted(node.attrib)}, "
+                                   f"not {sorted(attributes)}")
+        if node is not xml and (node.tail or "").strip():
+            raise MalformedCapsule(f"text after <{name}>")
+        if children and (node.text or "").strip():
+            raise MalformedCapsule(f"text in <{name}>")
+        tags = [child.tag[len(ns):] for child in node]
+        if name == "header":
+            tags = [t for t in tags if t != "key"]
+        if sorted(tags) != sorted(c for c in children if c != "key"):
+            raise MalformedCapsule(f"<{name}> holds {tags or 'nothing'}, not {list(children)}")
+
+
 def parse_capsule(xml: ET.Element) -> core.Capsule:
-    """The same from plain ElementTree, for tools that read stored stanzas (the audit)."""
+    """The same from plain ElementTree, for tools that read stored stanzas (the audit);
+    the element must have exactly the documented shape (:func:`check_element_shape`)."""
     ns = f"{{{alg.NAMESPACE}}}"
     header = xml.find(ns + "header")
     if header is None:
@@ -133,6 +170,7 @@ def parse_capsule(xml: ET.Element) -> core.Capsule:
         if not key.get("jid") or not key.get("cert"):
             raise MalformedCapsule("a <key> lacks jid or cert")
         keys.append(core.KeyEntry(key.get("jid", ""), key.get("cert", ""), _unb64(key.text, "key")))
+    check_element_shape(xml)
     return core.Capsule(
         header=core.Header(
             sender=attrs["sender"], cert=attrs["cert"], nid=_unb64(attrs["nid"], "nid"),

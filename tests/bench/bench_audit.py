@@ -37,13 +37,13 @@ MINUTE_MS = 60_000
 
 def _seed(alice, bob) -> list[str]:
     data = alice.capsule.store.data
-    me = alice.capsule.own_encrypt
+    to = bob.capsule.own_encrypt  # keyed for the stored addressee, or recipient-mismatch
     rows = []
     for i in range(200):
         env = envelope.encode(body(f"bench {i}"), alice.jid, [bob.jid], core.utc_timestamp())
         sealed = core.seal(env, sender=alice.jid, sender_cert=alice.capsule.own_sign.fingerprint,
                            signing_key=data.signing_key,
-                           recipients=[core.Recipient(alice.jid, me.fingerprint, me.public_key)])
+                           recipients=[core.Recipient(bob.jid, to.fingerprint, to.public_key)])
         msg = alice.client.make_message(mto=bob.jid, mtype="chat")
         msg["from"] = alice.jid
         msg["id"] = "SEEDID"
