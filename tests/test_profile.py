@@ -27,7 +27,7 @@ from capsule.errors import (
     WrongPin,
 )
 from capsule.profile import FAST_KDF, KdfParams, Profile
-from capsule.replay import Verdict
+from capsule.replay import Handed, Verdict
 
 PIN = "1357902468"
 
@@ -209,6 +209,7 @@ def test_format_1_profiles_load_and_a_poisoned_horizon_is_cut_to_the_clock(saved
 def test_replay_state_persists(saved: Profile) -> None:
     ts = core.utc_timestamp()
     saved.remember("bob@capsule.test", b"\x01" * 16, ts, b"signature")
+    saved.data.replay.hand(Handed("bob@capsule.test", (b"\x01" * 16).hex()))
     saved.save()
     again = Profile.load(saved.path, PIN)
     assert again.remember("bob@capsule.test", b"\x01" * 16, ts, b"signature")[0] is (

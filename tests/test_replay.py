@@ -29,7 +29,15 @@ from capsule.errors import (
 )
 from capsule.plugin import attach
 from capsule.profile import FAST_KDF, Profile
-from capsule.replay import DEFAULT_MAX_AGE, DEFAULT_SKEW, Entry, ReplayState, TimeRules, Verdict
+from capsule.replay import (
+    DEFAULT_MAX_AGE,
+    DEFAULT_SKEW,
+    Entry,
+    Handed,
+    ReplayState,
+    TimeRules,
+    Verdict,
+)
 from capsule.trust import CertBundle, CertificateSource
 
 from .conftest import PIN
@@ -141,6 +149,7 @@ def test_entries_age_out_into_the_horizon_and_survive_a_round_trip() -> None:
     old, fresh = entry(offset=-3000), entry(offset=-10)
     state.accept(old, NOW)
     state.accept(fresh, NOW)
+    state.hand(Handed(fresh.sender, fresh.nid))  # the app got it
     later = NOW + 1000  # old has left the window
     again = ReplayState.from_json(state.to_json(later), TimeRules(max_age=3600))
     assert len(again) == 1 and again.horizon(A) == old.ts
@@ -182,20 +191,27 @@ def held(tmp_path: Path) -> Profile:
 def test_journalled_entries_survive_a_crash_and_reveal_nothing(held: Profile) -> None:
     entries = [held.remember(B, os.urandom(16), core.utc_timestamp(), b"sig")[1] for _ in range(3)]
     held.append(entries[:2])
+    held.append([Handed(e.sender, e.nid) for e in entries[:2]])  # the app got those two
     held.append(entries[2:])
-    # no release, no save: the process "dies" here
+    # no release, no save: the process "dies" here, before the app got the third
     raw = journal.journal_path(held.path).read_bytes()
     assert B.encode() not in raw and entries[0].nid.encode() not in raw
     assert entries[0].nid not in raw.hex()
-    again = Profile.load(held.path, "1357902468")
-    for e in entries:
-        assert again.data.replay.check(e, e.ts) is Verdict.DUPLICATE
+    again = Profile.load(held.path, "1357902468").data.replay
+    for e in entries[:2]:
+        assert again.check(e, e.ts) is Verdict.DUPLICATE
+    third = entries[2]
+    assert again.accept(third, third.ts) is Verdict.UNHANDED  # delivered after all, once:
+    assert again.accept(third, third.ts) is Verdict.DUPLICATE  # a copy meanwhile is not
+    assert not again.handed(third.sender, third.nid)
+    again.hand(Handed(third.sender, third.nid))
+    assert again.handed(third.sender, third.nid)
 
 
 def test_torn_last_record_is_dropped_but_an_altered_one_is_refused(held: Profile) -> None:
     first, second = (held.remember(B, os.urandom(16), core.utc_timestamp(), b"s")[1]
                      for _ in range(2))
-    held.append([first])
+    held.append([first, Handed(first.sender, first.nid)])
     held.append([second])
     path = journal.journal_path(held.path)
     raw = path.read_bytes()
@@ -219,6 +235,7 @@ def test_torn_last_record_is_dropped_but_an_altered_one_is_refused(held: Profile
 def test_a_save_compacts_and_an_old_journal_is_ignored(held: Profile) -> None:
     e = held.remember(B, os.urandom(16), core.utc_timestamp(), b"s")[1]
     held.append([e])
+    held.data.replay.hand(Handed(e.sender, e.nid))
     old = journal.journal_path(held.path).read_bytes()
     held.save()
     assert journal.journal_path(held.path).read_bytes().count(b"\n") == 1  # header only

@@ -75,10 +75,15 @@ class ReplayedCapsule(CapsuleError):
 class DuplicateCapsule(CapsuleError):
     """The very capsule (sender, nid and signature) was already accepted: a resend or a copy.
 
-    Never reaches the app as ``capsule_error``: dropped quietly and counted.
+    Never reaches the app as ``capsule_error``: dropped quietly and counted. ``handed``: its
+    first copy is known to have reached the app (not still on its way there).
     """
 
     reason = "duplicate"
+
+    def __init__(self, message: str, handed: bool = False):
+        super().__init__(message)
+        self.handed = handed
 
 
 class FutureCapsule(CapsuleError):

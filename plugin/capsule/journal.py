@@ -4,8 +4,9 @@ File ``<profile>.journal``::
 
     CAPSULE-JOURNAL <epoch hex>\\n  then records: <length: 4 bytes> <nonce: 12> <AES-256-GCM>
 
-Each record holds a batch of replay entries (JSON) under a key derived from the profile key
-(so a thief without the PIN learns nothing); the associated data binds the epoch and the
+Each record holds a batch of journal items (JSON) under a key derived from the profile key
+(so a thief without the PIN learns nothing): accepted replay entries, and the marks of capsules
+handed to the app since (two phases, see capsule.replay). The associated data binds the epoch and the
 record's sequence number, so no record can be forged, altered, reordered or moved to another
 journal. The profile stores its epoch; every profile save takes a new epoch (compaction) and
 starts the journal afresh, so a journal left from before a save is ignored.
@@ -31,7 +32,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from capsule import algorithms as alg
 from capsule.errors import CorruptProfile, StorageError
 from capsule.files import write_private
-from capsule.replay import Entry
+from capsule.replay import JournalItem, item_from_json
 
 MAGIC = b"CAPSULE-JOURNAL "
 BATCH_MAX = 256  # entries per record: small batches, one fsync each
@@ -49,8 +50,8 @@ def _aad(epoch: bytes, seq: int) -> bytes:
     return MAGIC + epoch + struct.pack(">Q", seq)
 
 
-def read(path: Path, key: bytes, epoch: bytes) -> list[Entry]:
-    """The entries of the journal of ``epoch`` (none if absent or of another epoch)."""
+def read(path: Path, key: bytes, epoch: bytes) -> list[JournalItem]:
+    """The items of the journal of ``epoch``, in order (none if absent or of another epoch)."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -60,7 +61,7 @@ def read(path: Path, key: bytes, epoch: bytes) -> list[Entry]:
     line, sep, body = raw.partition(b"\n")
     if not sep or line != MAGIC + epoch.hex().encode():
         return []  # from before the last save: already compacted into the profile
-    aead, entries, offset, seq = AESGCM(key), [], 0, 0
+    aead, items, offset, seq = AESGCM(key), [], 0, 0
     while offset + 4 <= len(body):
         (length,) = struct.unpack_from(">I", body, offset)
         end = offset + 4 + length
@@ -69,13 +70,13 @@ def read(path: Path, key: bytes, epoch: bytes) -> list[Entry]:
         record = body[offset + 4:end]
         try:
             plain = aead.decrypt(record[:alg.IV_BYTES], record[alg.IV_BYTES:], _aad(epoch, seq))
-            entries += [Entry.from_json(e) for e in json.loads(plain)]
+            items += [item_from_json(e) for e in json.loads(plain)]
         except (InvalidTag, ValueError, TypeError):
             if end == len(body):
                 break  # a torn last record whose length field made it to disk
             raise CorruptProfile(f"{path}: record {seq} was altered") from None
         offset, seq = end, seq + 1
-    return entries
+    return items
 
 
 class Journal:
@@ -89,7 +90,7 @@ class Journal:
         write_private(path, MAGIC + epoch.hex().encode() + b"\n")
         self._fd: int | None = os.open(path, os.O_WRONLY | os.O_APPEND)
 
-    def append(self, entries: list[Entry]) -> None:
+    def append(self, entries: list[JournalItem]) -> None:
         """One record, written and fsynced; raises OSError (the journal is then unusable)."""
         if self._fd is None:
             raise OSError("journal is closed")
@@ -115,18 +116,18 @@ class Journal:
 
 
 class GroupCommit:
-    """Makes entries durable in small batches: one write+fsync (in a thread) per batch, while
-    the next batch gathers. ``submit`` returns a future done when the entry is on disk, or
+    """Makes items durable in small batches: one write+fsync (in a thread) per batch, while
+    the next batch gathers. ``submit`` returns a future done when the item is on disk, or
     failed with StorageError; a failed batch is handed to ``failed`` (to be forgotten)."""
 
-    def __init__(self, write: Callable[[list[Entry]], None],
-                 failed: Callable[[list[Entry], Exception], None]):
+    def __init__(self, write: Callable[[list[JournalItem]], None],
+                 failed: Callable[[list[JournalItem], Exception], None]):
         self._write = write
         self._failed = failed
-        self._pending: list[tuple[Entry, asyncio.Future[None]]] = []
+        self._pending: list[tuple[JournalItem, asyncio.Future[None]]] = []
         self._worker: asyncio.Task[None] | None = None
 
-    def submit(self, entry: Entry) -> asyncio.Future[None]:
+    def submit(self, entry: JournalItem) -> asyncio.Future[None]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         self._pending.append((entry, future))

@@ -1,14 +1,17 @@
-"""Sealed capsules kept until the server acknowledges them (XEP-0198), then reported.
+"""Sealed capsules kept until the contact confirms them (XEP-0184), else reported.
 
-Every capsule that leaves is held here, keyed by stanza id, until the server's stream
-management ack covers it (``capsule_acked``). slixmpp itself resends its unacked stanzas when a
-stream is *resumed*; when resumption fails (the server restarted) the session is new and
-slixmpp forgets them, so the outbox sends again every capsule that went out unacknowledged,
-once stream management is on again. While no connection is up, capsules wait here rather than in
-slixmpp's queues (which would write them into the next connection before its login).
-A capsule not acknowledged within ``timeout`` seconds, one the outbox has no room for, and one
-the server returns with an error, are reported as ``capsule_undelivered`` and never sent
-again. A resent capsule is the identical stanza: the receiver drops the copy as a duplicate.
+Every capsule that leaves is held here, keyed by stanza id: until the server's stream
+management ack covers it (``capsule_acked``), and a one-to-one capsule further until the
+contact's receipt (``capsule_delivered``, see capsule.receipts); a room's capsule is done at
+the ack. slixmpp itself resends its unacked stanzas when a stream is *resumed*; when resumption
+fails (the server restarted) the session is new and slixmpp forgets them, so the outbox sends
+again every capsule not yet confirmed, once stream management is on again: also those the
+server had acked, since a server killed after its ack may have lost them. While no connection
+is up, capsules wait here rather than in slixmpp's queues (which would write them into the next
+connection before its login). A capsule not acknowledged within ``timeout`` seconds, not
+confirmed within ``receipt_timeout`` more, one the outbox has no room for, and one the server
+returns with an error, are reported as ``capsule_undelivered`` and never sent again. A resent
+capsule is the identical stanza: the receiver drops the copy as a duplicate and confirms it.
 """
 
 from __future__ import annotations
@@ -22,7 +25,10 @@ from typing import Any
 
 from slixmpp import BaseXMPP, Message
 from slixmpp.xmlstream import StanzaBase
+from slixmpp.xmlstream.handler import Callback
+from slixmpp.xmlstream.matcher import StanzaPath
 
+from capsule import receipts
 from capsule import stanza as st
 from capsule.errors import Undelivered
 
@@ -37,31 +43,45 @@ class Acked:
     peer: str
 
 
+@dataclass(frozen=True)
+class Delivered:
+    """The payload of ``capsule_delivered``: the contact's Capsule confirmed this capsule."""
+
+    stanza_id: str
+    peer: str
+
+
 @dataclass
 class _Pending:
     stanza: Message
     timer: asyncio.TimerHandle
     out: bool = False  # written to a stream or waiting for one: (re)sent on the next stream
+    acked: bool = False  # by the server; a one-to-one capsule then waits for its receipt
 
 
 class Outbox:
-    """Capsules sent but not yet acknowledged; resent on a new stream, reported on timeout."""
+    """Capsules sent but not yet confirmed; resent on a new stream, reported on timeout."""
 
     def __init__(self, xmpp: BaseXMPP, timeout: float, limit: int,
-                 report: Callable[[Undelivered, StanzaBase, str], Any]):
+                 report: Callable[[Undelivered, StanzaBase, str], Any],
+                 receipt_timeout: float = 600):
         self.xmpp = xmpp
         self.timeout = timeout
+        self.receipt_timeout = receipt_timeout
         self.limit = limit
         self.report = report
         self.pending: OrderedDict[str, _Pending] = OrderedDict()
         self._given_up: OrderedDict[str, None] = OrderedDict()  # never to be sent again
-        self._acked: OrderedDict[str, str] = OrderedDict()  # id -> peer, to report bounces
+        self._acked: OrderedDict[str, str] = OrderedDict()  # room capsules, to report bounces
         self._ack_request: asyncio.Handle | None = None
         self.resent = 0
         # an "out" filter runs before xep_0198's "out_sync" one: a refused stanza is not counted
         xmpp.add_filter("out", self._on_wire)
         for event, handler in self._events():
             xmpp.add_event_handler(event, handler)
+        receipts.register()
+        xmpp.register_handler(Callback("capsule receipt", StanzaPath("message/receipt"),
+                                       self._on_receipt))
         sm = xmpp.plugin["xep_0198"]
         if getattr(xmpp, "sessionstarted", False) and not sm.enabled_out:  # logged in already
             enable = sm.stanza.Enable(xmpp)
@@ -70,11 +90,12 @@ class Outbox:
 
     def _events(self) -> list[tuple[str, Callable[..., Any]]]:
         return [("stanza_acked", self._on_acked),
-                ("sm_enabled", self._resend), ("session_resumed", self._resend),
+                ("sm_enabled", self._resend_all), ("session_resumed", self._resend_unacked),
                 ("disconnected", self._down), ("message_error", self._on_bounce)]
 
     def close(self) -> None:
         self.xmpp.del_filter("out", self._on_wire)
+        self.xmpp.remove_handler("capsule receipt")
         for event, handler in self._events():
             self.xmpp.del_event_handler(event, handler)
         for entry in self.pending.values():
@@ -97,6 +118,7 @@ class Outbox:
         sid = str(msg["id"])
         if sid in self.pending or sid in self._given_up:
             return
+        receipts.request(msg)
         timer = asyncio.get_event_loop().call_later(self.timeout, self._expire, sid)
         self.pending[sid] = _Pending(msg, timer)
         if len(self.pending) > self.limit:
@@ -122,12 +144,34 @@ class Outbox:
             sm.request_ack()
 
     def _on_acked(self, stanza: StanzaBase) -> None:
-        if not isinstance(stanza, Message) or stanza["id"] not in self.pending:
+        entry = self.pending.get(stanza["id"]) if isinstance(stanza, Message) else None
+        if entry is None or entry.acked:
             return
-        sid, peer = str(stanza["id"]), str(stanza["to"].bare)
-        self.pending.pop(sid).timer.cancel()
-        self._remember(self._acked, sid, peer)
+        sid, peer = str(stanza["id"]), str(entry.stanza["to"].bare)
+        entry.timer.cancel()
+        if receipts.confirmed(entry.stanza):  # now the contact's receipt
+            entry.acked = True
+            entry.timer = asyncio.get_event_loop().call_later(self.receipt_timeout,
+                                                              self._expire, sid)
+        else:
+            del self.pending[sid]
+            self._remember(self._acked, sid, peer)
         self.xmpp.event("capsule_acked", Acked(sid, peer))
+
+    def _on_receipt(self, receipt: StanzaBase) -> None:
+        """A receipt counts only from the bare JID the capsule was addressed to."""
+        sid = str(receipt["receipt"])
+        entry = self.pending.get(sid)
+        peer = str(receipt["from"].bare)
+        if (entry is None or not receipts.confirmed(entry.stanza)
+                or peer != entry.stanza["to"].bare):
+            log.info("ignored a receipt from %s for %s: no such capsule to it", peer, sid)
+            return
+        if not entry.acked:  # the server's ack is on its way; the receipt implies it
+            self._on_acked(entry.stanza)
+        del self.pending[sid]
+        entry.timer.cancel()
+        self.xmpp.event("capsule_delivered", Delivered(sid, peer))
 
     def _down(self, _event: Any) -> None:
         """The stream is gone: capsules slixmpp still queued for it come back here (it would
@@ -144,14 +188,24 @@ class Outbox:
         for item in kept:
             queue.put_nowait(item)
 
-    def _resend(self, _event: Any) -> None:
-        """Stream management is on (a new session, or a resumed one): send what went out or
-        waited and xep_0198 does not track (it forgets a dead session's unacked stanzas)."""
+    def _resend_all(self, _event: Any) -> None:
+        """A new session (the old one is lost, maybe with the server's memory): everything
+        not confirmed goes again, also what that server had acked."""
+        self._resend(acked_too=True)
+
+    def _resend_unacked(self, _event: Any) -> None:
+        """A resumed session: the server kept what it acked."""
+        self._resend(acked_too=False)
+
+    def _resend(self, acked_too: bool) -> None:
+        """Send what went out or waited and xep_0198 does not track (it forgets a dead
+        session's unacked stanzas)."""
         tracked = {id(stanza) for _seq, stanza in self.xmpp.plugin["xep_0198"].unacked_queue}
-        unacked = [e.stanza for e in self.pending.values() if e.out and id(e.stanza) not in tracked]
-        if unacked:
-            log.info("sending %d unacknowledged capsules again", len(unacked))
-        for msg in unacked:
+        again = [e.stanza for e in self.pending.values()
+                 if e.out and id(e.stanza) not in tracked and (acked_too or not e.acked)]
+        if again:
+            log.info("sending %d unconfirmed capsules again", len(again))
+        for msg in again:
             self.resent += 1
             self.xmpp.send(msg)
 
@@ -165,7 +219,10 @@ class Outbox:
             self.report(Undelivered(why), msg, self._acked.pop(sid))
 
     def _expire(self, sid: str) -> None:
-        self._give_up(sid, f"not acknowledged by the server within {self.timeout:g} s")
+        entry = self.pending[sid]
+        self._give_up(sid, f"no receipt from {entry.stanza['to'].bare} within "
+                           f"{self.receipt_timeout:g} s of the server's ack" if entry.acked else
+                      f"not acknowledged by the server within {self.timeout:g} s")
 
     def _give_up(self, sid: str, why: str) -> None:
         entry = self.pending.pop(sid)

@@ -32,7 +32,7 @@ from slixmpp.plugins import BasePlugin, xep_0082
 from slixmpp.xmlstream import StanzaBase
 
 from capsule import algorithms as alg
-from capsule import core, discovery, elements, enrollment, envelope
+from capsule import core, discovery, elements, enrollment, envelope, receipts
 from capsule import stanza as st
 from capsule.connection import Reconnect
 from capsule.errors import (
@@ -54,7 +54,15 @@ from capsule.journal import GroupCommit
 from capsule.locks import LockTable
 from capsule.outbox import Outbox
 from capsule.profile import PIN_ENV, Contact, Profile, now_iso
-from capsule.replay import DEFAULT_MAX_AGE, DEFAULT_SKEW, Entry, TimeRules, Verdict
+from capsule.replay import (
+    DEFAULT_MAX_AGE,
+    DEFAULT_SKEW,
+    Entry,
+    Handed,
+    JournalItem,
+    TimeRules,
+    Verdict,
+)
 from capsule.trust import CertBundle, CertificateSource, TrustStore, VerifiedCert
 from capsule.trust import Contact as VerifiedContact
 
@@ -142,6 +150,7 @@ class XEP_Capsule(BasePlugin):
         "max_envelope_depth": envelope.MAX_DEPTH,
         "source": None,  # a CertificateSource; default: PEP
         "delivery_timeout": 120,  # seconds for the server to ack a capsule, else undelivered
+        "receipt_timeout": 600,  # seconds after that ack for the contact's receipt, else undelivered
         "outbox_limit": 2000,  # unacknowledged capsules kept for resending
         "reconnect": True,  # reconnect a lost session, back-off doubling up to reconnect_max
         "reconnect_max": 30,
@@ -201,7 +210,7 @@ class XEP_Capsule(BasePlugin):
         for event, handler in self._events():
             self.xmpp.add_event_handler(event, handler)
         self.outbox = Outbox(self.xmpp, self.delivery_timeout, self.outbox_limit,
-                             self._undelivered)
+                             self._undelivered, self.receipt_timeout)
         self.reconnector = (Reconnect(self.xmpp, cap=self.reconnect_max)
                             if self.reconnect and isinstance(self.xmpp, ClientXMPP) else None)
         self.refresh_crl()
@@ -585,6 +594,8 @@ class XEP_Capsule(BasePlugin):
                 log.debug("dropped a duplicate (stanza %s): %s", stanza["id"], exc)
                 self.xmpp.event("capsule_duplicate", self._failure(exc, stanza,
                                                                    stanza["from"].bare))
+                if exc.handed and origin == "live" and receipts.wanted(stanza):
+                    receipts.answer(self.xmpp, stanza)  # the first receipt may have been lost
                 return
             except CapsuleError as exc:
                 self._fail(exc, stanza, stanza["from"].bare)
@@ -596,11 +607,13 @@ class XEP_Capsule(BasePlugin):
             return
         if sent_carbon:  # what another resource of ours sent: not a message *to* the bot
             self.xmpp.event("capsule_carbon_sent", msg)
-            return
-        self.xmpp.event("capsule_message", msg)
-        self.xmpp.event("message", msg)
-        if msg["type"] == "groupchat":
-            self.xmpp.event("groupchat_message", msg)
+        else:
+            self.xmpp.event("capsule_message", msg)
+            self.xmpp.event("message", msg)
+            if msg["type"] == "groupchat":
+                self.xmpp.event("groupchat_message", msg)
+        if await self._handed(msg) and origin == "live" and receipts.wanted(stanza):
+            receipts.answer(self.xmpp, stanza)
 
     def _on_carbon(self, wrapper: Message) -> None:
         if not self.carbons:  # not asked for: a server reflecting our own capsules, dropped
@@ -625,6 +638,8 @@ class XEP_Capsule(BasePlugin):
         """
         msg, durable = await self._open(stanza, replay_check, origin)
         await durable
+        if replay_check:
+            await self._handed(msg)
         return msg
 
     async def _open(self, stanza: Message, replay_check: bool = True, origin: Origin = "live"
@@ -751,11 +766,30 @@ class XEP_Capsule(BasePlugin):
                                              int(time.time()))
         if verdict is Verdict.DUPLICATE:
             raise DuplicateCapsule(f"capsule {h.nid.hex()[:8]}… from {h.sender} was already "
-                                   f"accepted")
+                                   f"accepted", handed=self.store.data.replay.handed(
+                                       h.sender, h.nid.hex()))
+        if verdict is Verdict.UNHANDED:
+            log.info("capsule %s… from %s was accepted before a crash and never handed to the "
+                     "app: delivered now", h.nid.hex()[:8], h.sender)
+            return _done()  # its entry is on disk already
         journal = self.store.journal
         if journal is not None and journal.records >= COMPACT_AFTER:
             self._dirty()  # fold the journal into the profile soon
         return self._commit.submit(entry)
+
+    async def _handed(self, msg: Message) -> bool:
+        """The second phase: record that the app got this capsule; False if that failed (a
+        ``storage`` error then; a resend after a restart is delivered again)."""
+        info = capsule_info(msg)
+        if info is None:
+            return False
+        mark = Handed(info.sender, info.nid)
+        try:
+            await self._commit.submit(mark)
+        except StorageError:
+            return False
+        self.store.data.replay.hand(mark)
+        return True
 
     def _ensure_durable(self) -> None:
         """Refuse (StorageError) while replay entries cannot be written; retry first."""
@@ -767,9 +801,10 @@ class XEP_Capsule(BasePlugin):
             raise StorageError(f"capsules are refused until the replay state can be made "
                                f"durable again ({self._storage_error})")
 
-    def _journal_failed(self, entries: list[Entry], exc: Exception) -> None:
-        for entry in entries:
-            self.store.data.replay.forget(entry)  # not delivered: a resend must be accepted
+    def _journal_failed(self, items: list[JournalItem], exc: Exception) -> None:
+        for entry in items:
+            if isinstance(entry, Entry):  # not delivered: a resend must be accepted
+                self.store.data.replay.forget(entry)
         self._storage_failed(StorageError(f"cannot write the replay journal: "
                                           f"{getattr(exc, 'strerror', None) or exc}"))
 

@@ -49,7 +49,7 @@ from capsule.errors import (
 )
 from capsule.files import FileLock, write_private
 from capsule.jids import bare_jid
-from capsule.replay import Entry, ReplayState, Verdict
+from capsule.replay import Entry, JournalItem, ReplayState, Verdict
 from capsule_ca.xmppaddr import ID_ON_XMPPADDR, cert_jids
 
 MAGIC = b"CAPSULE-PROFILE "
@@ -341,12 +341,14 @@ class Profile:
         try:
             content = json.loads(plain)
             epoch = bytes.fromhex(content.get("journal_epoch", ""))
+            marked = content.get("journal_marks") is True  # journals that mark handed capsules
         except (ValueError, AttributeError):
             raise CorruptProfile(f"{target} decrypts to damaged content") from None
         profile = cls(target, ProfileData.from_json(content), key, salt, kdf, second)
         if epoch:
             profile.data.replay.load(journal.read(journal.journal_path(target),
-                                                  journal.journal_key(key), epoch))
+                                                  journal.journal_key(key), epoch),
+                                     unhanded=marked)
         with contextlib.suppress(OSError):  # a read-only disk still opens
             if profile._lock.acquire():  # nobody is writing: clear litter of killed saves
                 profile._lock.release()
@@ -366,7 +368,7 @@ class Profile:
             "nonce": base64.b64encode(nonce).decode(),
         }
         line = MAGIC + json.dumps(header, sort_keys=True).encode()
-        content = {**self.data.to_json(), "journal_epoch": epoch.hex()}
+        content = {**self.data.to_json(), "journal_epoch": epoch.hex(), "journal_marks": True}
         body = AESGCM(self._key).encrypt(nonce, json.dumps(content).encode(), line)
         took = not self._lock.held
         if took:
@@ -425,8 +427,8 @@ class Profile:
                 self.journal = None
             self._lock.release()
 
-    def append(self, entries: list[Entry]) -> None:
-        """Write entries to the journal and fsync (raises OSError); needs :meth:`hold`."""
+    def append(self, entries: list[JournalItem]) -> None:
+        """Write items to the journal and fsync (raises OSError); needs :meth:`hold`."""
         if self.journal is None:
             raise OSError("the replay journal is not open")
         self.journal.append(entries)

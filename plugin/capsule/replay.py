@@ -6,12 +6,17 @@ A capsule is judged against the receiver's clock ``now`` (seconds since the epoc
 - dated before ``now - max_age``: refused (``too-old``); history (MAM) is not judged here;
 - (sender, nid) already accepted with the same signature: DUPLICATE, the very capsule again
   (a resend after a reconnect, or a copy): dropped quietly; with another signature: ``replay``;
+  but UNHANDED if it was accepted by a process that died before handing it to the app;
 - at or before the sender's horizon: ``replay`` (its entry may have been evicted).
 
 Entries are kept per sender until they leave the age window; a sender with more than
 ``per_sender`` entries loses its oldest ones, which raises *that sender's* horizon only. An
 entry dated after ``now`` is evicted only past twice the bound, so a horizon stays at or behind
 the receiver's clock but under a flood of future-dated capsules from that one sender.
+
+Two phases: an entry is *accepted* (durable before the app gets the capsule) and then *handed*
+(the app got it: a :class:`Handed` mark). Entries read back from disk without their mark are
+orphans of a crash in between; the capsule again is then delivered once (UNHANDED), not dropped.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import heapq
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +39,7 @@ PER_SENDER_MAX = 10000
 class Verdict(enum.Enum):
     NEW = "new"
     DUPLICATE = "duplicate"
+    UNHANDED = "unhanded"  # accepted before a crash, never handed to the app: deliver it now
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,27 @@ class Entry:
 
 
 @dataclass(frozen=True)
+class Handed:
+    """The second phase of an entry: the capsule (sender, nid hex) reached the app."""
+
+    sender: str
+    nid: str
+
+    def to_json(self) -> list[Any]:
+        return [self.sender, self.nid]
+
+
+JournalItem = Entry | Handed
+
+
+def item_from_json(raw: list[Any]) -> JournalItem:
+    """An accepted entry (four fields) or a handed mark (two)."""
+    if isinstance(raw, list) and len(raw) == 2 and all(isinstance(x, str) for x in raw):
+        return Handed(raw[0], raw[1])
+    return Entry.from_json(raw)
+
+
+@dataclass(frozen=True)
 class TimeRules:
     skew: int = DEFAULT_SKEW
     max_age: int = DEFAULT_MAX_AGE
@@ -72,6 +100,8 @@ class _Sender:
     entries: dict[str, Entry] = field(default_factory=dict)  # nid -> entry
     heap: list[tuple[int, str]] = field(default_factory=list)  # (ts, nid), lazily cleaned
     horizon: int = 0
+    unhanded: set[str] = field(default_factory=set)  # accepted, not yet handed to the app
+    orphans: set[str] = field(default_factory=set)  # of those, read from disk: a crash between
 
 
 class ReplayState:
@@ -99,9 +129,9 @@ class ReplayState:
                                 f"(allowed: {self.rules.skew} s)")
         known = self._senders.get(entry.sender)
         seen = known.entries.get(entry.nid) if known else None
-        if seen is not None:
+        if known is not None and seen is not None:
             if seen.sig in (entry.sig, ""):
-                return Verdict.DUPLICATE
+                return Verdict.UNHANDED if entry.nid in known.orphans else Verdict.DUPLICATE
             raise ReplayedCapsule(f"{who} reuses the nid of another capsule")
         if entry.ts < now - self.rules.max_age:
             raise StaleCapsule(f"{who} is {(now - entry.ts) // 86400} days old (live delivery "
@@ -114,20 +144,38 @@ class ReplayState:
         """Record an entry judged NEW; evicts what left the window or exceeds the bound."""
         state = self._senders.setdefault(entry.sender, _Sender())
         state.entries[entry.nid] = entry
+        state.unhanded.add(entry.nid)
         heapq.heappush(state.heap, (entry.ts, entry.nid))
         self._evict(state, now)
 
     def accept(self, entry: Entry, now: int) -> Verdict:
+        """Judge and record: NEW is added, UNHANDED is in this process's hands from now on."""
         verdict = self.check(entry, now)
         if verdict is Verdict.NEW:
             self.add(entry, now)
+        elif verdict is Verdict.UNHANDED:
+            self._senders[entry.sender].orphans.discard(entry.nid)
         return verdict
+
+    def hand(self, mark: Handed) -> None:
+        """The second phase: the capsule reached the app (its mark is durable)."""
+        state = self._senders.get(mark.sender)
+        if state:
+            state.unhanded.discard(mark.nid)
+            state.orphans.discard(mark.nid)
+
+    def handed(self, sender: str, nid: str) -> bool:
+        """Whether this accepted capsule is known to have reached the app."""
+        state = self._senders.get(sender)
+        return state is not None and nid in state.entries and nid not in state.unhanded
 
     def forget(self, entry: Entry) -> None:
         """Undo :meth:`add` (its journal write failed); the heap is cleaned lazily."""
         state = self._senders.get(entry.sender)
         if state and state.entries.get(entry.nid) == entry:
             del state.entries[entry.nid]
+            state.unhanded.discard(entry.nid)
+            state.orphans.discard(entry.nid)
 
     def _evict(self, state: _Sender, now: int) -> None:
         cutoff = now - self.rules.max_age
@@ -142,6 +190,8 @@ class ReplayState:
                 return
             heapq.heappop(state.heap)
             del state.entries[nid]
+            state.unhanded.discard(nid)
+            state.orphans.discard(nid)
             state.horizon = max(state.horizon, ts)
 
     def entries(self) -> list[Entry]:
@@ -151,7 +201,8 @@ class ReplayState:
         for state in self._senders.values():
             self._evict(state, now)
         return {"entries": [e.to_json() for e in self.entries()], "floor": self.floor,
-                "horizons": {j: s.horizon for j, s in self._senders.items() if s.horizon}}
+                "horizons": {j: s.horizon for j, s in self._senders.items() if s.horizon},
+                "unhanded": [[j, nid] for j, s in self._senders.items() for nid in s.unhanded]}
 
     @classmethod
     def from_json(cls, raw: dict[str, Any], rules: TimeRules | None = None) -> ReplayState:
@@ -159,12 +210,26 @@ class ReplayState:
         for sender, horizon in raw.get("horizons", {}).items():
             state._senders.setdefault(sender, _Sender()).horizon = int(horizon)
         state.load([Entry.from_json(e) for e in raw.get("entries", [])])
+        for sender, nid in raw.get("unhanded", []):
+            state._orphan(str(sender), str(nid))
         return state
 
-    def load(self, entries: list[Entry]) -> None:
-        """Add entries read back from disk, without judging them again (nor evicting)."""
-        for entry in entries:
-            s = self._senders.setdefault(entry.sender, _Sender())
-            if entry.nid not in s.entries:
-                s.entries[entry.nid] = entry
-                heapq.heappush(s.heap, (entry.ts, entry.nid))
+    def load(self, items: Sequence[JournalItem], unhanded: bool = False) -> None:
+        """Add entries read back from disk, without judging them again (nor evicting). With
+        ``unhanded`` an entry is an orphan until a :class:`Handed` mark for it follows."""
+        for item in items:
+            if isinstance(item, Handed):
+                self.hand(item)
+                continue
+            s = self._senders.setdefault(item.sender, _Sender())
+            if item.nid not in s.entries:
+                s.entries[item.nid] = item
+                heapq.heappush(s.heap, (item.ts, item.nid))
+                if unhanded:
+                    self._orphan(item.sender, item.nid)
+
+    def _orphan(self, sender: str, nid: str) -> None:
+        state = self._senders.get(sender)
+        if state and nid in state.entries:
+            state.unhanded.add(nid)
+            state.orphans.add(nid)
