@@ -126,11 +126,14 @@ class Stream:
     """One client with the capsule plugin on a mock transport (see the module docstring)."""
 
     def __init__(self, me: Identity, workdir: Path, source: CertificateSource | None,
-                 resource: str = "stream", **config: Any):
+                 resource: str = "stream", restart: bool = False, **config: Any):
+        """``restart``: open the profile a stream of this identity and resource left behind
+        (a bot started again) instead of a fresh copy."""
         self.me = me
         workdir.mkdir(parents=True, exist_ok=True)
         profile = workdir / f"{JID(me.jid).user}-{resource}.capsule"
-        shutil.copyfile(me.profile, profile)
+        if not restart:
+            shutil.copyfile(me.profile, profile)
         self.xmpp = ClientXMPP(f"{me.jid}/{resource}", "unused")
         self.xmpp._always_send_everything = True
         self.transport = TestTransport(self.xmpp)

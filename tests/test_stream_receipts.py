@@ -1,0 +1,211 @@
+"""End-to-end confirmation (XEP-0184), server-free: a receipt only once the capsule is on disk
+and with the app, again for a resend; the sender counts one only from the addressee; a capsule
+the server acked but nobody confirmed is sent again on a new session, then reported."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from slixmpp import Message
+
+from capsule import stanza as st
+from capsule.replay import Handed, JournalItem
+from capsule.testing.stream import Cast, Stream
+
+SM = "urn:xmpp:sm:3"
+
+
+def _capsules(stanzas: list[Any]) -> list[Message]:
+    return [s for s in stanzas if isinstance(s, Message) and st.has_capsule(s)]
+
+
+def _receipts(stanzas: list[Any]) -> list[Message]:
+    return [s for s in stanzas if isinstance(s, Message) and s["receipt"]]
+
+
+def _record(stream: Stream, *events: str) -> None:
+    for name in events:
+        stream.xmpp.add_event_handler(name, lambda data, name=name: stream.events.append(
+            (name, data)))
+
+
+async def _enable_sm(stream: Stream) -> None:
+    """Stream management on a new session, the way the server answers ``<enable/>``."""
+    sm = stream.xmpp.plugin["xep_0198"]
+    enable = sm.stanza.Enable(stream.xmpp)
+    enable["resume"] = True
+    enable.send()
+    await stream.settle()
+    stream.sent()
+    stream.recv(f"<enabled xmlns='{SM}' id='session-{id(enable)}' resume='true'/>")
+    await stream.settle()
+
+
+def _journal_writes(stream: Stream, write: Callable[[list[JournalItem]], None]
+                    ) -> Callable[[list[JournalItem]], None]:
+    """Put ``write`` in front of the plugin's journal writes; returns the real one."""
+    commit = stream.capsule._commit
+    real: Callable[[list[JournalItem]], None] = commit._write
+    commit._write = write
+    return real
+
+
+async def _until(predicate: Any, timeout: float = 20) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < deadline, "not within the bound"
+        await asyncio.sleep(0.02)
+
+
+async def _capsule_from(a: Stream, to: str, body: str) -> Message:
+    [sid] = await a.capsule.send(to, body)
+    await a.settle()
+    [out] = _capsules(a.sent())
+    assert out["id"] == sid and out["request_receipt"]  # asked for outside the capsule
+    out["from"] = a.xmpp.boundjid
+    return out
+
+
+async def test_the_receiver_confirms_after_delivery_and_again_for_a_resend(
+        stream_cast: Cast, tmp_path: Path) -> None:
+    alice, bob = stream_cast["alice"], stream_cast["bob"]
+    directory = stream_cast.directory_of("alice", "bob")
+    async with Stream.open(alice, tmp_path, directory) as a, \
+            Stream.open(bob, tmp_path, directory) as b:
+        out = await _capsule_from(a, bob.jid, "hello")
+        written: list[list[JournalItem]] = []
+
+        def spy(items: list[JournalItem]) -> None:
+            assert not _receipts(b.sent()), "a receipt before the journal write"
+            written.append(items)
+            append(items)
+
+        append = _journal_writes(b, spy)
+        b.recv(out)
+        await b.settle()
+        [msg] = b.delivered()
+        assert msg["body"] == "hello"
+        info = msg.capsule_info  # type: ignore[attr-defined]
+        # the entry, then (after the handlers ran) its handed mark, each on disk before the receipt
+        assert [type(i).__name__ for items in written for i in items] == ["Entry", "Handed"]
+        assert written[-1] == [Handed(info.sender, info.nid)]
+        [receipt] = _receipts(b.sent())
+        assert receipt["receipt"] == out["id"] and receipt["to"] == a.xmpp.boundjid
+        assert not st.has_capsule(receipt) and not receipt["body"]  # metadata only: the id
+        b.recv(out)  # the sender's resend (its receipt was lost)
+        await b.settle()
+        assert len(b.delivered()) == 1 and b.capsule.duplicates == 1 and b.errors() == []
+        [again] = _receipts(b.sent())
+        assert again["receipt"] == out["id"]
+
+
+async def test_a_receipt_counts_only_from_the_addressee_for_a_capsule_sent_to_it(
+        stream_cast: Cast, tmp_path: Path) -> None:
+    alice, bob = stream_cast["alice"], stream_cast["bob"]
+    async with Stream.open(alice, tmp_path, stream_cast.directory_of("bob")) as a:
+        _record(a, "capsule_acked", "capsule_delivered", "capsule_undelivered")
+        out = await _capsule_from(a, bob.jid, "for bob only")
+        sid = out["id"]
+        me = a.xmpp.boundjid
+        forged = [f"<message from='mallory@capsule.test/x' to='{me}'>"
+                  f"<received xmlns='urn:xmpp:receipts' id='{sid}'/></message>",  # not bob
+                  f"<message from='capsule.test' to='{me}'>"
+                  f"<received xmlns='urn:xmpp:receipts' id='{sid}'/></message>",  # the server
+                  f"<message from='{bob.jid}/phone' to='{me}'>"
+                  f"<received xmlns='urn:xmpp:receipts' id='unknown-{sid}'/></message>",
+                  f"<message from='{bob.jid}/phone' to='{me}'>"
+                  f"<received xmlns='urn:xmpp:receipts'/></message>"]
+        for stanza in forged:
+            a.recv(stanza)
+        await a.settle()
+        assert a.named("capsule_delivered") == [] and sid in a.capsule.outbox.pending
+        a.recv(f"<message from='{bob.jid}/other-resource' to='{me}'>"
+               f"<received xmlns='urn:xmpp:receipts' id='{sid}'/></message>")
+        await a.settle()
+        [delivered] = a.named("capsule_delivered")
+        assert (delivered.stanza_id, delivered.peer) == (sid, bob.jid)
+        assert [x.stanza_id for x in a.named("capsule_acked")] == [sid]  # implied by it
+        assert sid not in a.capsule.outbox.pending
+        a.recv(f"<message from='{bob.jid}/phone' to='{me}'>"
+               f"<received xmlns='urn:xmpp:receipts' id='{sid}'/></message>")  # again
+        await a.settle()
+        assert len(a.named("capsule_delivered")) == 1 and a.named("capsule_undelivered") == []
+
+
+async def test_acked_but_unconfirmed_is_sent_again_on_a_new_session_then_reported(
+        stream_cast: Cast, tmp_path: Path) -> None:
+    """The server acked it and died: only the contact's receipt tells it arrived."""
+    alice, bob = stream_cast["alice"], stream_cast["bob"]
+    async with Stream.open(alice, tmp_path, stream_cast.directory_of("bob"),
+                           receipt_timeout=1) as a:
+        _record(a, "capsule_acked", "capsule_delivered", "capsule_undelivered")
+        await _enable_sm(a)
+        out = await _capsule_from(a, bob.jid, "acked, then lost")
+        a.recv(f"<a xmlns='{SM}' h='1'/>")
+        await a.settle()
+        assert [x.stanza_id for x in a.named("capsule_acked")] == [out["id"]]
+        await _enable_sm(a)  # a new session: the server restarted
+        [again] = _capsules(a.sent())
+        assert again["id"] == out["id"] and str(again["capsule"]) == str(out["capsule"])
+        assert a.capsule.outbox.resent == 1
+        await _until(lambda: a.named("capsule_undelivered"))
+        [failure] = a.named("capsule_undelivered")
+        assert failure.stanza_id == out["id"] and failure.reason == "undelivered"
+        assert "no receipt" in failure.message
+        assert len(a.named("capsule_acked")) == 1  # the resend's ack is not news
+        await _enable_sm(a)  # reported: never sent again
+        assert _capsules(a.sent()) == []
+        a.recv(f"<message from='{bob.jid}/x' to='{a.xmpp.boundjid}'>"
+               f"<received xmlns='urn:xmpp:receipts' id='{out['id']}'/></message>")
+        await a.settle()
+        assert a.named("capsule_delivered") == []
+
+
+async def test_rooms_get_no_receipt_request(stream_cast: Cast, tmp_path: Path) -> None:
+    alice, bob = stream_cast["alice"], stream_cast["bob"]
+    room = "room@muc.capsule.test"
+    async with Stream.open(alice, tmp_path, stream_cast.directory_of("alice", "bob")) as a:
+        await a.join(room, "alice", {"bob": f"{bob.jid}/x"})
+        sid = await a.capsule.send_groupchat(room, "to the room")
+        await a.settle()
+        [out] = _capsules(a.sent())
+        assert out["id"] == sid and not out["request_receipt"]
+
+
+async def test_a_capsule_whose_handed_mark_failed_is_delivered_again_after_a_restart(
+        stream_cast: Cast, tmp_path: Path) -> None:
+    """The app may have got it or not (a kill inside its handler looks the same): delivered
+    once more after the restart, confirmed, and from then on a quiet duplicate."""
+    alice, bob = stream_cast["alice"], stream_cast["bob"]
+    directory = stream_cast.directory_of("alice", "bob")
+    async with Stream.open(alice, tmp_path, directory) as a:
+        out = await _capsule_from(a, bob.jid, "at least once here")
+        async with Stream.open(bob, tmp_path, directory, storage_retry=60) as b:
+            def disk_full_for_marks(items: list[JournalItem]) -> None:
+                if any(isinstance(i, Handed) for i in items):
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                append(items)
+
+            append = _journal_writes(b, disk_full_for_marks)
+            b.recv(out)
+            await b.settle()
+            assert len(b.delivered()) == 1 and [e.reason for e in b.errors()] == ["storage"]
+            assert _receipts(b.sent()) == []  # not confirmed: we cannot tell it was handled
+        async with Stream.open(bob, tmp_path, directory, restart=True) as b:
+            b.recv(out)  # the sender's resend, or the server routing it again
+            await b.settle()
+            assert [m["body"] for m in b.delivered()] == ["at least once here"]
+            assert [r["receipt"] for r in _receipts(b.sent())] == [out["id"]]
+            b.recv(out)
+            await b.settle()
+            assert len(b.delivered()) == 1 and b.capsule.duplicates == 1 and b.errors() == []
+        async with Stream.open(bob, tmp_path, directory, restart=True) as b:
+            b.recv(out)
+            await b.settle()
+            assert b.delivered() == [] and b.capsule.duplicates == 1 and b.errors() == []
+            assert [r["receipt"] for r in _receipts(b.sent())] == [out["id"]]
