@@ -2,7 +2,8 @@
 
 Usage: python receiver_bot.py JID PORT CA_ROOT PROFILE (password in $BOT_PASSWORD, PIN in
 $CAPSULE_PIN). Prints one line per event, flushed: ``ready``, ``got <nid>`` once a message
-reached the handlers, ``dup <nid-prefix>``, ``error <reason> <stanza id>``.
+reached the handlers (``again <nid>`` if flagged ``recovered``: accepted before a crash, maybe
+seen then), ``dup <stanza id>``, ``error <reason> <stanza id>``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ async def main(jid: str, port: int, ca_root: str, profile: str) -> None:
 
     def got(msg: Any) -> None:
         info = capsule_info(msg)
-        say("got", info.nid if info else "plaintext")
+        say("again" if info and info.recovered else "got", info.nid if info else "plaintext")
 
     client.add_event_handler("capsule_message", got)
     client.add_event_handler("capsule_duplicate", lambda f: say("dup", f.stanza_id or "-"))

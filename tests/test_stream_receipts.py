@@ -195,11 +195,14 @@ async def test_a_capsule_whose_handed_mark_failed_is_delivered_again_after_a_res
             b.recv(out)
             await b.settle()
             assert len(b.delivered()) == 1 and [e.reason for e in b.errors()] == ["storage"]
+            assert not b.delivered()[0].capsule_info.recovered  # type: ignore[attr-defined]
             assert _receipts(b.sent()) == []  # not confirmed: we cannot tell it was handled
         async with Stream.open(bob, tmp_path, directory, restart=True) as b:
             b.recv(out)  # the sender's resend, or the server routing it again
             await b.settle()
-            assert [m["body"] for m in b.delivered()] == ["at least once here"]
+            [msg] = b.delivered()
+            assert msg["body"] == "at least once here"
+            assert msg.capsule_info.recovered  # type: ignore[attr-defined]  # maybe seen before
             assert [r["receipt"] for r in _receipts(b.sent())] == [out["id"]]
             b.recv(out)
             await b.settle()

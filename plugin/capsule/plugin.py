@@ -83,6 +83,9 @@ class CapsuleInfo:
     nid: str
     timestamp: str
     encrypted: bool = True
+    # accepted before a crash that came before its "handed" mark: the app may have had it then
+    # (a kill inside its handler); an app that must act once dedupes these by nid
+    recovered: bool = False
 
 
 @dataclass(frozen=True)
@@ -680,7 +683,7 @@ class XEP_Capsule(BasePlugin):
         # in a room the stanza comes from room/nick and is addressed to us; the envelope names
         # the room, and the nick must belong to the signer
         envelope.check_addressing(env, header, real_sender, room or stanza["to"].bare, me, room)
-        durable = self._remember(capsule) if replay_check else _done()
+        durable, recovered = self._remember(capsule) if replay_check else (_done(), False)
         msg = self.xmpp.make_message(mto=stanza["to"], mfrom=stanza["from"], mtype=stanza["type"])
         msg["id"] = stanza["id"]
         for el in stanza.xml:  # routing and metadata from outside, content only from inside
@@ -689,7 +692,7 @@ class XEP_Capsule(BasePlugin):
         for el in env.content:
             msg.xml.append(el)
         msg.capsule_info = CapsuleInfo(sender, signer, header.nid.hex(),  # type: ignore[attr-defined]
-                                       header.ts)
+                                       header.ts, recovered=recovered)
         return msg, durable
 
     def _entitled(self, el: ET.Element, stanza: Message, room: str | None, signed: str) -> bool:
@@ -758,8 +761,9 @@ class XEP_Capsule(BasePlugin):
         self.xmpp.event("capsule_undelivered", self._failure(exc, stanza, peer))
 
     # -- durable state -----------------------------------------------------------
-    def _remember(self, capsule: core.Capsule) -> asyncio.Future[None]:
-        """Judge a verified capsule; a NEW one's entry goes to the journal (the future)."""
+    def _remember(self, capsule: core.Capsule) -> tuple[asyncio.Future[None], bool]:
+        """Judge a verified capsule; a NEW one's entry goes to the journal (the future). True
+        for one recovered from before a crash (on disk already, maybe seen by the app)."""
         self._ensure_durable()
         h = capsule.header
         verdict, entry = self.store.remember(h.sender, h.nid, h.ts, capsule.signature,
@@ -771,11 +775,11 @@ class XEP_Capsule(BasePlugin):
         if verdict is Verdict.UNHANDED:
             log.info("capsule %s… from %s was accepted before a crash and never handed to the "
                      "app: delivered now", h.nid.hex()[:8], h.sender)
-            return _done()  # its entry is on disk already
+            return _done(), True  # its entry is on disk already
         journal = self.store.journal
         if journal is not None and journal.records >= COMPACT_AFTER:
             self._dirty()  # fold the journal into the profile soon
-        return self._commit.submit(entry)
+        return self._commit.submit(entry), False
 
     async def _handed(self, msg: Message) -> bool:
         """The second phase: record that the app got this capsule; False if that failed (a
