@@ -789,6 +789,7 @@ class XEP_Capsule(BasePlugin):
             return False
         mark = Handed(info.sender, info.nid)
         try:
+            self._ensure_durable()  # the journal is closed while disconnected
             await self._commit.submit(mark)
         except StorageError:
             return False
