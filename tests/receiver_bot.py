@@ -1,8 +1,8 @@
 """A receiving Capsule bot in its own process, for fault tests that SIGKILL it.
 
 Usage: python receiver_bot.py JID PORT CA_ROOT PROFILE (password in $BOT_PASSWORD, PIN in
-$CAPSULE_PIN). Prints one line per event, flushed: ``ready``, ``got <nid>`` once a message
-reached the handlers (``again <nid>`` if flagged ``recovered``: accepted before a crash, maybe
+$CAPSULE_PIN). Prints one line per event, flushed: ``ready``, ``got <nid> <stanza id>`` once a message
+reached the handlers (``again …`` if flagged ``recovered``: accepted before a crash, maybe
 seen then), ``dup <stanza id>``, ``error <reason> <stanza id>``.
 """
 
@@ -30,7 +30,8 @@ async def main(jid: str, port: int, ca_root: str, profile: str) -> None:
 
     def got(msg: Any) -> None:
         info = capsule_info(msg)
-        say("again" if info and info.recovered else "got", info.nid if info else "plaintext")
+        say("again" if info and info.recovered else "got", info.nid if info else "plaintext",
+            msg["id"] or "-")
 
     client.add_event_handler("capsule_message", got)
     client.add_event_handler("capsule_duplicate", lambda f: say("dup", f.stanza_id or "-"))

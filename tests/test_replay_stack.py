@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import random
 import subprocess
@@ -92,38 +93,44 @@ async def test_receiver_killed_mid_burst_never_accepts_a_capsule_twice(
     bob = new_account("bob")
     profile = tmp_path / "bob.capsule"
     enroll(xmpp_stack.authority(), profile, bob.jid, BOT_PIN)
-    await receiver.start(xmpp_stack, bob, profile)
+    # restarted on its own resource, as a bot should: the new session takes the dead one's place
+    # (on a new resource every dead session waits out its resumption time, gets copies routed
+    # to the bare JID, and routes them again when it times out: a storm of copies)
+    account = dataclasses.replace(bob, jid=f"{bob.jid}/receiver")
+    await receiver.start(xmpp_stack, account, profile)
     raws: list[str] = []
+    nids: dict[str, str] = {}  # stanza id -> nid
     rng = random.Random(int.from_bytes(os.urandom(4), "big"))
     for _ in range(KILLS):
         for i in range(BURST):
             msg = alice.client.make_message(mto=bob.jid, mbody=f"burst {i}", mtype="chat")
             msg["id"] = alice.client.new_id()
-            raw = str(await alice.capsule.encrypt_message(msg))
+            sealed = await alice.capsule.encrypt_message(msg)
+            nids[msg["id"]] = st.to_core(sealed["capsule"]).header.nid.hex()
+            raw = str(sealed)
             raws.append(raw)
             alice.client.send_raw(raw)
             await asyncio.sleep(0)
         await asyncio.sleep(rng.uniform(0.0, 0.5))  # killed somewhere in the burst's handling
         await receiver.kill()
-        await receiver.start(xmpp_stack, bob, profile)  # the offline queue comes in now
+        await receiver.start(xmpp_stack, account, profile)  # the offline queue comes in now
     litter = [p.name for p in tmp_path.iterdir() if p.name.startswith(".bob.capsule.")]
     assert not litter, f"temp files of killed saves left beside the profile: {litter}"
     for raw in raws:  # everything again, to the restarted receiver
         alice.client.send_raw(raw)
-    # every replayed capsule is either delivered (its first copy was lost in transit) or dropped
-    # as a duplicate; wait until the receiver has judged as many as were replayed
+    # every capsule is delivered (its first copy died with a receiver) or dropped as a duplicate;
+    # wait until a copy of each, sent after the last kill, was judged
     judged = len(receiver.lines)
-    await _until(lambda: len(receiver.lines) - judged >= len(raws), 120)
+
+    def unjudged() -> set[str]:
+        return set(nids) - {words[-1] for words in receiver.lines[judged:]}
+
+    await _until(lambda: not unjudged(), 120)
     # now and then (1 of 264 in one Prosody run of many; cause not found yet) the server does
     # not deliver one replayed copy: counted and shown, never more than a few
-    lost = len(raws) - (len(receiver.lines) - judged)
-    assert lost <= len(raws) // 50, (
-        f"only {len(receiver.lines) - judged} of {len(raws)} replayed capsules were judged")
-    while True:  # the last offline ones may have been counted among them: wait for quiet
-        seen = len(receiver.lines)
-        await asyncio.sleep(2)
-        if len(receiver.lines) == seen:
-            break
+    lost = len(unjudged())
+    assert lost <= len(raws) // 50, f"{lost} of {len(raws)} replayed capsules were not judged"
+    await asyncio.sleep(2)  # late copies would show up now
     await receiver.kill()
     odd = [words for words in receiver.lines
            if not (words[0] in ("got", "again", "dup", "error") and len(words) >= 2)]
@@ -131,19 +138,19 @@ async def test_receiver_killed_mid_burst_never_accepts_a_capsule_twice(
         [r for i, r in enumerate(receiver.raw) if any(
             receiver.raw[j].split() == odd[0] for j in range(i - 2, min(i + 3, len(receiver.raw))))][:8])
     got = Counter(words[1] for words in receiver.lines if words[0] == "got")
-    # accepted before a kill that came before its "handed" mark: delivered once more, flagged
-    # (capsule_info.recovered: the app may have seen it); never a third time, never unflagged
+    # accepted before a kill that came before its "handed" mark: delivered again, flagged
+    # (capsule_info.recovered: the app may have seen it); never unflagged
     again = Counter(words[1] for words in receiver.lines if words[0] == "again")
     twice = {nid: n for nid, n in got.items() if n > 1}
-    thrice = {nid: n for nid, n in again.items() if n > 1}
     errors = [words for words in receiver.lines if words[0] == "error"]
     duplicates = sum(1 for words in receiver.lines if words[0] == "dup")
     print(f"\n{KILLS} kills, {len(raws)} capsules: {len(got)} delivered, {len(again)} "
           f"recovered after a kill, {duplicates} duplicates dropped, {len(twice)} twice, "
           f"{len(errors)} refused, {max(lost, 0)} replayed copies lost in transit")
     assert not twice, f"{len(twice)} capsules were accepted a second time"
-    assert not thrice, f"{len(thrice)} recovered capsules were accepted again"
     assert not errors, f"honest capsules refused: {errors[:5]}"
+    missing = set(nids.values()) - set(got) - set(again)
+    assert len(missing) <= lost, f"{len(missing)} capsules never reached the app"
     assert duplicates >= len(got) // 2  # the replay phase really met delivered capsules
 
 
