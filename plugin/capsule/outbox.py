@@ -228,7 +228,8 @@ class Outbox:
         entry = self.pending.pop(sid)
         entry.timer.cancel()
         self._remember(self._given_up, sid, None)
-        if self.xmpp.transport is None:  # no resumption, so slixmpp does not resend it either
+        if self.xmpp.transport is None and not entry.acked:  # no resumption: slixmpp
+            # would resend it (it holds what the server has not acked)
             self.xmpp.plugin["xep_0198"].sm_id = None
         self.report(Undelivered(why), entry.stanza, str(entry.stanza["to"].bare))
 
