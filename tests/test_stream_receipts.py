@@ -97,6 +97,7 @@ async def test_the_receiver_confirms_after_delivery_and_again_for_a_resend(
         [receipt] = _receipts(b.sent())
         assert receipt["receipt"] == out["id"] and receipt["to"] == a.xmpp.boundjid
         assert not st.has_capsule(receipt) and not receipt["body"]  # metadata only: the id
+        assert receipt.xml.find("{urn:xmpp:hints}no-permanent-store") is not None  # not archived
         b.recv(out)  # the sender's resend (its receipt was lost)
         await b.settle()
         assert len(b.delivered()) == 1 and b.capsule.duplicates == 1 and b.errors() == []

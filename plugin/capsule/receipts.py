@@ -40,7 +40,9 @@ def wanted(msg: Message) -> bool:
 
 
 def answer(xmpp: BaseXMPP, msg: Message) -> None:
-    """Confirm ``msg`` to the resource that sent it (the receipt names only its stanza id)."""
+    """Confirm ``msg`` to the resource that sent it (the receipt names only its stanza id);
+    kept out of the servers' archives (XEP-0334), stored offline if the sender is away."""
     receipt = xmpp.make_message(mto=msg["from"])
     receipt["receipt"] = msg["id"]
+    receipt.enable("no-permanent-store")
     xmpp.send(receipt)
