@@ -165,7 +165,7 @@ class Outbox:
         peer = str(receipt["from"].bare)
         if (entry is None or not receipts.confirmed(entry.stanza)
                 or peer != entry.stanza["to"].bare):
-            log.info("ignored a receipt from %s for %s: no such capsule to it", peer, sid)
+            log.debug("ignored a receipt from %s for %s: no such capsule to it", peer, sid)
             return
         if not entry.acked:  # the server's ack is on its way; the receipt implies it
             self._on_acked(entry.stanza)
