@@ -29,7 +29,7 @@ from capsule import enrollment
 from capsule.connection import login
 from capsule.jids import same_jid
 from capsule_ca.authority import Authority
-from capsule_ca.errors import CAError
+from capsule_ca.errors import CAError, IdentityMismatch
 from capsule_ca.profiles import Usage
 
 log = logging.getLogger(__name__)
@@ -166,9 +166,8 @@ class EnrollmentService(ClientXMPP):
                     requester, requester)
             except CAError as exc:
                 self.authority.log(requester, f"refused enrollment: {exc}")
-                if "asks for" in str(exc):
-                    raise XMPPError("forbidden", str(exc)) from None
-                raise XMPPError("bad-request", str(exc)) from None
+                condition = "forbidden" if isinstance(exc, IdentityMismatch) else "bad-request"
+                raise XMPPError(condition, str(exc)) from None
             issued = {usage.value: record.pem() for usage, record in records.items()}
             issued["ca"] = self.authority.root_pem
         except XMPPError as exc:
@@ -181,7 +180,7 @@ class EnrollmentService(ClientXMPP):
             return
         reply = iq.reply()
         for usage, pem in issued.items():
-            cert = enrollment.Cert()
+            cert = enrollment.IssuedCert()
             cert["usage"], cert["value"] = usage, pem.decode()
             reply["capsule_enroll"].append(cert)
         reply.send()
@@ -203,7 +202,7 @@ class EnrollmentService(ClientXMPP):
         reply = iq.reply()
         reply["capsule_lookup"]["jid"] = jid
         for usage in ("sign", "encrypt"):
-            cert = enrollment.Cert()
+            cert = enrollment.IssuedCert()
             cert["usage"], cert["value"] = usage, records[usage].pem().decode()
             reply["capsule_lookup"].append(cert)
         reply.send()

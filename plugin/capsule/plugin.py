@@ -53,10 +53,9 @@ from capsule.inbound import HandledCount
 from capsule.journal import GroupCommit
 from capsule.locks import LockTable
 from capsule.outbox import Outbox
-from capsule.profile import PIN_ENV, Contact, Profile, now_iso
+from capsule.profile import PIN_ENV, PinnedContact, Profile, now_iso
 from capsule.replay import DEFAULT_MAX_AGE, DEFAULT_SKEW, Entry, TimeRules, Verdict
-from capsule.trust import CertBundle, CertificateSource, TrustStore, VerifiedCert
-from capsule.trust import Contact as VerifiedContact
+from capsule.trust import CertificateSource, CertPair, TrustStore, VerifiedCert, VerifiedContact
 
 log = logging.getLogger(__name__)
 POLICIES = ("require", "prefer", "off")
@@ -82,7 +81,7 @@ class _Lookup:
     """What a claimed sender's last look-up gave, when, and whether it was a refresh."""
 
     when: float
-    outcome: CertBundle | CapsuleError | None
+    outcome: CertPair | CapsuleError | None
     refresh: bool
 
 
@@ -363,7 +362,7 @@ class XEP_Capsule(BasePlugin):
             if pinned and not refresh:
                 try:
                     return self.trust.verify_contact(
-                        jid, CertBundle(pinned.sign.encode(), pinned.encrypt.encode()))
+                        jid, CertPair(pinned.sign.encode(), pinned.encrypt.encode()))
                 except UntrustedCertificate as exc:
                     log.info("pinned certificates of %s no longer valid (%s); refetching",
                              jid, exc.reason)
@@ -374,7 +373,7 @@ class XEP_Capsule(BasePlugin):
             if bundle is None:
                 raise NoCertificate(f"{jid} has published no Capsule certificates")
             verified = self.trust.verify_contact(jid, bundle)
-            new = Contact(bundle.sign.decode(), bundle.encrypt.decode(), now_iso())
+            new = PinnedContact(bundle.sign.decode(), bundle.encrypt.decode(), now_iso())
             if pinned is None or (pinned.sign, pinned.encrypt) != (new.sign, new.encrypt):
                 self.store.data.contacts[jid] = new
                 self._dirty()
@@ -383,7 +382,7 @@ class XEP_Capsule(BasePlugin):
                     self.xmpp.event("capsule_cert_changed", {"jid": jid, "contact": verified})
             return verified
 
-    async def _fetch_claimed(self, jid: str, refresh: bool) -> CertBundle | None:
+    async def _fetch_claimed(self, jid: str, refresh: bool) -> CertPair | None:
         """Look up a claimed sender at most once per ``fetch_interval``, plus one refresh (a
         capsule naming a certificate we have not seen: a rotation); meanwhile the answer, or
         the failure, is reused, so a flood naming one sender costs at most two look-ups."""
@@ -392,7 +391,7 @@ class XEP_Capsule(BasePlugin):
         if (last is None or now - last.when >= self.fetch_interval
                 or (refresh and not last.refresh)):
             try:
-                outcome: CertBundle | CapsuleError | None = await self.certificates.fetch(jid)
+                outcome: CertPair | CapsuleError | None = await self.certificates.fetch(jid)
             except CapsuleError as exc:
                 outcome = exc
             last = _Lookup(now, outcome, refresh)

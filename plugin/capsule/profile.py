@@ -28,7 +28,7 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
@@ -50,7 +50,7 @@ from capsule.errors import (
 from capsule.files import FileLock, write_private
 from capsule.jids import bare_jid
 from capsule.replay import Entry, ReplayState, Verdict
-from capsule_ca.xmppaddr import ID_ON_XMPPADDR, cert_jids
+from capsule.xmppaddr import cert_jids, xmppaddr_name
 
 MAGIC = b"CAPSULE-PROFILE "
 FORMAT_VERSION = 2
@@ -77,11 +77,11 @@ class KdfParams:
 
     def derive(self, pin: str, salt: bytes, key_file: bytes | None = None) -> bytes:
         self.check()
-        key = Argon2id(salt=salt, length=32, iterations=self.iterations, lanes=self.lanes,
+        key = Argon2id(salt=salt, length=alg.PROFILE_KEY_BYTES, iterations=self.iterations, lanes=self.lanes,
                        memory_cost=self.memory_cost).derive(pin.encode())
         if key_file is None:
             return key
-        return HKDF(alg.KEY_HASH, 32, salt=None, info=alg.PROFILE_KEY_FILE_INFO).derive(
+        return HKDF(alg.KEY_HASH, alg.PROFILE_KEY_BYTES, salt=None, info=alg.PROFILE_KEY_FILE_INFO).derive(
             key + key_file)
 
     def describe(self) -> str:
@@ -157,7 +157,7 @@ def _load_key(pem: str) -> rsa.RSAPrivateKey:
 
 
 @dataclass
-class Contact:
+class PinnedContact:
     """A pinned contact: the certificates we verified for that JID."""
 
     sign: str  # PEM
@@ -178,7 +178,7 @@ class ProfileData:
     ca_service: str | None = None  # the JID of `capsule-ca serve` that enrolled us (CRL updates)
     retired: list[tuple[str, rsa.RSAPrivateKey]] = field(default_factory=list)  # (cert PEM, key)
     retired_sign: list[str] = field(default_factory=list)  # our former signing certs (PEM)
-    contacts: dict[str, Contact] = field(default_factory=dict)
+    contacts: dict[str, PinnedContact] = field(default_factory=dict)
     replay: ReplayState = field(default_factory=ReplayState)
     secret: str = "unknown"  # strong | short | unknown (format 1): for `profile show`
 
@@ -206,7 +206,7 @@ class ProfileData:
                 ca_root=raw.get("ca_root"), crl=raw.get("crl"), ca_service=raw.get("ca_service"),
                 retired=[(cert, _load_key(key)) for cert, key in raw.get("retired", [])],
                 retired_sign=list(raw.get("retired_sign", [])),
-                contacts={j: Contact(**c) for j, c in raw.get("contacts", {}).items()},
+                contacts={j: PinnedContact(**c) for j, c in raw.get("contacts", {}).items()},
                 replay=(_replay_v1(raw.get("replay", []), raw.get("replay_horizon", ""))
                         if isinstance(raw.get("replay", []), list)
                         else ReplayState.from_json(raw["replay"])),
@@ -281,11 +281,11 @@ class Profile:
         secret = check_pin(pin, short_pin)
         kdf = (kdf or KdfParams()).check()
         second = _new_key_file(Path(key_file)) if key_file else None
-        salt = os.urandom(16)
+        salt = os.urandom(alg.KDF_SALT_BYTES)
         data = ProfileData(
             jid=jid, email=email,
-            signing_key=rsa.generate_private_key(65537, key_bits),
-            encryption_key=rsa.generate_private_key(65537, key_bits),
+            signing_key=rsa.generate_private_key(alg.RSA_PUBLIC_EXPONENT, key_bits),
+            encryption_key=rsa.generate_private_key(alg.RSA_PUBLIC_EXPONENT, key_bits),
             secret=secret,
         )
         profile = cls(target, data, kdf.derive(pin, salt, second), salt, kdf, second)
@@ -326,7 +326,7 @@ class Profile:
         except (KeyError, TypeError, ValueError):
             raise CorruptProfile(f"{target} has a damaged header") from None
         kdf.check()
-        if len(ciphertext) < alg.TAG_BYTES or len(salt) < 16 or len(nonce) != alg.IV_BYTES:
+        if len(ciphertext) < alg.TAG_BYTES or len(salt) < alg.KDF_SALT_BYTES or len(nonce) != alg.IV_BYTES:
             raise CorruptProfile(f"{target} is truncated")
         if needs_key_file and key_file is None:
             raise ProfileError(f"{target} is bound to a key file: give its path (key_file, "
@@ -356,7 +356,7 @@ class Profile:
         """Encrypt under a fresh nonce and replace the file atomically, under the profile lock;
         with a journal attached, start its next epoch. Raises StorageError if the disk fails."""
         nonce = os.urandom(alg.IV_BYTES)
-        epoch = os.urandom(16)
+        epoch = os.urandom(alg.JOURNAL_EPOCH_BYTES)
         header = {
             "version": FORMAT_VERSION, "cipher": "AES-256-GCM",
             "kdf": {"name": "argon2id", "salt": base64.b64encode(self._salt).decode(),
@@ -445,7 +445,7 @@ class Profile:
         """Re-encrypt under a new PIN (the key file, if any, stays bound)."""
         self.data.secret = check_pin(new_pin, short_pin)
         self._kdf = (kdf or self._kdf).check()
-        self._salt = os.urandom(16)
+        self._salt = os.urandom(alg.KDF_SALT_BYTES)
         self._key = self._kdf.derive(new_pin, self._salt, self._second)
         self.save()
 
@@ -453,16 +453,14 @@ class Profile:
     def csr(self, usage: str) -> bytes:
         """A CSR for our ``sign`` or ``encrypt`` key, asking for our JID as id-on-xmppAddr."""
         key = {"sign": self.data.signing_key, "encrypt": self.data.encryption_key}[usage]
-        jid = self.data.jid.encode()
-        der_jid = b"\x0c" + _der_length(len(jid)) + jid
-        names: list[x509.GeneralName] = [x509.OtherName(ID_ON_XMPPADDR, der_jid)]
+        names: list[x509.GeneralName] = [xmppaddr_name(self.data.jid)]
         if self.data.email:
             names.append(x509.RFC822Name(self.data.email))
         return (
             x509.CertificateSigningRequestBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, self.data.jid)]))
             .add_extension(x509.SubjectAlternativeName(names), critical=False)
-            .sign(key, hashes.SHA256())
+            .sign(key, alg.CSR_HASH)
             .public_bytes(serialization.Encoding.PEM)
         )
 
@@ -494,8 +492,8 @@ class Profile:
             self.data.retired.append((self.data.encryption_cert, self.data.encryption_key))
         if self.data.signing_cert:
             self.data.retired_sign.append(self.data.signing_cert)
-        self.data.encryption_key = rsa.generate_private_key(65537, key_bits)
-        self.data.signing_key = rsa.generate_private_key(65537, key_bits)
+        self.data.encryption_key = rsa.generate_private_key(alg.RSA_PUBLIC_EXPONENT, key_bits)
+        self.data.signing_key = rsa.generate_private_key(alg.RSA_PUBLIC_EXPONENT, key_bits)
         self.data.encryption_cert = self.data.signing_cert = None
 
     def decryption_keys(self) -> dict[str, rsa.RSAPrivateKey]:
@@ -528,14 +526,6 @@ def _new_key_file(path: Path) -> bytes:
     except OSError as exc:
         raise StorageError(f"cannot write the key file {path}: {exc.strerror}") from None
     return secret
-
-
-def _der_length(n: int) -> bytes:
-    if n < 0x80:
-        return bytes([n])
-    raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes([0x80 | len(raw)]) + raw
-
 
 
 def now_iso() -> str:
