@@ -166,8 +166,9 @@ class EnrollmentService(ClientXMPP):
                     requester, requester)
             except CAError as exc:
                 self.authority.log(requester, f"refused enrollment: {exc}")
-                condition = "forbidden" if isinstance(exc, IdentityMismatch) else "bad-request"
-                raise XMPPError(condition, str(exc)) from None
+                if isinstance(exc, IdentityMismatch):
+                    raise XMPPError("forbidden", str(exc)) from None
+                raise XMPPError("bad-request", str(exc)) from None
             issued = {usage.value: record.pem() for usage, record in records.items()}
             issued["ca"] = self.authority.root_pem
         except XMPPError as exc:

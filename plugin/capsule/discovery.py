@@ -22,6 +22,7 @@ from capsule.stanza import Certs, PublishedCert, certs_by_usage
 from capsule.trust import CertificateSource, CertPair
 
 log = logging.getLogger(__name__)
+PRECONDITION_NOT_MET = "{http://jabber.org/protocol/pubsub#errors}precondition-not-met"
 ITEM_ID = "current"
 # the answers that mean "no Capsule node": ejabberd says item-not-found; Prosody forbidden (a
 # missing node has the default, presence-only access, while ours is always open)
@@ -68,7 +69,8 @@ async def publish(xmpp: BaseXMPP, chain: dict[str, str], timeout: int = 15) -> N
                              options=options, timeout=timeout)
         return
     except IqError as exc:
-        if exc.condition != "precondition-not-met":
+        # the application condition of XEP-0060 7.1.5, which slixmpp does not parse
+        if exc.iq["error"].xml.find(PRECONDITION_NOT_MET) is None:
             raise
     log.info("PEP node %s has other options; reconfiguring it", ns.CERTS_NODE)
     await pubsub.set_node_config(None, ns.CERTS_NODE,

@@ -55,7 +55,6 @@ from capsule.xmppaddr import cert_jids, xmppaddr_name
 MAGIC = b"CAPSULE-PROFILE "
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
-PIN_ENV = "CAPSULE_PIN"
 
 
 @dataclass(frozen=True)
