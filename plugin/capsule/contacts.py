@@ -26,7 +26,8 @@ from capsule.errors import (
     UntrustedCertificate,
 )
 from capsule.locks import LockTable
-from capsule.profile import PinnedContact, Profile, now_iso
+from capsule.profile import Profile
+from capsule.profile_data import PinnedContact, now_iso
 from capsule.trust import CertificateSource, CertPair, TrustStore, VerifiedCert, VerifiedContact
 
 log = logging.getLogger(__name__)
