@@ -28,6 +28,7 @@ from slixmpp.xmlstream.matcher import StanzaPath
 from capsule import enrollment
 from capsule.connection import login
 from capsule.jids import same_jid
+from capsule.stanza import certs_by_usage
 from capsule_ca.authority import Authority
 from capsule_ca.errors import CAError, IdentityMismatch
 from capsule_ca.profiles import Usage
@@ -153,8 +154,7 @@ class EnrollmentService(ClientXMPP):
             asked = iq["capsule_enroll"]["jid"]
             if asked and not same_jid(asked, requester):
                 raise XMPPError("forbidden", f"{requester} may enroll only itself, not {asked}")
-            csrs = {c["usage"]: c["value"].strip().encode() + b"\n"
-                    for c in iq["capsule_enroll"]["csrs"]}
+            csrs = certs_by_usage(iq["capsule_enroll"]["csrs"], enrollment.pem_text)
             if set(csrs) != {"sign", "encrypt"}:
                 raise XMPPError("bad-request", "send one <csr usage='sign'/> and one usage='encrypt'")
             if not self.limiter.allow(requester):

@@ -106,7 +106,7 @@ class PepSource(CertificateSource):
                                           ) from None
         items = list(iq["pubsub"]["items"])
         for item in items:
-            found = certs_by_usage(item["capsule_certs"], der_to_pem)
+            found = certs_by_usage(item["capsule_certs"]["certs"], der_to_pem)
             if "sign" in found and "encrypt" in found:
                 return CertPair(sign=found["sign"], encrypt=found["encrypt"])
         if items:

@@ -113,9 +113,14 @@ def register() -> None:
     register_stanza_plugin(Item, Crl)
 
 
+def pem_text(text: str) -> bytes:
+    """A certificate or CSR as this protocol carries it (PEM text) as PEM bytes."""
+    return text.strip().encode() + b"\n"
+
+
 def pems(element: ElementBase) -> dict[str, bytes]:
-    """{usage: PEM} of the <cert/> children (PEM text)."""
-    return certs_by_usage(element, lambda text: text.strip().encode() + b"\n")
+    """{usage: PEM} of the <cert/> children."""
+    return certs_by_usage(element["certs"], pem_text)
 
 
 async def _ask(xmpp: BaseXMPP, iq: Iq, timeout: int) -> Iq:

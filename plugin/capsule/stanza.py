@@ -10,7 +10,7 @@ import base64
 import binascii
 import logging
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from slixmpp import Message
 from slixmpp.plugins.xep_0060.stanza import Item
@@ -98,11 +98,12 @@ class Certs(ElementBase):
     plugin_attrib = "capsule_certs"
 
 
-def certs_by_usage(element: ElementBase, decode: Callable[[str], bytes]) -> dict[str, bytes]:
-    """{usage: certificate} of ``element``'s ``<cert usage='…'/>`` children (its ``certs``),
-    each text turned into PEM by ``decode``; one it refuses (ValueError) is dropped, logged."""
+def certs_by_usage(children: Iterable[ElementBase], decode: Callable[[str], bytes]
+                   ) -> dict[str, bytes]:
+    """{usage: PEM} of ``<cert usage='…'/>`` (or ``<csr/>``) elements, each text turned into
+    PEM by ``decode``; one it refuses (ValueError) is dropped, and logged."""
     found = {}
-    for cert in element["certs"]:
+    for cert in children:
         try:
             found[cert["usage"]] = decode(cert["value"])
         except ValueError:
