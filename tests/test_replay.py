@@ -38,7 +38,7 @@ from capsule.replay import (
     TimeRules,
     Verdict,
 )
-from capsule.trust import CertBundle, CertificateSource
+from capsule.trust import CertificateSource, CertPair
 
 from .conftest import PIN
 
@@ -272,11 +272,11 @@ class Static(CertificateSource):
     """Certificates from profiles at hand (a stand-in for PEP: the server is not the subject)."""
 
     def __init__(self, *profiles: Profile):
-        self.bundles = {p.data.jid: CertBundle(str(p.data.signing_cert).encode(),
+        self.bundles = {p.data.jid: CertPair(str(p.data.signing_cert).encode(),
                                                str(p.data.encryption_cert).encode())
                         for p in profiles}
 
-    async def fetch(self, jid: str) -> CertBundle | None:
+    async def fetch(self, jid: str) -> CertPair | None:
         return self.bundles.get(jid)
 
 

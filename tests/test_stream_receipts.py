@@ -48,7 +48,7 @@ async def _enable_sm(stream: Stream) -> None:
 def _journal_writes(stream: Stream, write: Callable[[list[JournalItem]], None]
                     ) -> Callable[[list[JournalItem]], None]:
     """Put ``write`` in front of the plugin's journal writes; returns the real one."""
-    commit = stream.capsule._commit
+    commit = stream.capsule.durable._commit
     real: Callable[[list[JournalItem]], None] = commit._write
     commit._write = write
     return real
