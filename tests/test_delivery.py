@@ -75,7 +75,8 @@ async def settle(ledger: Ledger, sent: dict[str, str], timeout: float = 60.0) ->
 
 async def test_server_killed_mid_burst(xmpp_stack, capsule_bot):
     schedule = rng(f"server {xmpp_stack.info.server}")
-    alice, bob = await capsule_bot("alice"), await capsule_bot("bob")
+    # bounded: whatever happens, each capsule is confirmed or reported within the test
+    alice, bob = await capsule_bot("alice", receipt_timeout=60), await capsule_bot("bob")
     ledger = Ledger(alice.client, bob.client)
     sent: dict[str, str] = {}
     for burst in range(2):
@@ -91,7 +92,7 @@ async def test_server_killed_mid_burst(xmpp_stack, capsule_bot):
             await asyncio.sleep(0)  # a burst, written as it is sent
         assert restart is not None
         await restart
-    await settle(ledger, sent)
+    await settle(ledger, sent, timeout=180)
     # A server killed after acking a capsule, before storing or routing it, loses it: alice's
     # outbox keeps it until bob's receipt and sends it again on her new session.
     lost_after_ack = [sid for sid in ledger.acked if not ledger.delivered[sent[sid]]]

@@ -206,11 +206,15 @@ class Reconnect:
 
     def _connect(self) -> None:
         self._retry = None
-        if not self.armed or self.client.transport is not None:
-            return  # slixmpp's own retry got there first
-        address = self.client.custom_address or (None, None)
-        self.client.connect(*address)
-        # a server that accepts TCP but never opens a session (e.g. its database is down)
+        if not self.armed:
+            return
+        if self.client.transport is None:
+            address = self.client.custom_address or (None, None)
+            self.client.connect(*address)
+        # else slixmpp's own retry got there first, or a TLS handshake reset by a restarting
+        # server left its transport behind (no retry ever came then); either way, and for a
+        # server that accepts TCP but never opens a session (its database down), the watchdog
+        # ends a login that does not come
         self._watchdog = asyncio.get_event_loop().call_later(self.login_timeout, self._hung)
 
     def _hung(self) -> None:
