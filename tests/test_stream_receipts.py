@@ -140,25 +140,33 @@ async def test_a_receipt_counts_only_from_the_addressee_for_a_capsule_sent_to_it
 
 async def test_acked_but_unconfirmed_is_sent_again_on_a_new_session_then_reported(
         stream_cast: Cast, tmp_path: Path) -> None:
-    """The server acked it and died: only the contact's receipt tells it arrived."""
+    """The server acked it and died: only the contact's receipt tells it arrived. Sent again
+    on the new session, once more halfway through the bound, then reported."""
     alice, bob = stream_cast["alice"], stream_cast["bob"]
     async with Stream.open(alice, tmp_path, stream_cast.directory_of("bob"),
-                           receipt_timeout=1) as a:
+                           receipt_timeout=2) as a:
         _record(a, "capsule_acked", "capsule_delivered", "capsule_undelivered")
         await _enable_sm(a)
         out = await _capsule_from(a, bob.jid, "acked, then lost")
         a.recv(f"<a xmlns='{SM}' h='1'/>")
         await a.settle()
         assert [x.stanza_id for x in a.named("capsule_acked")] == [out["id"]]
+        copies: list[Message] = []
+
+        def grab() -> list[Message]:
+            copies.extend(_capsules(a.sent()))
+            return copies
+
         await _enable_sm(a)  # a new session: the server restarted
-        [again] = _capsules(a.sent())
-        assert again["id"] == out["id"] and str(again["capsule"]) == str(out["capsule"])
-        assert a.capsule.outbox.resent == 1
+        assert grab(), "not sent again on the new session"
         await _until(lambda: a.named("capsule_undelivered"))
+        assert len(grab()) == 2 and a.capsule.outbox.resent == 2  # new session, halfway
+        assert all(c["id"] == out["id"] and str(c["capsule"]) == str(out["capsule"])
+                   for c in copies)  # the very capsule: a duplicate for the receiver
         [failure] = a.named("capsule_undelivered")
         assert failure.stanza_id == out["id"] and failure.reason == "undelivered"
         assert "no receipt" in failure.message
-        assert len(a.named("capsule_acked")) == 1  # the resend's ack is not news
+        assert len(a.named("capsule_acked")) == 1  # the resends' acks are not news
         await _enable_sm(a)  # reported: never sent again
         assert _capsules(a.sent()) == []
         a.recv(f"<message from='{bob.jid}/x' to='{a.xmpp.boundjid}'>"

@@ -8,8 +8,9 @@ fails (the server restarted) the session is new and slixmpp forgets them, so the
 again every capsule not yet confirmed, once stream management is on again: also those the
 server had acked, since a server killed after its ack may have lost them. While no connection
 is up, capsules wait here rather than in slixmpp's queues (which would write them into the next
-connection before its login). A capsule not acknowledged within ``timeout`` seconds, not
-confirmed within ``receipt_timeout`` more, one the outbox has no room for, and one the server
+connection before its login); one acked but not confirmed is sent once more halfway through
+``receipt_timeout``. A capsule not acknowledged within ``timeout`` seconds, not confirmed
+within ``receipt_timeout`` more, one the outbox has no room for, and one the server
 returns with an error, are reported as ``capsule_undelivered`` and never sent again. A resent
 capsule is the identical stanza: the receiver drops the copy as a duplicate and confirms it.
 """
@@ -151,8 +152,8 @@ class Outbox:
         entry.timer.cancel()
         if receipts.confirmed(entry.stanza):  # now the contact's receipt
             entry.acked = True
-            entry.timer = asyncio.get_event_loop().call_later(self.receipt_timeout,
-                                                              self._expire, sid)
+            entry.timer = asyncio.get_event_loop().call_later(self.receipt_timeout / 2,
+                                                              self._nudge, sid)
         else:
             del self.pending[sid]
             self._remember(self._acked, sid, peer)
@@ -217,6 +218,16 @@ class Outbox:
             self._give_up(sid, why)
         elif sid in self._acked:
             self.report(Undelivered(why), msg, self._acked.pop(sid))
+
+    def _nudge(self, sid: str) -> None:
+        """Halfway through the receipt bound, send once more: the copy, or its receipt, may
+        have been lost past a server that stayed up (the contact's stream died, federation)."""
+        entry = self.pending[sid]
+        entry.timer = asyncio.get_event_loop().call_later(self.receipt_timeout / 2,
+                                                          self._expire, sid)
+        if self.xmpp.transport is not None and self.xmpp.plugin["xep_0198"].enabled_out:
+            self.resent += 1
+            self.xmpp.send(entry.stanza)
 
     def _expire(self, sid: str) -> None:
         entry = self.pending[sid]
