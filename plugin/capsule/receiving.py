@@ -125,7 +125,11 @@ class Receiver:
             self.xmpp.event("message", msg)
             if msg["type"] == "groupchat":
                 self.xmpp.event("groupchat_message", msg)
-        # the second phase, then the receipt: only what is on disk and with the app
+        # handled now (the server's XEP-0198 count may cover it: the app has it); its mark
+        # and then its receipt follow, so the receipt says "on disk and with the app"
+        self._spawn(self._confirm(msg, stanza, origin))
+
+    async def _confirm(self, msg: Message, stanza: Message, origin: Origin) -> None:
         if await self.durable.handed(msg) and origin == "live" and receipts.wanted(stanza):
             receipts.answer(self.xmpp, stanza)
 
