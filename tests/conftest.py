@@ -11,6 +11,9 @@ from capsule.profile import Profile
 from capsule.testing.identities import enroll
 from capsule_ca import Authority
 
+# opt-in plugins: the server-free stream fixture and the stack fixtures (xmpp_stack, capsule_bot, …)
+pytest_plugins = ["capsule.testing.pytest_plugin", "capsule_stack.fixtures"]
+
 PIN = "246810"
 
 

@@ -20,7 +20,7 @@ from capsule import capsule_info, core, discovery, envelope
 from capsule import stanza as st
 from capsule.errors import NoCertificate, RevokedCertificate, UntrustedCertificate
 from capsule.testing.identities import enroll
-from capsule.testing.stack import wait_stored
+from capsule_stack.stack import wait_stored
 from capsule_ca import Authority
 
 SECRETS: list[str] = []

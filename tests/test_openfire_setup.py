@@ -35,7 +35,7 @@ from capsule_openfire.verify import (
     tls_chain,
 )
 
-from capsule.testing.stack import wait_stored
+from capsule_stack.stack import wait_stored
 from capsule_ca import Authority
 
 from .openfire_fake import FakeOpenfireConsole

@@ -33,7 +33,7 @@ from capsule.audit import Auditor, CertificateBundle, Report, StoredRow
 from capsule.audit_sources import Dsn, sql_rows
 from capsule.connection import LoginError, enable_registration, login
 from capsule.plugin import attach
-from capsule.sql import literal
+from capsule_stack.sql import literal
 from capsule.testing.identities import enroll
 from capsule_ca import Authority
 from capsule_openfire import ready

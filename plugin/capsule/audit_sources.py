@@ -82,6 +82,11 @@ SQL_SOURCES: dict[str, list[Table]] = {
 MissingTable = Callable[[str, str], None]  # (table label, the server's words)
 
 
+# where `capsule audit` finds its database when no option says (`scripts/stack status --exports`)
+AUDIT_DSN_ENV = "CAPSULE_AUDIT_DSN"  # mysql://user@host:port/db, never a password
+AUDIT_DB_PASSWORD_FILE_ENV = "CAPSULE_AUDIT_DB_PASSWORD_FILE"
+
+
 @dataclass(frozen=True)
 class Dsn:
     user: str

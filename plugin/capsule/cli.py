@@ -23,6 +23,8 @@ from capsule import enrollment
 from capsule.audit import FAILING, VERDICTS, Auditor, CertificateBundle, Report
 from capsule.audit_report import ReportError, as_html, as_json, as_table
 from capsule.audit_sources import (
+    AUDIT_DB_PASSWORD_FILE_ENV,
+    AUDIT_DSN_ENV,
     SQL_SOURCES,
     CertificateFetcher,
     Dsn,
@@ -36,7 +38,6 @@ from capsule.enrollment import EnrollmentError
 from capsule.errors import CapsuleError, ProfileError, UntrustedCertificate
 from capsule.panel import PanelError, check_ejabberd_queue, check_openfire_archive
 from capsule.profile import PIN_ENV, KdfParams, Profile, brute_force_cost, check_pin
-from capsule.sql import AUDIT_DB_PASSWORD_FILE_ENV, AUDIT_DSN_ENV
 from capsule.trust import TrustStore
 from capsule_ca.cli import add_server_options, read_secret, run
 

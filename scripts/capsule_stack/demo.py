@@ -28,8 +28,8 @@ from capsule.panel import PanelError, check_ejabberd_queue
 from capsule.plugin import attach
 from capsule.profile import KdfParams
 from capsule.testing.identities import enroll
-from capsule.testing.processes import StackError
-from capsule.testing.stack import Stack
+from capsule_stack.processes import StackError
+from capsule_stack.stack import Stack
 
 PIN = secrets.token_hex(4) + "00"  # a fresh demo PIN (digits and letters, 10 characters)
 

@@ -1,5 +1,7 @@
 """pytest fixtures for bot-to-bot tests over a real server, in the manner of aioxmpp's provisioners.
 
+Opt-in: ``pytest_plugins = ["capsule_stack.fixtures"]`` in a conftest.py.
+
 The stack starts once per test session per server (ejabberd, Prosody; restrict with
 ``CAPSULE_SERVERS=ejabberd``), every test gets fresh accounts and logged-in clients, and
 everything is torn down even when tests fail. A missing server is a failure, never a skip.
@@ -25,8 +27,7 @@ from slixmpp import ClientXMPP
 from capsule.connection import login
 from capsule.plugin import attach
 from capsule.testing.identities import enroll
-from capsule.testing.stack import SERVERS, Stack
-from capsule.testing.stream import Cast
+from capsule_stack.stack import SERVERS, Stack
 
 _REQUIRED = {
     "ejabberd": ["ejabberdctl", "mariadbd", "mariadb-install-db"],
@@ -69,12 +70,6 @@ def xmpp_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
         yield stack
     finally:
         stack.stop()
-
-
-@pytest.fixture(scope="session")
-def stream_cast(tmp_path_factory: pytest.TempPathFactory) -> Cast:
-    """Identities from one throwaway CA for server-free stream tests (capsule.testing.stream)."""
-    return Cast(tmp_path_factory.mktemp("stream-cast"))
 
 
 @pytest.fixture

@@ -36,8 +36,9 @@ from capsule.connection import (
     run_sync,
 )
 from capsule.files import write_private
-from capsule.sql import AUDIT_DB_PASSWORD_FILE_ENV, AUDIT_DSN_ENV, create_database_sql
-from capsule.testing.processes import (
+from capsule.audit_sources import AUDIT_DB_PASSWORD_FILE_ENV, AUDIT_DSN_ENV
+from capsule_stack.sql import create_database_sql
+from capsule_stack.processes import (
     StackError,
     free_port,
     log_tail,
@@ -59,7 +60,7 @@ DB_PASSWORD_FILE = "db-password"  # the server's database password, for `capsule
 
 
 def _render(template: str, target: Path, **values: Any) -> None:
-    text = resources.files("capsule.testing").joinpath("templates", template).read_text()
+    text = resources.files("capsule_stack").joinpath("templates", template).read_text()
     target.write_text(string.Template(text).substitute(values))
 
 

@@ -27,7 +27,7 @@ from capsule import core, envelope
 from capsule import stanza as st
 from capsule.audit import Auditor, CertificateBundle, Report
 from capsule.audit_sources import SQL_SOURCES, Dsn, sql_rows
-from capsule.sql import literal
+from capsule_stack.sql import literal
 from tests.test_audit import OPENFIRE_ARCHIVE
 from tests.test_core import body
 

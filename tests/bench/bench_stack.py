@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from capsule.testing.stack import SERVERS, Stack
+from capsule_stack.stack import SERVERS, Stack
 from capsule_ca import Authority
 
 RUNS = int(os.environ.get("CAPSULE_BENCH_RUNS", "5"))
