@@ -34,8 +34,8 @@ from capsule.audit_report import as_html
 from capsule.audit_sources import Dsn, SourceError, mam_rows, sql_rows
 from capsule.cli import main as capsule_main
 from capsule.panel import render
-from capsule_stack.sql import literal
 from capsule.testing.identities import enroll
+from capsule_stack.sql import literal
 from capsule_stack.stack import wait_stored
 
 from .test_core import body

@@ -20,8 +20,8 @@ from capsule import capsule_info, core, discovery, envelope
 from capsule import stanza as st
 from capsule.errors import NoCertificate, RevokedCertificate, UntrustedCertificate
 from capsule.testing.identities import enroll
-from capsule_stack.stack import wait_stored
 from capsule_ca import Authority
+from capsule_stack.stack import wait_stored
 
 SECRETS: list[str] = []
 BOT_PIN = "482916"

@@ -33,12 +33,12 @@ from capsule.audit import Auditor, CertificateBundle, Report, StoredRow
 from capsule.audit_sources import Dsn, sql_rows
 from capsule.connection import LoginError, enable_registration, login
 from capsule.plugin import attach
-from capsule_stack.sql import literal
 from capsule.testing.identities import enroll
 from capsule_ca import Authority
 from capsule_openfire import ready
 from capsule_openfire.config import Config
 from capsule_openfire.service_admin import AdminCommandError, ServiceAdmin, forget
+from capsule_stack.sql import literal
 
 
 @dataclass

@@ -27,6 +27,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar
 
+from capsule.audit_sources import AUDIT_DB_PASSWORD_FILE_ENV, AUDIT_DSN_ENV
 from capsule.connection import (
     HOST_ENV,
     PORT_ENV,
@@ -36,8 +37,7 @@ from capsule.connection import (
     run_sync,
 )
 from capsule.files import write_private
-from capsule.audit_sources import AUDIT_DB_PASSWORD_FILE_ENV, AUDIT_DSN_ENV
-from capsule_stack.sql import create_database_sql
+from capsule_ca import Authority, CAError
 from capsule_stack.processes import (
     StackError,
     free_port,
@@ -47,7 +47,7 @@ from capsule_stack.processes import (
     terminate,
     wait_for,
 )
-from capsule_ca import Authority, CAError
+from capsule_stack.sql import create_database_sql
 
 SERVERS = ("ejabberd", "prosody")
 DEFAULT_DOMAIN = "capsule.test"

@@ -12,12 +12,12 @@ import sys
 import time
 from pathlib import Path
 
+from capsule.cli.base import read_secret
 from capsule.connection import LoginError
 from capsule.files import write_private
+from capsule_ca import CAError
 from capsule_stack.processes import StackError
 from capsule_stack.stack import DEFAULT_DOMAIN, SERVERS, Stack
-from capsule_ca import CAError
-from capsule_ca.cli import read_secret
 
 DIR_ENV = "CAPSULE_STACK_DIR"
 PASSWORD_ENV = "CAPSULE_XMPP_PASSWORD"
