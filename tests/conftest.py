@@ -11,10 +11,13 @@ from capsule.profile import Profile
 from capsule.testing.identities import enroll
 from capsule_ca import Authority
 
-# opt-in plugins: the server-free stream fixture and the stack fixtures (xmpp_stack, capsule_bot, …)
+# opt-in plugins: the server-free stream fixture and the stack fixtures (xmpp_stack, capsule_bot, …);
+# tests/helpers.py imports the latter, so both are marked for assertion rewriting before that
 pytest_plugins = ["capsule.testing.pytest_plugin", "capsule_stack.fixtures"]
+pytest.register_assert_rewrite("tests.helpers", *pytest_plugins)
 
-PIN = "246810"
+from .helpers import PIN  # noqa: E402
+
 
 
 @pytest.fixture(scope="session")

@@ -38,8 +38,7 @@ from capsule.testing.identities import enroll
 from capsule_stack.sql import literal
 from capsule_stack.stack import wait_stored
 
-from .test_core import body
-from .test_e2e import _tamper
+from .helpers import body, tamper
 
 
 def B64(data: bytes) -> str:
@@ -456,7 +455,7 @@ async def test_tampered_row_and_relayed_capsule_are_flagged(xmpp_stack, capsule_
     await alice.capsule.send(bob.jid, "genuine")
     await asyncio.wait_for(got.get(), 15)
     (row,) = await wait_stored(xmpp_stack, "archive", bob.account.user, containing="urn:capsule:0")
-    old, new = _tamper("payload", row)
+    old, new = tamper("payload", row)
     xmpp_stack.replace_stored("archive", bob.account.user, old, new)
     # mallory re-sends a capsule alice made: the server stores it as from mallory
     msg = alice.client.make_message(mto=bob.jid, mbody="relay me", mtype="chat")
@@ -738,7 +737,7 @@ async def test_report_page_in_chromium(xmpp_stack, capsule_bot, new_account, con
     await wait_stored(xmpp_stack, "archive", bob.account.user, at_least=3)
     row = (await wait_stored(xmpp_stack, "archive", bob.account.user, at_least=2,
                              containing="urn:capsule:0"))[0]
-    xmpp_stack.replace_stored("archive", bob.account.user, *_tamper("payload", row))
+    xmpp_stack.replace_stored("archive", bob.account.user, *tamper("payload", row))
     msg = alice.client.make_message(mto=bob.jid, mbody="archived by openfire", mtype="chat")
     msg["from"] = alice.client.boundjid
     stanza = str(await alice.capsule.encrypt_message(msg))

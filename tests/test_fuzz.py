@@ -15,7 +15,7 @@ from capsule.audit import Auditor, CertificateBundle, StoredRow
 from capsule.errors import CapsuleError
 from capsule.profile import FAST_KDF, Profile
 
-from .test_stanza import WIRE
+from .helpers import WIRE
 
 SETTINGS = settings(max_examples=300, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -29,6 +29,7 @@ from capsule.plugin import attach
 from capsule.testing.identities import enroll
 from capsule_stack.stack import SERVERS, Stack
 
+BOT_PIN = "482916"  # every capsule_bot's profile PIN
 _REQUIRED = {
     "ejabberd": ["ejabberdctl", "mariadbd", "mariadb-install-db"],
     "prosody": ["prosody", "prosodyctl", "mariadbd", "mariadb-install-db"],
@@ -152,7 +153,7 @@ async def capsule_bot(xmpp_stack: Stack, new_account: Callable[[str], Account], 
     async def make(name: str, account: Account | None = None, profile: Path | None = None,
                    client: ClientXMPP | None = None, **config: Any) -> Bot:
         account = account or new_account(name)
-        pin = "482916"
+        pin = BOT_PIN
         if profile is None:
             profile = tmp_path / f"{account.user}.capsule"
             enroll(xmpp_stack.authority(), profile, account.jid, pin)
