@@ -19,7 +19,6 @@ pytest.register_assert_rewrite("tests.helpers", *pytest_plugins)
 from .helpers import PIN  # noqa: E402
 
 
-
 @pytest.fixture(scope="session")
 def authority(tmp_path_factory: pytest.TempPathFactory) -> Authority:
     return Authority.init(tmp_path_factory.mktemp("unit-ca") / "ca", "Unit CA", b"unit passphrase")

@@ -35,8 +35,8 @@ from capsule.audit_sources import Dsn, SourceError, mam_rows, sql_rows
 from capsule.cli import main as capsule_main
 from capsule.panel import render
 from capsule.testing.identities import enroll
+from capsule_stack.rows import wait_stored
 from capsule_stack.sql import literal
-from capsule_stack.stack import wait_stored
 
 from .helpers import body, tamper
 

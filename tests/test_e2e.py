@@ -22,7 +22,7 @@ from capsule.testing.identities import enroll
 from capsule.testing.inbox import Inbox
 from capsule.testing.leaks import Plaintexts, assert_not_logged
 from capsule_ca import Authority
-from capsule_stack.stack import wait_stored
+from capsule_stack.rows import wait_stored
 
 from .helpers import BOT_PIN, tamper
 

@@ -20,7 +20,7 @@ from capsule.errors import RevokedCertificate
 from capsule.profile import FAST_KDF, Profile
 from capsule.testing.inbox import Inbox
 from capsule_ca.service import EnrollmentService
-from capsule_stack.stack import wait_stored
+from capsule_stack.rows import wait_stored
 
 from .helpers import BOT_PIN
 

@@ -36,7 +36,7 @@ from capsule_openfire.verify import (
     starttls_required,
     tls_chain,
 )
-from capsule_stack.stack import wait_stored
+from capsule_stack.rows import wait_stored
 
 from .openfire_fake import FakeOpenfireConsole
 

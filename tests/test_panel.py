@@ -10,7 +10,7 @@ import pytest
 
 from capsule.cli import main as capsule_main
 from capsule.panel import PanelError, check_ejabberd_queue, check_openfire_archive
-from capsule_stack.stack import wait_stored
+from capsule_stack.rows import wait_stored
 
 from .openfire_fake import FakeOpenfireConsole
 

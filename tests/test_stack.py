@@ -17,7 +17,8 @@ from capsule.errors import ProfileError
 from capsule.plugin import attach
 from capsule.testing.identities import enroll
 from capsule_stack.processes import pid_alive, wait_for
-from capsule_stack.stack import Stack, wait_stored
+from capsule_stack.rows import wait_stored
+from capsule_stack.stack import Stack
 
 
 async def test_login_verifies_server_certificate_against_our_ca(xmpp_stack, new_account, connect):

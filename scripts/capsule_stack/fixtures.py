@@ -27,7 +27,8 @@ from slixmpp import ClientXMPP
 from capsule.connection import login
 from capsule.plugin import attach
 from capsule.testing.identities import enroll
-from capsule_stack.stack import SERVERS, Stack
+from capsule_stack.stack import Stack
+from capsule_stack.state import SERVERS
 
 BOT_PIN = "482916"  # every capsule_bot's profile PIN
 _REQUIRED = {
