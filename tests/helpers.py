@@ -18,9 +18,22 @@ from capsule import core
 from capsule import stanza as st
 from capsule_stack.fixtures import BOT_PIN
 
-__all__ = ["BOT_PIN", "CAPSULE", "PIN", "RECEIVER", "WIRE", "Receiver", "body", "tamper"]
+__all__ = ["BOT_PIN", "CAPSULE", "OPENFIRE_ARCHIVE", "OPENFIRE_OFFLINE", "PIN", "RECEIVER", "WIRE",
+           "Receiver", "body", "tamper"]
 
 PIN = "246810"  # unit-test profiles (tests/conftest.py)
+# Openfire's two stored-message tables, from its documented columns (a stand-in for its schema)
+OPENFIRE_ARCHIVE = """
+CREATE TABLE ofMessageArchive (messageID BIGINT NULL, conversationID BIGINT NOT NULL,
+  fromJID VARCHAR(1024) NOT NULL, fromJIDResource VARCHAR(1024) NULL,
+  toJID VARCHAR(1024) NOT NULL, toJIDResource VARCHAR(1024) NULL, sentDate BIGINT NOT NULL,
+  stanza TEXT NULL, body TEXT NULL, isPMforJID VARCHAR(1024) NULL);
+"""
+OPENFIRE_OFFLINE = """
+CREATE TABLE ofOffline (username VARCHAR(64) NOT NULL, messageID BIGINT NOT NULL,
+  creationDate CHAR(15) NOT NULL, messageSize INTEGER NOT NULL, stanza TEXT NOT NULL,
+  PRIMARY KEY (username, messageID));
+"""
 
 
 def body(text: str) -> list[ET.Element]:

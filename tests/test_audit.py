@@ -38,7 +38,7 @@ from capsule.testing.identities import enroll
 from capsule_stack.rows import wait_stored
 from capsule_stack.sql import literal
 
-from .helpers import body, tamper
+from .helpers import OPENFIRE_ARCHIVE, OPENFIRE_OFFLINE, body, tamper
 
 
 def B64(data: bytes) -> str:
@@ -486,17 +486,6 @@ async def test_mam_source_sees_what_the_user_archive_holds(xmpp_stack, capsule_b
     assert (enc.messages, enc.counts["capsule"], enc.verdict) == (3, 3, "ENCRYPTED")
 
 
-OPENFIRE_ARCHIVE = """
-CREATE TABLE ofMessageArchive (messageID BIGINT NULL, conversationID BIGINT NOT NULL,
-  fromJID VARCHAR(1024) NOT NULL, fromJIDResource VARCHAR(1024) NULL,
-  toJID VARCHAR(1024) NOT NULL, toJIDResource VARCHAR(1024) NULL, sentDate BIGINT NOT NULL,
-  stanza TEXT NULL, body TEXT NULL, isPMforJID VARCHAR(1024) NULL);
-"""
-OPENFIRE_OFFLINE = """
-CREATE TABLE ofOffline (username VARCHAR(64) NOT NULL, messageID BIGINT NOT NULL,
-  creationDate CHAR(15) NOT NULL, messageSize INTEGER NOT NULL, stanza TEXT NOT NULL,
-  PRIMARY KEY (username, messageID));
-"""
 OPENFIRE_SCHEMA = OPENFIRE_ARCHIVE + OPENFIRE_OFFLINE
 # an archive row kept only as columns, whose body holds markup: it must read as the plaintext
 # it is, not be spliced into XML (where it became a "malformed capsule")

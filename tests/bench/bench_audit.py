@@ -28,8 +28,7 @@ from capsule import stanza as st
 from capsule.audit import Auditor, CertificateBundle, Report
 from capsule.audit_sources import SQL_SOURCES, Dsn, sql_rows
 from capsule_stack.sql import literal
-from tests.test_audit import OPENFIRE_ARCHIVE
-from tests.test_core import body
+from tests.helpers import OPENFIRE_ARCHIVE, body
 
 REPEATS = int(os.environ.get("CAPSULE_BENCH_REPEATS", "3"))
 MINUTE_MS = 60_000
