@@ -8,6 +8,7 @@ importing ``capsule`` in a fresh interpreter, as an app does.
 from __future__ import annotations
 
 import ast
+import importlib.metadata
 import json
 import subprocess
 import sys
@@ -114,3 +115,48 @@ def test_import_capsule_loads_no_tooling_ca_or_openfire_module() -> None:
     foreign = [m for m in loaded if layer(m) not in (None, "capsule")
                or m.split(".")[0] in ("pytest", "_pytest", "pymysql")]
     assert not foreign, f"import capsule loads {foreign}"
+
+
+def test_installing_capsule_registers_no_pytest_plugin() -> None:
+    """No pytest11 entry point: a project that installs Capsule gets no fixtures it did not ask
+    for (``connect``, ``new_account`` would shadow its own)."""
+    plugins = [ep.value for ep in importlib.metadata.entry_points(group="pytest11")
+               if ep.value.split(".")[0] in SOURCES]
+    assert plugins == []
+
+
+BOT_TEST = '''
+from capsule.testing.stream import Stream
+
+
+async def test_bob_reads_alice(stream_cast, tmp_path):
+    alice, bob = stream_cast["alice"], stream_cast["bob"]
+    directory = stream_cast.directory_of("alice", "bob")
+    async with Stream.open(alice, tmp_path, directory) as a, Stream.open(bob, tmp_path, directory) as b:
+        a.xmpp.send_message(mto=bob.jid, mbody="hi", mtype="chat")
+        await a.settle()
+        [out] = a.sent()
+        out["from"] = a.xmpp.boundjid
+        b.recv(out)
+        await b.settle()
+        assert [m["body"] for m in b.delivered()] == ["hi"]
+'''
+
+
+def _pytest_in(project: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "-o", "asyncio_mode=auto", str(project)], capture_output=True,
+                          text=True, cwd=project, check=False)
+
+
+def test_a_bot_project_gets_the_stream_fixture_when_its_conftest_asks(tmp_path: Path) -> None:
+    """README "Testing your own bots", as a bot author does it: a project of its own."""
+    asks, plain = tmp_path / "asks", tmp_path / "plain"
+    for project in (asks, plain):
+        project.mkdir()
+        (project / "test_bot.py").write_text(BOT_TEST)
+    (asks / "conftest.py").write_text('pytest_plugins = ["capsule.testing.pytest_plugin"]\n')
+    done = _pytest_in(asks)
+    assert done.returncode == 0 and "1 passed" in done.stdout, done.stdout[-2000:]
+    done = _pytest_in(plain)
+    assert done.returncode != 0 and "fixture 'stream_cast' not found" in done.stdout
