@@ -19,21 +19,12 @@ from hypothesis import strategies as hst
 
 from capsule import core, envelope
 from capsule import stanza as st
-from capsule.audit import (
-    BARS,
-    VERDICTS,
-    Auditor,
-    CertificateBundle,
-    Report,
-    StanzaReader,
-    StoredRow,
-    Timeline,
-    capsule_span,
-)
-from capsule.audit_report import as_html
-from capsule.audit_sources import Dsn, SourceError, mam_rows, sql_rows
+from capsule.audit.findings import BARS, VERDICTS, Report, StoredRow, Timeline
+from capsule.audit.panel import render
+from capsule.audit.report import as_html
+from capsule.audit.sources import Dsn, SourceError, mam_rows, sql_rows
+from capsule.audit.verdicts import Auditor, CertificateBundle, StanzaReader, capsule_span
 from capsule.cli import main as capsule_main
-from capsule.panel import render
 from capsule.testing.identities import enroll
 from capsule_stack.rows import wait_stored
 from capsule_stack.sql import literal

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from capsule import envelope
 from capsule import stanza as cst
-from capsule.audit import Auditor, CertificateBundle, StoredRow
+from capsule.audit.findings import StoredRow
+from capsule.audit.verdicts import Auditor, CertificateBundle
 from capsule.errors import CapsuleError
 from capsule.profile import FAST_KDF, Profile
 

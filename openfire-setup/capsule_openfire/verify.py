@@ -29,8 +29,9 @@ from urllib.parse import quote
 
 from slixmpp import ClientXMPP
 
-from capsule.audit import Auditor, CertificateBundle, Report, StoredRow
-from capsule.audit_sources import Dsn, sql_rows
+from capsule.audit.findings import Report, StoredRow
+from capsule.audit.sources import Dsn, sql_rows
+from capsule.audit.verdicts import Auditor, CertificateBundle
 from capsule.connection import LoginError, enable_registration, login
 from capsule.plugin import attach
 from capsule.testing.identities import enroll

@@ -22,9 +22,9 @@ from typing import Any, cast
 from slixmpp import JID, ClientXMPP, Message
 
 from capsule import capsule_info
+from capsule.audit.panel import PanelError, check_ejabberd_queue
 from capsule.connection import LoginError, login
 from capsule.errors import CapsuleError
-from capsule.panel import PanelError, check_ejabberd_queue
 from capsule.plugin import attach
 from capsule.profile import KdfParams
 from capsule.testing.identities import enroll

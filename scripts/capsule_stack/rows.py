@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import ClassVar
 
-from capsule.audit_sources import SourceError, store_table
+from capsule.audit.sources import SourceError, store_table
 from capsule_stack.processes import (
     StackError,
 )
@@ -16,7 +16,7 @@ from capsule_stack.state import StackState
 
 class StoredRows:
     """Accounts and stored messages, read in the server's own tables (the tables are described
-    once, in :data:`capsule.audit_sources.SQL_SOURCES`, which ``capsule audit`` reads too)."""
+    once, in :data:`capsule.audit.sources.SQL_SOURCES`, which ``capsule audit`` reads too)."""
 
     dir: Path
 

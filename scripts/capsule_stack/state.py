@@ -7,7 +7,7 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from capsule.audit_sources import AUDIT_DB_PASSWORD_FILE_ENV, AUDIT_DSN_ENV
+from capsule.audit.sources import AUDIT_DB_PASSWORD_FILE_ENV, AUDIT_DSN_ENV
 from capsule.connection import (
     HOST_ENV,
     PORT_ENV,

@@ -25,8 +25,9 @@ import pytest
 
 from capsule import core, envelope
 from capsule import stanza as st
-from capsule.audit import Auditor, CertificateBundle, Report
-from capsule.audit_sources import SQL_SOURCES, Dsn, sql_rows
+from capsule.audit.findings import Report
+from capsule.audit.sources import SQL_SOURCES, Dsn, sql_rows
+from capsule.audit.verdicts import Auditor, CertificateBundle
 from capsule_stack.sql import literal
 from tests.helpers import OPENFIRE_ARCHIVE, body
 

@@ -27,7 +27,7 @@ from pymysql.constants import ER
 from pymysql.cursors import SSCursor
 from slixmpp import JID, ClientXMPP
 
-from capsule.audit import StoredRow
+from capsule.audit.findings import StoredRow
 from capsule.connection import login
 from capsule.discovery import PepSource
 from capsule.enrollment import CaDirectorySource, FirstFound

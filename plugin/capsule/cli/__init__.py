@@ -10,13 +10,13 @@ from __future__ import annotations
 import argparse
 import logging
 
-from capsule.audit_report import ReportError
-from capsule.audit_sources import SourceError
+from capsule.audit.panel import PanelError
+from capsule.audit.report import ReportError
+from capsule.audit.sources import SourceError
 from capsule.cli import audit, enroll, profile
 from capsule.cli.base import run
 from capsule.connection import LoginError
 from capsule.errors import CapsuleError
-from capsule.panel import PanelError
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,9 +10,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
-from capsule.audit import FAILING, VERDICTS, Auditor, CertificateBundle, Report
-from capsule.audit_report import ReportError, as_html, as_json, as_table
-from capsule.audit_sources import (
+from capsule.audit.findings import FAILING, VERDICTS, Report
+from capsule.audit.panel import PanelError, check_ejabberd_queue, check_openfire_archive
+from capsule.audit.report import ReportError, as_html, as_json, as_table
+from capsule.audit.sources import (
     AUDIT_DB_PASSWORD_FILE_ENV,
     AUDIT_DSN_ENV,
     SQL_SOURCES,
@@ -22,10 +23,10 @@ from capsule.audit_sources import (
     mam_rows,
     sql_rows,
 )
+from capsule.audit.verdicts import Auditor, CertificateBundle
 from capsule.cli.base import read_secret
 from capsule.connection import HOST_ENV, PORT_ENV
 from capsule.errors import ProfileError
-from capsule.panel import PanelError, check_ejabberd_queue, check_openfire_archive
 
 DB_PASSWORD_ENV = "CAPSULE_AUDIT_DB_PASSWORD"
 
