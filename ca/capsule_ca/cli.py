@@ -11,8 +11,9 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from capsule.cli.base import add_server_options, read_secret, run
+from capsule.cli.base import add_server_options, run
 from capsule.connection import LoginError
+from capsule.pins import read_secret
 from capsule_ca.authority import CRL_DAYS, SERVE_LOCK, Authority
 from capsule_ca.errors import CAError
 from capsule_ca.profiles import Usage

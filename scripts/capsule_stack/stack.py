@@ -208,7 +208,7 @@ class Stack(StoredRows):
                                              state.c2s_port, state.ca_root))
                 return time.monotonic() - start
             except LoginError as exc:
-                if "authentication" in str(exc) or time.monotonic() - start > timeout:
+                if exc.reason == "authentication" or time.monotonic() - start > timeout:
                     raise
                 time.sleep(0.2)
 

@@ -12,9 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-from capsule.cli.base import read_secret
 from capsule.connection import LoginError
 from capsule.files import write_private
+from capsule.pins import read_secret
 from capsule_ca import CAError
 from capsule_stack.processes import StackError
 from capsule_stack.stack import Stack

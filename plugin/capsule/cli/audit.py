@@ -24,9 +24,9 @@ from capsule.audit.sources import (
     sql_rows,
 )
 from capsule.audit.verdicts import Auditor, CertificateBundle
-from capsule.cli.base import read_secret
 from capsule.connection import HOST_ENV, PORT_ENV
 from capsule.errors import ProfileError
+from capsule.pins import read_secret
 
 DB_PASSWORD_ENV = "CAPSULE_AUDIT_DB_PASSWORD"
 

@@ -1,43 +1,19 @@
-"""What every command group shares: secrets from a file, the environment or a prompt; the server
-options; the profile and PIN options; running a command with its errors as one line.
+"""What every command group shares: the server options; the profile and PIN options (PINs read
+by :mod:`capsule.pins`); running a command with its errors as one line.
 
-``capsule-ca`` and the stack's command line use these too (they sit above ``capsule``)."""
+``capsule-ca`` uses these too (it sits above ``capsule``)."""
 
 from __future__ import annotations
 
 import argparse
-import getpass
 import os
 import sys
 import time
-from collections.abc import Callable
-from pathlib import Path
 
 from capsule.connection import HOST_ENV, PORT_ENV, TLS_CA_ENV
 from capsule.errors import ProfileError
-from capsule.profile import PIN_ENV, KdfParams, Profile, brute_force_cost, check_pin
-
-
-def read_secret(file: str | None, env: str, what: str, confirm: bool = False,
-                check: Callable[[str], object] | None = None, *,
-                error: type[Exception]) -> str:
-    """A secret from a file, else ``$env``, else a prompt (twice when ``confirm``); a failure
-    raises ``error``."""
-    if file:
-        try:
-            return Path(file).read_text().rstrip("\r\n")
-        except OSError as exc:
-            raise error(f"cannot read {file}: {exc.strerror}") from None
-    if os.environ.get(env):
-        return os.environ[env]
-    if not sys.stdin.isatty():
-        raise error(f"no {what}: use its file option, ${env} or a terminal")
-    first = getpass.getpass(f"{what}: ")
-    if check:
-        check(first)
-    if confirm and getpass.getpass(f"{what} again: ") != first:
-        raise error(f"the two entries of the {what} differ")
-    return first
+from capsule.pins import PIN_ENV, brute_force_cost, check_pin, read_secret
+from capsule.profile import KdfParams, Profile
 
 
 def add_server_options(parser: argparse.ArgumentParser, tls_default: str) -> None:

@@ -21,7 +21,8 @@ from capsule.cli.base import (
 from capsule.connection import enable_registration, login
 from capsule.enrollment import EnrollmentError
 from capsule.errors import ProfileError
-from capsule.profile import PIN_ENV, Profile
+from capsule.pins import PIN_ENV
+from capsule.profile import Profile
 
 
 def _connect_and(args: argparse.Namespace, profile: Profile, rotate: bool) -> None:

@@ -11,7 +11,8 @@ from capsule import enrollment
 from capsule.cli.base import NEW_PIN_ENV, add_profile_options, add_short_pin, new_pin, open_profile
 from capsule.core import cert_fingerprint
 from capsule.errors import ProfileError, UntrustedCertificate
-from capsule.profile import PIN_ENV, Profile
+from capsule.pins import PIN_ENV
+from capsule.profile import Profile
 from capsule.trust import TrustStore
 
 
