@@ -40,7 +40,7 @@ from capsule.replay import (
 )
 from capsule.trust import CertificateSource, CertPair
 
-from .conftest import PIN
+from .helpers import PIN
 
 NOW = core.parse_timestamp("2026-11-26T12:00:00Z")
 A, B = "alice@capsule.test", "bob@capsule.test"
