@@ -418,9 +418,9 @@ class XEP_Capsule(BasePlugin):
         if not bare:
             raise ValueError("no recipients")
         contacts = [await self.contact(jid) for jid in bare if jid != me]
-        keys = [core.Recipient(c.jid, c.encrypt.fingerprint, c.encrypt.public_key)
+        keys = [core.Recipient(c.jid, c.encrypt.fingerprint, c.encrypt.rsa_key)
                 for c in contacts]
-        keys.append(core.Recipient(me, self.own_encrypt.fingerprint, self.own_encrypt.public_key))
+        keys.append(core.Recipient(me, self.own_encrypt.fingerprint, self.own_encrypt.rsa_key))
         content = elements.content(msg.xml)
         addressees = [*bare, room] if room else bare
         sealed_env = envelope.encode(content, me, addressees, core.utc_timestamp())

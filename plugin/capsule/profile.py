@@ -29,15 +29,15 @@ from typing import Any
 from cryptography import x509
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa, x25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.oid import NameOID
 
 from capsule import algorithms as alg
-from capsule import journal
-from capsule.core import cert_fingerprint
+from capsule import journal, sessions, signatures
+from capsule.core import cert_fingerprint, parse_timestamp
 from capsule.errors import (
     CapsuleError,
     CorruptProfile,
@@ -144,9 +144,16 @@ def read_key_file(path: str | os.PathLike[str]) -> bytes:
     return secret
 
 
-def _pem_key(key: rsa.RSAPrivateKey) -> str:
+def _pem_key(key: signatures.SigningKey) -> str:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption()).decode()
+
+
+def _load_signing_key(pem: str) -> signatures.SigningKey:
+    key = serialization.load_pem_private_key(pem.encode(), None)
+    if not isinstance(key, rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey):
+        raise CorruptProfile("profile holds a signing key that is neither RSA nor Ed25519")
+    return key
 
 
 def _load_key(pem: str) -> rsa.RSAPrivateKey:
@@ -154,6 +161,55 @@ def _load_key(pem: str) -> rsa.RSAPrivateKey:
     if not isinstance(key, rsa.RSAPrivateKey):
         raise CorruptProfile("profile holds a non-RSA key")
     return key
+
+
+def _new_signing_key(kind: str, key_bits: int) -> signatures.SigningKey:
+    if kind == "ed25519":
+        return ed25519.Ed25519PrivateKey.generate()
+    if kind == "rsa":
+        return rsa.generate_private_key(65537, key_bits)
+    raise ProfileError(f"a signing key is one of {alg.SIGNING_KEY_TYPES}, not {kind!r}")
+
+
+def _spki(key: object) -> bytes:
+    """The DER SubjectPublicKeyInfo of a public key: compares keys of any type."""
+    return key.public_bytes(serialization.Encoding.DER,  # type: ignore[attr-defined, no-any-return]
+                            serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+@dataclass
+class SessionKey:
+    """One of our v1 session keys: the private X25519 key and its signed, published record."""
+
+    private: x25519.X25519PrivateKey
+    record: sessions.SessionRecord
+
+    def to_json(self) -> dict[str, str]:
+        raw = self.private.private_bytes(serialization.Encoding.Raw,
+                                         serialization.PrivateFormat.Raw,
+                                         serialization.NoEncryption())
+        r = self.record
+        return {"key": _b64(raw), "pub": _b64(r.pub), "cert": r.cert, "created": r.created,
+                "expires": r.expires, "signature": _b64(r.signature)}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, str]) -> SessionKey:
+        private = x25519.X25519PrivateKey.from_private_bytes(
+            base64.b64decode(raw["key"], validate=True))
+        record = sessions.SessionRecord(base64.b64decode(raw["pub"], validate=True), raw["cert"],
+                                        raw["created"], raw["expires"],
+                                        base64.b64decode(raw["signature"], validate=True))
+        if sessions.public_bytes(private) != record.pub:
+            raise ValueError("a session key does not match its record")
+        return cls(private, record)
+
+    @property
+    def expires(self) -> int:
+        return parse_timestamp(self.record.expires)
 
 
 @dataclass
@@ -168,7 +224,7 @@ class Contact:
 @dataclass
 class ProfileData:
     jid: str
-    signing_key: rsa.RSAPrivateKey
+    signing_key: signatures.SigningKey
     encryption_key: rsa.RSAPrivateKey
     email: str | None = None
     signing_cert: str | None = None
@@ -181,6 +237,8 @@ class ProfileData:
     contacts: dict[str, Contact] = field(default_factory=dict)
     replay: ReplayState = field(default_factory=ReplayState)
     secret: str = "unknown"  # strong | short | unknown (format 1): for `profile show`
+    sessions: list[SessionKey] = field(default_factory=list)  # v1 session keys held
+    destroyed: dict[str, int] = field(default_factory=dict)  # sid (base64) -> its expiry
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -193,6 +251,7 @@ class ProfileData:
             "retired_sign": self.retired_sign,
             "contacts": {j: vars(c) for j, c in self.contacts.items()},
             "replay": self.replay.to_json(int(time.time())), "secret": self.secret,
+            "sessions": [key.to_json() for key in self.sessions], "destroyed": self.destroyed,
         }
 
     @classmethod
@@ -200,7 +259,7 @@ class ProfileData:
         try:
             return cls(
                 jid=raw["jid"], email=raw.get("email"),
-                signing_key=_load_key(raw["signing_key"]),
+                signing_key=_load_signing_key(raw["signing_key"]),
                 encryption_key=_load_key(raw["encryption_key"]),
                 signing_cert=raw.get("signing_cert"), encryption_cert=raw.get("encryption_cert"),
                 ca_root=raw.get("ca_root"), crl=raw.get("crl"), ca_service=raw.get("ca_service"),
@@ -211,6 +270,8 @@ class ProfileData:
                         if isinstance(raw.get("replay", []), list)
                         else ReplayState.from_json(raw["replay"])),
                 secret=raw.get("secret", "unknown"),
+                sessions=[SessionKey.from_json(k) for k in raw.get("sessions", [])],
+                destroyed={str(k): int(v) for k, v in raw.get("destroyed", {}).items()},
             )
         except (KeyError, TypeError, ValueError, CapsuleError) as exc:
             raise CorruptProfile(f"profile content is damaged ({exc.__class__.__name__})") from None
@@ -262,11 +323,11 @@ class Profile:
     @classmethod
     def create(cls, path: str | os.PathLike[str], jid: str, pin: str, email: str | None = None,
                key_bits: int = alg.DEFAULT_RSA_BITS, kdf: KdfParams | None = None,
-               short_pin: bool = False, key_file: str | os.PathLike[str] | None = None
-               ) -> Profile:
+               short_pin: bool = False, key_file: str | os.PathLike[str] | None = None,
+               signing: str = alg.SIGNING_KEY_TYPES[0]) -> Profile:
         """Generate signing and encryption key pairs locally and write a new profile.
 
-        A PIN shorter than 10 digits / 12 characters needs ``short_pin``. ``key_file``: bind
+        ``signing``: 'ed25519' (the default) or 'rsa' (of ``key_bits``). A PIN shorter than 10 digits / 12 characters needs ``short_pin``. ``key_file``: bind
         the profile key to that file too (created with 32 random bytes if missing).
         """
         target = Path(path)
@@ -284,7 +345,7 @@ class Profile:
         salt = os.urandom(16)
         data = ProfileData(
             jid=jid, email=email,
-            signing_key=rsa.generate_private_key(65537, key_bits),
+            signing_key=_new_signing_key(signing, key_bits),
             encryption_key=rsa.generate_private_key(65537, key_bits),
             secret=secret,
         )
@@ -462,7 +523,7 @@ class Profile:
             x509.CertificateSigningRequestBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, self.data.jid)]))
             .add_extension(x509.SubjectAlternativeName(names), critical=False)
-            .sign(key, hashes.SHA256())
+            .sign(key, None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256())
             .public_bytes(serialization.Encoding.PEM)
         )
 
@@ -478,11 +539,11 @@ class Profile:
             return "ca"
         if self.data.jid not in cert_jids(cert):
             raise ProfileError(f"the certificate is not for {self.data.jid}")
-        numbers = cert.public_key().public_numbers()  # type: ignore[union-attr]
-        if numbers == self.data.signing_key.public_key().public_numbers():
+        public = _spki(cert.public_key())
+        if public == _spki(self.data.signing_key.public_key()):
             self.data.signing_cert = text
             return "sign"
-        if numbers == self.data.encryption_key.public_key().public_numbers():
+        if public == _spki(self.data.encryption_key.public_key()):
             self.data.encryption_cert = text
             return "encrypt"
         raise ProfileError("the certificate matches neither of this profile's keys")
@@ -495,7 +556,8 @@ class Profile:
         if self.data.signing_cert:
             self.data.retired_sign.append(self.data.signing_cert)
         self.data.encryption_key = rsa.generate_private_key(65537, key_bits)
-        self.data.signing_key = rsa.generate_private_key(65537, key_bits)
+        self.data.signing_key = _new_signing_key(signatures.kind(self.data.signing_key),
+                                                 key_bits)
         self.data.encryption_cert = self.data.signing_cert = None
 
     def decryption_keys(self) -> dict[str, rsa.RSAPrivateKey]:
@@ -506,6 +568,45 @@ class Profile:
                     for pem, key in pairs if pem}
             self._decryption_keys = (pairs, keys)
         return self._decryption_keys[1]
+
+    # -- v1 session keys ----------------------------------------------------------
+    def new_session(self, now: int, lifetime: int = alg.SESSION_LIFETIME_S) -> SessionKey:
+        """Generate a session key, sign its record with our signing key; kept, not saved."""
+        if not self.data.signing_cert:
+            raise ProfileError("a session key needs our signing certificate (enroll first)")
+        fp = cert_fingerprint(x509.load_pem_x509_certificate(self.data.signing_cert.encode()))
+        private = x25519.X25519PrivateKey.generate()
+        key = SessionKey(private, sessions.make_record(self.data.jid, fp, self.data.signing_key,
+                                                       private, now, lifetime))
+        self.data.sessions.append(key)
+        return key
+
+    def session_keys(self) -> dict[bytes, x25519.X25519PrivateKey]:
+        """sid -> private key of every session key we still hold."""
+        return {key.record.sid: key.private for key in self.data.sessions}
+
+    def destroyed_sessions(self) -> set[bytes]:
+        return {base64.b64decode(sid) for sid in self.data.destroyed}
+
+    def current_sessions(self, now: int) -> list[sessions.SessionRecord]:
+        """Our unexpired records, newest first, at most alg.SESSIONS_PUBLISHED: what we publish."""
+        live = [key.record for key in self.data.sessions if key.expires > now]
+        live.sort(key=lambda r: (parse_timestamp(r.created), r.pub), reverse=True)
+        return live[:alg.SESSIONS_PUBLISHED]
+
+    def destroy_sessions(self, now: int, retention: int = alg.SESSION_RETENTION_S) -> int:
+        """Forward secrecy: remove every session key whose record expired ``retention``
+        seconds ago or more and rewrite the file (StorageError if it cannot be: then the
+        key is still on disk). Returns how many were destroyed."""
+        if not 0 <= retention <= alg.SESSION_MAX_RETENTION_S:
+            raise ProfileError(f"session retention must be 0..{alg.SESSION_MAX_RETENTION_S} s")
+        gone = [key for key in self.data.sessions if key.expires + retention <= now]
+        if not gone:
+            return 0
+        self.data.sessions = [key for key in self.data.sessions if key.expires + retention > now]
+        self.data.destroyed.update({_b64(key.record.sid): key.expires for key in gone})
+        self.save()
+        return len(gone)
 
     def ready(self) -> bool:
         return bool(self.data.signing_cert and self.data.encryption_cert and self.data.ca_root)
