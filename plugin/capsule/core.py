@@ -2,8 +2,9 @@
 
 Sealing: a fresh 32-byte AES-256-GCM key and 12-byte IV per message; the key wrapped with
 RSA-OAEP(SHA-256) for every recipient's encryption key (the sender's own included); the
-payload encrypted with the header bytes as associated data; a signature over the signed bytes
-(RSA-PSS(SHA-256) or Ed25519, after the signing key: capsule.signatures). Opening verifies the signature *before* any private-key operation.
+payload encrypted with the header bytes as associated data; a signature over the signed
+bytes (RSA-PSS(SHA-256) or Ed25519, after the signing key: capsule.signatures). Opening
+verifies the signature *before* any private-key operation.
 
 Signed bytes (see README, "Protocol"): every field as a 4-byte big-endian length followed by
 its bytes, in this order: version tag, sender, sender cert fingerprint, nid, ts, number of keys

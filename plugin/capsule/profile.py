@@ -171,7 +171,7 @@ def _new_signing_key(kind: str, key_bits: int) -> signatures.SigningKey:
     raise ProfileError(f"a signing key is one of {alg.SIGNING_KEY_TYPES}, not {kind!r}")
 
 
-def _spki(key: object) -> bytes:
+def spki(key: object) -> bytes:
     """The DER SubjectPublicKeyInfo of a public key: compares keys of any type."""
     return key.public_bytes(serialization.Encoding.DER,  # type: ignore[attr-defined, no-any-return]
                             serialization.PublicFormat.SubjectPublicKeyInfo)
@@ -327,7 +327,8 @@ class Profile:
                signing: str = alg.SIGNING_KEY_TYPES[0]) -> Profile:
         """Generate signing and encryption key pairs locally and write a new profile.
 
-        ``signing``: 'ed25519' (the default) or 'rsa' (of ``key_bits``). A PIN shorter than 10 digits / 12 characters needs ``short_pin``. ``key_file``: bind
+        ``signing``: 'ed25519' (the default) or 'rsa' (of ``key_bits``). A PIN shorter than
+        10 digits / 12 characters needs ``short_pin``. ``key_file``: bind
         the profile key to that file too (created with 32 random bytes if missing).
         """
         target = Path(path)
@@ -539,11 +540,11 @@ class Profile:
             return "ca"
         if self.data.jid not in cert_jids(cert):
             raise ProfileError(f"the certificate is not for {self.data.jid}")
-        public = _spki(cert.public_key())
-        if public == _spki(self.data.signing_key.public_key()):
+        public = spki(cert.public_key())
+        if public == spki(self.data.signing_key.public_key()):
             self.data.signing_cert = text
             return "sign"
-        if public == _spki(self.data.encryption_key.public_key()):
+        if public == spki(self.data.encryption_key.public_key()):
             self.data.encryption_cert = text
             return "encrypt"
         raise ProfileError("the certificate matches neither of this profile's keys")
