@@ -6,6 +6,9 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import os
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +24,8 @@ from capsule.errors import DecryptionFailed, NotAddressedToUs, ProfileError, Ses
 from capsule.profile import FAST_KDF, MAGIC, Profile
 from capsule.trust import CertBundle, TrustStore
 from capsule_ca import Authority
+from capsule_ca.errors import CAError
+from capsule_ca.profiles import Usage
 
 from .conftest import PIN
 
@@ -152,3 +157,27 @@ def test_retention_is_bounded(identity: Callable[[str], Profile]) -> None:
         bob.destroy_sessions(NOW, retention=alg.SESSION_MAX_RETENTION_S + 1)
     with pytest.raises(ProfileError):
         bob.destroy_sessions(NOW, retention=-1)
+
+
+@pytest.mark.parametrize("sign", [None, "rsa"])
+def test_profile_init_command_picks_the_signing_key(tmp_path: Path, sign: str | None) -> None:
+    """`capsule profile init [--sign rsa]` as a user types it: Ed25519 unless asked for RSA,
+    and the signing CSR carries that key."""
+    profile = tmp_path / "gil.capsule"
+    args = [str(Path(sys.executable).parent / "capsule"), "profile", "init", "--profile",
+            str(profile), "--jid", "gil@capsule.test", *(["--sign", sign] if sign else [])]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "CAPSULE_PIN": "7319024685"})
+    assert proc.returncode == 0, proc.stderr
+    csr = x509.load_pem_x509_csr(profile.with_name("gil.capsule.sign.csr").read_bytes())
+    expected = rsa.RSAPublicKey if sign == "rsa" else ed25519.Ed25519PublicKey
+    assert isinstance(csr.public_key(), expected) and csr.is_signature_valid
+
+
+def test_ca_refuses_ed25519_for_anything_but_signing(authority: Authority, tmp_path: Path) -> None:
+    p = Profile.create(tmp_path / "h.capsule", "hal@capsule.test", PIN, kdf=FAST_KDF,
+                       short_pin=True)
+    csr = p.csr("sign")  # an Ed25519 key asking to be an encryption certificate
+    with pytest.raises(CAError, match="RSA key"):
+        authority.issue(csr, "hal@capsule.test", Usage.ENCRYPT)
+    assert authority.valid_for("hal@capsule.test") == []

@@ -19,6 +19,7 @@ from urllib.parse import urlparse
 from cryptography import x509
 from slixmpp import ClientXMPP
 
+from capsule import algorithms as alg
 from capsule import enrollment
 from capsule.audit import FAILING, VERDICTS, Auditor, CertificateBundle, Report
 from capsule.audit_report import ReportError, as_html, as_json, as_table
@@ -71,9 +72,9 @@ def _new_pin(args: argparse.Namespace, file: str | None, env: str) -> str:
 
 def cmd_init(args: argparse.Namespace) -> None:
     pin = _new_pin(args, args.pin_file, PIN_ENV)
-    print("generating two RSA key pairs…", flush=True)
+    print(f"generating an {args.sign.upper()} signing key and an RSA encryption key…", flush=True)
     profile = Profile.create(args.profile, args.jid, pin, email=args.email, key_bits=args.key_bits,
-                             short_pin=args.short_pin, key_file=args.key_file)
+                             short_pin=args.short_pin, key_file=args.key_file, signing=args.sign)
     base = Path(args.profile)
     for usage in ("sign", "encrypt"):
         csr = base.with_name(f"{base.name}.{usage}.csr")
@@ -355,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jid", required=True, help="your bare JID")
     p.add_argument("--email", help="an e-mail address to put in the certificates")
     p.add_argument("--key-bits", type=int, default=2048, choices=(2048, 3072, 4096))
+    p.add_argument("--sign", default=alg.SIGNING_KEY_TYPES[0], choices=alg.SIGNING_KEY_TYPES,
+                   help="signing key type (ed25519: v1's fast signatures; rsa: of --key-bits, "
+                   "for peers older than wire format v1)")
     short_pin(p)
     p.set_defaults(func=cmd_init)
     p = command("import-cert", "store issued certificates and the CA root")
