@@ -150,9 +150,9 @@ def seal_with(envelope: bytes, *, sender: str, sender_cert: str,
         entries.setdefault((r.jid, entry.sid), entry)
     header = Header(sender=sender, cert=sender_cert, nid=nid, ts=ts, epk=epk,
                     keys=tuple(sorted(entries.values(), key=_sort_key)), iv=iv)
-    payload = AESGCM(message_key).encrypt(iv, envelope, header_bytes(header))
-    unsigned = Capsule(header, payload, b"")
-    return Capsule(header, payload, signatures.sign(signing_key, signed_bytes(unsigned)))
+    associated = header_bytes(header)
+    payload = AESGCM(message_key).encrypt(iv, envelope, associated)
+    return Capsule(header, payload, signatures.sign(signing_key, associated + lp(payload)))
 
 
 def verify(capsule: Capsule, signer: signatures.VerifyingKey) -> None:
