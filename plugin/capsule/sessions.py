@@ -102,8 +102,16 @@ def choose(records: Iterable[SessionRecord], jid: str, cert: str,
             refused.append(exc)
             continue
         valid.append(record)
-    best = max(valid, key=lambda r: (parse_timestamp(r.created), r.pub), default=None)
+    best = max(valid, key=lambda r: (created(r), r.pub), default=None)
     return best, refused
+
+
+def created(record: SessionRecord) -> int:
+    return parse_timestamp(record.created)
+
+
+def expires(record: SessionRecord) -> int:
+    return parse_timestamp(record.expires)
 
 
 def _stamp(seconds: int) -> str:

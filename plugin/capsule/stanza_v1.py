@@ -22,6 +22,7 @@ from capsule import algorithms as alg
 from capsule import v1
 from capsule.errors import MalformedCapsule
 from capsule.sessions import SessionRecord
+from capsule.stanza import FALLBACK_BODY
 
 NS = "{" + alg.V1_NAMESPACE + "}"
 SNS = "{" + alg.SESSIONS_NODE + "}"
@@ -83,6 +84,15 @@ def build(capsule: v1.Capsule) -> ET.Element:
     ET.SubElement(root, NS + "payload").text = b64(capsule.payload)
     ET.SubElement(root, NS + "signature").text = b64(capsule.signature)
     return root
+
+
+def put(msg: Message, capsule: v1.Capsule) -> None:
+    """Put a v1 capsule into ``msg`` beside the fallback body, EME and store hint (as v0)."""
+    msg.xml.append(build(capsule))
+    msg["body"] = FALLBACK_BODY
+    msg["eme"]["namespace"] = alg.V1_NAMESPACE
+    msg["eme"]["name"] = "Capsule"
+    msg.enable("store")
 
 
 def _only(node: ET.Element, attributes: set[str], children: list[str], what: str) -> None:

@@ -1,0 +1,107 @@
+"""The session keys at hand (wire format v1): ours, rotated, published and destroyed on time,
+and our contacts', looked up on PEP, verified against their signing certificate and cached.
+
+Whether a capsule can be v1 is decided here: every recipient and we ourselves need a valid
+session record (README, "Version choice").
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from slixmpp import BaseXMPP
+
+from capsule import algorithms as alg
+from capsule import discovery, sessions, stanza_v1
+from capsule.errors import CapsuleError
+from capsule.profile import Profile
+from capsule.sessions import SessionRecord
+from capsule.trust import VerifiedCert
+
+log = logging.getLogger(__name__)
+PEERS_REMEMBERED = 1024  # contacts whose chosen session record is cached
+
+
+@dataclass(frozen=True)
+class _Peer:
+    when: float  # time.monotonic() of the look-up
+    cert: str  # the signing certificate the record was checked against
+    record: SessionRecord | None
+
+
+class Keyring:
+    """Our session keys in ``store`` and the cached records of our contacts."""
+
+    def __init__(self, xmpp: BaseXMPP, store: Profile, *, rotate: int, retention: int,
+                 skew: int, timeout: int, refresh: int, dirty: Callable[[], None]):
+        if not 0 < rotate <= alg.SESSION_LIFETIME_S // 2:
+            raise ValueError(f"session_rotate must be 1..{alg.SESSION_LIFETIME_S // 2} s")
+        if not 0 <= retention <= alg.SESSION_MAX_RETENTION_S:
+            raise ValueError(f"session_retention must be 0..{alg.SESSION_MAX_RETENTION_S} s")
+        self.xmpp, self.store = xmpp, store
+        self.rotate_after, self.retention, self.skew = rotate, retention, skew
+        self.timeout, self.refresh = timeout, refresh
+        self._dirty = dirty
+        self._peers: OrderedDict[str, _Peer] = OrderedDict()
+
+    # -- ours -------------------------------------------------------------------
+    def rotate(self, now: int, force: bool = False) -> bool:
+        """Destroy keys past retention (saved at once: StorageError if it cannot be), and make
+        a new session key if ``force`` (a login) or the newest is older than ``rotate``."""
+        destroyed = self.store.destroy_sessions(now, self.retention)
+        if destroyed:
+            log.info("destroyed %d session key(s) past retention", destroyed)
+        current = self.store.current_sessions(now)
+        newest = sessions.created(current[0]) if current else None
+        if force or newest is None or now - newest >= self.rotate_after:
+            self.store.new_session(now)
+            self._dirty()
+            return True
+        return False
+
+    async def publish(self, now: int) -> None:
+        """Our unexpired records to PEP (raises IqError/IqTimeout)."""
+        records = self.store.current_sessions(now)
+        await discovery.publish_item(self.xmpp, alg.SESSIONS_NODE,
+                                     stanza_v1.build_sessions(records), self.timeout)
+
+    def own(self, now: int) -> SessionRecord | None:
+        """Our newest unexpired record (we seal our own copy to it)."""
+        current = self.store.current_sessions(now)
+        return current[0] if current else None
+
+    # -- our contacts' ------------------------------------------------------------
+    async def peer(self, jid: str, signer: VerifiedCert, now: int) -> SessionRecord | None:
+        """``jid``'s newest valid session record, checked against its verified signing
+        certificate ``signer``; None if it has none or the look-up failed (logged)."""
+        cached = self._peers.get(jid)
+        fresh = cached is not None and time.monotonic() - cached.when < self.refresh
+        if (cached is not None and fresh and cached.cert == signer.fingerprint
+                and (cached.record is None or sessions.expires(cached.record) > now)):
+            return cached.record
+        try:
+            payloads = await discovery.fetch_item(self.xmpp, jid, alg.SESSIONS_NODE,
+                                                  self.timeout, "session keys")
+        except CapsuleError as exc:
+            log.info("no session keys of %s at hand: %s", jid, exc)
+            return None  # not cached: asked again next time
+        records: list[SessionRecord] = []
+        for payload in payloads or []:
+            if payload.tag == stanza_v1.SNS + "sessions":
+                found, dropped = stanza_v1.parse_sessions(payload)
+                records += found
+                if dropped:
+                    log.info("%s publishes %d malformed session record(s)", jid, dropped)
+        best, refused = sessions.choose(records, jid, signer.fingerprint, signer.public_key,
+                                        now, self.skew)
+        for reason in refused:
+            log.info("ignoring a session record: %s", reason)
+        self._peers[jid] = _Peer(time.monotonic(), signer.fingerprint, best)
+        self._peers.move_to_end(jid)
+        while len(self._peers) > PEERS_REMEMBERED:
+            self._peers.popitem(last=False)
+        return best
