@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import cast
 
 from capsule import algorithms as alg
-from capsule import core, elements
+from capsule import core, elements, v1
 from capsule.errors import EnvelopeMismatch, MalformedCapsule, UninterpretableContent
 
 _NS = "{" + alg.SCE_NAMESPACE + "}"
@@ -101,7 +101,8 @@ def _interpret(holder: ET.Element) -> tuple[ET.Element, ...]:
     return tuple(delivered)
 
 
-def check_addressing(env: Envelope, header: core.Header, stanza_from: str, stanza_to: str,
+def check_addressing(env: Envelope, header: core.Header | v1.Header, stanza_from: str,
+                     stanza_to: str,
                      me: str, room: str | None = None) -> None:
     """from = header sender = stanza sender; the envelope's addressees are exactly the keyed
     recipients (the sender aside), plus the room for a group chat; the stanza's addressee and

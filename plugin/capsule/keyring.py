@@ -96,6 +96,12 @@ class Keyring:
                 records += found
                 if dropped:
                     log.info("%s publishes %d malformed session record(s)", jid, dropped)
+        return self.learn(jid, signer, records, now)
+
+    def learn(self, jid: str, signer: VerifiedCert, records: list[SessionRecord], now: int
+              ) -> SessionRecord | None:
+        """Check ``jid``'s published records against its verified signing certificate and
+        remember the newest valid one (or that there is none) for ``refresh`` seconds."""
         best, refused = sessions.choose(records, jid, signer.fingerprint, signer.public_key,
                                         now, self.skew)
         for reason in refused:

@@ -32,7 +32,7 @@ from slixmpp.plugins import BasePlugin, xep_0082
 from slixmpp.xmlstream import StanzaBase
 
 from capsule import algorithms as alg
-from capsule import core, discovery, elements, enrollment, envelope
+from capsule import core, discovery, elements, enrollment, envelope, stanza_v1, v1, wire
 from capsule import stanza as st
 from capsule.connection import Reconnect
 from capsule.errors import (
@@ -42,6 +42,7 @@ from capsule.errors import (
     EnvelopeMismatch,
     MalformedCapsule,
     NoCertificate,
+    NoForwardSecrecy,
     NotAddressedToUs,
     PolicyViolation,
     ProfileError,
@@ -51,6 +52,7 @@ from capsule.errors import (
 )
 from capsule.inbound import HandledCount
 from capsule.journal import GroupCommit
+from capsule.keyring import Keyring
 from capsule.locks import LockTable
 from capsule.outbox import Outbox
 from capsule.profile import PIN_ENV, Contact, Profile, now_iso
@@ -60,6 +62,7 @@ from capsule.trust import Contact as VerifiedContact
 
 log = logging.getLogger(__name__)
 POLICIES = ("require", "prefer", "off")
+FORWARD_SECRECY = ("prefer", "require")  # v1 when every peer has session keys / v1 or nothing
 FETCH_MEMORY = 1024  # claimed senders whose last look-up is remembered (rate limit, negative cache)
 DELAY_SLACK = dt.timedelta(minutes=5)  # a server's <delay> may not predate the signed time by more
 Origin = Literal["live", "carbon", "archive"]
@@ -145,6 +148,10 @@ class XEP_Capsule(BasePlugin):
         "outbox_limit": 2000,  # unacknowledged capsules kept for resending
         "reconnect": True,  # reconnect a lost session, back-off doubling up to reconnect_max
         "reconnect_max": 30,
+        "forward_secrecy": "prefer",  # prefer | require (README, "Version choice")
+        "session_rotate": alg.SESSION_ROTATE_S,  # a new session key after this many seconds
+        "session_retention": alg.SESSION_RETENTION_S,  # destroyed this long after expiry
+        "session_refresh": 3600,  # seconds a contact's session record is reused unfetched
     }
     secure = False  # the stream has TLS (set by session_bind)
 
@@ -152,6 +159,9 @@ class XEP_Capsule(BasePlugin):
     def plugin_init(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"capsule policy must be one of {POLICIES}, not {self.policy!r}")
+        if self.forward_secrecy not in FORWARD_SECRECY:
+            raise ValueError(f"forward_secrecy must be one of {FORWARD_SECRECY}, not "
+                             f"{self.forward_secrecy!r}")
         if not self.profile:
             raise ProfileError("the capsule plugin needs a 'profile' path")
         self.store = Profile.load(self.profile, self._take_pin(), self.key_file)
@@ -190,10 +200,16 @@ class XEP_Capsule(BasePlugin):
         self._storage_error: StorageError | None = None
         self.duplicates = 0  # resends and copies of accepted capsules, dropped quietly
         self._persist()  # take the profile lock, clear litter, start the journal
+        self.keyring = Keyring(self.xmpp, self.store, rotate=int(self.session_rotate),
+                               retention=int(self.session_retention), skew=int(self.skew),
+                               timeout=int(self.fetch_timeout),
+                               refresh=int(self.session_refresh), dirty=self._dirty)
+        self._rotation: asyncio.Task[None] | None = None
         self._crl_mtime = 0.0
         self._crl_task: asyncio.Task[None] | None = None
         self._crl_tried = -float("inf")  # loop time of the last fetch of an expired CRL
         st.register()
+        stanza_v1.register()
         enrollment.register()
         self.handled = HandledCount(self.xmpp)  # its "in" filter must come before ours
         self.xmpp.add_filter("in", self._filter_in)
@@ -220,6 +236,8 @@ class XEP_Capsule(BasePlugin):
             self.xmpp.del_event_handler(event, handler)
         if self._crl_task:
             self._crl_task.cancel()
+        if self._rotation:
+            self._rotation.cancel()
         self.handled.close()
         self.outbox.close()
         if self.reconnector:
@@ -270,6 +288,37 @@ class XEP_Capsule(BasePlugin):
                 log.warning("could not publish Capsule certificates: %s",
                             exc.iq["error"]["text"] or exc.iq["error"]["condition"])
                 self.xmpp.event("capsule_publish_failed", exc)
+                return
+            await self.rotate_sessions(force=True)
+            if self._rotation is None:
+                self._rotation = asyncio.ensure_future(self._rotate_daily())
+
+    async def rotate_sessions(self, force: bool = False) -> None:
+        """Destroy session keys past retention; a new one at login (``force``) or when the
+        newest is old; publish the current ones. Failures are logged and reported with
+        ``capsule_error`` (storage) or ``capsule_publish_failed``; senders then use v0."""
+        await self._commit.idle()  # then no await until saved: no journal write in between
+        now = int(time.time())
+        try:
+            if self.keyring.rotate(now, force):
+                self._persist()  # the new private key on disk before its record is public
+                if self._storage_error is not None:
+                    return  # reported by _persist; the record stays unpublished
+            await self.keyring.publish(now)
+        except CapsuleError as exc:
+            self._fail(exc, None, "")
+            return
+        except (IqError, IqTimeout) as exc:
+            log.warning("could not publish session keys: %s", exc.iq["error"]["condition"])
+            self.xmpp.event("capsule_publish_failed", exc)
+            return
+        self.xmpp.event("capsule_sessions_published", self.store.data.jid)
+
+    async def _rotate_daily(self) -> None:
+        while True:
+            await asyncio.sleep(min(int(self.session_rotate), 3600))
+            if self.xmpp.sessionstarted:
+                await self.rotate_sessions()
 
     async def publish_certificates(self) -> None:
         data = self.store.data
@@ -406,8 +455,10 @@ class XEP_Capsule(BasePlugin):
 
     # -- sending ---------------------------------------------------------------
     async def seal(self, msg: Message, recipients: Iterable[str], room: str | None = None
-                   ) -> core.Capsule:
-        """Seal the protected elements of ``msg`` for ``recipients`` (bare JIDs) and ourselves.
+                   ) -> wire.AnyCapsule:
+        """Seal the protected elements of ``msg`` for ``recipients`` (bare JIDs) and ourselves:
+        v1 when all of them and we have valid session keys, else v0 (NoForwardSecrecy under
+        ``forward_secrecy='require'``).
 
         For a group chat, ``room`` is named among the envelope's addressees (not given a key),
         so a capsule cannot be replayed into another room or conversation.
@@ -418,20 +469,33 @@ class XEP_Capsule(BasePlugin):
         if not bare:
             raise ValueError("no recipients")
         contacts = [await self.contact(jid) for jid in bare if jid != me]
-        keys = [core.Recipient(c.jid, c.encrypt.fingerprint, c.encrypt.rsa_key)
-                for c in contacts]
-        keys.append(core.Recipient(me, self.own_encrypt.fingerprint, self.own_encrypt.rsa_key))
+        now = int(time.time())
+        own = self.keyring.own(now)
+        records = [await self.keyring.peer(c.jid, c.sign, now) for c in contacts] if own else []
         content = elements.content(msg.xml)
         addressees = [*bare, room] if room else bare
         sealed_env = envelope.encode(content, me, addressees, core.utc_timestamp())
+        if own is not None and all(records):
+            return v1.seal(sealed_env, sender=me, sender_cert=self.own_sign.fingerprint,
+                           signing_key=self.store.data.signing_key, recipients=[
+                               v1.Recipient(c.jid, r.pub) for c, r in zip(
+                                   contacts, records, strict=True) if r is not None
+                           ] + [v1.Recipient(me, own.pub)])
+        if self.forward_secrecy == "require":
+            lacking = [c.jid for c, r in zip(contacts, records, strict=False) if r is None]
+            raise NoForwardSecrecy(f"no valid session keys for {', '.join(lacking) or me}: "
+                                   f"forward secrecy is required")
+        keys = [core.Recipient(c.jid, c.encrypt.fingerprint, c.encrypt.rsa_key)
+                for c in contacts]
+        keys.append(core.Recipient(me, self.own_encrypt.fingerprint, self.own_encrypt.rsa_key))
         return core.seal(sealed_env, sender=me, sender_cert=self.own_sign.fingerprint,
                          signing_key=self.store.data.signing_key, recipients=keys)
 
     @staticmethod
-    def _wrap(msg: Message, capsule: core.Capsule) -> Message:
+    def _wrap(msg: Message, capsule: wire.AnyCapsule) -> Message:
         for el in elements.content(msg.xml):
             msg.xml.remove(el)
-        st.from_core(msg, capsule)
+        wire.put(msg, capsule)
         return msg
 
     async def encrypt_message(self, msg: Message, recipients: Iterable[str] | None = None
@@ -556,7 +620,9 @@ class XEP_Capsule(BasePlugin):
         from_room = stanza["type"] == "groupchat" and not stanza["from"].resource
         if st.has_capsule(stanza) and stanza["type"] == "error":
             # a bounce: the app learns which message failed; capsule and fallback withheld
-            stanza.xml.remove(stanza["capsule"].xml)
+            element = wire.find(stanza.xml)
+            if element is not None:
+                stanza.xml.remove(element)
             elements.strip(stanza.xml)
             return stanza
         if st.has_capsule(stanza):
@@ -631,8 +697,15 @@ class XEP_Capsule(BasePlugin):
                     ) -> tuple[Message, asyncio.Future[None]]:
         """:meth:`open`, and a future done when its replay entry is durable."""
         self._check_usable()
-        capsule = st.to_core(stanza["capsule"])
-        core.check_shape(capsule)
+        element = wire.find(stanza.xml)
+        if element is None:
+            raise MalformedCapsule("no capsule")
+        capsule = wire.parse(element)
+        wire.check_shape(capsule)
+        if (self.forward_secrecy == "require" and isinstance(capsule, core.Capsule)
+                and origin == "live"):
+            raise NoForwardSecrecy("a v0 capsule (no forward secrecy) refused: "
+                                   "forward_secrecy is required")
         header = capsule.header
         if len(capsule.payload) > self.max_envelope_bytes + alg.TAG_BYTES:
             raise MalformedCapsule(f"capsule payload exceeds {self.max_envelope_bytes} bytes")
@@ -646,7 +719,12 @@ class XEP_Capsule(BasePlugin):
             raise EnvelopeMismatch(f"capsule signed by {sender} arrived from {real_sender}: "
                                    f"forwarded or spoofed")
         keys = self.store.decryption_keys()
-        if not any(k.jid == me and k.cert in keys for k in header.keys):
+        held = self.store.session_keys()
+        if isinstance(capsule, v1.Capsule):
+            if not any(k.jid == me and k.sid in held for k in capsule.header.keys):
+                v1.unseal(capsule, jid=me, sessions={},  # raises the precise reason
+                          destroyed=self.store.destroyed_sessions())
+        elif not any(k.jid == me and k.cert in keys for k in capsule.header.keys):
             raise NotAddressedToUs(f"the capsule from {sender} holds no key for {me}")
         room = stanza["from"].bare if stanza["type"] == "groupchat" else None
         if sender == me:
@@ -659,8 +737,9 @@ class XEP_Capsule(BasePlugin):
         if signer.fingerprint != header.cert:
             raise UntrustedCertificate(f"capsule names a signing certificate {sender} "
                                        f"does not hold")
-        core.verify(capsule, signer.public_key)
-        plain = core.unseal(capsule, jid=me, certs=keys)
+        wire.verify(capsule, signer.public_key)
+        plain = (v1.unseal(capsule, jid=me, sessions=held) if isinstance(capsule, v1.Capsule)
+                 else core.unseal(capsule, jid=me, certs=keys))
         env = envelope.decode(plain, self.max_envelope_bytes, self.max_envelope_depth)
         # in a room the stanza comes from room/nick and is addressed to us; the envelope names
         # the room, and the nick must belong to the signer
@@ -743,7 +822,7 @@ class XEP_Capsule(BasePlugin):
         self.xmpp.event("capsule_undelivered", self._failure(exc, stanza, peer))
 
     # -- durable state -----------------------------------------------------------
-    def _remember(self, capsule: core.Capsule) -> asyncio.Future[None]:
+    def _remember(self, capsule: wire.AnyCapsule) -> asyncio.Future[None]:
         """Judge a verified capsule; a NEW one's entry goes to the journal (the future)."""
         self._ensure_durable()
         h = capsule.header
