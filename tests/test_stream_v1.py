@@ -1,0 +1,163 @@
+"""Wire format v1 in the plugin, server-free: v1 whenever every recipient has valid session
+keys, v0 otherwise (or refused under forward_secrecy='require'); v0 and v1 peers talk; hostile
+session records are ignored; a capsule whose session key was destroyed never opens again."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from slixmpp import Message
+
+from capsule import algorithms as alg
+from capsule import sessions, v1, wire
+from capsule.plugin import capsule_info
+from capsule.testing.stream import Cast, Stream
+
+V0, V1 = f"{{{alg.NAMESPACE}}}capsule", f"{{{alg.V1_NAMESPACE}}}capsule"
+
+
+def _messages(stream: Stream) -> list[Message]:
+    return [s for s in stream.sent() if isinstance(s, Message)]
+
+
+def _versions(msgs: list[Message]) -> list[str]:
+    return [child.tag for m in msgs for child in m.xml if child.tag in (V0, V1)]
+
+
+async def _introduce(sender: Stream, peer: Stream) -> None:
+    """What the sender would read from the peer's PEP session node."""
+    contact = await sender.capsule.contact(peer.me.jid)
+    now = int(time.time())
+    assert sender.capsule.keyring.learn(peer.me.jid, contact.sign,
+                                        peer.capsule.store.current_sessions(now), now)
+
+
+def _start(stream: Stream) -> None:
+    """A login's session key (publishing is not possible without a server)."""
+    stream.capsule.keyring.rotate(int(time.time()), force=True)
+
+
+async def test_v1_when_the_recipient_has_session_keys_and_both_sides_read_it(
+        stream_cast: Cast, tmp_path: Path) -> None:
+    names = ("alice", "bob")
+    async with Stream.open(stream_cast["alice"], tmp_path / "a", stream_cast.directory_of(*names),
+                           policy="require") as a, \
+            Stream.open(stream_cast["bob"], tmp_path / "b", stream_cast.directory_of(*names),
+                        policy="require") as b:
+        _start(a)
+        _start(b)
+        await _introduce(a, b)
+        a.xmpp.send_message(mto=b.me.jid, mbody="forward secret", mtype="chat")
+        await a.settle()
+        [sent] = _messages(a)
+        assert _versions([sent]) == [V1]
+        assert "forward secret" not in str(sent)
+        a_copy = Message(xml=sent.xml)
+        sent["from"] = a.xmpp.boundjid
+        b.recv(sent)
+        await b.settle()
+        [got] = b.delivered()
+        assert got["body"] == "forward secret" and capsule_info(got) is not None
+        # the sender's own copy (her archive) opens with her own session key
+        a_copy["from"] = a.xmpp.boundjid
+        mine = await a.capsule.open(a_copy, replay_check=False, origin="archive")
+        assert mine["body"] == "forward secret"
+
+
+async def test_v0_to_a_peer_without_session_keys_and_v1_peers_open_v0(
+        stream_cast: Cast, tmp_path: Path) -> None:
+    names = ("alice", "bob")
+    async with Stream.open(stream_cast["alice"], tmp_path / "a", stream_cast.directory_of(*names),
+                           policy="require") as a, \
+            Stream.open(stream_cast["bob"], tmp_path / "b", stream_cast.directory_of(*names),
+                        policy="require") as b:
+        _start(a)  # alice is v1-capable; bob publishes no session keys (an older Capsule)
+        contact = await a.capsule.contact(b.me.jid)
+        assert a.capsule.keyring.learn(b.me.jid, contact.sign, [], int(time.time())) is None
+        a.xmpp.send_message(mto=b.me.jid, mbody="still sealed", mtype="chat")
+        await a.settle()
+        [sent] = _messages(a)
+        assert _versions([sent]) == [V0]
+        sent["from"] = a.xmpp.boundjid
+        b.recv(sent)
+        await b.settle()
+        assert [m["body"] for m in b.delivered()] == ["still sealed"]
+
+
+async def test_forward_secrecy_required_refuses_v0_both_ways(stream_cast: Cast,
+                                                             tmp_path: Path) -> None:
+    names = ("alice", "bob")
+    async with Stream.open(stream_cast["alice"], tmp_path / "a", stream_cast.directory_of(*names),
+                           forward_secrecy="require") as a, \
+            Stream.open(stream_cast["bob"], tmp_path / "b", stream_cast.directory_of(*names),
+                        forward_secrecy="require") as b:
+        _start(a)
+        a.xmpp.send_message(mto=b.me.jid, mbody="needs fs", mtype="chat")  # bob: no record
+        await a.settle()
+        assert _messages(a) == []
+        assert [f.reason for f in a.errors()] == ["no-forward-secrecy"]
+        a.capsule.config["forward_secrecy"] = "prefer"  # alice sends v0 after all...
+        a.xmpp.send_message(mto=b.me.jid, mbody="needs fs", mtype="chat")
+        await a.settle()
+        [sent] = _messages(a)
+        assert _versions([sent]) == [V0]
+        sent["from"] = a.xmpp.boundjid
+        b.recv(sent)  # ...and bob, who requires forward secrecy, refuses it
+        await b.settle()
+        assert b.delivered() == [] and [f.reason for f in b.errors()] == ["no-forward-secrecy"]
+
+
+@pytest.mark.parametrize("attack", ["signed-by-another", "another-jids-record", "expired"])
+async def test_hostile_session_records_give_no_v1(stream_cast: Cast, tmp_path: Path,
+                                                  attack: str) -> None:
+    names = ("alice", "bob", "carol")
+    async with Stream.open(stream_cast["alice"], tmp_path / "a", stream_cast.directory_of(*names),
+                           forward_secrecy="require") as a, \
+            Stream.open(stream_cast["carol"], tmp_path / "c", stream_cast.directory_of(*names)
+                        ) as c:
+        _start(a)
+        _start(c)
+        now = int(time.time())
+        carol_record = c.capsule.store.current_sessions(now)[0]
+        bob_sign = (await a.capsule.contact("bob@capsule.test")).sign
+        if attack == "expired":
+            key = c.capsule.store.data.sessions[0]
+            records = [sessions.make_record("bob@capsule.test", bob_sign.fingerprint,
+                                            stream_cast["bob"].signing_key, key.private,
+                                            now - 3 * 86400)]
+        else:  # carol's own record on bob's node, or one carol signed naming bob's cert
+            records = [carol_record if attack == "another-jids-record" else
+                       sessions.make_record("bob@capsule.test", bob_sign.fingerprint,
+                                            stream_cast["carol"].signing_key,
+                                            c.capsule.store.data.sessions[0].private, now)]
+        assert a.capsule.keyring.learn("bob@capsule.test", bob_sign, records, now) is None
+        a.xmpp.send_message(mto="bob@capsule.test", mbody="for bob only", mtype="chat")
+        await a.settle()
+        assert _messages(a) == [] and [f.reason for f in a.errors()] == ["no-forward-secrecy"]
+
+
+async def test_after_retention_the_archived_capsule_is_session_expired(
+        stream_cast: Cast, tmp_path: Path) -> None:
+    names = ("alice", "bob")
+    async with Stream.open(stream_cast["alice"], tmp_path / "a", stream_cast.directory_of(*names)
+                           ) as a, \
+            Stream.open(stream_cast["bob"], tmp_path / "b", stream_cast.directory_of(*names)
+                        ) as b:
+        _start(a)
+        _start(b)
+        await _introduce(a, b)
+        a.xmpp.send_message(mto=b.me.jid, mbody="gone after retention", mtype="chat")
+        await a.settle()
+        [archived] = _messages(a)
+        archived["from"] = a.xmpp.boundjid
+        later = int(time.time()) + alg.SESSION_LIFETIME_S + alg.SESSION_RETENTION_S
+        b.capsule.keyring.rotate(later)  # destroys the key; the profile file is rewritten
+        element = wire.find(archived.xml)
+        assert element is not None and element.tag == V1
+        assert b.capsule.store.session_keys().keys().isdisjoint(
+            k.sid for k in wire.parse(element).header.keys if isinstance(k, v1.KeyEntry))
+        b.recv(archived)
+        await b.settle()
+        assert b.delivered() == [] and [f.reason for f in b.errors()] == ["session-expired"]
