@@ -4,6 +4,7 @@ trust store, and forward secrecy: destroyed at the end of retention, and then no
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -19,9 +20,11 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from capsule import algorithms as alg
-from capsule import core, envelope, sessions, v1
+from capsule import core, envelope, sessions, stanza_v1, v1
+from capsule.audit import Auditor, CertificateBundle, StoredRow
 from capsule.errors import DecryptionFailed, NotAddressedToUs, ProfileError, SessionExpired
 from capsule.profile import FAST_KDF, MAGIC, Profile
+from capsule.stanza import FALLBACK_BODY
 from capsule.trust import CertBundle, TrustStore
 from capsule_ca import Authority
 from capsule_ca.errors import CAError
@@ -181,3 +184,28 @@ def test_ca_refuses_ed25519_for_anything_but_signing(authority: Authority, tmp_p
     with pytest.raises(CAError, match="RSA key"):
         authority.issue(csr, "hal@capsule.test", Usage.ENCRYPT)
     assert authority.valid_for("hal@capsule.test") == []
+
+
+def test_the_audit_verifies_v1_from_certificates_alone(
+        authority: Authority, identity: Callable[[str], Profile]) -> None:
+    """A v1 capsule as an archive stores it: the audit (root + signing certificates, no key of
+    any kind) calls it a capsule, and a copy with one payload bit changed a bad signature."""
+    alice, bob = identity("alice"), identity("bob")
+    alice.new_session(NOW)
+    bob.new_session(NOW)
+    capsule = seal_to(alice, bob, NOW + 60)
+    bundle = CertificateBundle()
+    assert alice.data.signing_cert
+    bundle.add_pem(alice.data.signing_cert.encode())
+    auditor = Auditor(authority.root_pem, bundle)
+
+    def row(c: v1.Capsule, i: int) -> StoredRow:
+        xml = ET.tostring(stanza_v1.build(c), "unicode")
+        return StoredRow("archive", str(i), bob.data.jid, None,
+                         f'<message from="{alice.data.jid}/phone" to="{bob.data.jid}" '
+                         f'type="chat">{xml}<body>{FALLBACK_BODY}</body></message>')
+
+    flipped = dataclasses.replace(capsule, payload=bytes([capsule.payload[0] ^ 1])
+                                  + capsule.payload[1:])
+    verdicts = [auditor.examine(row(c, i)).verdict for i, c in enumerate([capsule, flipped])]
+    assert verdicts == ["capsule", "bad-signature"]
