@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import random
 import subprocess
@@ -20,9 +21,7 @@ import pytest_asyncio
 from slixmpp import Message
 from slixmpp.xmlstream import ET
 
-from capsule import algorithms as alg
-from capsule import core
-from capsule import stanza as st
+from capsule import signatures, wire
 from capsule.profile import FAST_KDF, Profile
 from capsule.testing.identities import enroll
 
@@ -146,12 +145,12 @@ def _resigned(bot: Any, raw: str) -> str:
     """The same capsule (sender, nid, content) under a fresh signature: what a sender that
     reuses a nid, or a forger holding its key, would produce."""
     msg = Message(xml=ET.fromstring(raw))
-    capsule = st.to_core(msg["capsule"])
-    unsigned = core.Capsule(capsule.header, capsule.payload, b"")
-    signature = bot.capsule.store.data.signing_key.sign(core.signed_bytes(unsigned), alg.pss(),
-                                                        alg.SIGNATURE_HASH)
+    element = wire.find(msg.xml)
+    assert element is not None
+    capsule = wire.parse(element)
+    signature = signatures.sign(bot.capsule.store.data.signing_key, wire.signed_bytes(capsule))
     copy = bot.client.make_message(mto=msg["to"], mtype="chat")
-    st.from_core(copy, core.Capsule(capsule.header, capsule.payload, signature))
+    wire.put(copy, dataclasses.replace(capsule, signature=signature))
     return str(copy)
 
 

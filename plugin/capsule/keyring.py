@@ -24,6 +24,7 @@ from capsule.trust import VerifiedCert
 
 log = logging.getLogger(__name__)
 PEERS_REMEMBERED = 1024  # contacts whose chosen session record is cached
+NONE_REUSE = 60  # seconds "no valid session record" is believed before asking again
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,8 @@ class Keyring:
         """``jid``'s newest valid session record, checked against its verified signing
         certificate ``signer``; None if it has none or the look-up failed (logged)."""
         cached = self._peers.get(jid)
-        fresh = cached is not None and time.monotonic() - cached.when < self.refresh
+        reuse = self.refresh if cached is None or cached.record else min(self.refresh, NONE_REUSE)
+        fresh = cached is not None and time.monotonic() - cached.when < reuse
         if (cached is not None and fresh and cached.cert == signer.fingerprint
                 and (cached.record is None or sessions.expires(cached.record) > now)):
             return cached.record

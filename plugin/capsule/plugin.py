@@ -282,16 +282,16 @@ class XEP_Capsule(BasePlugin):
         if self.carbons:
             await self.xmpp.plugin["xep_0280"].enable()
         if self.publish and self._usable():
+            # session keys first: once capsule_published is raised, contacts can seal v1 to us
+            await self.rotate_sessions(force=True)
+            if self._rotation is None:
+                self._rotation = asyncio.ensure_future(self._rotate_daily())
             try:
                 await self.publish_certificates()
             except (IqError, IqTimeout) as exc:
                 log.warning("could not publish Capsule certificates: %s",
                             exc.iq["error"]["text"] or exc.iq["error"]["condition"])
                 self.xmpp.event("capsule_publish_failed", exc)
-                return
-            await self.rotate_sessions(force=True)
-            if self._rotation is None:
-                self._rotation = asyncio.ensure_future(self._rotate_daily())
 
     async def rotate_sessions(self, force: bool = False) -> None:
         """Destroy session keys past retention; a new one at login (``force``) or when the

@@ -45,6 +45,13 @@ def check_shape(capsule: AnyCapsule) -> None:
         core.check_shape(capsule)
 
 
+def signed_bytes(capsule: AnyCapsule) -> bytes:
+    """What the capsule's signature covers (its version's layout)."""
+    if isinstance(capsule, v1.Capsule):
+        return v1.signed_bytes(capsule)
+    return core.signed_bytes(capsule)
+
+
 def verify(capsule: AnyCapsule, signer: signatures.VerifyingKey) -> None:
     """Shape and signature, from the signer's certificate alone (the audit's whole check)."""
     if isinstance(capsule, v1.Capsule):
