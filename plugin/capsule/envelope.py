@@ -23,6 +23,7 @@ from capsule.errors import EnvelopeMismatch, MalformedCapsule, UninterpretableCo
 _NS = "{" + alg.SCE_NAMESPACE + "}"
 MAX_BYTES = 128 * 1024  # an envelope larger than this is refused before decryption
 MAX_DEPTH = 32  # envelope, content, then XHTML-IM nesting; deeper is refused
+_PARTS = frozenset(_NS + part for part in ("content", "rpad", "time", "to", "from"))
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,9 @@ def decode(data: bytes, max_bytes: int = MAX_BYTES, max_depth: int = MAX_DEPTH) 
     expansion attacks inside a capsule) and content the receiver cannot interpret."""
     if len(data) > max_bytes:
         raise MalformedCapsule(f"envelope of {len(data)} bytes exceeds the limit of {max_bytes}")
-    if b"<!" in data:
-        raise MalformedCapsule("envelope contains a DTD, entity or comment declaration")
+    if b"<!" in data or b"<?" in data:
+        raise MalformedCapsule("envelope contains a DTD, entity, comment, CDATA section or "
+                               "processing instruction")
     parser: ET.XMLPullParser[ET.Element] = ET.XMLPullParser(events=("start", "end"))
     depth = 0
     root: ET.Element | None = None
@@ -73,6 +75,12 @@ def decode(data: bytes, max_bytes: int = MAX_BYTES, max_depth: int = MAX_DEPTH) 
         raise MalformedCapsule("envelope is empty")
     if root.tag != _NS + "envelope":
         raise MalformedCapsule(f"payload is not an SCE envelope but {root.tag}")
+    tags = [child.tag for child in root]
+    for part, low, high in (("content", 1, 1), ("rpad", 0, 1), ("time", 1, 1), ("from", 1, 1)):
+        if not low <= tags.count(_NS + part) <= high:
+            raise MalformedCapsule(f"envelope holds {tags.count(_NS + part)} <{part}/>")
+    if any(tag not in _PARTS for tag in tags):
+        raise MalformedCapsule("envelope holds an element the format does not define")
     content = root.find(_NS + "content")
     sender = root.find(_NS + "from")
     time = root.find(_NS + "time")
