@@ -5,7 +5,10 @@ session records are ignored; a capsule whose session key was destroyed never ope
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from slixmpp import Message
@@ -34,6 +37,26 @@ async def _introduce(sender: Stream, peer: Stream) -> None:
                                         peer.capsule.store.current_sessions(now), now)
 
 
+@asynccontextmanager
+async def _pair(cast: Cast, where: Path, other: str = "bob", **config: Any
+                ) -> AsyncIterator[tuple[Stream, Stream]]:
+    """alice and ``other`` on two streams, each knowing both certificates, same ``config``."""
+    names = ("alice", "bob", other)
+    async with Stream.open(cast["alice"], where / "a", cast.directory_of(*names), **config) as a, \
+            Stream.open(cast[other], where / "b", cast.directory_of(*names), **config) as b:
+        yield a, b
+
+
+def _send(a: Stream, to: str, text: str) -> None:
+    a.xmpp.send_message(mto=to, mbody=text, mtype="chat")
+
+
+def _deliver(a: Stream, msg: Message, b: Stream) -> None:
+    """What the server does with a sent stanza: stamp the sender's full JID, hand it over."""
+    msg["from"] = a.xmpp.boundjid
+    b.recv(msg)
+
+
 def _start(stream: Stream) -> None:
     """A login's session key (publishing is not possible without a server)."""
     stream.capsule.keyring.rotate(int(time.time()), force=True)
@@ -41,22 +64,17 @@ def _start(stream: Stream) -> None:
 
 async def test_v1_when_the_recipient_has_session_keys_and_both_sides_read_it(
         stream_cast: Cast, tmp_path: Path) -> None:
-    names = ("alice", "bob")
-    async with Stream.open(stream_cast["alice"], tmp_path / "a", stream_cast.directory_of(*names),
-                           policy="require") as a, \
-            Stream.open(stream_cast["bob"], tmp_path / "b", stream_cast.directory_of(*names),
-                        policy="require") as b:
+    async with _pair(stream_cast, tmp_path, policy="require") as (a, b):
         _start(a)
         _start(b)
         await _introduce(a, b)
-        a.xmpp.send_message(mto=b.me.jid, mbody="forward secret", mtype="chat")
+        _send(a, b.me.jid, "forward secret")
         await a.settle()
         [sent] = _messages(a)
         assert _versions([sent]) == [V1]
         assert "forward secret" not in str(sent)
         a_copy = Message(xml=sent.xml)
-        sent["from"] = a.xmpp.boundjid
-        b.recv(sent)
+        _deliver(a, sent, b)
         await b.settle()
         [got] = b.delivered()
         assert got["body"] == "forward secret" and capsule_info(got) is not None
@@ -68,43 +86,33 @@ async def test_v1_when_the_recipient_has_session_keys_and_both_sides_read_it(
 
 async def test_v0_to_a_peer_without_session_keys_and_v1_peers_open_v0(
         stream_cast: Cast, tmp_path: Path) -> None:
-    names = ("alice", "bob")
-    async with Stream.open(stream_cast["alice"], tmp_path / "a", stream_cast.directory_of(*names),
-                           policy="require") as a, \
-            Stream.open(stream_cast["bob"], tmp_path / "b", stream_cast.directory_of(*names),
-                        policy="require") as b:
+    async with _pair(stream_cast, tmp_path, policy="require") as (a, b):
         _start(a)  # alice is v1-capable; bob publishes no session keys (an older Capsule)
         contact = await a.capsule.contact(b.me.jid)
         assert a.capsule.keyring.learn(b.me.jid, contact.sign, [], int(time.time())) is None
-        a.xmpp.send_message(mto=b.me.jid, mbody="still sealed", mtype="chat")
+        _send(a, b.me.jid, "still sealed")
         await a.settle()
         [sent] = _messages(a)
         assert _versions([sent]) == [V0]
-        sent["from"] = a.xmpp.boundjid
-        b.recv(sent)
+        _deliver(a, sent, b)
         await b.settle()
         assert [m["body"] for m in b.delivered()] == ["still sealed"]
 
 
 async def test_forward_secrecy_required_refuses_v0_both_ways(stream_cast: Cast,
                                                              tmp_path: Path) -> None:
-    names = ("alice", "bob")
-    async with Stream.open(stream_cast["alice"], tmp_path / "a", stream_cast.directory_of(*names),
-                           forward_secrecy="require") as a, \
-            Stream.open(stream_cast["bob"], tmp_path / "b", stream_cast.directory_of(*names),
-                        forward_secrecy="require") as b:
+    async with _pair(stream_cast, tmp_path, forward_secrecy="require") as (a, b):
         _start(a)
-        a.xmpp.send_message(mto=b.me.jid, mbody="needs fs", mtype="chat")  # bob: no record
+        _send(a, b.me.jid, "needs fs")  # bob: no record
         await a.settle()
         assert _messages(a) == []
         assert [f.reason for f in a.errors()] == ["no-forward-secrecy"]
         a.capsule.config["forward_secrecy"] = "prefer"  # alice sends v0 after all...
-        a.xmpp.send_message(mto=b.me.jid, mbody="needs fs", mtype="chat")
+        _send(a, b.me.jid, "needs fs")
         await a.settle()
         [sent] = _messages(a)
         assert _versions([sent]) == [V0]
-        sent["from"] = a.xmpp.boundjid
-        b.recv(sent)  # ...and bob, who requires forward secrecy, refuses it
+        _deliver(a, sent, b)  # ...and bob, who requires forward secrecy, refuses it
         await b.settle()
         assert b.delivered() == [] and [f.reason for f in b.errors()] == ["no-forward-secrecy"]
 
@@ -112,11 +120,7 @@ async def test_forward_secrecy_required_refuses_v0_both_ways(stream_cast: Cast,
 @pytest.mark.parametrize("attack", ["signed-by-another", "another-jids-record", "expired"])
 async def test_hostile_session_records_give_no_v1(stream_cast: Cast, tmp_path: Path,
                                                   attack: str) -> None:
-    names = ("alice", "bob", "carol")
-    async with Stream.open(stream_cast["alice"], tmp_path / "a", stream_cast.directory_of(*names),
-                           forward_secrecy="require") as a, \
-            Stream.open(stream_cast["carol"], tmp_path / "c", stream_cast.directory_of(*names)
-                        ) as c:
+    async with _pair(stream_cast, tmp_path, "carol", forward_secrecy="require") as (a, c):
         _start(a)
         _start(c)
         now = int(time.time())
@@ -133,22 +137,18 @@ async def test_hostile_session_records_give_no_v1(stream_cast: Cast, tmp_path: P
                                             stream_cast["carol"].signing_key,
                                             c.capsule.store.data.sessions[0].private, now)]
         assert a.capsule.keyring.learn("bob@capsule.test", bob_sign, records, now) is None
-        a.xmpp.send_message(mto="bob@capsule.test", mbody="for bob only", mtype="chat")
+        _send(a, "bob@capsule.test", "for bob only")
         await a.settle()
         assert _messages(a) == [] and [f.reason for f in a.errors()] == ["no-forward-secrecy"]
 
 
 async def test_after_retention_the_archived_capsule_is_session_expired(
         stream_cast: Cast, tmp_path: Path) -> None:
-    names = ("alice", "bob")
-    async with Stream.open(stream_cast["alice"], tmp_path / "a", stream_cast.directory_of(*names)
-                           ) as a, \
-            Stream.open(stream_cast["bob"], tmp_path / "b", stream_cast.directory_of(*names)
-                        ) as b:
+    async with _pair(stream_cast, tmp_path) as (a, b):
         _start(a)
         _start(b)
         await _introduce(a, b)
-        a.xmpp.send_message(mto=b.me.jid, mbody="gone after retention", mtype="chat")
+        _send(a, b.me.jid, "gone after retention")
         await a.settle()
         [archived] = _messages(a)
         archived["from"] = a.xmpp.boundjid
