@@ -209,3 +209,28 @@ def test_the_audit_verifies_v1_from_certificates_alone(
                                   + capsule.payload[1:])
     verdicts = [auditor.examine(row(c, i)).verdict for i, c in enumerate([capsule, flipped])]
     assert verdicts == ["capsule", "bad-signature"]
+
+
+def test_rotation_at_login_daily_and_not_in_a_reconnect_loop(
+        identity: Callable[[str], Profile]) -> None:
+    from typing import Any, cast
+
+    from capsule.keyring import Keyring
+    bob = identity("bob")
+    saved: list[int] = []
+    ring = Keyring(cast(Any, None), bob, rotate=alg.SESSION_ROTATE_S,
+                   retention=alg.SESSION_RETENTION_S, skew=300, timeout=5, refresh=3600,
+                   dirty=lambda: saved.append(1))
+    assert ring.rotate(NOW, force=True)  # the first login
+    assert not ring.rotate(NOW + 60, force=True)  # a reconnect a minute later: no new key
+    assert ring.rotate(NOW + 700, force=True)  # a later login
+    assert not ring.rotate(NOW + 3600)  # the hourly check
+    assert ring.rotate(NOW + 700 + DAY)  # daily
+    assert len(bob.data.sessions) == 3 and len(saved) == 3
+    assert ring.own(NOW + 700 + DAY) == bob.current_sessions(NOW + 700 + DAY)[0]
+    old = set(bob.session_keys())
+    later = NOW + 700 + DAY + 2 * DAY + 14 * DAY
+    ring.rotate(later)  # all three past retention: destroyed (file rewritten), a fresh one made
+    assert len(bob.data.sessions) == 1 and len(bob.data.destroyed) == 3
+    on_disk = Profile.load(bob.path, PIN)
+    assert not old & set(on_disk.session_keys()) and on_disk.destroyed_sessions() == old

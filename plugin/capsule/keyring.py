@@ -52,13 +52,16 @@ class Keyring:
     # -- ours -------------------------------------------------------------------
     def rotate(self, now: int, force: bool = False) -> bool:
         """Destroy keys past retention (saved at once: StorageError if it cannot be), and make
-        a new session key if ``force`` (a login) or the newest is older than ``rotate``."""
+        a new session key if the newest is older than ``rotate``, or at a login (``force``)
+        unless it is younger than alg.SESSION_MIN_ROTATE_S (a reconnecting loop must not pile
+        up keys)."""
         destroyed = self.store.destroy_sessions(now, self.retention)
         if destroyed:
             log.info("destroyed %d session key(s) past retention", destroyed)
         current = self.store.current_sessions(now)
         newest = sessions.created(current[0]) if current else None
-        if force or newest is None or now - newest >= self.rotate_after:
+        age = None if newest is None else now - newest
+        if age is None or age >= self.rotate_after or (force and age >= alg.SESSION_MIN_ROTATE_S):
             self.store.new_session(now)
             self._dirty()
             return True

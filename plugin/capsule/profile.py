@@ -606,6 +606,9 @@ class Profile:
             return 0
         self.data.sessions = [key for key in self.data.sessions if key.expires + retention > now]
         self.data.destroyed.update({_b64(key.record.sid): key.expires for key in gone})
+        for sid in sorted(self.data.destroyed, key=self.data.destroyed.__getitem__)[
+                :max(0, len(self.data.destroyed) - alg.DESTROYED_REMEMBERED)]:
+            del self.data.destroyed[sid]
         self.save()
         return len(gone)
 
