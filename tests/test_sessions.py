@@ -83,12 +83,12 @@ def test_published_record_verifies_through_the_senders_trust_store(
     record = bob.current_sessions(NOW + 60)[0]
     contact = TrustStore(authority.root_pem, authority.crl_path.read_bytes()).verify_contact(
         bob.data.jid, bundle(bob))
-    best, refused = sessions.choose([record], bob.data.jid, contact.sign.fingerprint,
-                                    contact.sign.public_key, NOW + 60, 300)
-    assert best == record and not refused
-    best, _ = sessions.choose([record], "carol@capsule.test", contact.sign.fingerprint,
-                              contact.sign.public_key, NOW + 60, 300)
-    assert best is None  # bob's record on carol's node
+    valid, refused = sessions.select([record], bob.data.jid, contact.sign.fingerprint,
+                                     contact.sign.public_key, NOW + 60, 300)
+    assert valid == [record] and not refused
+    valid, _ = sessions.select([record], "carol@capsule.test", contact.sign.fingerprint,
+                               contact.sign.public_key, NOW + 60, 300)
+    assert valid == []  # bob's record on carol's node
 
 
 def test_session_keys_survive_save_and_load_and_are_published_newest_first(

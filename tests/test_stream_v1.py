@@ -34,7 +34,7 @@ async def _introduce(sender: Stream, peer: Stream) -> None:
     contact = await sender.capsule.contact(peer.me.jid)
     now = int(time.time())
     assert sender.capsule.keyring.learn(peer.me.jid, contact.sign,
-                                        peer.capsule.store.current_sessions(now), now)
+                                        peer.capsule.store.current_sessions(now)[:1], now)
 
 
 @asynccontextmanager
@@ -58,8 +58,11 @@ def _deliver(a: Stream, msg: Message, b: Stream) -> None:
 
 
 def _start(stream: Stream) -> None:
-    """A login's session key (publishing is not possible without a server)."""
-    stream.capsule.keyring.rotate(int(time.time()), force=True)
+    """A login's session key; our node as if read back (publishing needs a server)."""
+    now = int(time.time())
+    stream.capsule.keyring.rotate(now, force=True)
+    stream.capsule.keyring.learn(stream.me.jid, stream.capsule.own_sign,
+                                 stream.capsule.store.current_sessions(now)[:1], now)
 
 
 async def test_v1_when_the_recipient_has_session_keys_and_both_sides_read_it(
@@ -89,7 +92,7 @@ async def test_v0_to_a_peer_without_session_keys_and_v1_peers_open_v0(
     async with _pair(stream_cast, tmp_path, policy="require") as (a, b):
         _start(a)  # alice is v1-capable; bob publishes no session keys (an older Capsule)
         contact = await a.capsule.contact(b.me.jid)
-        assert a.capsule.keyring.learn(b.me.jid, contact.sign, [], int(time.time())) is None
+        assert a.capsule.keyring.learn(b.me.jid, contact.sign, [], int(time.time())) == []
         _send(a, b.me.jid, "still sealed")
         await a.settle()
         [sent] = _messages(a)
@@ -136,7 +139,7 @@ async def test_hostile_session_records_give_no_v1(stream_cast: Cast, tmp_path: P
                        sessions.make_record("bob@capsule.test", bob_sign.fingerprint,
                                             stream_cast["carol"].signing_key,
                                             c.capsule.store.data.sessions[0].private, now)]
-        assert a.capsule.keyring.learn("bob@capsule.test", bob_sign, records, now) is None
+        assert a.capsule.keyring.learn("bob@capsule.test", bob_sign, records, now) == []
         _send(a, "bob@capsule.test", "for bob only")
         await a.settle()
         assert _messages(a) == [] and [f.reason for f in a.errors()] == ["no-forward-secrecy"]

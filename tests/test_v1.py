@@ -253,13 +253,30 @@ def test_hostile_session_records_are_refused(signer: signatures.SigningKey, atta
         sessions.check(r, jid, cert, key, now, SKEW)
 
 
-def test_choose_takes_the_newest_valid_record(signer: signatures.SigningKey) -> None:
-    old, new = record(signer, created=NOW - 3600), record(signer, created=NOW)
+def test_select_keeps_every_valid_record_newest_first(signer: signatures.SigningKey) -> None:
+    """One record per device: all valid ones are wrapped to; forged, repeated and surplus
+    records are not."""
+    phone, tablet = record(signer, created=NOW - 3600), record(signer, created=NOW)
     forged = record(ed25519.Ed25519PrivateKey.generate(), created=NOW + 60)
-    best, refused = sessions.choose([old, forged, new], B, "ab" * 32, signer.public_key(),
-                                    NOW + 120, SKEW)
-    assert best == new and len(refused) == 1
-    assert sessions.choose([forged], B, "ab" * 32, signer.public_key(), NOW, SKEW)[0] is None
+    valid, refused = sessions.select([phone, forged, tablet, phone], B, "ab" * 32,
+                                     signer.public_key(), NOW + 120, SKEW)
+    assert valid == [tablet, phone] and len(refused) == 1
+    assert sessions.select([forged], B, "ab" * 32, signer.public_key(), NOW, SKEW)[0] == []
+    many = [record(signer, created=NOW - i) for i in range(12)]
+    assert len(sessions.select(many, B, "ab" * 32, signer.public_key(), NOW, SKEW)[0]) == 8
+
+
+def test_a_capsule_to_two_devices_opens_on_each(signer: signatures.SigningKey,
+                                                session: dict[str, x25519.X25519PrivateKey]
+                                                ) -> None:
+    tablet = x25519.X25519PrivateKey.generate()
+    recipients = [v1.Recipient(B, sessions.public_bytes(session[B])),
+                  v1.Recipient(B, sessions.public_bytes(tablet)),
+                  v1.Recipient(A, sessions.public_bytes(session[A]))]
+    capsule = v1.seal(env(to=(B,)), sender=A, sender_cert="ab" * 32, signing_key=signer,
+                      recipients=recipients)
+    for key in (session[B], tablet):
+        assert open_as(capsule, signer, B, key).content[0].text == "hi"
 
 
 def test_make_record_refuses_a_lifetime_beyond_the_maximum(signer: signatures.SigningKey) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import xml.etree.ElementTree as ET
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,8 +31,8 @@ NONE_REUSE = 60  # seconds "no valid session record" is believed before asking a
 @dataclass(frozen=True)
 class _Peer:
     when: float  # time.monotonic() of the look-up
-    cert: str  # the signing certificate the record was checked against
-    record: SessionRecord | None
+    cert: str  # the signing certificate the records were checked against
+    records: tuple[SessionRecord, ...]  # valid ones, newest first (one per device)
 
 
 class Keyring:
@@ -67,52 +68,67 @@ class Keyring:
             return True
         return False
 
-    async def publish(self, now: int) -> None:
-        """Our unexpired records to PEP (raises IqError/IqTimeout)."""
-        records = self.store.current_sessions(now)
+    async def publish(self, now: int, signer: VerifiedCert) -> None:
+        """Our newest record to PEP, beside the valid records of our other devices found on
+        the node (read, merged, written: raises IqError/IqTimeout, CapsuleError)."""
+        mine = self.store.current_sessions(now)[:1]
+        ours = set(self.store.session_keys()) | self.store.destroyed_sessions()
+        payloads = await discovery.fetch_item(self.xmpp, self.store.data.jid, alg.SESSIONS_NODE,
+                                              self.timeout, "own session keys")
+        others, _ = sessions.select(_records(payloads, self.store.data.jid), self.store.data.jid,
+                                    signer.fingerprint, signer.public_key, now, self.skew)
+        merged = mine + [r for r in others if r.sid not in ours]
         await discovery.publish_item(self.xmpp, alg.SESSIONS_NODE,
-                                     stanza_v1.build_sessions(records), self.timeout)
+                                     stanza_v1.build_sessions(merged[:alg.SESSIONS_PUBLISHED]),
+                                     self.timeout)
+        self._peers.pop(self.store.data.jid, None)  # our own devices: read again when sealing
 
     def own(self, now: int) -> SessionRecord | None:
         """Our newest unexpired record (we seal our own copy to it)."""
         current = self.store.current_sessions(now)
         return current[0] if current else None
 
-    # -- our contacts' ------------------------------------------------------------
-    async def peer(self, jid: str, signer: VerifiedCert, now: int) -> SessionRecord | None:
-        """``jid``'s newest valid session record, checked against its verified signing
-        certificate ``signer``; None if it has none or the look-up failed (logged)."""
+    # -- our contacts' (and our other devices') ---------------------------------------
+    async def peer(self, jid: str, signer: VerifiedCert, now: int) -> list[SessionRecord]:
+        """``jid``'s valid session records (one per device), checked against its verified
+        signing certificate ``signer``; empty if it has none or the look-up failed (logged)."""
         cached = self._peers.get(jid)
-        reuse = self.refresh if cached is None or cached.record else min(self.refresh, NONE_REUSE)
-        fresh = cached is not None and time.monotonic() - cached.when < reuse
-        if (cached is not None and fresh and cached.cert == signer.fingerprint
-                and (cached.record is None or sessions.expires(cached.record) > now)):
-            return cached.record
+        reuse = (self.refresh if cached is None or cached.records
+                 else min(self.refresh, NONE_REUSE))
+        if (cached is not None and time.monotonic() - cached.when < reuse
+                and cached.cert == signer.fingerprint
+                and all(sessions.expires(r) > now for r in cached.records)):
+            return list(cached.records)
         try:
             payloads = await discovery.fetch_item(self.xmpp, jid, alg.SESSIONS_NODE,
                                                   self.timeout, "session keys")
         except CapsuleError as exc:
             log.info("no session keys of %s at hand: %s", jid, exc)
-            return None  # not cached: asked again next time
-        records: list[SessionRecord] = []
-        for payload in payloads or []:
-            if payload.tag == stanza_v1.SNS + "sessions":
-                found, dropped = stanza_v1.parse_sessions(payload)
-                records += found
-                if dropped:
-                    log.info("%s publishes %d malformed session record(s)", jid, dropped)
-        return self.learn(jid, signer, records, now)
+            return []  # not cached: asked again next time
+        return self.learn(jid, signer, _records(payloads, jid), now)
 
     def learn(self, jid: str, signer: VerifiedCert, records: list[SessionRecord], now: int
-              ) -> SessionRecord | None:
+              ) -> list[SessionRecord]:
         """Check ``jid``'s published records against its verified signing certificate and
-        remember the newest valid one (or that there is none) for ``refresh`` seconds."""
-        best, refused = sessions.choose(records, jid, signer.fingerprint, signer.public_key,
-                                        now, self.skew)
+        remember the valid ones (or that there are none) for ``refresh`` seconds."""
+        valid, refused = sessions.select(records, jid, signer.fingerprint, signer.public_key,
+                                         now, self.skew)
         for reason in refused:
             log.info("ignoring a session record: %s", reason)
-        self._peers[jid] = _Peer(time.monotonic(), signer.fingerprint, best)
+        self._peers[jid] = _Peer(time.monotonic(), signer.fingerprint, tuple(valid))
         self._peers.move_to_end(jid)
         while len(self._peers) > PEERS_REMEMBERED:
             self._peers.popitem(last=False)
-        return best
+        return valid
+
+
+def _records(payloads: list[ET.Element] | None, jid: str) -> list[SessionRecord]:
+    """The session records in the payloads of a PEP item (malformed ones dropped, logged)."""
+    records: list[SessionRecord] = []
+    for payload in payloads or []:
+        if payload.tag == stanza_v1.SNS + "sessions":
+            found, dropped = stanza_v1.parse_sessions(payload)
+            records += found
+            if dropped:
+                log.info("%s publishes %d malformed session record(s)", jid, dropped)
+    return records

@@ -205,6 +205,7 @@ class XEP_Capsule(BasePlugin):
                                timeout=int(self.fetch_timeout),
                                refresh=int(self.session_refresh), dirty=self._dirty)
         self._rotation: asyncio.Task[None] | None = None
+        self._republished = -float("inf")  # monotonic time of the last self-healing publish
         self._crl_mtime = 0.0
         self._crl_task: asyncio.Task[None] | None = None
         self._crl_tried = -float("inf")  # loop time of the last fetch of an expired CRL
@@ -304,7 +305,7 @@ class XEP_Capsule(BasePlugin):
                 self._persist()  # the new private key on disk before its record is public
                 if self._storage_error is not None:
                     return  # reported by _persist; the record stays unpublished
-            await self.keyring.publish(now)
+            await self.keyring.publish(now, self.own_sign)
         except CapsuleError as exc:
             self._fail(exc, None, "")
             return
@@ -313,6 +314,14 @@ class XEP_Capsule(BasePlugin):
             self.xmpp.event("capsule_publish_failed", exc)
             return
         self.xmpp.event("capsule_sessions_published", self.store.data.jid)
+
+    def _republish(self) -> None:
+        """Merge our record into our PEP item again (another device may have written over
+        it), at most once per ``fetch_interval``."""
+        now = time.monotonic()
+        if now - self._republished >= self.fetch_interval and self.publish and self._usable():
+            self._republished = now
+            self._spawn(self.rotate_sessions())
 
     async def _rotate_daily(self) -> None:
         while True:
@@ -471,18 +480,19 @@ class XEP_Capsule(BasePlugin):
         contacts = [await self.contact(jid) for jid in bare if jid != me]
         now = int(time.time())
         own = self.keyring.own(now)
-        records = [await self.keyring.peer(c.jid, c.sign, now) for c in contacts] if own else []
+        records = {c.jid: await self.keyring.peer(c.jid, c.sign, now)
+                   for c in contacts} if own else {}
         content = elements.content(msg.xml)
         addressees = [*bare, room] if room else bare
         sealed_env = envelope.encode(content, me, addressees, core.utc_timestamp())
-        if own is not None and all(records):
+        if own is not None and all(records.values()):
+            devices = [own, *await self.keyring.peer(me, self.own_sign, now)]  # our other ones
             return v1.seal(sealed_env, sender=me, sender_cert=self.own_sign.fingerprint,
                            signing_key=self.store.data.signing_key, recipients=[
-                               v1.Recipient(c.jid, r.pub) for c, r in zip(
-                                   contacts, records, strict=True) if r is not None
-                           ] + [v1.Recipient(me, own.pub)])
+                               v1.Recipient(jid, r.pub) for jid, found in
+                               [*records.items(), (me, devices)] for r in found])
         if self.forward_secrecy == "require":
-            lacking = [c.jid for c, r in zip(contacts, records, strict=False) if r is None]
+            lacking = [jid for jid, found in records.items() if not found]
             raise NoForwardSecrecy(f"no valid session keys for {', '.join(lacking) or me}: "
                                    f"forward secrecy is required")
         keys = [core.Recipient(c.jid, c.encrypt.fingerprint, c.encrypt.rsa_key)
@@ -722,6 +732,8 @@ class XEP_Capsule(BasePlugin):
         held = self.store.session_keys()
         if isinstance(capsule, v1.Capsule):
             if not any(k.jid == me and k.sid in held for k in capsule.header.keys):
+                if any(k.jid == me for k in capsule.header.keys):
+                    self._republish()  # sealed to our other devices only: are we on PEP?
                 v1.unseal(capsule, jid=me, sessions={},  # raises the precise reason
                           destroyed=self.store.destroyed_sessions())
         elif not any(k.jid == me and k.cert in keys for k in capsule.header.keys):

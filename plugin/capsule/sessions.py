@@ -24,7 +24,10 @@ from capsule.errors import InvalidSessionRecord, MalformedCapsule
 
 @dataclass(frozen=True)
 class SessionRecord:
-    """A published session key: ``<session pub cert created expires>signature</session>``."""
+    """A published session key: ``<session pub cert created expires>signature</session>``.
+
+    Each device of an account holds its own session keys; the account's PEP item carries the
+    newest record of each device, and senders wrap to all of them."""
 
     pub: bytes  # raw X25519 public key
     cert: str  # fingerprint of the owner's signing certificate
@@ -89,21 +92,22 @@ def check(record: SessionRecord, jid: str, cert: str, signer: signatures.Verifyi
                                    f"{expires - created} s")
 
 
-def choose(records: Iterable[SessionRecord], jid: str, cert: str,
+def select(records: Iterable[SessionRecord], jid: str, cert: str,
            signer: signatures.VerifyingKey, now: int, skew: int
-           ) -> tuple[SessionRecord | None, list[InvalidSessionRecord]]:
-    """The valid record with the latest ``created`` (ties: greater ``pub``), or None; with
-    the reasons the others were refused (for the log)."""
-    valid, refused = [], []
+           ) -> tuple[list[SessionRecord], list[InvalidSessionRecord]]:
+    """The valid records (one per device of the account, normally), newest first, at most
+    alg.SESSIONS_PUBLISHED and one per public key; with why the others were refused."""
+    valid: dict[bytes, SessionRecord] = {}
+    refused = []
     for record in records:
         try:
             check(record, jid, cert, signer, now, skew)
         except InvalidSessionRecord as exc:
             refused.append(exc)
             continue
-        valid.append(record)
-    best = max(valid, key=lambda r: (created(r), r.pub), default=None)
-    return best, refused
+        valid.setdefault(record.pub, record)
+    ordered = sorted(valid.values(), key=lambda r: (created(r), r.pub), reverse=True)
+    return ordered[:alg.SESSIONS_PUBLISHED], refused
 
 
 def created(record: SessionRecord) -> int:
