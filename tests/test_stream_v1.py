@@ -4,6 +4,7 @@ session records are ignored; a capsule whose session key was destroyed never ope
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -164,3 +165,34 @@ async def test_after_retention_the_archived_capsule_is_session_expired(
         b.recv(archived)
         await b.settle()
         assert b.delivered() == [] and [f.reason for f in b.errors()] == ["session-expired"]
+
+
+async def test_every_device_of_the_recipient_and_of_the_sender_reads_a_v1_capsule(
+        stream_cast: Cast, tmp_path: Path) -> None:
+    """Two devices of bob, each with its own session key (two copies of the profile), and a
+    second device of alice: one capsule, wrapped to all of their published records."""
+    names = ("alice", "bob")
+    source = stream_cast.directory_of(*names)
+    async with _pair(stream_cast, tmp_path) as (a, phone), \
+            Stream.open(stream_cast["bob"], tmp_path / "t", source, resource="tablet") as tablet, \
+            Stream.open(stream_cast["alice"], tmp_path / "l", source, resource="laptop") as laptop:
+        for device in (a, phone, tablet, laptop):
+            _start(device)
+        now = int(time.time())
+        bob_sign = (await a.capsule.contact(phone.me.jid)).sign
+        published = [d.capsule.store.current_sessions(now)[0] for d in (phone, tablet)]
+        assert published[0] != published[1]
+        assert len(a.capsule.keyring.learn(phone.me.jid, bob_sign, published, now)) == 2
+        own = [d.capsule.store.current_sessions(now)[0] for d in (a, laptop)]
+        a.capsule.keyring.learn(a.me.jid, a.capsule.own_sign, own, now)
+        _send(a, phone.me.jid, "to every device")
+        await a.settle()
+        [sent] = _messages(a)
+        for device in (phone, tablet):
+            _deliver(a, Message(xml=copy.deepcopy(sent.xml)), device)
+            await device.settle()
+            assert [m["body"] for m in device.delivered()] == ["to every device"]
+        mine = Message(xml=copy.deepcopy(sent.xml))
+        mine["from"] = a.xmpp.boundjid
+        assert (await laptop.capsule.open(mine, replay_check=False, origin="archive")
+                )["body"] == "to every device"
