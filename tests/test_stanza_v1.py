@@ -7,9 +7,12 @@ import json
 import xml.etree.ElementTree as ET
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from capsule import stanza_v1
-from capsule.errors import MalformedCapsule
+from capsule import stanza_v1, v1
+from capsule.errors import CapsuleError, MalformedCapsule
 
 from .test_v1_vectors import VECTORS
 
@@ -68,3 +71,24 @@ def test_session_records_round_trip_and_malformed_ones_are_dropped() -> None:
         "</ns0:sessions>", "<ns0:session pub='!!' cert='' created='' expires=''>AA==</ns0:session>"
         "</ns0:sessions>")
     assert stanza_v1.parse_sessions(ET.fromstring(bad)) == ([], 2)
+
+
+@settings(max_examples=300, deadline=None)
+@given(position=st.integers(min_value=0, max_value=10_000),
+       char=st.sampled_from("<>&'\"=x/+A \n\x00"))
+def test_one_changed_character_is_refused_or_fails_the_signature(position: int, char: str
+                                                                 ) -> None:
+    """Mangled anywhere, a v1 capsule parses to a Capsule error, never another exception, and
+    never verifies unless the change left its meaning intact (an equivalent XML spelling)."""
+    stored_json = json.loads(VECTORS.read_text())
+    xml = stored_json["capsule_xml"]
+    i = position % len(xml)
+    mangled = xml[:i] + char + xml[i + 1:]
+    signer = ed25519.Ed25519PublicKey.from_public_bytes(
+        bytes.fromhex(stored_json["alice_signing_public"]))
+    try:
+        capsule = stanza_v1.parse(ET.fromstring(mangled))
+        v1.verify(capsule, signer)
+    except (ET.ParseError, CapsuleError):
+        return
+    assert capsule == stanza_v1.parse(ET.fromstring(xml))
