@@ -32,7 +32,7 @@ from slixmpp.plugins import BasePlugin, xep_0082
 from slixmpp.xmlstream import StanzaBase
 
 from capsule import algorithms as alg
-from capsule import core, discovery, elements, enrollment, envelope, stanza_v1, v1, wire
+from capsule import core, discovery, elements, enrollment, envelope, fastxml, stanza_v1, v1, wire
 from capsule import stanza as st
 from capsule.connection import Reconnect
 from capsule.errors import (
@@ -211,6 +211,7 @@ class XEP_Capsule(BasePlugin):
         self._crl_tried = -float("inf")  # loop time of the last fetch of an expired CRL
         st.register()
         stanza_v1.register()
+        fastxml.install()
         enrollment.register()
         self.handled = HandledCount(self.xmpp)  # its "in" filter must come before ours
         self.xmpp.add_filter("in", self._filter_in)
