@@ -11,6 +11,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -18,10 +19,11 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from cryptography.hazmat.primitives.asymmetric import x25519
 from slixmpp import Message
 from slixmpp.xmlstream import ET
 
-from capsule import signatures, wire
+from capsule import signatures, v1, wire
 from capsule.profile import FAST_KDF, Profile
 from capsule.testing.identities import enroll
 
@@ -142,15 +144,30 @@ async def test_receiver_killed_mid_burst_never_accepts_a_capsule_twice(
 
 
 def _resigned(bot: Any, raw: str) -> str:
-    """The same capsule (sender, nid, content) under a fresh signature: what a sender that
-    reuses a nid, or a forger holding its key, would produce."""
+    """Another capsule from the same sender with the same nid (and content): what a sender
+    that reuses a nid, or a forger holding its keys, would produce. v0 (RSA-PSS) just signs
+    again; Ed25519 signs deterministically, so a v1 capsule is sealed anew around the nid."""
     msg = Message(xml=ET.fromstring(raw))
     element = wire.find(msg.xml)
     assert element is not None
     capsule = wire.parse(element)
-    signature = signatures.sign(bot.capsule.store.data.signing_key, wire.signed_bytes(capsule))
+    data, ring = bot.capsule.store.data, bot.capsule.keyring
+    if isinstance(capsule, v1.Capsule):
+        h = capsule.header
+        plain = v1.unseal(capsule, jid=data.jid, sessions=bot.capsule.store.session_keys())
+        own = ring.own(int(time.time()))
+        recipients = [v1.Recipient(jid, r.pub) for jid in {k.jid for k in h.keys}
+                      for r in ([own] if jid == data.jid else ring.known(jid))]
+        again: wire.AnyCapsule = v1.seal_with(
+            plain, sender=h.sender, sender_cert=h.cert, signing_key=data.signing_key,
+            recipients=recipients, ts=h.ts, message_key=os.urandom(32), iv=os.urandom(12),
+            nid=h.nid, ephemeral=x25519.X25519PrivateKey.generate())
+    else:
+        again = dataclasses.replace(capsule, signature=signatures.sign(
+            data.signing_key, wire.signed_bytes(capsule)))
+    assert again.signature != capsule.signature
     copy = bot.client.make_message(mto=msg["to"], mtype="chat")
-    wire.put(copy, dataclasses.replace(capsule, signature=signature))
+    wire.put(copy, again)
     return str(copy)
 
 

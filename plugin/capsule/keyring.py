@@ -107,6 +107,11 @@ class Keyring:
             return []  # not cached: asked again next time
         return self.learn(jid, signer, _records(payloads, jid), now)
 
+    def known(self, jid: str) -> list[SessionRecord]:
+        """``jid``'s records as last looked up (no I/O; empty if never)."""
+        cached = self._peers.get(jid)
+        return list(cached.records) if cached else []
+
     def learn(self, jid: str, signer: VerifiedCert, records: list[SessionRecord], now: int
               ) -> list[SessionRecord]:
         """Check ``jid``'s published records against its verified signing certificate and
