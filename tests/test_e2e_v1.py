@@ -12,6 +12,7 @@ from slixmpp import Message
 
 from capsule import algorithms as alg
 from capsule import capsule_info, v1, wire
+from capsule import namespaces as ns
 from capsule.errors import SessionExpired
 from capsule.profile import Profile
 from capsule.testing.stack import wait_stored
@@ -27,7 +28,7 @@ async def test_v1_bot_to_bot_and_the_archive_is_closed_after_retention(xmpp_stac
     msg = await inbox.message()
     assert msg["body"] == text and capsule_info(msg) is not None
     (row,) = await wait_stored(xmpp_stack, "archive", bob.account.user,
-                               containing=alg.V1_NAMESPACE)
+                               containing=ns.V1_NAMESPACE)
     assert_ciphertext_only(xmpp_stack, bob.account.user, [text])
     archived = Message(xml=ET.fromstring(row))
     element = wire.find(archived.xml)

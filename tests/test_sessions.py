@@ -25,7 +25,7 @@ from capsule.audit import Auditor, CertificateBundle, StoredRow
 from capsule.errors import DecryptionFailed, NotAddressedToUs, ProfileError, SessionExpired
 from capsule.profile import FAST_KDF, MAGIC, Profile
 from capsule.stanza import FALLBACK_BODY
-from capsule.trust import CertBundle, TrustStore
+from capsule.trust import CertPair, TrustStore
 from capsule_ca import Authority
 from capsule_ca.errors import CAError
 from capsule_ca.profiles import Usage
@@ -36,9 +36,9 @@ NOW = 1_800_000_000
 DAY = 86400
 
 
-def bundle(p: Profile) -> CertBundle:
+def bundle(p: Profile) -> CertPair:
     assert p.data.signing_cert and p.data.encryption_cert
-    return CertBundle(sign=p.data.signing_cert.encode(), encrypt=p.data.encryption_cert.encode())
+    return CertPair(sign=p.data.signing_cert.encode(), encrypt=p.data.encryption_cert.encode())
 
 
 def seal_to(alice: Profile, bob: Profile, now: int) -> v1.Capsule:

@@ -5,6 +5,7 @@ session records are ignored; a capsule whose session key was destroyed never ope
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,11 +16,12 @@ import pytest
 from slixmpp import Message
 
 from capsule import algorithms as alg
+from capsule import namespaces as ns
 from capsule import sessions, v1, wire
 from capsule.plugin import capsule_info
 from capsule.testing.stream import Cast, Stream
 
-V0, V1 = f"{{{alg.NAMESPACE}}}capsule", f"{{{alg.V1_NAMESPACE}}}capsule"
+V0, V1 = f"{{{ns.NAMESPACE}}}capsule", f"{{{ns.V1_NAMESPACE}}}capsule"
 
 
 def _messages(stream: Stream) -> list[Message]:
@@ -111,7 +113,8 @@ async def test_forward_secrecy_required_refuses_v0_both_ways(stream_cast: Cast,
         await a.settle()
         assert _messages(a) == []
         assert [f.reason for f in a.errors()] == ["no-forward-secrecy"]
-        a.capsule.config["forward_secrecy"] = "prefer"  # alice sends v0 after all...
+        a.capsule.sender.options = dataclasses.replace(  # alice sends v0 after all...
+            a.capsule.sender.options, forward_secrecy="prefer")
         _send(a, b.me.jid, "needs fs")
         await a.settle()
         [sent] = _messages(a)

@@ -20,16 +20,16 @@ from typing import NamedTuple
 
 from cryptography import x509
 
-from capsule import algorithms as alg
 from capsule import core, elements, wire
+from capsule import namespaces as ns
 from capsule.errors import CapsuleError, UntrustedCertificate
 from capsule.stanza import FALLBACK_BODY
 from capsule.trust import TrustStore, VerifiedCert
 
-CAPSULE_TAG = f"{{{alg.NAMESPACE}}}capsule"
-V1_CAPSULE_TAG = f"{{{alg.V1_NAMESPACE}}}capsule"  # read on the whole-stanza path only
+CAPSULE_TAG = f"{{{ns.NAMESPACE}}}capsule"
+V1_CAPSULE_TAG = f"{{{ns.V1_NAMESPACE}}}capsule"  # read on the whole-stanza path only
 CAPSULE_OPEN, CAPSULE_CLOSE = "<capsule xmlns=", "</capsule>"
-CAPSULE_NS_VALUES = (f'"{alg.NAMESPACE}"', f"'{alg.NAMESPACE}'")
+CAPSULE_NS_VALUES = (f'"{ns.NAMESPACE}"', f"'{ns.NAMESPACE}'")
 SPAN_TAG = "capsule-audit-span"  # takes a capsule's place while the rest of its row is parsed
 SPAN_ELEMENT = f"<{SPAN_TAG} xmlns=''/>"
 VERDICTS = ("plaintext", "capsule", "bad-signature", "sender-mismatch", "recipient-mismatch",
@@ -334,7 +334,7 @@ def capsule_span(text: str) -> tuple[int, int] | None:
     if start < 0 or SPAN_TAG in text:
         return None
     after = start + len(CAPSULE_OPEN)
-    if text[after:after + len(alg.NAMESPACE) + 2] not in CAPSULE_NS_VALUES:
+    if text[after:after + len(ns.NAMESPACE) + 2] not in CAPSULE_NS_VALUES:
         return None
     end = text.find(CAPSULE_CLOSE, after)
     return None if end < 0 else (start, end + len(CAPSULE_CLOSE))

@@ -12,14 +12,14 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from functools import lru_cache
 
-from capsule import algorithms as alg
+from capsule import namespaces as ns
 
 CLIENT = "jabber:client"
 FORWARD = "urn:xmpp:forward:0"
 # (namespace, element name); None: every element of the namespace
 OUTSIDE: frozenset[tuple[str, str | None]] = frozenset({
     (CLIENT, "error"),
-    (alg.NAMESPACE, "capsule"), (alg.V1_NAMESPACE, "capsule"), ("urn:xmpp:eme:0", "encryption"),
+    (ns.NAMESPACE, "capsule"), (ns.V1_NAMESPACE, "capsule"), ("urn:xmpp:eme:0", "encryption"),
     ("urn:xmpp:hints", None), ("urn:xmpp:receipts", None),
     ("http://jabber.org/protocol/chatstates", None), ("urn:xmpp:chat-markers:0", None),
     ("urn:xmpp:sid:0", None), ("urn:xmpp:delay", "delay"),
@@ -40,7 +40,7 @@ WRAPPERS_BESIDE: frozenset[tuple[str, str | None]] = frozenset({
     ("urn:xmpp:mam:2", "result"), (FORWARD, "forwarded"),
     ("http://jabber.org/protocol/pubsub#event", "event"),
 })
-_MACHINERY = frozenset({(alg.NAMESPACE, "capsule"), (alg.V1_NAMESPACE, "capsule"),
+_MACHINERY = frozenset({(ns.NAMESPACE, "capsule"), (ns.V1_NAMESPACE, "capsule"),
                         ("urn:xmpp:eme:0", "encryption")})
 SERVER_METADATA = frozenset({("urn:xmpp:delay", "delay"), ("urn:xmpp:sid:0", "stanza-id")})
 _WRAPPERS = frozenset({("urn:xmpp:carbons:2", "received"), ("urn:xmpp:carbons:2", "sent"),

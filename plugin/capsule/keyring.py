@@ -18,6 +18,7 @@ from slixmpp import BaseXMPP
 
 from capsule import algorithms as alg
 from capsule import discovery, sessions, stanza_v1
+from capsule import namespaces as ns
 from capsule.errors import CapsuleError
 from capsule.profile import Profile
 from capsule.sessions import SessionRecord
@@ -73,12 +74,12 @@ class Keyring:
         the node (read, merged, written: raises IqError/IqTimeout, CapsuleError)."""
         mine = self.store.current_sessions(now)[:1]
         ours = set(self.store.session_keys()) | self.store.destroyed_sessions()
-        payloads = await discovery.fetch_item(self.xmpp, self.store.data.jid, alg.SESSIONS_NODE,
+        payloads = await discovery.fetch_item(self.xmpp, self.store.data.jid, ns.SESSIONS_NODE,
                                               self.timeout, "own session keys")
         others, _ = sessions.select(_records(payloads, self.store.data.jid), self.store.data.jid,
                                     signer.fingerprint, signer.public_key, now, self.skew)
         merged = mine + [r for r in others if r.sid not in ours]
-        await discovery.publish_item(self.xmpp, alg.SESSIONS_NODE,
+        await discovery.publish_item(self.xmpp, ns.SESSIONS_NODE,
                                      stanza_v1.build_sessions(merged[:alg.SESSIONS_PUBLISHED]),
                                      self.timeout)
         self._peers.pop(self.store.data.jid, None)  # our own devices: read again when sealing
@@ -100,7 +101,7 @@ class Keyring:
                 and all(sessions.expires(r) > now for r in cached.records)):
             return list(cached.records)
         try:
-            payloads = await discovery.fetch_item(self.xmpp, jid, alg.SESSIONS_NODE,
+            payloads = await discovery.fetch_item(self.xmpp, jid, ns.SESSIONS_NODE,
                                                   self.timeout, "session keys")
         except CapsuleError as exc:
             log.info("no session keys of %s at hand: %s", jid, exc)

@@ -18,14 +18,14 @@ from slixmpp import Message
 from slixmpp.plugins.xep_0060.stanza import Item
 from slixmpp.xmlstream import ElementBase, register_stanza_plugin
 
-from capsule import algorithms as alg
+from capsule import namespaces as ns
 from capsule import v1
 from capsule.errors import MalformedCapsule
 from capsule.sessions import SessionRecord
 from capsule.stanza import FALLBACK_BODY
 
-NS = "{" + alg.V1_NAMESPACE + "}"
-SNS = "{" + alg.SESSIONS_NODE + "}"
+NS = "{" + ns.V1_NAMESPACE + "}"
+SNS = "{" + ns.SESSIONS_NODE + "}"
 _B64 = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?", re.ASCII)
 _HEX = re.compile(r"[0-9a-f]{64}", re.ASCII)
 
@@ -34,7 +34,7 @@ class CapsuleV1(ElementBase):
     """``<capsule xmlns='urn:capsule:1'>``: header, payload, signature (built by :func:`build`)."""
 
     name = "capsule"
-    namespace = alg.V1_NAMESPACE
+    namespace = ns.V1_NAMESPACE
     plugin_attrib = "capsule1"
     interfaces: ClassVar[set[str]] = set()
 
@@ -43,7 +43,7 @@ class Sessions(ElementBase):
     """The PEP item payload of node ``urn:capsule:sessions:1``: signed session records."""
 
     name = "sessions"
-    namespace = alg.SESSIONS_NODE
+    namespace = ns.SESSIONS_NODE
     plugin_attrib = "capsule_sessions"
     interfaces: ClassVar[set[str]] = set()
 
@@ -90,7 +90,7 @@ def put(msg: Message, capsule: v1.Capsule) -> None:
     """Put a v1 capsule into ``msg`` beside the fallback body, EME and store hint (as v0)."""
     msg.xml.append(build(capsule))
     msg["body"] = FALLBACK_BODY
-    msg["eme"]["namespace"] = alg.V1_NAMESPACE
+    msg["eme"]["namespace"] = ns.V1_NAMESPACE
     msg["eme"]["name"] = "Capsule"
     msg.enable("store")
 

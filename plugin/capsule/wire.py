@@ -10,13 +10,13 @@ import xml.etree.ElementTree as ET
 
 from slixmpp import Message
 
-from capsule import algorithms as alg
 from capsule import core, signatures, stanza_v1, v1
+from capsule import namespaces as ns
 from capsule.errors import MalformedCapsule, UnsupportedVersion
 from capsule.stanza import from_core, parse_capsule
 
 AnyCapsule = core.Capsule | v1.Capsule
-TAGS = {f"{{{alg.NAMESPACE}}}capsule": 0, f"{{{alg.V1_NAMESPACE}}}capsule": 1}
+TAGS = {f"{{{ns.NAMESPACE}}}capsule": 0, f"{{{ns.V1_NAMESPACE}}}capsule": 1}
 
 
 def find(message: ET.Element) -> ET.Element | None:

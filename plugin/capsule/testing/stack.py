@@ -472,7 +472,7 @@ class Stack:
                                              state.c2s_port, state.ca_root))
                 return time.monotonic() - start
             except LoginError as exc:
-                if "authentication" in str(exc) or time.monotonic() - start > timeout:
+                if exc.reason == "authentication" or time.monotonic() - start > timeout:
                     raise
                 time.sleep(0.2)
 
