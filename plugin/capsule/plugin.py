@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 
 
 class XEP_Capsule(BasePlugin):
-    """End-to-end encrypted, signed encapsulated messages (urn:capsule:0)."""
+    """End-to-end encrypted, signed encapsulated messages (urn:capsule:0 and :1)."""
 
     name = "capsule"
     description = "Capsule: end-to-end encrypted, signed encapsulated messages"
