@@ -20,7 +20,7 @@ from slixmpp import ClientXMPP
 from capsule import wire
 from capsule.inbound import HandledCount
 
-from .test_replay_stack import Receiver
+from .helpers import Receiver
 
 BURST = 200
 SEED = int(os.environ.get("CAPSULE_DELIVERY_SEED", random.randrange(1 << 30)))

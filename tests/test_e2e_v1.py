@@ -15,9 +15,10 @@ from capsule import capsule_info, v1, wire
 from capsule import namespaces as ns
 from capsule.errors import SessionExpired
 from capsule.profile import Profile
-from capsule.testing.stack import wait_stored
+from capsule.testing.inbox import Inbox
+from capsule_stack.rows import wait_stored
 
-from .test_e2e import Inbox, assert_ciphertext_only, secret
+from .test_e2e import assert_ciphertext_only, secret
 
 
 async def test_v1_bot_to_bot_and_the_archive_is_closed_after_retention(xmpp_stack, capsule_bot):

@@ -21,7 +21,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from capsule import algorithms as alg
 from capsule import core, envelope, sessions, stanza_v1, v1
-from capsule.audit import Auditor, CertificateBundle, StoredRow
+from capsule.audit.findings import StoredRow
+from capsule.audit.verdicts import Auditor, CertificateBundle
 from capsule.errors import DecryptionFailed, NotAddressedToUs, ProfileError, SessionExpired
 from capsule.profile import FAST_KDF, MAGIC, Profile
 from capsule.stanza import FALLBACK_BODY

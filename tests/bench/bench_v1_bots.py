@@ -13,8 +13,7 @@ import statistics
 import time
 
 from capsule.testing.identities import enroll
-from tests.test_e2e import BOT_PIN
-from tests.test_replay_stack import Receiver
+from tests.helpers import BOT_PIN, Receiver
 
 COUNT = int(os.environ.get("CAPSULE_BENCH_MESSAGES", "500"))
 ROUNDS = 3
