@@ -14,16 +14,20 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import cast
 
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import rsa
+from slixmpp import Message
 from slixmpp.basexmpp import BaseXMPP
 from slixmpp.plugins.base import PluginManager
 
-from capsule import XEP_Capsule, core
+from capsule import XEP_Capsule, capsule_info, core
 from capsule import stanza as st
 from capsule_stack.fixtures import BOT_PIN, Account
 from capsule_stack.stack import Stack
 
 __all__ = ["BOT_PIN", "CAPSULE", "OPENFIRE_ARCHIVE", "OPENFIRE_OFFLINE", "PIN", "RECEIVER", "WIRE",
-           "Receiver", "body", "capsule_of", "tamper"]
+           "Receiver", "body", "capsule_of", "rsa_key", "tamper",
+           "verified_sender"]
 
 PIN = "246810"  # unit-test profiles (tests/conftest.py)
 # Openfire's two stored-message tables, from its documented columns (a stand-in for its schema)
@@ -52,6 +56,20 @@ def capsule_of(client: BaseXMPP) -> XEP_Capsule:
     plugin = cast(PluginManager, client.plugin)["capsule"]
     assert isinstance(plugin, XEP_Capsule), plugin
     return plugin
+
+
+def verified_sender(msg: Message) -> str:
+    """The sender named by the verified capsule ``msg`` arrived in (the test fails otherwise)."""
+    info = capsule_info(msg)
+    assert info is not None, f"message {msg['id']!r} did not arrive as a verified capsule"
+    return info.sender
+
+
+def rsa_key(cert: x509.Certificate) -> rsa.RSAPublicKey:
+    """A certificate's public key, which for every certificate of Capsule's CA is RSA."""
+    key = cert.public_key()
+    assert isinstance(key, rsa.RSAPublicKey), type(key)
+    return key
 
 
 B = base64.b64encode
