@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import struct
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -117,7 +118,7 @@ def test_not_addressed_to_us(keys: dict[str, rsa.RSAPrivateKey]) -> None:
     ({"sender": "alice@x.test/phone"}, "not a bare JID"),
 ])
 def test_malformed_shapes_rejected_before_crypto(keys: dict[str, rsa.RSAPrivateKey],
-                                                 change: dict[str, object], message: str) -> None:
+                                                 change: dict[str, Any], message: str) -> None:
     capsule = seal_for(keys, ["bob"])
     bad = dataclasses.replace(capsule, header=dataclasses.replace(capsule.header, **change))
     with pytest.raises(MalformedCapsule, match=message):
@@ -163,7 +164,20 @@ def test_envelope_addressing_checks() -> None:
     b"not xml at all",
     b"<envelope xmlns='urn:other'/>",
     b"<envelope xmlns='urn:xmpp:sce:1'><content/><time stamp='t'/></envelope>",
-])
+    b"<envelope xmlns='urn:xmpp:sce:1'><content/><time stamp='t'/><to jid='b@x'/>"
+    b"<from jid='a@x'/><from jid='m@x'/></envelope>",  # which sender? neither
+    b"<envelope xmlns='urn:xmpp:sce:1'><content/><time stamp='t'/><time stamp='u'/>"
+    b"<to jid='b@x'/><from jid='a@x'/></envelope>",
+    b"<envelope xmlns='urn:xmpp:sce:1'><content/><content/><time stamp='t'/><to jid='b@x'/>"
+    b"<from jid='a@x'/></envelope>",
+    b"<envelope xmlns='urn:xmpp:sce:1'><content/><time stamp='t'/><to jid='b@x'/>"
+    b"<from jid='a@x'/><extra/></envelope>",
+    b"<envelope xmlns='urn:xmpp:sce:1'><content/><?pi data?><time stamp='t'/><to jid='b@x'/>"
+    b"<from jid='a@x'/></envelope>",
+    b"<envelope xmlns='urn:xmpp:sce:1'><content/><rpad/><rpad/><time stamp='t'/>"
+    b"<to jid='b@x'/><from jid='a@x'/></envelope>",
+], ids=["dtd", "not-xml", "other-ns", "no-to-from", "two-from", "two-time", "two-content",
+        "foreign-part", "processing-instruction", "two-rpad"])
 def test_bad_envelopes_are_malformed(data: bytes) -> None:
     with pytest.raises(MalformedCapsule):
         envelope.decode(data)
