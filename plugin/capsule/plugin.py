@@ -145,6 +145,7 @@ class XEP_Capsule(BasePlugin):
         "outbox_limit": 2000,  # unacknowledged capsules kept for resending
         "reconnect": True,  # reconnect a lost session, back-off doubling up to reconnect_max
         "reconnect_max": 30,
+        "endpoints": (),  # (host, port) of every node of a clustered server: reconnect to any
     }
     secure = False  # the stream has TLS (set by session_bind)
 
@@ -202,7 +203,8 @@ class XEP_Capsule(BasePlugin):
             self.xmpp.add_event_handler(event, handler)
         self.outbox = Outbox(self.xmpp, self.delivery_timeout, self.outbox_limit,
                              self._undelivered)
-        self.reconnector = (Reconnect(self.xmpp, cap=self.reconnect_max)
+        self.reconnector = (Reconnect(self.xmpp, cap=self.reconnect_max,
+                                      endpoints=self.endpoints)
                             if self.reconnect and isinstance(self.xmpp, ClientXMPP) else None)
         self.refresh_crl()
         if self.xmpp.sessionstarted:  # registered on a client already logged in

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from capsule.connection import (
+    ENDPOINTS_ENV,
     HOST_ENV,
     PORT_ENV,
     TLS_CA_ENV,
@@ -85,6 +86,16 @@ class StackState:
     probe_password: str = field(default_factory=lambda: secrets.token_hex(12))
     admin_password: str = field(default_factory=lambda: secrets.token_hex(12))
     pids: dict[str, int] = field(default_factory=dict)
+    # an ejabberd cluster (capsule.testing.cluster): the ports of nodes 2.. and the one
+    # Erlang distribution port every node listens on, each on its own loopback address
+    extra_nodes: list[dict[str, int]] = field(default_factory=list)
+    dist_port: int = 0
+
+    @property
+    def endpoints(self) -> list[tuple[str, int]]:
+        """Where clients may connect: every node's c2s listener, node 1 first."""
+        return [("127.0.0.1", port) for port in
+                [self.c2s_port, *(node["c2s_port"] for node in self.extra_nodes)]]
 
     @property
     def ca_root(self) -> Path:
@@ -100,6 +111,7 @@ class StackState:
             "CAPSULE_DOMAIN": self.domain,
             HOST_ENV: "127.0.0.1",
             PORT_ENV: str(self.c2s_port),
+            ENDPOINTS_ENV: " ".join(f"{host}:{port}" for host, port in self.endpoints),
             TLS_CA_ENV: str(self.ca_root),
             "CAPSULE_HTTP_PORT": str(self.http_port),
             "CAPSULE_DB_PORT": str(self.db_port),
@@ -165,9 +177,12 @@ class XMPPServer(ABC):
 
     name: str
 
+    pid_key = "server"  # its name in StackState.pids
+
     def __init__(self, state: StackState):
         self.state = state
         self.dir = Path(state.dir) / self.name
+        self.c2s_port, self.http_port = state.c2s_port, state.http_port
 
     @property
     def marker(self) -> str:
@@ -198,8 +213,20 @@ class Ejabberd(XMPPServer):
     def log(self) -> Path:
         return self.dir / "logs/ejabberd.log"
 
+    @property
+    def home(self) -> Path:
+        """$HOME of the node and of ejabberdctl: the Erlang cookie is its .erlang.cookie."""
+        return self.dir / "home"
+
+    def node(self) -> dict[str, str | int]:
+        """The Erlang node: name, distribution port (no epmd) and the address it listens on."""
+        # mnesia ties the spool to the node name: keep it stable per directory
+        name = "capsule" + hashlib.sha256(str(self.dir).encode()).hexdigest()[:10]
+        return {"node": f"{name}@localhost", "dist_port": free_port(),
+                "interface": "{127,0,0,1}"}
+
     def _env(self) -> dict[str, str]:
-        return {**os.environ, "HOME": str(self.dir / "home")}
+        return {**os.environ, "HOME": str(self.home)}
 
     def _ctl(self, *args: str) -> str:
         return _run(["ejabberdctl", "--config-dir", str(self.dir), *args], "ejabberdctl",
@@ -211,18 +238,14 @@ class Ejabberd(XMPPServer):
         shutil.copy(server_files["combined"], self.dir / "server.pem")
         os.chmod(self.dir / "server.pem", 0o600)
         shutil.copy("/etc/ejabberd/inetrc", self.dir / "inetrc")
-        cookie_path = self.dir / "home/.erlang.cookie"
+        cookie_path = self.home / ".erlang.cookie"
         if not cookie_path.exists():
-            cookie_path.write_text(secrets.token_hex(16))
-            os.chmod(cookie_path, 0o400)
+            write_private(cookie_path, secrets.token_hex(16).encode())
         s = self.state
-        _render("ejabberdctl.cfg", self.dir / "ejabberdctl.cfg", dir=self.dir,
-                # mnesia ties the spool to the node name: keep it stable per directory
-                node="capsule" + hashlib.sha256(str(self.dir).encode()).hexdigest()[:10],
-                dist_port=free_port())
+        _render("ejabberdctl.cfg", self.dir / "ejabberdctl.cfg", dir=self.dir, **self.node())
         _render("ejabberd.yml", self.dir / "ejabberd.yml", dir=self.dir, domain=s.domain,
                 ca_root=s.ca_root, db_port=s.db_port, db_name=s.db_name, db_user=s.db_name,
-                db_password=s.db_password, c2s_port=s.c2s_port, http_port=s.http_port,
+                db_password=s.db_password, c2s_port=self.c2s_port, http_port=self.http_port,
                 max_sessions=MAX_SESSIONS, offline_quota=OFFLINE_QUOTA)
         if not db.sql("SHOW TABLES LIKE 'users'", s.db_name).strip():
             schema = Path("/usr/share/ejabberd/sql/mysql.new.sql").read_text()
@@ -345,13 +368,28 @@ class Stack:
         state = self.info
         return MariaDB(state), _server_class(state.server)(state)
 
+    def _markers(self) -> dict[str, str]:
+        """Each process's key in ``pids`` and what its command line must hold."""
+        db, server = self._parts()
+        return {"mariadb": db.marker, "server": server.marker}
+
     def running(self) -> dict[str, bool]:
         """Which of the stack's recorded processes are alive."""
         if self.state is None:
             return {}
-        db, server = self._parts()
-        markers = {"mariadb": db.marker, "server": server.marker}
+        markers = self._markers()
         return {name: pid_alive(pid, markers[name]) for name, pid in self.state.pids.items()}
+
+    def _new_state(self) -> StackState:
+        return StackState(
+            server=self._server_name, domain=self._domain, dir=str(self.dir),
+            ca_dir=str(self._ca_dir), c2s_port=free_port(), db_port=free_port(),
+            http_port=free_port(),
+        )
+
+    def _ports(self) -> list[int]:
+        state = self.info
+        return [state.c2s_port, state.db_port, state.http_port]
 
     # -- lifecycle -------------------------------------------------------------
     def start(self) -> StackState:
@@ -361,7 +399,7 @@ class Stack:
         credentials, so clients configured for it (and bots still running) reconnect.
         """
         alive = self.running()
-        if alive and all(alive.values()) and len(alive) == 2:
+        if alive and all(alive.values()) and len(alive) == len(self._markers()):
             try:
                 self.probe(timeout=5)
                 return self.info
@@ -370,13 +408,8 @@ class Stack:
         self._end_processes()  # stale or half-dead: clean it before starting again
         self.dir.mkdir(parents=True, exist_ok=True)
         if self.state is None:
-            self.state = StackState(
-                server=self._server_name, domain=self._domain, dir=str(self.dir),
-                ca_dir=str(self._ca_dir), c2s_port=free_port(), db_port=free_port(),
-                http_port=free_port(),
-            )
-        taken = [p for p in (self.state.c2s_port, self.state.db_port, self.state.http_port)
-                 if p and port_open(p)]
+            self.state = self._new_state()
+        taken = [p for p in self._ports() if p and port_open(p)]
         if taken:
             raise StackError(f"port {taken[0]} of the stack in {self.dir} is used by another "
                              f"process; stop it, or start a fresh stack with another --dir")
@@ -406,16 +439,13 @@ class Stack:
 
     def _start_server(self, server: XMPPServer) -> None:
         state = self.info
-        state.pids["server"] = server.start()
+        pid = state.pids[server.pid_key] = server.start()
         self._save_state()
-        up = wait_for(
-            lambda: port_open(state.c2s_port) or not pid_alive(state.pids["server"], server.marker),
-            60,
-        )
-        if not up or not port_open(state.c2s_port):
-            raise StackError(f"{server.name} did not open port {state.c2s_port}")
-        if state.http_port and server.name == "ejabberd":
-            wait_for(lambda: port_open(state.http_port), 20)
+        up = wait_for(lambda: port_open(server.c2s_port) or not pid_alive(pid, server.marker), 60)
+        if not up or not port_open(server.c2s_port):
+            raise StackError(f"{server.name} did not open port {server.c2s_port}")
+        if server.http_port and server.name == "ejabberd":
+            wait_for(lambda: port_open(server.http_port), 20)
 
     def restart_server(self) -> None:
         """Restart the XMPP server (MariaDB keeps running, or is started again if it died):
@@ -461,15 +491,17 @@ class Stack:
                 terminate(pid, marker)
         self._save_state()
 
-    def probe(self, timeout: float = 30.0) -> float:
-        """Log in as the probe account; return the seconds it took (retrying while not ready)."""
+    def probe(self, timeout: float = 30.0, port: int = 0) -> float:
+        """Log in as the probe account (on ``port``, else the first c2s port); return the seconds
+        it took (retrying while not ready)."""
         state = self.info
+        port = port or state.c2s_port
         start = time.monotonic()
         jid = f"{PROBE_USER}@{state.domain}"
         while True:
             try:
-                run_sync(lambda: probe_login(jid, state.probe_password, "127.0.0.1",
-                                             state.c2s_port, state.ca_root))
+                run_sync(lambda: probe_login(jid, state.probe_password, "127.0.0.1", port,
+                                             state.ca_root))
                 return time.monotonic() - start
             except LoginError as exc:
                 if "authentication" in str(exc) or time.monotonic() - start > timeout:
