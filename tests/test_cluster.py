@@ -20,7 +20,7 @@ import pytest
 import pytest_asyncio
 from slixmpp import JID, ClientXMPP
 
-from capsule.connection import login
+from capsule.connection import ENDPOINTS_ENV, LoginError, Reconnect, endpoints_from_env, login
 from capsule.plugin import attach, capsule_info
 from capsule.testing.cluster import ClusterStack, open_stack
 from capsule.testing.identities import enroll
@@ -233,3 +233,25 @@ async def test_node_killed_its_bots_move_and_nothing_is_lost_silently(node_bot, 
     assert restarted.returncode == 0, restarted.stderr
     status = stack_command("status", "--dir", cluster.dir).stdout
     assert status.count("; in the cluster") == 2, status
+
+
+async def test_reconnect_goes_round_the_endpoints_and_reads_them_from_the_stack(monkeypatch):
+    """Server-free: which endpoint the next attempt takes, and $CAPSULE_ENDPOINTS as exported."""
+    nodes = [("127.0.0.1", 5222), ("127.0.0.1", 5223), ("127.0.0.1", 5224)]
+    client = ClientXMPP("bot@capsule.test", "pw")
+    client.custom_address = nodes[1]
+    reconnect = Reconnect(client, endpoints=nodes)
+    taken = []
+    for _ in range(3):
+        address = reconnect._next_address()
+        taken.append(address)
+        client.custom_address = address  # as client.connect(*address) records it
+    assert taken == [nodes[2], nodes[0], nodes[1]]
+    client.custom_address = ("127.0.0.1", 9999)  # connected elsewhere: start from the first
+    assert reconnect._next_address() == nodes[0]
+    assert Reconnect(ClientXMPP("b@capsule.test", "pw"))._next_address() == (None, None)
+    monkeypatch.setenv(ENDPOINTS_ENV, "127.0.0.1:5222 127.0.0.1:5223")
+    assert endpoints_from_env() == nodes[:2]
+    monkeypatch.setenv(ENDPOINTS_ENV, "127.0.0.1:5222 5223")
+    with pytest.raises(LoginError, match="'5223' is not host:port"):
+        endpoints_from_env()
