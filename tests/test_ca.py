@@ -15,10 +15,10 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import crypto
 
+from capsule.xmppaddr import ID_ON_XMPPADDR, cert_jids
 from capsule_ca import Authority, CAError
 from capsule_ca.cli import main as ca_main
 from capsule_ca.profiles import Usage
-from capsule_ca.xmppaddr import ID_ON_XMPPADDR, cert_jids
 
 PASS = b"correct horse battery"
 

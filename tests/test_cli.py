@@ -8,8 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from slixmpp import ClientXMPP
 
+import capsule
 from capsule.cli import main
+from capsule.errors import ProfileError
 from capsule.profile import Profile
 from capsule_ca import Authority, CertRecord
 from capsule_ca.profiles import Usage
@@ -88,3 +91,18 @@ def test_import_refuses_a_certificate_its_crl_revokes(tmp_path: Path, authority:
     assert proc.stderr.startswith("capsule: error: ") and proc.stderr.count("\n") == 1
     assert "revoked" in proc.stderr and "encrypt.pem" in proc.stderr
     assert profile.read_bytes() == before
+
+
+def test_a_pin_file_means_the_same_to_the_plugin_as_to_the_command_line(tmp_path: Path) -> None:
+    """A passphrase with edge spaces, written to the PIN file `profile init` read, opens the
+    profile in the bot too (one reader: only the line break is not part of the secret)."""
+    pin_file = tmp_path / "pin"
+    pin_file.write_text("  a passphrase with edges  \n")
+    profile = tmp_path / "bot.capsule"
+    assert main(["profile", "init", "--profile", str(profile), "--jid", "bot@capsule.test",
+                 "--pin-file", str(pin_file)]) == 0
+    bot = ClientXMPP("bot@capsule.test", "unused")
+    with pytest.raises(ProfileError) as refused:
+        bot.register_plugin("capsule", {"profile": str(profile), "pin_file": str(pin_file)},
+                            module=capsule)
+    assert refused.value.reason == "profile"  # the PIN opened it (not wrong-pin): no certs yet

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from slixmpp import ClientXMPP
 
-from capsule import enrollment
+from capsule import core
 from capsule.cli import build_parser as capsule_parser
 from capsule.connection import login
 from capsule.files import FileLock
@@ -190,7 +190,7 @@ def test_readme_walkthrough_echo_bot_answers_encrypted(tmp_path):
             if (work / name).exists()}
     assert shell_proc.returncode == 0, (out[-2000:], err[-2000:], logs)
     assert "Thanks for sending hello, echo | encrypted: True" in out
-    fingerprint = enrollment.fingerprint((stack_dir / "ca" / "root.pem").read_bytes())
+    fingerprint = core.pem_fingerprint((stack_dir / "ca" / "root.pem").read_bytes())
     assert f"The CA presents root certificate SHA-256 {fingerprint}" in out  # alice, --yes
     assert PIN not in out + err + "".join(logs.values())
     assert "serving" in logs["ca.log"] and "Traceback" not in "".join(logs.values())
@@ -443,7 +443,7 @@ async def test_enroll_rotate_audit_panel_commands(xmpp_stack, new_account, tmp_p
         assert ok(await asyncio.to_thread(run, "capsule-ca", "list", state.ca_dir, env=env)
                   ) == issued  # nothing issued, nothing revoked
         tofu = ok(await asyncio.to_thread(enroll, carol, "--yes"))
-        fingerprint = enrollment.fingerprint(state.ca_root.read_bytes())
+        fingerprint = core.pem_fingerprint(state.ca_root.read_bytes())
         assert f"root certificate SHA-256 {fingerprint}" in tofu
         rotated = await asyncio.to_thread(
             run, "capsule", "rotate", "--profile", f"{bob.user}.capsule",

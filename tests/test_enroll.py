@@ -13,7 +13,7 @@ import pytest
 import pytest_asyncio
 from slixmpp import ClientXMPP
 
-from capsule import discovery, enrollment
+from capsule import core, discovery, enrollment
 from capsule.cli import main as capsule_main
 from capsule.connection import login
 from capsule.errors import RevokedCertificate
@@ -51,7 +51,7 @@ async def enroll_new(xmpp_stack, ca_service, account, tmp_path: Path) -> Path:
     await enrollment.enroll_profile(client, profile, ca_service.boundjid.bare, None,
                                     lambda fp: seen.append(fp) or True)
     await client.disconnect()
-    assert seen == [enrollment.fingerprint(xmpp_stack.authority().root_pem)]
+    assert seen == [core.pem_fingerprint(xmpp_stack.authority().root_pem)]
     return path
 
 

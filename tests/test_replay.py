@@ -30,7 +30,7 @@ from capsule.errors import (
 from capsule.plugin import attach
 from capsule.profile import FAST_KDF, Profile
 from capsule.replay import DEFAULT_MAX_AGE, DEFAULT_SKEW, Entry, ReplayState, TimeRules, Verdict
-from capsule.trust import CertBundle, CertificateSource
+from capsule.trust import CertificateSource, CertPair
 
 from .conftest import PIN
 
@@ -255,11 +255,11 @@ class Static(CertificateSource):
     """Certificates from profiles at hand (a stand-in for PEP: the server is not the subject)."""
 
     def __init__(self, *profiles: Profile):
-        self.bundles = {p.data.jid: CertBundle(str(p.data.signing_cert).encode(),
+        self.bundles = {p.data.jid: CertPair(str(p.data.signing_cert).encode(),
                                                str(p.data.encryption_cert).encode())
                         for p in profiles}
 
-    async def fetch(self, jid: str) -> CertBundle | None:
+    async def fetch(self, jid: str) -> CertPair | None:
         return self.bundles.get(jid)
 
 

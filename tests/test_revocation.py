@@ -29,7 +29,7 @@ from capsule.errors import RevocationUnknown, RevokedCertificate, StaleCrl
 from capsule.plugin import CapsuleFailure
 from capsule.profile import Profile
 from capsule.testing.identities import enroll
-from capsule.trust import CertBundle, CertificateSource
+from capsule.trust import CertificateSource, CertPair
 from capsule_ca import Authority
 
 from .conftest import PIN
@@ -39,15 +39,15 @@ class ServedCertificates(CertificateSource):
     """A fake of PEP: serves whatever bundle the test (playing the server) put there."""
 
     def __init__(self) -> None:
-        self.bundles: dict[str, CertBundle] = {}
+        self.bundles: dict[str, CertPair] = {}
 
     def serve(self, profile: Profile) -> None:
         data = profile.data
         assert data.signing_cert and data.encryption_cert
-        self.bundles[data.jid] = CertBundle(data.signing_cert.encode(),
+        self.bundles[data.jid] = CertPair(data.signing_cert.encode(),
                                             data.encryption_cert.encode())
 
-    async def fetch(self, jid: str) -> CertBundle | None:
+    async def fetch(self, jid: str) -> CertPair | None:
         return self.bundles.get(jid)
 
 

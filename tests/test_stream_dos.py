@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from capsule import plugin as capsule_plugin
+from capsule import contacts
 from capsule.testing.stream import Cast, Stream, message, seal_for
 
 FLOOD = 1000
@@ -71,7 +71,7 @@ async def test_a_flood_of_hostile_capsules_is_bounded(stream_cast: Cast, tmp_pat
         assert refused == {f"f{i}" for i in range(FLOOD)}, sorted({f"f{i}" for i in range(FLOOD)} - refused)
         assert directory.fetches.count(alice.jid) <= 1  # one rate-limited re-look-up
         assert len(b.capsule._locks) == 0
-        assert len(b.capsule._fetched) <= capsule_plugin.FETCH_MEMORY
+        assert len(b.capsule.contacts.fetched) <= contacts.FETCH_MEMORY
         b.events.clear()
         gc.collect()
         growth = tracemalloc.get_traced_memory()[0] - before

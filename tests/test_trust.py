@@ -11,15 +11,15 @@ import pytest
 from capsule.errors import RevokedCertificate, UntrustedCertificate
 from capsule.profile import Profile
 from capsule.testing.identities import enroll
-from capsule.trust import CertBundle, TrustStore
+from capsule.trust import CertPair, TrustStore
 from capsule_ca import Authority
 
 from .conftest import PIN
 
 
-def bundle(p: Profile) -> CertBundle:
+def bundle(p: Profile) -> CertPair:
     assert p.data.signing_cert and p.data.encryption_cert
-    return CertBundle(p.data.signing_cert.encode(), p.data.encryption_cert.encode())
+    return CertPair(p.data.signing_cert.encode(), p.data.encryption_cert.encode())
 
 
 def test_valid_contact_verifies_and_is_cached(authority: Authority,

@@ -24,9 +24,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from capsule.jids import bare_jid, same_jid
-from capsule_ca.errors import CAError
+from capsule.xmppaddr import cert_jids, san_jids
+from capsule_ca.errors import CAError, IdentityMismatch
 from capsule_ca.profiles import Usage, render_extfile
-from capsule_ca.xmppaddr import cert_jids, san_jids
 
 MIN_RSA_BITS = 2048
 USER_DAYS = 365
@@ -519,10 +519,12 @@ def _check_csr(csr_pem: bytes, jid: str, email: str | None) -> None:
     except ValueError as exc:
         raise CAError(f"the CSR's xmppAddr is malformed: {exc}") from None
     if any(not same_jid(j, jid) for j in asked):
-        raise CAError(f"the CSR asks for {', '.join(asked)} but the certificate is for {jid}")
+        raise IdentityMismatch(f"the CSR asks for {', '.join(asked)} but the certificate is "
+                               f"for {jid}")
     emails = san.get_values_for_type(x509.RFC822Name)
     if any(e != email for e in emails):
-        raise CAError(f"the CSR asks for e-mail {', '.join(emails)}, not {email or 'none'}")
+        raise IdentityMismatch(f"the CSR asks for e-mail {', '.join(emails)}, not "
+                               f"{email or 'none'}")
     if san.get_values_for_type(x509.DNSName):
         raise CAError("a user CSR must not ask for DNS names")
 

@@ -6,40 +6,19 @@ import argparse
 import contextlib
 import datetime as dt
 import fcntl
-import getpass
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 from capsule.connection import HOST_ENV, PORT_ENV, TLS_CA_ENV, LoginError
+from capsule.pins import read_secret
 from capsule_ca.authority import CRL_DAYS, SERVE_LOCK, Authority
 from capsule_ca.errors import CAError
 from capsule_ca.profiles import Usage
 
 PASSPHRASE_ENV = "CAPSULE_CA_PASSPHRASE"
-
-
-def read_secret(file: str | None, env: str, what: str, confirm: bool = False,
-                check: Callable[[str], object] | None = None,
-                error: type[Exception] = CAError) -> str:
-    """A secret from a file, else ``$env``, else a prompt (twice when ``confirm``)."""
-    if file:
-        try:
-            return Path(file).read_text().rstrip("\r\n")
-        except OSError as exc:
-            raise error(f"cannot read {file}: {exc.strerror}") from None
-    if os.environ.get(env):
-        return os.environ[env]
-    if not sys.stdin.isatty():
-        raise error(f"no {what}: use its file option, ${env} or a terminal")
-    first = getpass.getpass(f"{what}: ")
-    if check:
-        check(first)
-    if confirm and getpass.getpass(f"{what} again: ") != first:
-        raise error(f"the two entries of the {what} differ")
-    return first
 
 
 def add_server_options(parser: argparse.ArgumentParser, tls_default: str) -> None:
@@ -55,7 +34,8 @@ def add_server_options(parser: argparse.ArgumentParser, tls_default: str) -> Non
 
 def read_passphrase(args: argparse.Namespace, confirm: bool = False) -> bytes:
     """From --passphrase-file, then $CAPSULE_CA_PASSPHRASE, then a prompt (twice when creating)."""
-    return read_secret(args.passphrase_file, PASSPHRASE_ENV, "CA passphrase", confirm).encode()
+    return read_secret(args.passphrase_file, PASSPHRASE_ENV, "CA passphrase", confirm,
+                       error=CAError).encode()
 
 
 def _authority(args: argparse.Namespace) -> Authority:
@@ -117,7 +97,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     slixmpp_log.setLevel(logging.CRITICAL)  # a failed login is our one line, not its log
     authority = _authority(args)
     authority.check_passphrase()  # a wrong one would fail every enrollment, not the start
-    password = read_secret(args.password_file, "CAPSULE_CA_XMPP_PASSWORD", "CA account password")
+    password = read_secret(args.password_file, "CAPSULE_CA_XMPP_PASSWORD", "CA account password",
+                           error=CAError)
 
     async def serve() -> None:
         # slixmpp binds a client to the loop that is running when it is built: build it here

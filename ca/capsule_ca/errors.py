@@ -3,3 +3,7 @@
 
 class CAError(Exception):
     """A CA operation was refused or failed; the CA directory is unchanged."""
+
+
+class IdentityMismatch(CAError):
+    """A CSR asks for an identity (JID, e-mail) other than the requester's."""

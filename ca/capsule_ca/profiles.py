@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from capsule_ca.xmppaddr import ID_ON_XMPPADDR
+from capsule.xmppaddr import ID_ON_XMPPADDR
 
 
 class Usage(StrEnum):

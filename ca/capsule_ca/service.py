@@ -28,8 +28,9 @@ from slixmpp.xmlstream.matcher import StanzaPath
 from capsule import enrollment
 from capsule.connection import login
 from capsule.jids import same_jid
+from capsule.stanza import certs_by_usage
 from capsule_ca.authority import Authority
-from capsule_ca.errors import CAError
+from capsule_ca.errors import CAError, IdentityMismatch
 from capsule_ca.profiles import Usage
 
 log = logging.getLogger(__name__)
@@ -153,8 +154,7 @@ class EnrollmentService(ClientXMPP):
             asked = iq["capsule_enroll"]["jid"]
             if asked and not same_jid(asked, requester):
                 raise XMPPError("forbidden", f"{requester} may enroll only itself, not {asked}")
-            csrs = {c["usage"]: c["value"].strip().encode() + b"\n"
-                    for c in iq["capsule_enroll"]["csrs"]}
+            csrs = certs_by_usage(iq["capsule_enroll"]["csrs"], enrollment.pem_text)
             if set(csrs) != {"sign", "encrypt"}:
                 raise XMPPError("bad-request", "send one <csr usage='sign'/> and one usage='encrypt'")
             if not self.limiter.allow(requester):
@@ -166,7 +166,7 @@ class EnrollmentService(ClientXMPP):
                     requester, requester)
             except CAError as exc:
                 self.authority.log(requester, f"refused enrollment: {exc}")
-                if "asks for" in str(exc):
+                if isinstance(exc, IdentityMismatch):
                     raise XMPPError("forbidden", str(exc)) from None
                 raise XMPPError("bad-request", str(exc)) from None
             issued = {usage.value: record.pem() for usage, record in records.items()}
@@ -181,7 +181,7 @@ class EnrollmentService(ClientXMPP):
             return
         reply = iq.reply()
         for usage, pem in issued.items():
-            cert = enrollment.Cert()
+            cert = enrollment.IssuedCert()
             cert["usage"], cert["value"] = usage, pem.decode()
             reply["capsule_enroll"].append(cert)
         reply.send()
@@ -203,7 +203,7 @@ class EnrollmentService(ClientXMPP):
         reply = iq.reply()
         reply["capsule_lookup"]["jid"] = jid
         for usage in ("sign", "encrypt"):
-            cert = enrollment.Cert()
+            cert = enrollment.IssuedCert()
             cert["usage"], cert["value"] = usage, records[usage].pem().decode()
             reply["capsule_lookup"].append(cert)
         reply.send()

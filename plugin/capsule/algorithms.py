@@ -6,9 +6,6 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 
 VERSION_TAG = b"urn:capsule:0"
-NAMESPACE = "urn:capsule:0"
-CERTS_NODE = "urn:capsule:certs:0"
-SCE_NAMESPACE = "urn:xmpp:sce:1"
 
 MESSAGE_KEY_BYTES = 32  # AES-256
 IV_BYTES = 12  # GCM nonce
@@ -16,12 +13,16 @@ TAG_BYTES = 16
 NID_BYTES = 16
 DEFAULT_RSA_BITS = 2048  # NIST SP 800-57: 112-bit security through 2030
 ACCEPTED_RSA_BITS = (2048, 3072, 4096)
+RSA_PUBLIC_EXPONENT = 65537
 RPAD_MAX = 200  # random padding 0..RPAD_MAX bytes hides the exact length
 
 # the profile: Argon2id parameters accepted from a file header (checked before any derivation)
 ARGON2_MEMORY_KIB = (8192, 1 << 20)  # 8 MiB .. 1 GiB
 ARGON2_ITERATIONS = (1, 16)
 ARGON2_LANES = (1, 16)
+KDF_SALT_BYTES = 16  # Argon2id salt (RFC 9106: 16 bytes)
+PROFILE_KEY_BYTES = 32  # AES-256-GCM key of the profile file
+JOURNAL_EPOCH_BYTES = 16  # names the profile save a journal belongs to
 KEY_FILE_BYTES = 32  # the optional second secret kept outside the profile
 PROFILE_KEY_FILE_INFO = b"capsule profile key: pin + key file"
 JOURNAL_KEY_INFO = b"capsule replay journal"
@@ -41,3 +42,4 @@ def pss() -> padding.PSS:
 
 
 SIGNATURE_HASH = hashes.SHA256()
+CSR_HASH = hashes.SHA256()  # signs our certificate requests

@@ -14,20 +14,21 @@ import datetime as dt
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple
 
 from cryptography import x509
 
-from capsule import algorithms as alg
 from capsule import core, elements
+from capsule import namespaces as ns
 from capsule.errors import CapsuleError, UntrustedCertificate
 from capsule.stanza import FALLBACK_BODY, parse_capsule
 from capsule.trust import TrustStore, VerifiedCert
 
-CAPSULE_TAG = f"{{{alg.NAMESPACE}}}capsule"
+CAPSULE_TAG = f"{{{ns.NAMESPACE}}}capsule"
 CAPSULE_OPEN, CAPSULE_CLOSE = "<capsule xmlns=", "</capsule>"
-CAPSULE_NS_VALUES = (f'"{alg.NAMESPACE}"', f"'{alg.NAMESPACE}'")
+CAPSULE_NS_VALUES = (f'"{ns.NAMESPACE}"', f"'{ns.NAMESPACE}'")
 SPAN_TAG = "capsule-audit-span"  # takes a capsule's place while the rest of its row is parsed
 SPAN_ELEMENT = f"<{SPAN_TAG} xmlns=''/>"
 VERDICTS = ("plaintext", "capsule", "bad-signature", "sender-mismatch", "recipient-mismatch",
@@ -244,6 +245,11 @@ def _bare(jid: str | None) -> str:
     return (jid or "").split("/", 1)[0]
 
 
+def _here(row: StoredRow) -> str:
+    """The key of a finding that only its row identifies."""
+    return f"row {row.store} {row.row_id}"
+
+
 def _local(tag: str) -> str:
     return tag.rsplit("}", 1)[-1]
 
@@ -258,33 +264,46 @@ def readable(msg: ET.Element, column: str, encrypted: bool,
     :data:`SERVER_NOTES`), an attribute on the message (but :data:`MESSAGE_ATTRIBUTES`) or on an
     element not on the plugin's allow-list (:func:`capsule.elements.outside`) nor inside one."""
     fallback = encrypted
-    if column.strip() and not (fallback and column.strip() == FALLBACK_BODY):
+    if column and not column.isspace() and not (fallback and column.strip() == FALLBACK_BODY):
         return "the stored body column"
-    if any(name not in MESSAGE_ATTRIBUTES for name in msg.attrib):
+    if not MESSAGE_ATTRIBUTES.issuperset(msg.attrib):
         return "an attribute on <message>"
-    if (msg.text or "").strip():
+    if _visible(msg.text):
         return "text in <message>"
-    body = msg.tag[:-len(_local(msg.tag))] + "body"
+    body = _body_tag(msg.tag)
+    outside = elements.outside_tag
     stack = [(child, False) for child in reversed(msg)]
     while stack:
         node, quiet = stack.pop()
         tag = node.tag
-        if (node.tail or "").strip():
+        if _visible(node.tail):
             return f"text after <{_local(tag)}>"
         if node is marker or tag == CAPSULE_TAG:
             continue
-        text = (node.text or "").strip()
+        text = node.text
         if (fallback and tag == body and text == FALLBACK_BODY and not node.attrib
-                and not len(node) and node.text == FALLBACK_BODY):
+                and not len(node)):
             fallback = False  # the fallback once, exactly
             continue
-        quiet = quiet or elements.outside(node)
-        if text and not (quiet and text in SERVER_NOTES):
+        quiet = quiet or outside(tag)
+        if text and not text.isspace() and not (quiet and text.strip() in SERVER_NOTES):
             return f"text in <{_local(tag)}>"
         if node.attrib and not quiet:
             return f"attributes on <{_local(tag)}>"
-        stack.extend((child, quiet) for child in reversed(node))
+        if len(node):
+            stack.extend((child, quiet) for child in reversed(node))
     return ""
+
+
+def _visible(text: str | None) -> bool:
+    """Whether text holds anything but whitespace (without copying it, as strip() would)."""
+    return bool(text and not text.isspace())
+
+
+@lru_cache(maxsize=64)
+def _body_tag(message_tag: str) -> str:
+    """The <body> tag in a message's namespace (the tag itself when it has none)."""
+    return message_tag[:-len(_local(message_tag))] + "body"
 
 
 ElementKey = tuple[tuple[str, str | None, str | None, tuple[tuple[str, str], ...], int], ...]
@@ -314,7 +333,7 @@ def capsule_span(text: str) -> tuple[int, int] | None:
     if start < 0 or SPAN_TAG in text:
         return None
     after = start + len(CAPSULE_OPEN)
-    if text[after:after + len(alg.NAMESPACE) + 2] not in CAPSULE_NS_VALUES:
+    if text[after:after + len(ns.NAMESPACE) + 2] not in CAPSULE_NS_VALUES:
         return None
     end = text.find(CAPSULE_CLOSE, after)
     return None if end < 0 else (start, end + len(CAPSULE_CLOSE))
@@ -386,7 +405,7 @@ class Auditor:
 
     def examine(self, row: StoredRow) -> Finding:
         if "<!" in row.stanza:
-            return Finding(row, "malformed", "", row.owner, f"row {row.store} {row.row_id}",
+            return Finding(row, "malformed", "", row.owner, _here(row),
                            "stanza holds a DTD or comment")
         span = capsule_span(row.stanza)
         if span is not None:
@@ -426,7 +445,7 @@ class Auditor:
         try:
             msg = self._reader.parse(row.stanza)
         except ET.ParseError as exc:
-            return Finding(row, "malformed", "", row.owner, f"row {row.store} {row.row_id}",
+            return Finding(row, "malformed", "", row.owner, _here(row),
                            f"unparseable stanza: {exc}")
         capsules = sum(1 for _ in msg.iter(CAPSULE_TAG))
         if not capsules:
@@ -454,17 +473,16 @@ class Auditor:
         of ``msg``; None when the message's capsules are all nested deeper), the message's one
         capsule (of ``capsules``), its judgement, checked against who stored it for whom."""
         sender, recipient = _bare(msg.get("from")) or row.owner, _bare(msg.get("to"))
-        here = f"row {row.store} {row.row_id}"
         leak = readable(msg, row.column, True, capsule)
         if leak:  # counted apart from the clean copies of the same message
-            key = f"{seen.key} plaintext" if seen and seen.key else here
+            key = f"{seen.key} plaintext" if seen and seen.key else _here(row)
             return Finding(row, "plaintext", sender, recipient, key, f"{leak} beside a capsule")
         if seen is None or capsules > 1:
-            return Finding(row, "malformed", sender, recipient, here,
+            return Finding(row, "malformed", sender, recipient, _here(row),
                            f"{capsules} capsules in one message" if capsules > 1
                            else "capsule nested inside another element")
         if not seen.key:  # unreadable: no message to count it under but this row
-            return Finding(row, seen.verdict, sender, recipient, here, seen.detail)
+            return Finding(row, seen.verdict, sender, recipient, _here(row), seen.detail)
         verdict, detail = seen.verdict, seen.detail
         if verdict != "malformed" and seen.signer != sender:
             verdict, detail = "sender-mismatch", f"stored from {sender}, capsule signed as " \

@@ -35,10 +35,11 @@ from capsule.core import cert_fingerprint
 from capsule.enrollment import EnrollmentError
 from capsule.errors import CapsuleError, ProfileError, UntrustedCertificate
 from capsule.panel import PanelError, check_ejabberd_queue, check_openfire_archive
-from capsule.profile import PIN_ENV, KdfParams, Profile, brute_force_cost, check_pin
+from capsule.pins import PIN_ENV, brute_force_cost, check_pin, read_secret
+from capsule.profile import KdfParams, Profile
 from capsule.sql import AUDIT_DB_PASSWORD_FILE_ENV, AUDIT_DSN_ENV
 from capsule.trust import TrustStore
-from capsule_ca.cli import add_server_options, read_secret, run
+from capsule_ca.cli import add_server_options, run
 
 NEW_PIN_ENV = "CAPSULE_NEW_PIN"
 DB_PASSWORD_ENV = "CAPSULE_AUDIT_DB_PASSWORD"

@@ -25,19 +25,28 @@ ENDPOINTS_ENV = "CAPSULE_ENDPOINTS"
 Endpoint = tuple[str, int]
 
 
+class LoginError(Exception):
+    """An XMPP login failed: bad credentials, untrusted certificate, or no server.
+
+    ``reason`` names which, for callers to match on: "authentication", "registration",
+    "untrusted-certificate", "connection", "timeout" or "configuration".
+    """
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 def endpoints_from_env() -> list[Endpoint]:
     """The endpoints in $CAPSULE_ENDPOINTS (empty when unset)."""
     found = []
     for item in os.environ.get(ENDPOINTS_ENV, "").split():
         host, _, port = item.rpartition(":")
         if not host or not port.isdigit():
-            raise LoginError(f"${ENDPOINTS_ENV}: {item!r} is not host:port")
+            raise LoginError(f"${ENDPOINTS_ENV}: {item!r} is not host:port",
+                             "configuration")
         found.append((host, int(port)))
     return found
-
-
-class LoginError(Exception):
-    """An XMPP login failed: bad credentials, untrusted certificate, or no server."""
 
 
 def tls_context(ca_root: str | Path, maximum: ssl.TLSVersion | None = None) -> ssl.SSLContext:
@@ -61,7 +70,7 @@ def use_server(client: ClientXMPP) -> tuple[str, int]:
     missing = [name for name in (PORT_ENV, TLS_CA_ENV) if not os.environ.get(name)]
     if missing:
         raise LoginError(f"${' and $'.join(missing)} not set: run "
-                         f"`eval \"$(scripts/stack status --exports)\"` first")
+                         f"`eval \"$(scripts/stack status --exports)\"` first", "configuration")
     client.ssl_context = tls_context(os.environ[TLS_CA_ENV])
     client.enable_direct_tls = False
     return os.environ.get(HOST_ENV, "127.0.0.1"), int(os.environ[PORT_ENV])
@@ -81,29 +90,30 @@ async def login(
     loop = asyncio.get_running_loop()
     outcome: asyncio.Future[None] = loop.create_future()
 
-    def settle(error: str | Callable[[], str] | None) -> Callable[[Any], None]:
+    def settle(error: Callable[[], tuple[str, str]] | None) -> Callable[[Any], None]:
         def handler(_event: Any) -> None:
             if outcome.done():
                 return
             if error is None:
                 outcome.set_result(None)
             else:
-                reason = error() if callable(error) else error
-                outcome.set_exception(LoginError(f"{client.boundjid.bare}: {reason}"))
+                text, reason = error()
+                outcome.set_exception(LoginError(f"{client.boundjid.bare}: {text}", reason))
 
         return handler
 
-    def auth_failure() -> str:
+    def auth_failure() -> tuple[str, str]:
         refused = getattr(client, "capsule_registration_refused", [])
         if refused:
-            return "in-band registration refused: " + "; ".join(refused)
-        return "authentication failed (wrong user or password)"
+            return "in-band registration refused: " + "; ".join(refused), "registration"
+        return "authentication failed (wrong user or password)", "authentication"
 
     handlers = {
         "session_start": settle(None),
         "failed_all_auth": settle(auth_failure),
-        "ssl_invalid_chain": settle("server certificate not trusted by our CA"),
-        "connection_failed": settle(f"cannot connect to {host}:{port}"),
+        "ssl_invalid_chain": settle(lambda: ("server certificate not trusted by our CA",
+                                             "untrusted-certificate")),
+        "connection_failed": settle(lambda: (f"cannot connect to {host}:{port}", "connection")),
     }
     for event, handler in handlers.items():
         client.add_event_handler(event, handler)
@@ -116,7 +126,8 @@ async def login(
         client.cancel_connection_attempt()
         client.abort()
         if isinstance(exc, TimeoutError):
-            raise LoginError(f"{client.boundjid.bare}: no session within {timeout:.0f} s") from None
+            raise LoginError(f"{client.boundjid.bare}: no session within {timeout:.0f} s",
+                             "timeout") from None
         raise
     finally:
         for event, handler in handlers.items():

@@ -84,6 +84,11 @@ def cert_fingerprint(cert: x509.Certificate) -> str:
     return fingerprint(cert.public_bytes(serialization.Encoding.DER))
 
 
+def pem_fingerprint(pem: bytes) -> str:
+    """:func:`fingerprint` of a PEM certificate (raises ValueError if it is not one)."""
+    return cert_fingerprint(x509.load_pem_x509_certificate(pem))
+
+
 def utc_timestamp(now: dt.datetime | None = None) -> str:
     return (now or dt.datetime.now(dt.UTC)).astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 

@@ -8,7 +8,6 @@ recipient is offline. Servers that keep an older node configuration answer a pub
 from __future__ import annotations
 
 import base64
-import binascii
 import logging
 
 from cryptography import x509
@@ -17,12 +16,13 @@ from slixmpp import JID, BaseXMPP
 from slixmpp.exceptions import IqError, IqTimeout
 from slixmpp.plugins.xep_0004.stanza import Form
 
-from capsule import algorithms as alg
+from capsule import namespaces as ns
 from capsule.errors import CertificateLookupFailed
-from capsule.stanza import Cert, Certs
-from capsule.trust import CertBundle, CertificateSource
+from capsule.stanza import Certs, PublishedCert, certs_by_usage
+from capsule.trust import CertificateSource, CertPair
 
 log = logging.getLogger(__name__)
+PRECONDITION_NOT_MET = "{http://jabber.org/protocol/pubsub#errors}precondition-not-met"
 ITEM_ID = "current"
 # the answers that mean "no Capsule node": ejabberd says item-not-found; Prosody forbidden (a
 # missing node has the default, presence-only access, while ours is always open)
@@ -48,42 +48,35 @@ def certs_payload(chain: dict[str, str]) -> Certs:
     payload = Certs()
     for usage, pem in chain.items():
         der = x509.load_pem_x509_certificate(pem.encode()).public_bytes(serialization.Encoding.DER)
-        cert = Cert()
+        cert = PublishedCert()
         cert["usage"] = usage
         cert["value"] = base64.b64encode(der).decode()
         payload.append(cert)
     return payload
 
 
-def parse_certs(payload: Certs) -> dict[str, bytes]:
-    """{usage: PEM} from a ``<certs/>`` item; undecodable entries are dropped (and logged)."""
-    found = {}
-    for cert in payload["certs"]:
-        try:
-            der = base64.b64decode(cert["value"].strip(), validate=True)
-            pem = x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
-        except (binascii.Error, ValueError):
-            log.warning("ignoring an undecodable %s certificate in a PEP item", cert["usage"])
-            continue
-        found[cert["usage"]] = pem
-    return found
+def der_to_pem(text: str) -> bytes:
+    """A published certificate (base64 DER) as PEM; ValueError if it is not one."""
+    der = base64.b64decode(text.strip(), validate=True)
+    return x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
 
 
 async def publish(xmpp: BaseXMPP, chain: dict[str, str], timeout: int = 15) -> None:
     pubsub = xmpp.plugin["xep_0060"]
     options = _form(PUBLISH_OPTIONS_FORM, _PUBLISH_OPTIONS)
     try:
-        await pubsub.publish(None, alg.CERTS_NODE, id=ITEM_ID, payload=certs_payload(chain),
+        await pubsub.publish(None, ns.CERTS_NODE, id=ITEM_ID, payload=certs_payload(chain),
                              options=options, timeout=timeout)
         return
     except IqError as exc:
-        if "precondition-not-met" not in str(exc.iq):
+        # the application condition of XEP-0060 7.1.5, which slixmpp does not parse
+        if exc.iq["error"].xml.find(PRECONDITION_NOT_MET) is None:
             raise
-    log.info("PEP node %s has other options; reconfiguring it", alg.CERTS_NODE)
-    await pubsub.set_node_config(None, alg.CERTS_NODE,
+    log.info("PEP node %s has other options; reconfiguring it", ns.CERTS_NODE)
+    await pubsub.set_node_config(None, ns.CERTS_NODE,
                                  _form(NODE_CONFIG_FORM, _NODE_CONFIG),
                                  timeout=timeout)
-    await pubsub.publish(None, alg.CERTS_NODE, id=ITEM_ID, payload=certs_payload(chain),
+    await pubsub.publish(None, ns.CERTS_NODE, id=ITEM_ID, payload=certs_payload(chain),
                          options=options, timeout=timeout)
 
 
@@ -94,14 +87,14 @@ class PepSource(CertificateSource):
         self.xmpp = xmpp
         self.timeout = timeout
 
-    async def fetch(self, jid: str) -> CertBundle | None:
+    async def fetch(self, jid: str) -> CertPair | None:
         """The published bundle; None only on a definite "none" (DEFINITELY_NONE, no items).
 
         A time-out, any other error or an item without usable certificates is no answer:
         CertificateLookupFailed, so that policy ``prefer`` never falls back to plaintext on it.
         """
         try:
-            iq = await self.xmpp.plugin["xep_0060"].get_item(JID(jid), alg.CERTS_NODE, ITEM_ID,
+            iq = await self.xmpp.plugin["xep_0060"].get_item(JID(jid), ns.CERTS_NODE, ITEM_ID,
                                                       timeout=self.timeout)
         except IqError as exc:
             if exc.condition in DEFINITELY_NONE:
@@ -113,9 +106,9 @@ class PepSource(CertificateSource):
                                           ) from None
         items = list(iq["pubsub"]["items"])
         for item in items:
-            found = parse_certs(item["capsule_certs"])
+            found = certs_by_usage(item["capsule_certs"]["certs"], der_to_pem)
             if "sign" in found and "encrypt" in found:
-                return CertBundle(sign=found["sign"], encrypt=found["encrypt"])
+                return CertPair(sign=found["sign"], encrypt=found["encrypt"])
         if items:
             raise CertificateLookupFailed(f"{jid} published a Capsule item without usable "
                                           f"certificates")

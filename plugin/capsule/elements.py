@@ -10,15 +10,16 @@ envelope (see README, "Security properties").
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from functools import lru_cache
 
-from capsule import algorithms as alg
+from capsule import namespaces as ns
 
 CLIENT = "jabber:client"
 FORWARD = "urn:xmpp:forward:0"
 # (namespace, element name); None: every element of the namespace
 OUTSIDE: frozenset[tuple[str, str | None]] = frozenset({
     (CLIENT, "error"),
-    (alg.NAMESPACE, "capsule"), ("urn:xmpp:eme:0", "encryption"),
+    (ns.NAMESPACE, "capsule"), ("urn:xmpp:eme:0", "encryption"),
     ("urn:xmpp:hints", None), ("urn:xmpp:receipts", None),
     ("http://jabber.org/protocol/chatstates", None), ("urn:xmpp:chat-markers:0", None),
     ("urn:xmpp:sid:0", None), ("urn:xmpp:delay", "delay"),
@@ -39,7 +40,7 @@ WRAPPERS_BESIDE: frozenset[tuple[str, str | None]] = frozenset({
     ("urn:xmpp:mam:2", "result"), (FORWARD, "forwarded"),
     ("http://jabber.org/protocol/pubsub#event", "event"),
 })
-_MACHINERY = frozenset({(alg.NAMESPACE, "capsule"), ("urn:xmpp:eme:0", "encryption")})
+_MACHINERY = frozenset({(ns.NAMESPACE, "capsule"), ("urn:xmpp:eme:0", "encryption")})
 SERVER_METADATA = frozenset({("urn:xmpp:delay", "delay"), ("urn:xmpp:sid:0", "stanza-id")})
 _WRAPPERS = frozenset({("urn:xmpp:carbons:2", "received"), ("urn:xmpp:carbons:2", "sent"),
                        ("urn:xmpp:mam:2", "result")})
@@ -56,7 +57,14 @@ def name(element: ET.Element) -> tuple[str, str]:
 
 
 def outside(element: ET.Element) -> bool:
-    ns, local = name(element)
+    return outside_tag(element.tag)
+
+
+@lru_cache(maxsize=1024)  # bounded: a hostile archive may use any number of tags
+def outside_tag(tag: str) -> bool:
+    """:func:`outside` by an element's tag alone, remembered per tag (the audit asks it for
+    every element of every stored row)."""
+    ns, _, local = tag[1:].partition("}") if tag.startswith("{") else ("", "", tag)
     return (ns, None) in OUTSIDE or (ns, local) in OUTSIDE
 
 
@@ -89,7 +97,7 @@ def readable(message: ET.Element) -> bool:
     Beside a capsule its fallback body is not content; forwarded messages (carbons, archive
     results) count with what they forward.
     """
-    sealed = message.find(f"{{{alg.NAMESPACE}}}capsule") is not None
+    sealed = message.find(f"{{{ns.NAMESPACE}}}capsule") is not None
     if len([child for child in message if name(child) in _WRAPPERS]) > 1:
         return True  # which one a client reads is up to it: ambiguous, so refused
     for child in message:

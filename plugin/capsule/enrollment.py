@@ -18,7 +18,6 @@ import logging
 from collections.abc import Callable
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 from slixmpp import JID, BaseXMPP, Iq
 from slixmpp.exceptions import IqError, IqTimeout
 from slixmpp.plugins.xep_0060.stanza import EventItem, Item
@@ -26,10 +25,11 @@ from slixmpp.plugins.xep_0199.stanza import Ping
 from slixmpp.xmlstream import ElementBase, register_stanza_plugin
 
 from capsule import discovery
+from capsule.core import pem_fingerprint
 from capsule.errors import CapsuleError, ProfileError
 from capsule.profile import Profile
-from capsule.stanza import TextValue
-from capsule.trust import CertBundle, CertificateSource, TrustStore
+from capsule.stanza import TextValue, certs_by_usage
+from capsule.trust import CertificateSource, CertPair, TrustStore
 
 NS = "urn:capsule:enroll:0"
 CRL_NODE = "urn:capsule:crl:0"
@@ -64,7 +64,7 @@ class Csr(TextValue):
     interfaces = {"usage", "value"}
 
 
-class Cert(TextValue):
+class IssuedCert(TextValue):
     name = "cert"
     namespace = NS
     plugin_attrib = "cert"
@@ -107,15 +107,20 @@ def register() -> None:
     register_stanza_plugin(Iq, Root)
     register_stanza_plugin(Iq, Ping)
     register_stanza_plugin(Enroll, Csr, iterable=True)
-    register_stanza_plugin(Enroll, Cert, iterable=True)
-    register_stanza_plugin(Lookup, Cert, iterable=True)
+    register_stanza_plugin(Enroll, IssuedCert, iterable=True)
+    register_stanza_plugin(Lookup, IssuedCert, iterable=True)
     register_stanza_plugin(EventItem, Crl)
     register_stanza_plugin(Item, Crl)
 
 
+def pem_text(text: str) -> bytes:
+    """A certificate or CSR as this protocol carries it (PEM text) as PEM bytes."""
+    return text.strip().encode() + b"\n"
+
+
 def pems(element: ElementBase) -> dict[str, bytes]:
     """{usage: PEM} of the <cert/> children."""
-    return {c["usage"]: c["value"].strip().encode() + b"\n" for c in element["certs"]}
+    return certs_by_usage(element["certs"], pem_text)
 
 
 async def _ask(xmpp: BaseXMPP, iq: Iq, timeout: int) -> Iq:
@@ -184,7 +189,7 @@ async def enroll(xmpp: BaseXMPP, ca: str, csrs: dict[str, bytes], timeout: int =
     return answer
 
 
-async def lookup(xmpp: BaseXMPP, ca: str, jid: str, timeout: int = 15) -> CertBundle | None:
+async def lookup(xmpp: BaseXMPP, ca: str, jid: str, timeout: int = 15) -> CertPair | None:
     """The CA directory's current certificates of ``jid`` (None when it has none)."""
     register()
     iq = xmpp.make_iq_get(ito=service_jid(ca))
@@ -196,7 +201,7 @@ async def lookup(xmpp: BaseXMPP, ca: str, jid: str, timeout: int = 15) -> CertBu
             return None
         raise
     if "sign" in found and "encrypt" in found:
-        return CertBundle(found["sign"], found["encrypt"])
+        return CertPair(found["sign"], found["encrypt"])
     return None
 
 
@@ -224,19 +229,13 @@ async def fetch_root(xmpp: BaseXMPP, ca: str, timeout: int = 15) -> bytes:
     return pem
 
 
-def fingerprint(pem: bytes) -> str:
-    """SHA-256 fingerprint as the user is asked to confirm it (AA:BB:…)."""
-    digest = x509.load_pem_x509_certificate(pem).fingerprint(hashes.SHA256())
-    return ":".join(f"{b:02X}" for b in digest)
-
-
 class CaDirectorySource(CertificateSource):
     """The CA's look-up service as a certificate source (the fallback when PEP has none)."""
 
     def __init__(self, xmpp: BaseXMPP, ca: str, timeout: int = 15):
         self.xmpp, self.ca, self.timeout = xmpp, ca, timeout
 
-    async def fetch(self, jid: str) -> CertBundle | None:
+    async def fetch(self, jid: str) -> CertPair | None:
         return await lookup(self.xmpp, self.ca, jid, self.timeout)
 
 
@@ -247,7 +246,7 @@ class FirstFound(CertificateSource):
     def __init__(self, *sources: CertificateSource):
         self.sources = sources
 
-    async def fetch(self, jid: str) -> CertBundle | None:
+    async def fetch(self, jid: str) -> CertPair | None:
         failure: CapsuleError | None = None
         for source in self.sources:
             try:
@@ -293,17 +292,17 @@ async def enroll_profile(xmpp: BaseXMPP, profile: Profile, ca: str, ca_root: byt
         raise EnrollmentError(f"logged in as {xmpp.boundjid.bare} but the profile is {jid}")
     root = await fetch_root(xmpp, ca)
     expected = ca_root or (profile.data.ca_root.encode() if profile.data.ca_root else None)
-    if expected is not None and fingerprint(expected) != fingerprint(root):
-        raise EnrollmentError(f"the CA sent root {fingerprint(root)}, not the one we trust "
-                              f"({fingerprint(expected)}); nothing was sent to it")
-    if expected is None and not confirm(fingerprint(root)):
+    if expected is not None and pem_fingerprint(expected) != pem_fingerprint(root):
+        raise EnrollmentError(f"the CA sent root {pem_fingerprint(root)}, not the one we trust "
+                              f"({pem_fingerprint(expected)}); nothing was sent to it")
+    if expected is None and not confirm(pem_fingerprint(root)):
         raise EnrollmentError("the CA root was not confirmed; nothing was sent to it")
     if rotate:
         profile.rotate_keys()
     answer = await enroll(xmpp, ca, {"sign": profile.csr("sign"), "encrypt": profile.csr("encrypt")})
-    if fingerprint(answer["ca"]) != fingerprint(root):
-        raise EnrollmentError(f"the CA issued under root {fingerprint(answer['ca'])}, not "
-                              f"{fingerprint(root)}")
+    if pem_fingerprint(answer["ca"]) != pem_fingerprint(root):
+        raise EnrollmentError(f"the CA issued under root {pem_fingerprint(answer['ca'])}, not "
+                              f"{pem_fingerprint(root)}")
     crl = await fetch_crl(xmpp, ca)
     trust = TrustStore(root, crl)
     trust.verify(answer["sign"], jid, "sign")

@@ -18,9 +18,10 @@ from typing import cast
 
 from capsule import algorithms as alg
 from capsule import core, elements
+from capsule import namespaces as ns
 from capsule.errors import EnvelopeMismatch, MalformedCapsule, UninterpretableContent
 
-_NS = "{" + alg.SCE_NAMESPACE + "}"
+_NS = "{" + ns.SCE_NAMESPACE + "}"
 MAX_BYTES = 128 * 1024  # an envelope larger than this is refused before decryption
 MAX_DEPTH = 32  # envelope, content, then XHTML-IM nesting; deeper is refused
 
@@ -44,7 +45,7 @@ def encode(content: Sequence[ET.Element], sender: str, recipients: Sequence[str]
     for jid in recipients:
         ET.SubElement(root, _NS + "to", jid=jid)
     ET.SubElement(root, _NS + "from", jid=sender)
-    ET.register_namespace("", alg.SCE_NAMESPACE)
+    ET.register_namespace("", ns.SCE_NAMESPACE)
     data: bytes = ET.tostring(root, encoding="utf-8", xml_declaration=False)
     return data
 

@@ -16,231 +16,43 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import datetime as dt
-import itertools
 import json
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.oid import NameOID
 
 from capsule import algorithms as alg
 from capsule import journal
 from capsule.core import cert_fingerprint
 from capsule.errors import (
-    CapsuleError,
     CorruptProfile,
     ProfileError,
     StorageError,
     UnsupportedVersion,
-    WeakPin,
     WrongPin,
 )
 from capsule.files import FileLock, write_private
 from capsule.jids import bare_jid
-from capsule.replay import Entry, ReplayState, Verdict
-from capsule_ca.xmppaddr import ID_ON_XMPPADDR, cert_jids
+from capsule.pins import check_pin
+from capsule.profile_data import PinnedContact, ProfileData, now_iso
+from capsule.profile_key import FAST_KDF, KdfParams, new_key_file, read_key_file
+from capsule.replay import Entry, Verdict
+from capsule.xmppaddr import cert_jids, xmppaddr_name
 
 MAGIC = b"CAPSULE-PROFILE "
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
-PIN_ENV = "CAPSULE_PIN"
-
-
-@dataclass(frozen=True)
-class KdfParams:
-    """Argon2id parameters, stored in the file header (RFC 9106's second recommendation)."""
-
-    memory_cost: int = 65536  # KiB
-    iterations: int = 3
-    lanes: int = 4
-
-    def check(self) -> KdfParams:
-        """Refuse parameters outside alg.ARGON2_* (a crafted header must not pick our cost)."""
-        for value, (low, high), name in ((self.memory_cost, alg.ARGON2_MEMORY_KIB, "memory"),
-                                         (self.iterations, alg.ARGON2_ITERATIONS, "iterations"),
-                                         (self.lanes, alg.ARGON2_LANES, "lanes")):
-            if not low <= value <= high:
-                raise CorruptProfile(f"Argon2id {name} {value} is outside {low}..{high}")
-        return self
-
-    def derive(self, pin: str, salt: bytes, key_file: bytes | None = None) -> bytes:
-        self.check()
-        key = Argon2id(salt=salt, length=32, iterations=self.iterations, lanes=self.lanes,
-                       memory_cost=self.memory_cost).derive(pin.encode())
-        if key_file is None:
-            return key
-        return HKDF(alg.KEY_HASH, 32, salt=None, info=alg.PROFILE_KEY_FILE_INFO).derive(
-            key + key_file)
-
-    def describe(self) -> str:
-        return (f"Argon2id {self.memory_cost // 1024} MiB, {self.iterations} iteration(s), "
-                f"{self.lanes} lane(s)")
-
-
-FAST_KDF = KdfParams(memory_cost=8192, iterations=1, lanes=1)  # for tests and bulk bots
-
-
-def check_pin(pin: str, short_ok: bool = False) -> str:
-    """'strong' (10+ digits, or a passphrase of 12+ characters) or, only with ``short_ok``,
-    'short' (6+ digits, or 8+ characters); anything else is refused, and so is a trivial
-    secret whatever its length (the first guesses of any thief)."""
-    if trivial(pin):
-        raise WeakPin("the PIN is trivially guessable (blank, one repeated character, a "
-                           "short repeated group or a run like 1234 or abcd): choose another")
-    digits = pin.isdigit()
-    if len(pin) >= (10 if digits else 12):
-        return "strong"
-    if short_ok and len(pin) >= (6 if digits else 8):
-        return "short"
-    if short_ok:
-        raise ProfileError("the PIN must be 6 or more digits, or a passphrase of 8 or more "
-                           "characters")
-    raise ProfileError("the PIN must be 10 or more digits, or a passphrase of 12 or more "
-                       "characters (6+ digits or 8+ characters only with --short-pin)")
-
-
-def trivial(pin: str) -> bool:
-    """Blank, a repeated group of 1-3 characters (0000, 121212, abcabc), or a run stepping by
-    one either way (123456, 9876, 1234567890, abcdef)."""
-    if not pin.strip():
-        return True
-    if any(len(pin) > n and pin == pin[:n] * (len(pin) // n) for n in (1, 2, 3)):
-        return True
-    steps = {(ord(b) - ord(a)) % 10 if pin.isdigit() else ord(b) - ord(a)
-             for a, b in itertools.pairwise(pin)}
-    return steps in ({1}, {-1}, {9})
-
-
-def brute_force_cost(pin: str, seconds_per_guess: float) -> str:
-    """What trying every PIN like ``pin`` costs a thief of the file (no key file)."""
-    if pin.isdigit():
-        hours = 10 ** len(pin) * seconds_per_guess / 3600
-        return (f"a thief of the profile file can try all 10^{len(pin)} PINs of {len(pin)} "
-                f"digits in about {hours:,.0f} core-hours ({seconds_per_guess:.2f} s per guess "
-                f"here): {hours / 64:,.1f} hours on one rented 64-core machine")
-    return (f"each guess costs a thief {seconds_per_guess:.2f} s of one core; a passphrase "
-            f"of {len(pin)} characters from a word list or keyboard pattern falls in hours")
-
-
-def read_key_file(path: str | os.PathLike[str]) -> bytes:
-    try:
-        secret = Path(path).read_bytes()
-    except OSError as exc:
-        raise ProfileError(f"cannot read the key file {path}: {exc.strerror}") from None
-    if len(secret) != alg.KEY_FILE_BYTES:
-        raise ProfileError(f"{path} is not a Capsule key file ({alg.KEY_FILE_BYTES} bytes)")
-    return secret
-
-
-def _pem_key(key: rsa.RSAPrivateKey) -> str:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption()).decode()
-
-
-def _load_key(pem: str) -> rsa.RSAPrivateKey:
-    # The key comes out of the profile's AES-GCM ciphertext, so it is the one we generated and
-    # checked: validating it again (primality, ~0.1 s per RSA key) only made each bot's unlock
-    # slow. Tampering needs the PIN-derived key, which opens the key anyway.
-    key = serialization.load_pem_private_key(pem.encode(), None,
-                                             unsafe_skip_rsa_key_validation=True)
-    if not isinstance(key, rsa.RSAPrivateKey):
-        raise CorruptProfile("profile holds a non-RSA key")
-    return key
-
-
-@dataclass
-class Contact:
-    """A pinned contact: the certificates we verified for that JID."""
-
-    sign: str  # PEM
-    encrypt: str  # PEM
-    pinned: str  # when first pinned or last changed, ISO 8601
-
-
-@dataclass
-class ProfileData:
-    jid: str
-    signing_key: rsa.RSAPrivateKey
-    encryption_key: rsa.RSAPrivateKey
-    email: str | None = None
-    signing_cert: str | None = None
-    encryption_cert: str | None = None
-    ca_root: str | None = None
-    crl: str | None = None
-    ca_service: str | None = None  # the JID of `capsule-ca serve` that enrolled us (CRL updates)
-    retired: list[tuple[str, rsa.RSAPrivateKey]] = field(default_factory=list)  # (cert PEM, key)
-    retired_sign: list[str] = field(default_factory=list)  # our former signing certs (PEM)
-    contacts: dict[str, Contact] = field(default_factory=dict)
-    replay: ReplayState = field(default_factory=ReplayState)
-    secret: str = "unknown"  # strong | short | unknown (format 1): for `profile show`
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "jid": self.jid, "email": self.email,
-            "signing_key": _pem_key(self.signing_key),
-            "encryption_key": _pem_key(self.encryption_key),
-            "signing_cert": self.signing_cert, "encryption_cert": self.encryption_cert,
-            "ca_root": self.ca_root, "crl": self.crl, "ca_service": self.ca_service,
-            "retired": [[cert, _pem_key(key)] for cert, key in self.retired],
-            "retired_sign": self.retired_sign,
-            "contacts": {j: vars(c) for j, c in self.contacts.items()},
-            "replay": self.replay.to_json(int(time.time())), "secret": self.secret,
-        }
-
-    @classmethod
-    def from_json(cls, raw: dict[str, Any]) -> ProfileData:
-        try:
-            return cls(
-                jid=raw["jid"], email=raw.get("email"),
-                signing_key=_load_key(raw["signing_key"]),
-                encryption_key=_load_key(raw["encryption_key"]),
-                signing_cert=raw.get("signing_cert"), encryption_cert=raw.get("encryption_cert"),
-                ca_root=raw.get("ca_root"), crl=raw.get("crl"), ca_service=raw.get("ca_service"),
-                retired=[(cert, _load_key(key)) for cert, key in raw.get("retired", [])],
-                retired_sign=list(raw.get("retired_sign", [])),
-                contacts={j: Contact(**c) for j, c in raw.get("contacts", {}).items()},
-                replay=(_replay_v1(raw.get("replay", []), raw.get("replay_horizon", ""))
-                        if isinstance(raw.get("replay", []), list)
-                        else ReplayState.from_json(raw["replay"])),
-                secret=raw.get("secret", "unknown"),
-            )
-        except (KeyError, TypeError, ValueError, CapsuleError) as exc:
-            raise CorruptProfile(f"profile content is damaged ({exc.__class__.__name__})") from None
-
-
-def _replay_v1(pairs: list[list[str]], horizon: str) -> ReplayState:
-    """Format 1's replay cache ("sender nid" -> ts, one global horizon): its horizon becomes a
-    floor for every sender, never later than the clock at migration. Format 1 accepted
-    unpadded stamps (2026-9-1T0:0:0Z), so they are read leniently here, and only here."""
-    now = int(time.time())
-    floor = min(_v1_time(horizon) or now, now) if horizon else 0
-    state = ReplayState(floor=floor)
-    entries = []
-    for key, ts in pairs:
-        sender, nid = key.split(" ")
-        entries.append(Entry(sender, nid, _v1_time(ts) or now, ""))
-    state.load(entries)
-    return state
-
-
-def _v1_time(ts: str) -> int | None:
-    try:
-        return int(dt.datetime.strptime(ts, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
-                   .timestamp())
-    except ValueError:
-        return None
+__all__ = ["FAST_KDF", "FORMAT_VERSION", "KdfParams", "PinnedContact", "Profile", "ProfileData",
+           "now_iso"]
 
 
 class Profile:
@@ -284,12 +96,12 @@ class Profile:
             raise ProfileError(f"RSA key size must be one of {alg.ACCEPTED_RSA_BITS}")
         secret = check_pin(pin, short_pin)
         kdf = (kdf or KdfParams()).check()
-        second = _new_key_file(Path(key_file)) if key_file else None
-        salt = os.urandom(16)
+        second = new_key_file(Path(key_file)) if key_file else None
+        salt = os.urandom(alg.KDF_SALT_BYTES)
         data = ProfileData(
             jid=jid, email=email,
-            signing_key=rsa.generate_private_key(65537, key_bits),
-            encryption_key=rsa.generate_private_key(65537, key_bits),
+            signing_key=rsa.generate_private_key(alg.RSA_PUBLIC_EXPONENT, key_bits),
+            encryption_key=rsa.generate_private_key(alg.RSA_PUBLIC_EXPONENT, key_bits),
             secret=secret,
         )
         profile = cls(target, data, kdf.derive(pin, salt, second), salt, kdf, second)
@@ -330,7 +142,7 @@ class Profile:
         except (KeyError, TypeError, ValueError):
             raise CorruptProfile(f"{target} has a damaged header") from None
         kdf.check()
-        if len(ciphertext) < alg.TAG_BYTES or len(salt) < 16 or len(nonce) != alg.IV_BYTES:
+        if len(ciphertext) < alg.TAG_BYTES or len(salt) < alg.KDF_SALT_BYTES or len(nonce) != alg.IV_BYTES:
             raise CorruptProfile(f"{target} is truncated")
         if needs_key_file and key_file is None:
             raise ProfileError(f"{target} is bound to a key file: give its path (key_file, "
@@ -360,7 +172,7 @@ class Profile:
         """Encrypt under a fresh nonce and replace the file atomically, under the profile lock;
         with a journal attached, start its next epoch. Raises StorageError if the disk fails."""
         nonce = os.urandom(alg.IV_BYTES)
-        epoch = os.urandom(16)
+        epoch = os.urandom(alg.JOURNAL_EPOCH_BYTES)
         header = {
             "version": FORMAT_VERSION, "cipher": "AES-256-GCM",
             "kdf": {"name": "argon2id", "salt": base64.b64encode(self._salt).decode(),
@@ -449,7 +261,7 @@ class Profile:
         """Re-encrypt under a new PIN (the key file, if any, stays bound)."""
         self.data.secret = check_pin(new_pin, short_pin)
         self._kdf = (kdf or self._kdf).check()
-        self._salt = os.urandom(16)
+        self._salt = os.urandom(alg.KDF_SALT_BYTES)
         self._key = self._kdf.derive(new_pin, self._salt, self._second)
         self.save()
 
@@ -457,16 +269,14 @@ class Profile:
     def csr(self, usage: str) -> bytes:
         """A CSR for our ``sign`` or ``encrypt`` key, asking for our JID as id-on-xmppAddr."""
         key = {"sign": self.data.signing_key, "encrypt": self.data.encryption_key}[usage]
-        jid = self.data.jid.encode()
-        der_jid = b"\x0c" + _der_length(len(jid)) + jid
-        names: list[x509.GeneralName] = [x509.OtherName(ID_ON_XMPPADDR, der_jid)]
+        names: list[x509.GeneralName] = [xmppaddr_name(self.data.jid)]
         if self.data.email:
             names.append(x509.RFC822Name(self.data.email))
         return (
             x509.CertificateSigningRequestBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, self.data.jid)]))
             .add_extension(x509.SubjectAlternativeName(names), critical=False)
-            .sign(key, hashes.SHA256())
+            .sign(key, alg.CSR_HASH)
             .public_bytes(serialization.Encoding.PEM)
         )
 
@@ -498,8 +308,8 @@ class Profile:
             self.data.retired.append((self.data.encryption_cert, self.data.encryption_key))
         if self.data.signing_cert:
             self.data.retired_sign.append(self.data.signing_cert)
-        self.data.encryption_key = rsa.generate_private_key(65537, key_bits)
-        self.data.signing_key = rsa.generate_private_key(65537, key_bits)
+        self.data.encryption_key = rsa.generate_private_key(alg.RSA_PUBLIC_EXPONENT, key_bits)
+        self.data.signing_key = rsa.generate_private_key(alg.RSA_PUBLIC_EXPONENT, key_bits)
         self.data.encryption_cert = self.data.signing_cert = None
 
     def decryption_keys(self) -> dict[str, rsa.RSAPrivateKey]:
@@ -521,26 +331,3 @@ class Profile:
         FutureCapsule, StaleCapsule or ReplayedCapsule. Durable only once journalled."""
         entry = Entry.of(sender, nid, ts, signature)
         return self.data.replay.accept(entry, int(time.time()) if now is None else now), entry
-
-
-def _new_key_file(path: Path) -> bytes:
-    if path.exists():
-        return read_key_file(path)
-    secret = os.urandom(alg.KEY_FILE_BYTES)
-    try:
-        write_private(path, secret)
-    except OSError as exc:
-        raise StorageError(f"cannot write the key file {path}: {exc.strerror}") from None
-    return secret
-
-
-def _der_length(n: int) -> bytes:
-    if n < 0x80:
-        return bytes([n])
-    raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes([0x80 | len(raw)]) + raw
-
-
-
-def now_iso() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterable
 
 from slixmpp import Message
 from slixmpp.plugins.xep_0060.stanza import Item
@@ -16,10 +18,11 @@ from slixmpp.plugins.xep_0334.stanza import Store
 from slixmpp.plugins.xep_0380.stanza import Encryption
 from slixmpp.xmlstream import ElementBase, register_stanza_plugin
 
-from capsule import algorithms as alg
 from capsule import core
+from capsule import namespaces as ns
 from capsule.errors import MalformedCapsule, UnsupportedVersion
 
+log = logging.getLogger(__name__)
 FALLBACK_BODY = "This message is end-to-end encrypted with Capsule."
 
 
@@ -51,17 +54,17 @@ class Key(TextValue):
     """``<key jid='…' cert='…'>base64 wrapped key</key>``"""
 
     name = "key"
-    namespace = alg.NAMESPACE
+    namespace = ns.NAMESPACE
     plugin_attrib = "key"
     plugin_multi_attrib = "keys"
     interfaces = {"jid", "cert", "value"}
 
 
-class Header(ElementBase):
+class HeaderElement(ElementBase):
     """``<header sender cert nid ts>`` with the ``<key/>``s and the ``<iv/>``."""
 
     name = "header"
-    namespace = alg.NAMESPACE
+    namespace = ns.NAMESPACE
     plugin_attrib = "header"
     interfaces = {"sender", "cert", "nid", "ts", "iv"}
     sub_interfaces = {"iv"}
@@ -71,17 +74,17 @@ class CapsuleElement(ElementBase):
     """``<capsule xmlns='urn:capsule:0'>``: header, payload, signature."""
 
     name = "capsule"
-    namespace = alg.NAMESPACE
+    namespace = ns.NAMESPACE
     plugin_attrib = "capsule"
     interfaces = {"payload", "signature"}
     sub_interfaces = {"payload", "signature"}
 
 
-class Cert(TextValue):
+class PublishedCert(TextValue):
     """``<cert usage='sign|encrypt|ca'>base64 DER</cert>`` inside a published ``<certs/>``."""
 
     name = "cert"
-    namespace = alg.CERTS_NODE
+    namespace = ns.CERTS_NODE
     plugin_attrib = "cert"
     plugin_multi_attrib = "certs"
     interfaces = {"usage", "value"}
@@ -91,22 +94,35 @@ class Certs(ElementBase):
     """The PEP item payload of node ``urn:capsule:certs:0``: the account's certificate chain."""
 
     name = "certs"
-    namespace = alg.CERTS_NODE
+    namespace = ns.CERTS_NODE
     plugin_attrib = "capsule_certs"
+
+
+def certs_by_usage(children: Iterable[ElementBase], decode: Callable[[str], bytes]
+                   ) -> dict[str, bytes]:
+    """{usage: PEM} of ``<cert usage='…'/>`` (or ``<csr/>``) elements, each text turned into
+    PEM by ``decode``; one it refuses (ValueError) is dropped, and logged."""
+    found = {}
+    for cert in children:
+        try:
+            found[cert["usage"]] = decode(cert["value"])
+        except ValueError:
+            log.warning("ignoring an undecodable %s certificate", cert["usage"])
+    return found
 
 
 def register() -> None:
     register_stanza_plugin(Message, CapsuleElement)
     register_stanza_plugin(Message, Encryption)
     register_stanza_plugin(Message, Store)
-    register_stanza_plugin(CapsuleElement, Header)
-    register_stanza_plugin(Header, Key, iterable=True)
+    register_stanza_plugin(CapsuleElement, HeaderElement)
+    register_stanza_plugin(HeaderElement, Key, iterable=True)
     register_stanza_plugin(Item, Certs)
-    register_stanza_plugin(Certs, Cert, iterable=True)
+    register_stanza_plugin(Certs, PublishedCert, iterable=True)
 
 
 def has_capsule(msg: Message) -> bool:
-    return msg.xml.find(f"{{{alg.NAMESPACE}}}capsule") is not None
+    return msg.xml.find(f"{{{ns.NAMESPACE}}}capsule") is not None
 
 
 def to_core(element: CapsuleElement) -> core.Capsule:
@@ -130,9 +146,9 @@ def check_element_shape(xml: ET.Element) -> None:
     namespace, text between elements, a missing or repeated part. The signature covers what
     :func:`parse_capsule` reads, so without this, material added beside it would ride along
     unnoticed under a valid signature."""
-    ns = f"{{{alg.NAMESPACE}}}"
+    prefix = f"{{{ns.NAMESPACE}}}"
     for node in xml.iter():
-        name = node.tag[len(ns):] if node.tag.startswith(ns) else ""
+        name = node.tag[len(prefix):] if node.tag.startswith(prefix) else ""
         if name not in SHAPE:
             raise MalformedCapsule(f"capsule holds a foreign element <{node.tag}>")
         attributes, children = SHAPE[name]
@@ -143,7 +159,7 @@ def check_element_shape(xml: ET.Element) -> None:
             raise MalformedCapsule(f"text after <{name}>")
         if children and (node.text or "").strip():
             raise MalformedCapsule(f"text in <{name}>")
-        tags = [child.tag[len(ns):] for child in node]
+        tags = [child.tag[len(prefix):] for child in node]
         if name == "header":
             tags = [t for t in tags if t != "key"]
         if sorted(tags) != sorted(c for c in children if c != "key"):
@@ -153,11 +169,11 @@ def check_element_shape(xml: ET.Element) -> None:
 def parse_capsule(xml: ET.Element) -> core.Capsule:
     """The same from plain ElementTree, for tools that read stored stanzas (the audit);
     the element must have exactly the documented shape (:func:`check_element_shape`)."""
-    ns = f"{{{alg.NAMESPACE}}}"
-    header = xml.find(ns + "header")
+    prefix = f"{{{ns.NAMESPACE}}}"
+    header = xml.find(prefix + "header")
     if header is None:
         raise MalformedCapsule("capsule has no <header>")
-    payload, signature = xml.find(ns + "payload"), xml.find(ns + "signature")
+    payload, signature = xml.find(prefix + "payload"), xml.find(prefix + "signature")
     if payload is None or signature is None:
         raise MalformedCapsule("capsule has no <payload> or <signature>")
     attrs = {}
@@ -166,7 +182,7 @@ def parse_capsule(xml: ET.Element) -> core.Capsule:
         if not attrs[attr]:
             raise MalformedCapsule(f"capsule header lacks '{attr}'")
     keys = []
-    for key in header.findall(ns + "key"):
+    for key in header.findall(prefix + "key"):
         if not key.get("jid") or not key.get("cert"):
             raise MalformedCapsule("a <key> lacks jid or cert")
         keys.append(core.KeyEntry(key.get("jid", ""), key.get("cert", ""), _unb64(key.text, "key")))
@@ -174,7 +190,7 @@ def parse_capsule(xml: ET.Element) -> core.Capsule:
     return core.Capsule(
         header=core.Header(
             sender=attrs["sender"], cert=attrs["cert"], nid=_unb64(attrs["nid"], "nid"),
-            ts=attrs["ts"], keys=tuple(keys), iv=_unb64(header.findtext(ns + "iv"), "iv"),
+            ts=attrs["ts"], keys=tuple(keys), iv=_unb64(header.findtext(prefix + "iv"), "iv"),
         ),
         payload=_unb64(payload.text, "payload"),
         signature=_unb64(signature.text, "signature"),
@@ -186,7 +202,7 @@ def check_namespace_version(msg: Message) -> None:
     for child in msg.xml:
         tag = child.tag
         if tag.endswith("}capsule") and tag.startswith("{urn:capsule:") and tag != (
-                f"{{{alg.NAMESPACE}}}capsule"):
+                f"{{{ns.NAMESPACE}}}capsule"):
             raise UnsupportedVersion(f"capsule version {tag[1:].split('}')[0]} is not supported")
 
 
@@ -206,6 +222,6 @@ def from_core(msg: Message, capsule: core.Capsule) -> None:
     element["payload"] = _b64(capsule.payload)
     element["signature"] = _b64(capsule.signature)
     msg["body"] = FALLBACK_BODY
-    msg["eme"]["namespace"] = alg.NAMESPACE
+    msg["eme"]["namespace"] = ns.NAMESPACE
     msg["eme"]["name"] = "Capsule"
     msg.enable("store")

@@ -26,13 +26,13 @@ from capsule import algorithms as alg
 from capsule.core import cert_fingerprint
 from capsule.errors import RevocationUnknown, RevokedCertificate, StaleCrl, UntrustedCertificate
 from capsule.jids import same_jid
-from capsule_ca.xmppaddr import cert_jids
+from capsule.xmppaddr import cert_jids
 
 Clock = Callable[[], dt.datetime]
 
 
 @dataclass(frozen=True)
-class CertBundle:
+class CertPair:
     """A contact's certificates as published (PEM)."""
 
     sign: bytes
@@ -43,7 +43,7 @@ class CertificateSource(abc.ABC):
     """Where a contact's certificates come from (PEP, the CA directory, a file…)."""
 
     @abc.abstractmethod
-    async def fetch(self, jid: str) -> CertBundle | None:
+    async def fetch(self, jid: str) -> CertPair | None:
         """The certificates ``jid`` published, or None only on a definite answer that there
         are none (which lets policy ``prefer`` send plaintext); any doubt raises a CapsuleError
         (CertificateLookupFailed)."""
@@ -59,7 +59,7 @@ class VerifiedCert:
 
 
 @dataclass(frozen=True)
-class Contact:
+class VerifiedContact:
     """A contact whose signing and encryption certificates both verified."""
 
     jid: str
@@ -122,8 +122,8 @@ class TrustStore:
         self._cache[(pem, jid, usage)] = verified
         return verified
 
-    def verify_contact(self, jid: str, bundle: CertBundle) -> Contact:
-        return Contact(jid, self.verify(bundle.sign, jid, "sign"),
+    def verify_contact(self, jid: str, bundle: CertPair) -> VerifiedContact:
+        return VerifiedContact(jid, self.verify(bundle.sign, jid, "sign"),
                        self.verify(bundle.encrypt, jid, "encrypt"))
 
     def _check(self, cert: x509.Certificate, fp: str, jid: str, usage: str,

@@ -33,7 +33,7 @@ from slixmpp import ClientXMPP
 from slixmpp.xmlstream import ET
 from capsule import journal
 from capsule.plugin import attach
-from capsule.trust import CertBundle, CertificateSource
+from capsule.trust import CertPair, CertificateSource
 
 profile, capsules, mode = sys.argv[1], sys.argv[2], sys.argv[3]
 if mode == "in-memory":  # a fake: the journal write and fsync skipped, all else the same
@@ -42,7 +42,7 @@ data = json.loads(open(capsules).read())
 
 class Static(CertificateSource):
     async def fetch(self, jid):
-        return CertBundle(data["sign"].encode(), data["encrypt"].encode())
+        return CertPair(data["sign"].encode(), data["encrypt"].encode())
 
 async def main():
     client = ClientXMPP(data["to"], "unused")

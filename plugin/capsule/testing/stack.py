@@ -504,7 +504,7 @@ class Stack:
                                              state.ca_root))
                 return time.monotonic() - start
             except LoginError as exc:
-                if "authentication" in str(exc) or time.monotonic() - start > timeout:
+                if exc.reason == "authentication" or time.monotonic() - start > timeout:
                     raise
                 time.sleep(0.2)
 

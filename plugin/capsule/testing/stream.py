@@ -33,7 +33,7 @@ from capsule import stanza as st
 from capsule.errors import CapsuleError
 from capsule.plugin import CapsuleFailure, XEP_Capsule
 from capsule.testing.identities import enroll
-from capsule.trust import CertBundle, CertificateSource
+from capsule.trust import CertificateSource, CertPair
 from capsule_ca import Authority
 
 DOMAIN = "capsule.test"
@@ -50,7 +50,7 @@ class Identity:
 
     jid: str
     profile: Path
-    bundle: CertBundle
+    bundle: CertPair
     signing_key: rsa.RSAPrivateKey
     sign_fp: str
     encrypt_fp: str
@@ -87,7 +87,7 @@ class Cast:
         jid = f"{name}@{DOMAIN}"
         data = enroll(self.authority, path, jid, PIN).data
         assert data.signing_cert and data.encryption_cert
-        bundle = CertBundle(data.signing_cert.encode(), data.encryption_cert.encode())
+        bundle = CertPair(data.signing_cert.encode(), data.encryption_cert.encode())
         enc = x509.load_pem_x509_certificate(bundle.encrypt)
         return Identity(jid, path, bundle, data.signing_key,
                         core.cert_fingerprint(x509.load_pem_x509_certificate(bundle.sign)),
@@ -104,11 +104,11 @@ class Directory(CertificateSource):
     An answer is a bundle, None (a definite "none published") or a CapsuleError to raise.
     """
 
-    def __init__(self, answers: dict[str, CertBundle | CapsuleError | None] | None = None):
-        self.answers: dict[str, CertBundle | CapsuleError | None] = dict(answers or {})
+    def __init__(self, answers: dict[str, CertPair | CapsuleError | None] | None = None):
+        self.answers: dict[str, CertPair | CapsuleError | None] = dict(answers or {})
         self.fetches: list[str] = []
 
-    async def fetch(self, jid: str) -> CertBundle | None:
+    async def fetch(self, jid: str) -> CertPair | None:
         self.fetches.append(jid)
         answer = self.answers.get(jid)
         if isinstance(answer, CapsuleError):

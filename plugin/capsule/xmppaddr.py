@@ -7,6 +7,20 @@ from cryptography import x509
 ID_ON_XMPPADDR = x509.ObjectIdentifier("1.3.6.1.5.5.7.8.5")
 
 
+def encode_utf8string(text: str) -> bytes:
+    """Encode ``text`` as a DER UTF8String (tag 0x0c, definite length)."""
+    raw = text.encode("utf-8")
+    if len(raw) < 0x80:
+        return b"\x0c" + bytes([len(raw)]) + raw
+    size = len(raw).to_bytes((len(raw).bit_length() + 7) // 8, "big")
+    return b"\x0c" + bytes([0x80 | len(size)]) + size + raw
+
+
+def xmppaddr_name(jid: str) -> x509.OtherName:
+    """The SAN otherName naming ``jid`` (what a CSR asks the CA to certify)."""
+    return x509.OtherName(ID_ON_XMPPADDR, encode_utf8string(jid))
+
+
 def decode_utf8string(der: bytes) -> str:
     """Decode a DER UTF8String (tag 0x0c), the encoding RFC 6120 prescribes for xmppAddr."""
     if len(der) < 2 or der[0] != 0x0C:

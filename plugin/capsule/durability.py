@@ -1,0 +1,138 @@
+"""Durable state: replay entries journalled before delivery, other changes saved in batches.
+
+A capsule is delivered only once its replay entry is on disk (group-committed by
+:class:`~capsule.journal.GroupCommit`); pins and CRLs are saved ``save_delay`` after the first
+change. While the disk refuses, capsules are refused (StorageError) and the save is retried
+every ``storage_retry`` seconds; the profile lock is held while the session lasts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from slixmpp import BaseXMPP
+
+from capsule import core, events
+from capsule.errors import CapsuleError, DuplicateCapsule, ProfileError, StorageError
+from capsule.journal import GroupCommit
+from capsule.profile import Profile
+from capsule.replay import Entry, Verdict
+
+log = logging.getLogger(__name__)
+COMPACT_AFTER = 512  # journal records (batches) before the profile is saved
+
+Spawn = Callable[[Coroutine[Any, Any, None]], None]
+
+
+class DurableState:
+    """The profile's writer while the plugin runs: journal, batched saves, the lock."""
+
+    def __init__(self, xmpp: BaseXMPP, store: Profile, save_delay: float, retry: float,
+                 spawn: Spawn) -> None:
+        self.xmpp, self.store = xmpp, store
+        self.save_delay, self.retry_delay, self._spawn = save_delay, retry, spawn
+        self._save_handle: asyncio.TimerHandle | None = None
+        self._retry_handle: asyncio.TimerHandle | None = None
+        self._commit = GroupCommit(store.append, self._journal_failed)
+        self.error: StorageError | None = None
+        self.persist()  # take the profile lock, clear litter, start the journal
+
+    def remember(self, capsule: core.Capsule) -> asyncio.Future[None]:
+        """Judge a verified capsule; a NEW one's entry goes to the journal (the future)."""
+        self._ensure_durable()
+        h = capsule.header
+        verdict, entry = self.store.remember(h.sender, h.nid, h.ts, capsule.signature,
+                                             int(time.time()))
+        if verdict is Verdict.DUPLICATE:
+            raise DuplicateCapsule(f"capsule {h.nid.hex()[:8]}… from {h.sender} was already "
+                                   f"accepted")
+        journal = self.store.journal
+        if journal is not None and journal.records >= COMPACT_AFTER:
+            self.dirty()  # fold the journal into the profile soon
+        return self._commit.submit(entry)
+
+    def dirty(self) -> None:
+        """Something to save changed: save within ``save_delay``."""
+        if self._save_handle is None:
+            self._save_handle = self.xmpp.loop.call_later(self.save_delay, self._spawn_save)
+
+    def persist(self) -> None:
+        """Save now under the profile lock (compacting the journal); the outcome decides
+        whether capsules are delivered. Call only while no journal write runs."""
+        self._cancel_save()
+        try:
+            self.store.hold()
+        except (StorageError, ProfileError) as exc:
+            self._failed(exc)
+            return
+        if self.error is not None:
+            log.warning("capsule state is durable again: capsules are delivered again")
+            self.xmpp.event("capsule_storage_recovered", str(self.store.path))
+        self.error = None
+
+    def disconnected(self) -> None:
+        if self._commit.busy:
+            self._spawn(self._release_when_idle())
+        else:
+            self.release()  # at once: a restarted bot may open the profile next
+
+    def release(self) -> None:
+        """Save and give the profile lock up (taken again with the next capsule)."""
+        self._cancel_save()
+        try:
+            self.store.release()
+        except (StorageError, ProfileError) as exc:
+            events.fail(self.xmpp, exc if isinstance(exc, StorageError)
+                        else StorageError(str(exc)), None, "")
+
+    def _ensure_durable(self) -> None:
+        """Refuse (StorageError) while replay entries cannot be written; retry first."""
+        if self.error is None and self.store.journal is not None:
+            return
+        if not self._commit.busy:
+            self.persist()
+        if self.error is not None:
+            raise StorageError(f"capsules are refused until the replay state can be made "
+                               f"durable again ({self.error})")
+
+    def _journal_failed(self, entries: list[Entry], exc: Exception) -> None:
+        for entry in entries:
+            self.store.data.replay.forget(entry)  # not delivered: a resend must be accepted
+        self._failed(StorageError(f"cannot write the replay journal: "
+                                  f"{getattr(exc, 'strerror', None) or exc}"))
+
+    def _failed(self, exc: CapsuleError) -> None:
+        first = self.error is None
+        self.error = exc if isinstance(exc, StorageError) else StorageError(str(exc))
+        if first:
+            events.fail(self.xmpp, self.error, None, "")
+        if self._retry_handle is None:
+            self._retry_handle = self.xmpp.loop.call_later(self.retry_delay, self._retry)
+
+    def _retry(self) -> None:
+        self._retry_handle = None
+        if self._commit.busy:
+            self._retry_handle = self.xmpp.loop.call_later(self.retry_delay, self._retry)
+            return
+        self.persist()
+
+    def _cancel_save(self) -> None:
+        if self._save_handle is not None:
+            self._save_handle.cancel()
+            self._save_handle = None
+
+    def _spawn_save(self) -> None:
+        self._save_handle = None
+        self._spawn(self._save())
+
+    async def _save(self) -> None:
+        await self._commit.idle()
+        self.persist()
+
+    async def _release_when_idle(self) -> None:
+        await self._commit.idle()
+        self.release()

@@ -1,0 +1,5 @@
+"""The XML namespaces and PEP node Capsule v0 puts on the wire (used by the stanzas)."""
+
+NAMESPACE = "urn:capsule:0"
+CERTS_NODE = "urn:capsule:certs:0"
+SCE_NAMESPACE = "urn:xmpp:sce:1"

@@ -1,0 +1,79 @@
+"""The plugin's options, read once from its slixmpp config into a typed, frozen object.
+
+Every name and default is the ``default_config`` of the plugin (README, "Options"); the PIN
+options are not kept here: the PIN is read once (:func:`capsule.pins.plugin_pin`) and dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, cast
+
+from capsule import envelope
+from capsule.errors import ProfileError
+from capsule.replay import DEFAULT_MAX_AGE, DEFAULT_SKEW
+from capsule.trust import CertificateSource
+
+Policy = Literal["require", "prefer", "off"]
+POLICIES: tuple[Policy, ...] = ("require", "prefer", "off")
+
+
+@dataclass(frozen=True)
+class CapsuleOptions:
+    profile: Path  # the profile file
+    key_file: str | None = None  # the profile's key file, if it is bound to one
+    policy: Policy = "prefer"
+    allow_insecure: bool = False  # operate on a stream without TLS
+    publish: bool = True  # publish our certificates to PEP on session start
+    carbons: bool = False  # enable XEP-0280 and decrypt carbon copies for this resource
+    crl: str | None = None  # path of the CA's CRL file, re-read when it changes
+    crl_refresh: float = 300  # seconds between CRL refreshes (file and CA service)
+    crl_retry: float = 30  # seconds before a failed fetch of an expired CRL is tried again
+    ca_service: str | None = None  # JID of `capsule-ca serve` (default: the enrolling one)
+    save_delay: float = 0.2  # seconds to batch profile saves (pins, CRL); replay: journal
+    skew: int = DEFAULT_SKEW  # seconds a capsule may be dated ahead of our clock
+    max_age: int = DEFAULT_MAX_AGE  # seconds a capsule may wait (offline) for live delivery
+    storage_retry: float = 2.0  # seconds between attempts to make state durable again
+    fetch_timeout: int = 10
+    fetch_interval: float = 60  # seconds: at most one look-up per claimed sender
+    max_envelope_bytes: int = envelope.MAX_BYTES
+    max_envelope_depth: int = envelope.MAX_DEPTH
+    source: CertificateSource | None = None  # where contacts' certificates come from: PEP
+    delivery_timeout: float = 120  # seconds for the server to ack a capsule, else undelivered
+    outbox_limit: int = 2000  # unacknowledged capsules kept for resending
+    reconnect: bool = True  # reconnect a lost session, back-off doubling up to reconnect_max
+    reconnect_max: float = 30
+    # (host, port) of every node of a clustered server: a lost session reconnects to any
+    endpoints: tuple[tuple[str, int], ...] = ()
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> CapsuleOptions:
+        """Check and convert the plugin config (ValueError for a bad policy, ProfileError
+        without a profile)."""
+        if config.get("policy") not in POLICIES:
+            raise ValueError(f"capsule policy must be one of {POLICIES}, not "
+                             f"{config.get('policy')!r}")
+        if not config.get("profile"):
+            raise ProfileError("the capsule plugin needs a 'profile' path")
+        names = {f.name for f in dataclasses.fields(cls)}
+        given = {k: v for k, v in config.items() if k in names and v is not None}
+        given["profile"] = Path(config["profile"])
+        given["policy"] = cast(Policy, config["policy"])
+        given["endpoints"] = tuple((str(host), int(port))
+                                   for host, port in given.get("endpoints", ()))
+        for name in ("allow_insecure", "publish", "carbons", "reconnect"):
+            given[name] = bool(given.get(name, False))
+        for name in ("skew", "max_age", "fetch_timeout", "outbox_limit", "max_envelope_bytes",
+                     "max_envelope_depth"):
+            if name in given:
+                given[name] = int(given[name])
+        return cls(**given)
+
+
+def default_config() -> dict[str, Any]:
+    """The plugin's ``default_config``: every option's default, and the PIN options."""
+    defaults = {f.name: f.default for f in dataclasses.fields(CapsuleOptions)}
+    return {**defaults, "profile": None, "pin": None, "pin_file": None}

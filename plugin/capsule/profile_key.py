@@ -1,0 +1,71 @@
+"""The profile key: Argon2id over the PIN (parameters bounded before use), optionally mixed
+with a key file of 32 random bytes kept outside the profile (HKDF)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from capsule import algorithms as alg
+from capsule.errors import CorruptProfile, ProfileError, StorageError
+from capsule.files import write_private
+
+
+@dataclass(frozen=True)
+class KdfParams:
+    """Argon2id parameters, stored in the file header (RFC 9106's second recommendation)."""
+
+    memory_cost: int = 65536  # KiB
+    iterations: int = 3
+    lanes: int = 4
+
+    def check(self) -> KdfParams:
+        """Refuse parameters outside alg.ARGON2_* (a crafted header must not pick our cost)."""
+        for value, (low, high), name in ((self.memory_cost, alg.ARGON2_MEMORY_KIB, "memory"),
+                                         (self.iterations, alg.ARGON2_ITERATIONS, "iterations"),
+                                         (self.lanes, alg.ARGON2_LANES, "lanes")):
+            if not low <= value <= high:
+                raise CorruptProfile(f"Argon2id {name} {value} is outside {low}..{high}")
+        return self
+
+    def derive(self, pin: str, salt: bytes, key_file: bytes | None = None) -> bytes:
+        self.check()
+        key = Argon2id(salt=salt, length=alg.PROFILE_KEY_BYTES, iterations=self.iterations, lanes=self.lanes,
+                       memory_cost=self.memory_cost).derive(pin.encode())
+        if key_file is None:
+            return key
+        return HKDF(alg.KEY_HASH, alg.PROFILE_KEY_BYTES, salt=None, info=alg.PROFILE_KEY_FILE_INFO).derive(
+            key + key_file)
+
+    def describe(self) -> str:
+        return (f"Argon2id {self.memory_cost // 1024} MiB, {self.iterations} iteration(s), "
+                f"{self.lanes} lane(s)")
+
+
+FAST_KDF = KdfParams(memory_cost=8192, iterations=1, lanes=1)  # for tests and bulk bots
+
+
+def read_key_file(path: str | os.PathLike[str]) -> bytes:
+    try:
+        secret = Path(path).read_bytes()
+    except OSError as exc:
+        raise ProfileError(f"cannot read the key file {path}: {exc.strerror}") from None
+    if len(secret) != alg.KEY_FILE_BYTES:
+        raise ProfileError(f"{path} is not a Capsule key file ({alg.KEY_FILE_BYTES} bytes)")
+    return secret
+
+
+def new_key_file(path: Path) -> bytes:
+    """The key file at ``path``, created with fresh random bytes if missing."""
+    if path.exists():
+        return read_key_file(path)
+    secret = os.urandom(alg.KEY_FILE_BYTES)
+    try:
+        write_private(path, secret)
+    except OSError as exc:
+        raise StorageError(f"cannot write the key file {path}: {exc.strerror}") from None
+    return secret

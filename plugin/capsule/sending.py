@@ -1,0 +1,142 @@
+"""The send path: messages sealed for their addressees (or a room's occupants) and sent.
+
+The *out* filter holds back every message with readable content; a task seals it under the
+addressee's lock (so messages to one contact keep their order) and hands it to the outbox.
+Policy ``prefer`` lets a message out in plaintext only on a definite "no certificates".
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Literal
+
+from slixmpp import JID, BaseXMPP, Message
+from slixmpp.xmlstream import StanzaBase
+
+from capsule import core, elements, envelope, events
+from capsule import stanza as st
+from capsule.contacts import ContactBook
+from capsule.durability import Spawn
+from capsule.errors import CapsuleError, NoCertificate, PolicyViolation
+from capsule.locks import LockTable
+from capsule.options import CapsuleOptions
+from capsule.outbox import Outbox
+from capsule.profile import Profile
+
+log = logging.getLogger(__name__)
+
+
+class Sender:
+    """Seals and sends; the *out* filter."""
+
+    def __init__(self, xmpp: BaseXMPP, options: CapsuleOptions, store: Profile,
+                 contacts: ContactBook, locks: LockTable, outbox: Outbox, spawn: Spawn,
+                 check_usable: Callable[[], None]) -> None:
+        self.xmpp, self.options, self.store = xmpp, options, store
+        self.contacts, self.locks, self.outbox = contacts, locks, outbox
+        self._spawn, self._check_usable = spawn, check_usable
+        self._cleared: set[int] = set()
+
+    async def seal(self, msg: Message, recipients: Iterable[str], room: str | None = None
+                   ) -> core.Capsule:
+        """:meth:`XEP_Capsule.seal`."""
+        self._check_usable()
+        me = self.store.data.jid
+        bare = list(dict.fromkeys(JID(r).bare for r in recipients))
+        if not bare:
+            raise ValueError("no recipients")
+        contacts = [await self.contacts.contact(jid) for jid in bare if jid != me]
+        keys = [core.Recipient(c.jid, c.encrypt.fingerprint, c.encrypt.public_key)
+                for c in contacts]
+        own = self.contacts.own_encrypt
+        keys.append(core.Recipient(me, own.fingerprint, own.public_key))
+        content = elements.content(msg.xml)
+        addressees = [*bare, room] if room else bare
+        sealed_env = envelope.encode(content, me, addressees, core.utc_timestamp())
+        return core.seal(sealed_env, sender=me, sender_cert=self.contacts.own_sign.fingerprint,
+                         signing_key=self.store.data.signing_key, recipients=keys)
+
+    async def encrypt_message(self, msg: Message, recipients: Iterable[str] | None = None
+                              ) -> Message:
+        """:meth:`XEP_Capsule.encrypt_message`."""
+        if msg["type"] == "groupchat":
+            room = msg["to"].bare
+            return _wrap(msg, await self.seal(msg, self.occupants(room), room=room))
+        return _wrap(msg, await self.seal(msg, recipients or [msg["to"].bare]))
+
+    def occupants(self, room: str) -> list[str]:
+        """:meth:`XEP_Capsule.occupants`."""
+        muc = self.xmpp.plugin["xep_0045"]
+        jids = []
+        for nick in muc.get_roster(JID(room)):
+            jid = muc.get_jid_property(JID(room), nick, "jid")
+            if not jid:
+                raise PolicyViolation(f"{room} hides who {nick} is: capsules need a "
+                                      f"non-anonymous room")
+            jids.append(JID(jid).bare)
+        return jids
+
+    async def send(self, targets: list[str | JID], body: str,
+                   mtype: Literal["chat", "normal"]) -> list[str]:
+        """:meth:`XEP_Capsule.send`."""
+        template = self.xmpp.make_message(mto=JID(targets[0]), mbody=body, mtype=mtype)
+        capsule = await self.seal(template, [str(t) for t in targets])
+        ids = []
+        for target in targets:
+            msg = self.xmpp.make_message(mto=JID(target), mtype=mtype)
+            msg["id"] = self.xmpp.new_id()
+            self.outbox.send(_wrap(msg, capsule))
+            ids.append(msg["id"])
+        return ids
+
+    def filter_out(self, stanza: StanzaBase) -> StanzaBase | None:
+        """Hold back every message with readable content; it is sealed and sent by a task.
+
+        A synchronous filter: slixmpp runs async filters as a task per outgoing stanza, which
+        would tax every stanza; only the messages to encrypt pay for a task here.
+        """
+        if (not isinstance(stanza, Message) or st.has_capsule(stanza)
+                or not elements.readable(stanza.xml)):
+            return stanza
+        if id(stanza) in self._cleared:  # plaintext allowed by policy prefer, coming back
+            self._cleared.discard(id(stanza))
+            self._plaintext_sent(stanza, "no-certificate")
+            return stanza
+        if self.options.policy == "off":
+            self._plaintext_sent(stanza, "policy-off")
+            return stanza
+        self._spawn(self._seal_and_send(stanza))
+        return None
+
+    def _plaintext_sent(self, stanza: Message, reason: str) -> None:
+        log.info("message %s to %s sent in plaintext (%s)", stanza["id"], stanza["to"].bare,
+                 reason)
+        self.xmpp.event("capsule_plaintext_sent",
+                        events.PlaintextSent(str(stanza["to"].bare), stanza["id"], reason))
+
+    async def _seal_and_send(self, stanza: Message) -> None:
+        to = stanza["to"].bare
+        async with self.locks.hold("out " + to):  # keeps the order of messages to one contact
+            try:
+                await self.encrypt_message(stanza)
+            except NoCertificate as exc:
+                # only a definite "none published", never for a room (every occupant or nobody)
+                if self.options.policy != "prefer" or stanza["type"] == "groupchat":
+                    events.fail(self.xmpp, exc, stanza, to)
+                    return
+                self._cleared.add(id(stanza))
+            except CapsuleError as exc:
+                events.fail(self.xmpp, exc, stanza, to)  # refused: never fall back to plaintext
+                return
+            if st.has_capsule(stanza):
+                self.outbox.send(stanza)
+            else:
+                self.xmpp.send(stanza)
+
+
+def _wrap(msg: Message, capsule: core.Capsule) -> Message:
+    for el in elements.content(msg.xml):
+        msg.xml.remove(el)
+    st.from_core(msg, capsule)
+    return msg

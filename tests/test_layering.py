@@ -1,0 +1,28 @@
+"""The runtime package stands alone: importing it loads neither the CA nor any tooling."""
+
+from __future__ import annotations
+
+import pkgutil
+import subprocess
+import sys
+
+import capsule
+
+# tooling that still lives in the package (moved out by issue 13's other part) and may import
+# capsule_ca: the command line, the demo, the test stack, the audit
+TOOLING = {"cli", "demo", "testing", "sql", "panel"}
+
+
+def runtime_modules() -> list[str]:
+    return sorted(f"capsule.{m.name}" for m in pkgutil.iter_modules(capsule.__path__)
+                  if m.name not in TOOLING and not m.name.startswith("audit"))
+
+
+def test_importing_the_runtime_loads_no_ca_module() -> None:
+    modules = runtime_modules()
+    assert {"capsule.plugin", "capsule.trust", "capsule.profile"} <= set(modules)
+    code = ("import sys\n" + "".join(f"import {m}\n" for m in modules)
+            + "print(sorted(m for m in sys.modules if m.split('.')[0] == 'capsule_ca'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
