@@ -208,7 +208,7 @@ async def test_node_killed_its_bots_move_and_nothing_is_lost_silently(node_bot, 
             sent[name][sid] = body
         await asyncio.sleep(0)
     for name, ledger in ledgers.items():
-        await settle(ledger, sent[name], timeout=90)
+        await settle(ledger, sent[name], timeout=60)
     node2 = cluster.info.endpoints[1]
     for bot in (alice, carol):  # node 1's bots went to node 2 by themselves
         assert bot.client.custom_address == node2 and bot.client.sessionstarted
