@@ -15,11 +15,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 from pathlib import Path
 
-from capsule.testing.processes import StackError, free_port, pid_alive, terminate, wait_for
+from capsule.testing.processes import StackError, free_port, terminate
 from capsule.testing.stack import DEFAULT_DOMAIN, Ejabberd, MariaDB, Stack, StackState, XMPPServer
 
 
@@ -153,22 +152,15 @@ class ClusterStack(Stack):
         self._save_state()
 
     def restart_server(self) -> None:
-        """Restart every node (MariaDB keeps running, or is started again if it died)."""
+        """Restart every node, MariaDB with them (data stay; the spools are the nodes' own)."""
         if not self.info.pids:
             raise StackError(f"the stack in {self.dir} is stopped; use `start`")
-        nodes = self.cluster_nodes()
-        for node in reversed(nodes):
-            self._terminate(node.pid_key, node.marker)
+        self._end_processes()
         self.start()
 
     def kill_node(self, index: int) -> None:
         """SIGKILL node ``index`` (a crash: no goodbye to its clients or its peers)."""
-        node = self.cluster_nodes()[index - 1]
-        pid = self.info.pids[node.pid_key]
-        if pid_alive(pid, node.marker):
-            os.kill(pid, signal.SIGKILL)
-        if not wait_for(lambda: not pid_alive(pid, node.marker), 15):
-            raise StackError(f"ejabberd node {index} (PID {pid}) survived SIGKILL")
+        self.kill_server(self.cluster_nodes()[index - 1])
 
 
 def open_stack(directory: str | os.PathLike[str], server: str = "ejabberd",

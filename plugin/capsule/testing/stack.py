@@ -464,11 +464,11 @@ class Stack:
         except LoginError as exc:
             raise StackError(f"{exc} (log: {server.log})") from None
 
-    def kill_server(self) -> None:
-        """SIGKILL the XMPP server (a crash: no goodbye to its clients); ``restart_server``
-        brings it back on the same ports."""
-        server = self._parts()[1]
-        pid = self.info.pids["server"]
+    def kill_server(self, server: XMPPServer | None = None) -> None:
+        """SIGKILL the XMPP server (or one node of a cluster): a crash, no goodbye to its
+        clients; ``restart_server`` brings it back on the same ports."""
+        server = server or self._parts()[1]
+        pid = self.info.pids[server.pid_key]
         if pid_alive(pid, server.marker):
             os.kill(pid, signal.SIGKILL)
         if not wait_for(lambda: not pid_alive(pid, server.marker), 15):
