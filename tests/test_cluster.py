@@ -217,8 +217,9 @@ async def test_node_killed_its_bots_move_and_nothing_is_lost_silently(node_bot, 
         # A capsule acked by a node and lost with node 1 before it reached the receiver's stream
         # (node 1 acked it and died before routing it, or node 2 routed it to the session on
         # node 1 as that died): only an archive keeps it (the receiver's, or for the second
-        # case only the sender's, as the receiver's node archives on arrival). Counted and
-        # shown, as in test_delivery; any other loss fails.
+        # case only the sender's, as the receiver's node archives on arrival; how many depends
+        # on how long node 2 takes to notice, so no bound is asserted). Counted and shown, as
+        # in test_delivery; any other loss fails.
         archive = "\n".join(cluster.stored("archive", receiver.account.user)
                             + cluster.stored("archive", sender.account.user))
         lost_with_node = frozenset(sid for sid, body in sent[name].items()
@@ -228,7 +229,6 @@ async def test_node_killed_its_bots_move_and_nothing_is_lost_silently(node_bot, 
               f"{len(ledger.acked)} acked, {len(ledger.undelivered)} reported undelivered, "
               f"{len(lost_with_node)} acked but lost with node 1 (in the archive)")
         ledger.check(sent[name], crash_window=lost_with_node)
-        assert len(lost_with_node) <= 2
     restarted = stack_command("restart", "--dir", cluster.dir)
     assert restarted.returncode == 0, restarted.stderr
     status = stack_command("status", "--dir", cluster.dir).stdout
