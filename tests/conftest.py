@@ -11,7 +11,12 @@ from capsule.profile import Profile
 from capsule.testing.identities import enroll
 from capsule_ca import Authority
 
-PIN = "246810"
+# opt-in plugins: the server-free stream fixture and the stack fixtures (xmpp_stack, capsule_bot, …);
+# tests/helpers.py imports the latter, so both are marked for assertion rewriting before that
+pytest_plugins = ["capsule.testing.pytest_plugin", "capsule_stack.fixtures"]
+pytest.register_assert_rewrite("tests.helpers", *pytest_plugins)
+
+from .helpers import PIN  # noqa: E402
 
 
 @pytest.fixture(scope="session")

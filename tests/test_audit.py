@@ -19,27 +19,17 @@ from hypothesis import strategies as hst
 
 from capsule import core, envelope
 from capsule import stanza as st
-from capsule.audit import (
-    BARS,
-    VERDICTS,
-    Auditor,
-    CertificateBundle,
-    Report,
-    StanzaReader,
-    StoredRow,
-    Timeline,
-    capsule_span,
-)
-from capsule.audit_report import as_html
-from capsule.audit_sources import Dsn, SourceError, mam_rows, sql_rows
+from capsule.audit.findings import BARS, VERDICTS, Report, StoredRow, Timeline
+from capsule.audit.panel import render
+from capsule.audit.report import as_html
+from capsule.audit.sources import Dsn, SourceError, mam_rows, sql_rows
+from capsule.audit.verdicts import Auditor, CertificateBundle, StanzaReader, capsule_span
 from capsule.cli import main as capsule_main
-from capsule.panel import render
-from capsule.sql import literal
 from capsule.testing.identities import enroll
-from capsule.testing.stack import wait_stored
+from capsule_stack.rows import wait_stored
+from capsule_stack.sql import literal
 
-from .test_core import body
-from .test_e2e import _tamper
+from .helpers import OPENFIRE_ARCHIVE, OPENFIRE_OFFLINE, body, tamper
 
 
 def B64(data: bytes) -> str:
@@ -456,7 +446,7 @@ async def test_tampered_row_and_relayed_capsule_are_flagged(xmpp_stack, capsule_
     await alice.capsule.send(bob.jid, "genuine")
     await asyncio.wait_for(got.get(), 15)
     (row,) = await wait_stored(xmpp_stack, "archive", bob.account.user, containing="urn:capsule:0")
-    old, new = _tamper("payload", row)
+    old, new = tamper("payload", row)
     xmpp_stack.replace_stored("archive", bob.account.user, old, new)
     # mallory re-sends a capsule alice made: the server stores it as from mallory
     msg = alice.client.make_message(mto=bob.jid, mbody="relay me", mtype="chat")
@@ -487,17 +477,6 @@ async def test_mam_source_sees_what_the_user_archive_holds(xmpp_stack, capsule_b
     assert (enc.messages, enc.counts["capsule"], enc.verdict) == (3, 3, "ENCRYPTED")
 
 
-OPENFIRE_ARCHIVE = """
-CREATE TABLE ofMessageArchive (messageID BIGINT NULL, conversationID BIGINT NOT NULL,
-  fromJID VARCHAR(1024) NOT NULL, fromJIDResource VARCHAR(1024) NULL,
-  toJID VARCHAR(1024) NOT NULL, toJIDResource VARCHAR(1024) NULL, sentDate BIGINT NOT NULL,
-  stanza TEXT NULL, body TEXT NULL, isPMforJID VARCHAR(1024) NULL);
-"""
-OPENFIRE_OFFLINE = """
-CREATE TABLE ofOffline (username VARCHAR(64) NOT NULL, messageID BIGINT NOT NULL,
-  creationDate CHAR(15) NOT NULL, messageSize INTEGER NOT NULL, stanza TEXT NOT NULL,
-  PRIMARY KEY (username, messageID));
-"""
 OPENFIRE_SCHEMA = OPENFIRE_ARCHIVE + OPENFIRE_OFFLINE
 # an archive row kept only as columns, whose body holds markup: it must read as the plaintext
 # it is, not be spliced into XML (where it became a "malformed capsule")
@@ -738,7 +717,7 @@ async def test_report_page_in_chromium(xmpp_stack, capsule_bot, new_account, con
     await wait_stored(xmpp_stack, "archive", bob.account.user, at_least=3)
     row = (await wait_stored(xmpp_stack, "archive", bob.account.user, at_least=2,
                              containing="urn:capsule:0"))[0]
-    xmpp_stack.replace_stored("archive", bob.account.user, *_tamper("payload", row))
+    xmpp_stack.replace_stored("archive", bob.account.user, *tamper("payload", row))
     msg = alice.client.make_message(mto=bob.jid, mbody="archived by openfire", mtype="chat")
     msg["from"] = alice.client.boundjid
     stanza = str(await alice.capsule.encrypt_message(msg))

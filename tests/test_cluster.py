@@ -22,17 +22,16 @@ from slixmpp import JID, ClientXMPP
 
 from capsule.connection import ENDPOINTS_ENV, LoginError, Reconnect, endpoints_from_env, login
 from capsule.plugin import attach, capsule_info
-from capsule.testing.cluster import ClusterStack, open_stack
 from capsule.testing.identities import enroll
-from capsule.testing.processes import pid_alive
-from capsule.testing.pytest_plugin import Account, Bot
-from capsule.testing.stack import wait_stored
+from capsule.testing.inbox import Inbox
+from capsule_stack.cluster import ClusterStack, open_stack
+from capsule_stack.fixtures import BOT_PIN, Account, Bot
+from capsule_stack.processes import pid_alive
+from capsule_stack.rows import wait_stored
 
-from .test_delivery import Ledger, rng, settle
-from .test_e2e import Inbox, secret
+from .helpers import Ledger, rng, settle
 
 ROOT = Path(__file__).resolve().parents[1]
-PIN = "482916"
 BURST = 100
 
 
@@ -68,6 +67,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterStack]:
 NodeBot = Callable[..., Awaitable[Bot]]
 
 
+def secret(label: str) -> str:
+    """A unique plaintext, so that one found in the server's rows is ours."""
+    return f"{label} {secrets.token_hex(8)}"
+
+
 @pytest_asyncio.fixture
 async def node_bot(cluster: ClusterStack, tmp_path: Path) -> AsyncIterator[NodeBot]:
     """``await node_bot("alice", node=2)``: a fresh account and profile, a capsule client logged
@@ -83,15 +87,15 @@ async def node_bot(cluster: ClusterStack, tmp_path: Path) -> AsyncIterator[NodeB
             account = Account(user, password, cluster.adduser(user, password))
         if profile is None:
             profile = tmp_path / f"{account.user}.capsule"
-            enroll(cluster.authority(), profile, account.jid, PIN)
+            enroll(cluster.authority(), profile, account.jid, BOT_PIN)
         client = client or ClientXMPP(account.jid, account.password)
         clients.append(client)
-        published = attach(client, profile, PIN, endpoints=cluster.info.endpoints, **config)
+        published = attach(client, profile, BOT_PIN, endpoints=cluster.info.endpoints, **config)
         client.add_event_handler("session_start", lambda _: client.send_presence())
         host, port = cluster.info.endpoints[node - 1]
         await login(client, host, port, cluster.info.ca_root)
         await published(30)
-        return Bot(client, account, profile, PIN)
+        return Bot(client, account, profile, BOT_PIN)
 
     yield make
     for client in clients:

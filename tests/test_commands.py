@@ -31,11 +31,13 @@ from capsule.cli import build_parser as capsule_parser
 from capsule.connection import login
 from capsule.files import FileLock
 from capsule.plugin import attach
-from capsule.testing import stackctl
-from capsule.testing.processes import pid_alive, wait_for
-from capsule.testing.stack import Stack, StackState, wait_stored
 from capsule_ca.authority import Authority
 from capsule_ca.cli import build_parser as ca_parser
+from capsule_stack import stackctl
+from capsule_stack.processes import pid_alive, wait_for
+from capsule_stack.rows import wait_stored
+from capsule_stack.stack import Stack
+from capsule_stack.state import StackState
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

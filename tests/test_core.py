@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import struct
-import xml.etree.ElementTree as ET
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -18,17 +17,13 @@ from capsule.errors import (
     NotAddressedToUs,
 )
 
+from .helpers import body
+
 
 @pytest.fixture(scope="module")
 def keys() -> dict[str, rsa.RSAPrivateKey]:
     return {name: rsa.generate_private_key(65537, 2048)
             for name in ("alice-sign", "alice-enc", "bob-enc", "carol-enc")}
-
-
-def body(text: str) -> list[ET.Element]:
-    el = ET.Element("{jabber:client}body")
-    el.text = text
-    return [el]
 
 
 def seal_for(keys: dict[str, rsa.RSAPrivateKey], names: list[str], text: str = "hi") -> core.Capsule:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import re
 import secrets
 from collections.abc import Iterator
 from typing import Any
@@ -20,51 +19,23 @@ from capsule import capsule_info, core, discovery, envelope
 from capsule import stanza as st
 from capsule.errors import NoCertificate, RevokedCertificate, UntrustedCertificate
 from capsule.testing.identities import enroll
-from capsule.testing.stack import wait_stored
+from capsule.testing.inbox import Inbox
+from capsule.testing.leaks import Plaintexts, assert_not_logged
 from capsule_ca import Authority
+from capsule_stack.rows import wait_stored
 
-SECRETS: list[str] = []
-BOT_PIN = "482916"
+from .helpers import BOT_PIN, tamper
 
-
-def secret(label: str) -> str:
-    """A unique plaintext, so a leak can be found in rows and logs."""
-    text = f"{label} {secrets.token_hex(8)}"
-    SECRETS.append(text)
-    return text
+secret = Plaintexts()
 
 
 @pytest.fixture(autouse=True)
 def no_plaintext_in_debug_log(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     caplog.set_level("DEBUG")
-    SECRETS.clear()
+    secret.clear()
     yield
     records = [r for phase in ("setup", "call") for r in caplog.get_records(phase)]
-    assert any(r.levelname == "DEBUG" for r in records)  # the capture really ran at DEBUG
-    log = "\n".join(r.getMessage() for r in records)
-    leaked = [s for s in SECRETS if s in log]
-    assert not leaked, f"plaintext in the DEBUG log: {leaked}"
-    assert BOT_PIN not in log
-
-
-class Inbox:
-    """Collects a bot's ``message`` and ``capsule_error`` events."""
-
-    def __init__(self, client: ClientXMPP):
-        self.messages: asyncio.Queue[Message] = asyncio.Queue()
-        self.errors: asyncio.Queue[Any] = asyncio.Queue()
-        client.add_event_handler("message", self.messages.put_nowait)
-        client.add_event_handler("capsule_error", self.errors.put_nowait)
-
-    async def message(self, timeout: float = 15) -> Message:
-        return await asyncio.wait_for(self.messages.get(), timeout)
-
-    async def error(self, timeout: float = 15) -> Any:
-        return await asyncio.wait_for(self.errors.get(), timeout)
-
-    async def nothing(self, wait: float = 1.0) -> None:
-        await asyncio.sleep(wait)
-        assert self.messages.empty(), f"unexpected message {self.messages.get_nowait()['body']!r}"
+    assert_not_logged(records, [*secret.made, BOT_PIN])
 
 
 def assert_ciphertext_only(stack, user: str, texts: list[str], store: str = "archive") -> list[str]:
@@ -123,21 +94,6 @@ async def test_offline_capsules_survive_restart_in_order(xmpp_stack, capsule_bot
     await inbox.nothing(0.5)
 
 
-def _tamper(part: str, row: str) -> tuple[str, str]:
-    """A (old, new) pair flipping one base64 character inside ``part`` of a stored capsule."""
-    patterns = {
-        "payload": r"<payload>([A-Za-z0-9+/=]+)</payload>",
-        "signature": r"<signature>([A-Za-z0-9+/=]+)</signature>",
-        "wrapped key": r"<key [^>]*>([A-Za-z0-9+/=]+)</key>",
-        "header": r"\bnid=.([A-Za-z0-9+/=]+)",
-    }
-    old = re.search(patterns[part], row)
-    assert old, f"no {part} in stored row"
-    value = old.group(1)
-    swap = "B" if value[10] != "B" else "C"
-    return value, value[:10] + swap + value[11:]
-
-
 @pytest.mark.parametrize("part", ["payload", "wrapped key", "signature", "header"])
 async def test_tampered_stored_capsule_is_rejected(xmpp_stack, capsule_bot, part):
     alice, bob = await capsule_bot("alice"), await capsule_bot("bob")
@@ -145,7 +101,7 @@ async def test_tampered_stored_capsule_is_rejected(xmpp_stack, capsule_bot, part
     text = secret("tamper me")
     await alice.capsule.send(bob.jid, text)
     (row,) = await wait_stored(xmpp_stack, "offline", bob.account.user)
-    old, new = _tamper(part, row)
+    old, new = tamper(part, row)
     xmpp_stack.replace_stored("offline", bob.account.user, old, new)
     client = ClientXMPP(bob.jid, bob.account.password)
     inbox = Inbox(client)

@@ -18,10 +18,11 @@ from capsule.cli import main as capsule_main
 from capsule.connection import login
 from capsule.errors import RevokedCertificate
 from capsule.profile import FAST_KDF, Profile
-from capsule.testing.stack import wait_stored
+from capsule.testing.inbox import Inbox
 from capsule_ca.service import EnrollmentService
+from capsule_stack.rows import wait_stored
 
-from .test_e2e import BOT_PIN, Inbox
+from .helpers import BOT_PIN
 
 
 @pytest_asyncio.fixture

@@ -11,11 +11,12 @@ from hypothesis import strategies as st
 
 from capsule import envelope
 from capsule import stanza as cst
-from capsule.audit import Auditor, CertificateBundle, StoredRow
+from capsule.audit.findings import StoredRow
+from capsule.audit.verdicts import Auditor, CertificateBundle
 from capsule.errors import CapsuleError
 from capsule.profile import FAST_KDF, Profile
 
-from .test_stanza import WIRE
+from .helpers import WIRE
 
 SETTINGS = settings(max_examples=300, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])

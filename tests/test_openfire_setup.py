@@ -16,6 +16,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+
+from capsule_ca import Authority
 from capsule_openfire import database, keystore, ready, render
 from capsule_openfire.cli import main as setup_main
 from capsule_openfire.config import Config, ConfigError
@@ -34,9 +36,7 @@ from capsule_openfire.verify import (
     starttls_required,
     tls_chain,
 )
-
-from capsule.testing.stack import wait_stored
-from capsule_ca import Authority
+from capsule_stack.rows import wait_stored
 
 from .openfire_fake import FakeOpenfireConsole
 

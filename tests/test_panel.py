@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from capsule.audit.panel import PanelError, check_ejabberd_queue, check_openfire_archive
 from capsule.cli import main as capsule_main
-from capsule.panel import PanelError, check_ejabberd_queue, check_openfire_archive
-from capsule.testing.stack import wait_stored
+from capsule_stack.rows import wait_stored
 
 from .openfire_fake import FakeOpenfireConsole
 

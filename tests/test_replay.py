@@ -32,7 +32,7 @@ from capsule.profile import FAST_KDF, Profile
 from capsule.replay import DEFAULT_MAX_AGE, DEFAULT_SKEW, Entry, ReplayState, TimeRules, Verdict
 from capsule.trust import CertificateSource, CertPair
 
-from .conftest import PIN
+from .helpers import PIN
 
 NOW = core.parse_timestamp("2026-11-26T12:00:00Z")
 A, B = "alice@capsule.test", "bob@capsule.test"

@@ -25,49 +25,12 @@ from capsule import core
 from capsule import stanza as st
 from capsule.profile import FAST_KDF, Profile
 from capsule.testing.identities import enroll
+from capsule.testing.inbox import Inbox
 
-from .test_e2e import BOT_PIN, Inbox
+from .helpers import BOT_PIN, Receiver
 
-RECEIVER = Path(__file__).with_name("receiver_bot.py")
 KILLS = 22
 BURST = 12
-
-
-class Receiver:
-    """tests/receiver_bot.py in its own process; its event lines collected as they come."""
-
-    def __init__(self, lines: list[list[str]]):
-        self.lines = lines
-        self.raw: list[bytes] = []
-        self.proc: asyncio.subprocess.Process | None = None
-        self._reader: asyncio.Task[None] | None = None
-        self._ready = asyncio.Event()
-
-    async def start(self, stack: Any, account: Any, profile: Path) -> None:
-        env = {**os.environ, "BOT_PASSWORD": account.password, "CAPSULE_PIN": BOT_PIN}
-        self._ready = asyncio.Event()
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, str(RECEIVER), account.jid, str(stack.info.c2s_port),
-            str(stack.info.ca_root), str(profile), env=env, stdout=subprocess.PIPE)
-        self._reader = asyncio.ensure_future(self._read())
-        await asyncio.wait_for(self._ready.wait(), 60)
-
-    async def _read(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        async for raw in self.proc.stdout:
-            self.raw.append(raw)
-            words = raw.decode().split()
-            if words == ["ready"]:
-                self._ready.set()
-            elif words:
-                self.lines.append(words)
-
-    async def kill(self) -> None:
-        assert self.proc is not None and self._reader is not None
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.kill()
-        await self.proc.wait()
-        await self._reader
 
 
 @pytest_asyncio.fixture

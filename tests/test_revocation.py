@@ -32,7 +32,7 @@ from capsule.testing.identities import enroll
 from capsule.trust import CertificateSource, CertPair
 from capsule_ca import Authority
 
-from .conftest import PIN
+from .helpers import PIN
 
 
 class ServedCertificates(CertificateSource):

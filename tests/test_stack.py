@@ -16,8 +16,9 @@ from capsule.connection import LoginError, login
 from capsule.errors import ProfileError
 from capsule.plugin import attach
 from capsule.testing.identities import enroll
-from capsule.testing.processes import pid_alive, wait_for
-from capsule.testing.stack import Stack, wait_stored
+from capsule_stack.processes import pid_alive, wait_for
+from capsule_stack.rows import wait_stored
+from capsule_stack.stack import Stack
 
 
 async def test_login_verifies_server_certificate_against_our_ca(xmpp_stack, new_account, connect):

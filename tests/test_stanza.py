@@ -8,41 +8,12 @@ import pytest
 from slixmpp import Message
 from slixmpp.test import SlixTest
 
-from capsule import core
 from capsule import stanza as st
 from capsule.errors import MalformedCapsule, UnsupportedVersion
 
+from .helpers import CAPSULE, WIRE
+
 B = base64.b64encode
-CAPSULE = core.Capsule(
-    header=core.Header(
-        sender="alice@example.org", cert="aa" * 32, nid=b"\x01" * 16, ts="2026-11-26T10:00:00Z",
-        keys=(core.KeyEntry("alice@example.org", "cc" * 32, b"wrapped-a"),
-              core.KeyEntry("bob@example.org", "bb" * 32, b"wrapped-b")),
-        iv=b"\x02" * 12,
-    ),
-    payload=b"ciphertext-and-tag",
-    signature=b"signature",
-)
-
-NID, IV = B(b"\x01" * 16).decode(), B(b"\x02" * 12).decode()
-WIRE = f"""
-<message to="bob@example.org" type="chat">
-  <capsule xmlns="urn:capsule:0">
-    <header sender="alice@example.org" cert="{'aa' * 32}" nid="{NID}"
-            ts="2026-11-26T10:00:00Z">
-      <key jid="alice@example.org" cert="{'cc' * 32}">{B(b'wrapped-a').decode()}</key>
-      <key jid="bob@example.org" cert="{'bb' * 32}">{B(b'wrapped-b').decode()}</key>
-      <iv>{IV}</iv>
-    </header>
-    <payload>{B(b'ciphertext-and-tag').decode()}</payload>
-    <signature>{B(b'signature').decode()}</signature>
-  </capsule>
-  <body>{st.FALLBACK_BODY}</body>
-  <encryption xmlns="urn:xmpp:eme:0" namespace="urn:capsule:0" name="Capsule"/>
-  <store xmlns="urn:xmpp:hints"/>
-</message>
-"""
-
 
 class TestCapsuleStanza(SlixTest):
     def setUp(self) -> None:

@@ -14,7 +14,7 @@ from capsule.testing.identities import enroll
 from capsule.trust import CertPair, TrustStore
 from capsule_ca import Authority
 
-from .conftest import PIN
+from .helpers import PIN
 
 
 def bundle(p: Profile) -> CertPair:

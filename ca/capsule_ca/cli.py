@@ -6,30 +6,19 @@ import argparse
 import contextlib
 import datetime as dt
 import fcntl
-import os
 import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from capsule.connection import HOST_ENV, PORT_ENV, TLS_CA_ENV, LoginError
+from capsule.cli.base import add_server_options, run
+from capsule.connection import LoginError
 from capsule.pins import read_secret
 from capsule_ca.authority import CRL_DAYS, SERVE_LOCK, Authority
 from capsule_ca.errors import CAError
 from capsule_ca.profiles import Usage
 
 PASSPHRASE_ENV = "CAPSULE_CA_PASSPHRASE"
-
-
-def add_server_options(parser: argparse.ArgumentParser, tls_default: str) -> None:
-    """--host, --port and --tls-ca, defaulting to what `scripts/stack status --exports` sets."""
-    parser.add_argument("--host", default=os.environ.get(HOST_ENV, "127.0.0.1"),
-                        help=f"XMPP server host (default ${HOST_ENV}, else 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=int(os.environ.get(PORT_ENV, "5222")),
-                        help=f"c2s port, STARTTLS (default ${PORT_ENV}, else 5222)")
-    parser.add_argument("--tls-ca", default=os.environ.get(TLS_CA_ENV),
-                        help=f"CA file for the server's TLS certificate (default ${TLS_CA_ENV}, "
-                        f"else {tls_default})")
 
 
 def read_passphrase(args: argparse.Namespace, confirm: bool = False) -> bytes:
@@ -199,21 +188,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate-limit", type=int, default=5, help="enrollments per JID per hour")
     p.set_defaults(func=cmd_serve)
     return parser
-
-
-def run(parser: argparse.ArgumentParser, argv: list[str] | None,
-        errors: tuple[type[Exception], ...]) -> int:
-    """Run the parsed command (its int result is the exit code); an expected error becomes
-    one line on stderr and exit 1."""
-    args = parser.parse_args(argv)
-    try:
-        code = args.func(args)
-    except errors as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    return code if isinstance(code, int) else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,9 +11,9 @@ import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from capsule.cli.base import run
 from capsule.connection import LoginError
 from capsule_ca import CAError
-from capsule_ca.cli import run
 from capsule_openfire import ready
 from capsule_openfire.config import Config, ConfigError
 from capsule_openfire.database import DatabaseError

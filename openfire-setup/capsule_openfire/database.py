@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import subprocess
 
-from capsule.sql import SqlError as DatabaseError
-from capsule.sql import create_database_sql
+from capsule_stack.sql import SqlError as DatabaseError
+from capsule_stack.sql import create_database_sql
 
 __all__ = ["PRIVILEGES", "DatabaseError", "create_sql", "run_sql"]
 

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from capsule.audit_sources import Dsn  # the same DSN syntax as capsule audit
+from capsule.audit.sources import Dsn  # the same DSN syntax as capsule audit
 from capsule.files import write_private
 from capsule_ca import Authority
 from capsule_openfire import database, keystore, ready, render

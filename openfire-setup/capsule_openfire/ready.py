@@ -17,12 +17,12 @@ from pathlib import Path
 
 from slixmpp import ClientXMPP
 
-from capsule.audit_sources import Dsn
+from capsule.audit.panel import NoRedirect
+from capsule.audit.sources import Dsn
 from capsule.connection import LoginError, login
-from capsule.panel import NoRedirect
-from capsule.sql import literal
 from capsule_openfire import database, render
 from capsule_openfire.config import Config
+from capsule_stack.sql import literal
 
 
 class NotReady(Exception):

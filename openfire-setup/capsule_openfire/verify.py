@@ -29,16 +29,17 @@ from urllib.parse import quote
 
 from slixmpp import ClientXMPP
 
-from capsule.audit import Auditor, CertificateBundle, Report, StoredRow
-from capsule.audit_sources import Dsn, sql_rows
+from capsule.audit.findings import Report, StoredRow
+from capsule.audit.sources import Dsn, sql_rows
+from capsule.audit.verdicts import Auditor, CertificateBundle
 from capsule.connection import LoginError, enable_registration, login
 from capsule.plugin import attach
-from capsule.sql import literal
 from capsule.testing.identities import enroll
 from capsule_ca import Authority
 from capsule_openfire import ready
 from capsule_openfire.config import Config
 from capsule_openfire.service_admin import AdminCommandError, ServiceAdmin, forget
+from capsule_stack.sql import literal
 
 
 @dataclass

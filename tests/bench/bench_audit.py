@@ -25,11 +25,11 @@ import pytest
 
 from capsule import core, envelope
 from capsule import stanza as st
-from capsule.audit import Auditor, CertificateBundle, Report
-from capsule.audit_sources import SQL_SOURCES, Dsn, sql_rows
-from capsule.sql import literal
-from tests.test_audit import OPENFIRE_ARCHIVE
-from tests.test_core import body
+from capsule.audit.findings import Report
+from capsule.audit.sources import SQL_SOURCES, Dsn, sql_rows
+from capsule.audit.verdicts import Auditor, CertificateBundle
+from capsule_stack.sql import literal
+from tests.helpers import OPENFIRE_ARCHIVE, body
 
 REPEATS = int(os.environ.get("CAPSULE_BENCH_REPEATS", "3"))
 MINUTE_MS = 60_000

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from capsule import algorithms as alg
 from capsule import core, envelope
-from tests.test_core import body
+from tests.helpers import body
 
 ROUNDS = int(os.environ.get("CAPSULE_BENCH_ROUNDS", "200"))
 

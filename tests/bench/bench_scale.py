@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 from scale_bots import PIN, Fleet  # beside this file (tests/bench is on sys.path)
 
-from capsule.testing.cluster import ClusterStack
 from capsule.testing.identities import enroll
-from capsule.testing.stack import Stack
+from capsule_stack.cluster import ClusterStack
+from capsule_stack.stack import Stack
 
 SIZES = [int(n) for n in os.environ.get("CAPSULE_BENCH_BOTS", "50,100,200,500").split(",")]
 MESSAGES = int(os.environ.get("CAPSULE_BENCH_BOT_MESSAGES", "5"))

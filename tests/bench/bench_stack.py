@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from capsule.testing.stack import SERVERS, Stack
 from capsule_ca import Authority
+from capsule_stack.stack import Stack
+from capsule_stack.state import SERVERS
 
 RUNS = int(os.environ.get("CAPSULE_BENCH_RUNS", "5"))
 GOALS = {"ejabberd": 5.0, "prosody": 2.0}

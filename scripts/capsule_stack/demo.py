@@ -22,14 +22,14 @@ from typing import Any, cast
 from slixmpp import JID, ClientXMPP, Message
 
 from capsule import capsule_info
+from capsule.audit.panel import PanelError, check_ejabberd_queue
 from capsule.connection import LoginError, login
 from capsule.errors import CapsuleError
-from capsule.panel import PanelError, check_ejabberd_queue
 from capsule.plugin import attach
 from capsule.profile import KdfParams
 from capsule.testing.identities import enroll
-from capsule.testing.processes import StackError
-from capsule.testing.stack import Stack
+from capsule_stack.processes import StackError
+from capsule_stack.stack import Stack
 
 PIN = secrets.token_hex(4) + "00"  # a fresh demo PIN (digits and letters, 10 characters)
 

@@ -18,8 +18,11 @@ import shutil
 import socket
 from pathlib import Path
 
-from capsule.testing.processes import StackError, free_port, terminate
-from capsule.testing.stack import DEFAULT_DOMAIN, Ejabberd, MariaDB, Stack, StackState, XMPPServer
+from capsule_stack.mariadb import MariaDB
+from capsule_stack.processes import StackError, free_port, terminate
+from capsule_stack.servers import Ejabberd, XMPPServer
+from capsule_stack.stack import Stack
+from capsule_stack.state import DEFAULT_DOMAIN, StackState
 
 
 def _address(index: int) -> str:

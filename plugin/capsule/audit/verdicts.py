@@ -13,15 +13,15 @@ import dataclasses
 import datetime as dt
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import NamedTuple
 
 from cryptography import x509
 
 from capsule import core, elements
 from capsule import namespaces as ns
+from capsule.audit.findings import CertFacts, Finding, Report, StoredRow
 from capsule.errors import CapsuleError, UntrustedCertificate
 from capsule.stanza import FALLBACK_BODY, parse_capsule
 from capsule.trust import TrustStore, VerifiedCert
@@ -31,47 +31,11 @@ CAPSULE_OPEN, CAPSULE_CLOSE = "<capsule xmlns=", "</capsule>"
 CAPSULE_NS_VALUES = (f'"{ns.NAMESPACE}"', f"'{ns.NAMESPACE}'")
 SPAN_TAG = "capsule-audit-span"  # takes a capsule's place while the rest of its row is parsed
 SPAN_ELEMENT = f"<{SPAN_TAG} xmlns=''/>"
-VERDICTS = ("plaintext", "capsule", "bad-signature", "sender-mismatch", "recipient-mismatch",
-            "unverified", "malformed", "other")
 SEEN_MAX = 2000  # verdicts remembered, keyed by their capsule (~2 KB each)
-FAILING = ("plaintext", "bad-signature", "sender-mismatch", "recipient-mismatch", "unverified",
-           "malformed")
-TAMPERED = ("bad-signature", "sender-mismatch", "recipient-mismatch")
 XML_LANG = "{http://www.w3.org/XML/1998/namespace}lang"
 MESSAGE_ATTRIBUTES = frozenset({"to", "from", "id", "type", XML_LANG})
 SERVER_NOTES = frozenset({"Offline Storage"})  # the one <delay/> text a server writes (ejabberd)
-BARS = 48  # a conversation's timeline holds at most this many time buckets
 TS_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
-
-
-class StoredRow(NamedTuple):
-    """One row a server stored: where, whose, when, and the stanza as text (a tuple: one is
-    made per stored row, so it must be cheap)."""
-
-    store: str  # e.g. "ejabberd archive", "openfire ofOffline"
-    row_id: str
-    owner: str  # the account whose archive or queue holds it ("" if none)
-    when: dt.datetime | None
-    stanza: str
-    column: str = ""  # a body the server stored beside the stanza (ejabberd txt, Openfire body)
-
-
-@dataclass(frozen=True, slots=True)
-class CertFacts:
-    """The signing certificate a capsule names, as an auditor needs to cite it."""
-
-    fingerprint: str  # as the capsule names it
-    serial: str = ""  # hex; "" when the certificate is not known
-    not_before: dt.datetime | None = None
-    not_after: dt.datetime | None = None
-    signed_at: dt.datetime | None = None  # the capsule's timestamp
-
-    @property
-    def valid_at_signing(self) -> bool | None:
-        """Whether the capsule's timestamp lies in the validity window (None: unknown)."""
-        if self.not_before is None or self.not_after is None or self.signed_at is None:
-            return None
-        return self.not_before <= self.signed_at <= self.not_after
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,134 +48,6 @@ class Judgement:
     key: str  # identifies the message across the rows that store it ("": unreadable)
     cert: CertFacts | None
     recipients: frozenset[str] = frozenset()  # the JIDs the capsule has a <key> for
-
-
-class Finding(NamedTuple):
-    row: StoredRow
-    verdict: str
-    sender: str
-    recipient: str
-    key: str  # identifies the message across the rows that store it
-    detail: str = ""
-    signer: str = ""  # who the capsule says signed it
-    cert: CertFacts | None = None
-
-
-class Timeline:
-    """Messages per verdict over time in at most :data:`BARS` buckets. Buckets are aligned to
-    the epoch and start a minute wide; the width doubles (merging neighbours) whenever the span
-    outgrows them, so memory stays bounded however long the archive."""
-
-    def __init__(self) -> None:
-        self.width = 60
-        self.buckets: dict[int, dict[str, int]] = {}
-        self.lo = self.hi = 0
-
-    def add(self, when: dt.datetime, verdict: str) -> None:
-        seconds = int(when.timestamp())
-        index = seconds // self.width
-        if not self.buckets:
-            self.lo = self.hi = index
-        elif not self.lo <= index <= self.hi:
-            self.lo, self.hi = min(self.lo, index), max(self.hi, index)
-            while self.hi - self.lo >= BARS:
-                self._coarsen()
-            index = seconds // self.width
-        bucket = self.buckets.get(index)
-        if bucket is None:
-            bucket = self.buckets[index] = dict.fromkeys(VERDICTS, 0)
-        bucket[verdict] += 1
-
-    def _coarsen(self) -> None:
-        merged: dict[int, dict[str, int]] = {}
-        for index, counts in self.buckets.items():
-            into = merged.setdefault(index // 2, dict.fromkeys(VERDICTS, 0))
-            for verdict, n in counts.items():
-                into[verdict] += n
-        self.buckets, self.width = merged, self.width * 2
-        self.lo, self.hi = self.lo // 2, self.hi // 2
-
-    def bars(self) -> list[tuple[dt.datetime, dict[str, int]]]:
-        """(bucket start, counts) for every bucket from the first to the last, empty ones too."""
-        empty = dict.fromkeys(VERDICTS, 0)
-        return [(dt.datetime.fromtimestamp(i * self.width, dt.UTC), self.buckets.get(i, empty))
-                for i in range(self.lo, self.hi + 1)] if self.buckets else []
-
-
-@dataclass
-class Conversation:
-    peers: tuple[str, str]
-    rows: int = 0
-    keys: set[int] = field(default_factory=set)  # hashes of message keys: ~60 bytes each
-    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(VERDICTS, 0))
-    first: dt.datetime | None = None
-    last: dt.datetime | None = None
-    timeline: Timeline = field(default_factory=Timeline)
-
-    @property
-    def messages(self) -> int:
-        return len(self.keys)
-
-    @property
-    def verdict(self) -> str:
-        c = self.counts
-        if c["bad-signature"] or c["sender-mismatch"]:
-            return "TAMPERED"
-        if c["plaintext"]:
-            return "PLAINTEXT"
-        if c["unverified"] or c["malformed"]:
-            return "UNVERIFIED"
-        return "ENCRYPTED" if c["capsule"] else "OTHER"
-
-
-@dataclass
-class Report:
-    sources: list[str]
-    conversations: dict[tuple[str, str], Conversation] = field(default_factory=dict)
-    rows: int = 0
-    findings: list[Finding] = field(default_factory=list)  # problems only, capped
-    max_findings: int = 200
-    unlisted: int = 0  # findings beyond max_findings: counted, not kept
-    missing: list[str] = field(default_factory=list)  # source tables that do not exist
-
-    def add(self, finding: Finding) -> None:
-        self.rows += 1
-        a, b = finding.sender, finding.recipient
-        peers = (a, b) if a <= b else (b, a)
-        conv = self.conversations.get(peers)
-        if conv is None:
-            conv = self.conversations[peers] = Conversation(peers)
-        conv.rows += 1
-        verdict, when = finding.verdict, finding.row.when
-        key = hash(finding.key)
-        if key not in conv.keys:
-            conv.keys.add(key)
-        elif verdict not in TAMPERED:  # a tampered copy of a message stored twice still counts
-            verdict = ""
-        if verdict:
-            conv.counts[verdict] += 1
-            if when:
-                conv.timeline.add(when, verdict)
-        if when:
-            if conv.first is None or when < conv.first:
-                conv.first = when
-            if conv.last is None or when > conv.last:
-                conv.last = when
-        if finding.verdict in FAILING:
-            if len(self.findings) < self.max_findings:
-                self.findings.append(finding)
-            else:
-                self.unlisted += 1
-
-    def missing_table(self, table: str, detail: str) -> None:
-        self.missing.append(f"{table}: {detail}")
-
-    def totals(self) -> dict[str, int]:
-        out = dict.fromkeys(VERDICTS, 0)
-        for conv in self.conversations.values():
-            for verdict, n in conv.counts.items():
-                out[verdict] += n
-        return out
 
 
 class CertificateBundle:

@@ -27,7 +27,7 @@ from pymysql.constants import ER
 from pymysql.cursors import SSCursor
 from slixmpp import JID, ClientXMPP
 
-from capsule.audit import StoredRow
+from capsule.audit.findings import StoredRow
 from capsule.connection import login
 from capsule.discovery import PepSource
 from capsule.enrollment import CaDirectorySource, FirstFound
@@ -45,41 +45,80 @@ class SourceError(Exception):
 
 @dataclass(frozen=True)
 class Table:
-    """One stored-message table: a query yielding (row id, owner, time, stanza, the body the
-    server stored beside it), and where a table may keep a message only as columns, (from, to,
-    body) to rebuild its stanza from."""
+    """One server table of stored messages, described once for both readers: ``capsule audit``
+    reads every row (row id, owner, time, stanza, the body the server stored beside it, and where
+    a table may keep a message only as columns, (from, to, body) to rebuild its stanza from); the
+    test stack reads or edits one account's rows of one store ("archive" or "offline")."""
 
     label: str
-    sql: str
-    time_unit: float  # seconds per unit of the time column
+    name: str
+    key: str  # the row id
+    owner: str  # SQL: the owning account (NULL where the table does not say)
+    time: str  # SQL: when the row was stored
+    time_unit: float  # seconds per unit of ``time``
+    stanza: str  # the column holding the stored stanza
+    stores: dict[str, str]  # store -> SQL condition selecting its rows ("" for every row)
+    user: str = ""  # the column holding the owner's local part, if any
+    body: str = "NULL"  # SQL: the body stored beside the stanza
+    rebuild: str = ""  # SQL: (from, to, body) of a message kept only as columns
+    where: str = ""  # SQL: a condition every stored message meets
+    order: str = ""  # SQL: the ORDER BY, the row id unless said
+
+    @property
+    def sql(self) -> str:
+        """The audit's query: every stored message of every store in this table."""
+        columns = ", ".join(c for c in (self.key, self.owner, self.time, self.stanza, self.body,
+                                        self.rebuild) if c)
+        stores = " OR ".join(c for c in self.stores.values() if c)
+        where = " AND ".join(c for c in (f"({stores})" if stores else "", self.where) if c)
+        return (f"SELECT {columns} FROM {self.name}"  # noqa: S608 - our own constant SQL
+                + (f" WHERE {where}" if where else "") + f" ORDER BY {self.order or self.key}")
+
+    def rows_of(self, user: str, store: str) -> str:
+        """SQL condition: ``user``'s rows of ``store`` (the caller lets only a plain name in)."""
+        if not self.user:
+            raise SourceError(f"{self.label} does not say whose each row is")
+        return " AND ".join(c for c in (f"{self.user} = '{user}'", self.stores[store], self.where)
+                            if c)
 
 
+_OPENFIRE_REBUILT = ", ".join(f"IF(stanza IS NULL, {column}, NULL)"
+                              for column in ("fromJID", "toJID", "body"))
 SQL_SOURCES: dict[str, list[Table]] = {
     "ejabberd": [
-        Table("ejabberd archive",
-              "SELECT id, username, timestamp, xml, txt FROM archive ORDER BY id", 1e-6),
-        Table("ejabberd spool",
-              "SELECT seq, username, UNIX_TIMESTAMP(created_at), xml, NULL FROM spool "
-              "ORDER BY seq", 1),
+        Table("ejabberd archive", "archive", "id", "username", "timestamp", 1e-6, "xml",
+              {"archive": ""}, user="username", body="txt"),
+        Table("ejabberd spool", "spool", "seq", "username", "UNIX_TIMESTAMP(created_at)", 1, "xml",
+              {"offline": ""}, user="username"),
     ],
     "prosody": [
-        Table("prosody archive/offline",
-              "SELECT sort_id, CONCAT(user, '@', host), `when`, value, NULL FROM prosodyarchive "
-              "WHERE store IN ('archive', 'offline') AND type = 'xml' ORDER BY sort_id", 1),
+        Table("prosody archive/offline", "prosodyarchive", "sort_id", "CONCAT(user, '@', host)",
+              "`when`", 1, "value", {"archive": "store = 'archive'", "offline": "store = 'offline'"},
+              user="user", where="type = 'xml'"),
     ],
     "openfire": [
-        Table("openfire ofMessageArchive",
-              "SELECT messageID, NULL, sentDate, stanza, IF(stanza IS NULL, NULL, body), "
-              "IF(stanza IS NULL, fromJID, NULL), "
-              "IF(stanza IS NULL, toJID, NULL), IF(stanza IS NULL, body, NULL) "
-              "FROM ofMessageArchive ORDER BY messageID", 1e-3),
-        Table("openfire ofOffline",
-              "SELECT messageID, username, creationDate, stanza, NULL FROM ofOffline "
-              "ORDER BY username, messageID", 1e-3),
+        Table("openfire ofMessageArchive", "ofMessageArchive", "messageID", "NULL", "sentDate",
+              1e-3, "stanza", {"archive": ""}, body="IF(stanza IS NULL, NULL, body)",
+              rebuild=_OPENFIRE_REBUILT),
+        Table("openfire ofOffline", "ofOffline", "messageID", "username", "creationDate", 1e-3,
+              "stanza", {"offline": ""}, user="username", order="username, messageID"),
     ],
 }
 
+
+def store_table(server: str, store: str) -> Table:
+    """The table where ``server`` keeps ``store`` ("archive" or "offline")."""
+    for table in SQL_SOURCES.get(server, []):
+        if store in table.stores:
+            return table
+    raise SourceError(f"{server} keeps no {store!r} store")
+
 MissingTable = Callable[[str, str], None]  # (table label, the server's words)
+
+
+# where `capsule audit` finds its database when no option says (`scripts/stack status --exports`)
+AUDIT_DSN_ENV = "CAPSULE_AUDIT_DSN"  # mysql://user@host:port/db, never a password
+AUDIT_DB_PASSWORD_FILE_ENV = "CAPSULE_AUDIT_DB_PASSWORD_FILE"
 
 
 @dataclass(frozen=True)

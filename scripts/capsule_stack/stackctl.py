@@ -15,10 +15,11 @@ from pathlib import Path
 from capsule.connection import LoginError
 from capsule.files import write_private
 from capsule.pins import read_secret
-from capsule.testing.cluster import ClusterStack, open_stack
-from capsule.testing.processes import StackError
-from capsule.testing.stack import DEFAULT_DOMAIN, SERVERS, Stack
 from capsule_ca import CAError
+from capsule_stack.cluster import ClusterStack, open_stack
+from capsule_stack.processes import StackError
+from capsule_stack.stack import Stack
+from capsule_stack.state import DEFAULT_DOMAIN, SERVERS
 
 DIR_ENV = "CAPSULE_STACK_DIR"
 PASSWORD_ENV = "CAPSULE_XMPP_PASSWORD"

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 ALL_PRIVILEGES = "ALL"
-# where `capsule audit` finds its database when no option says (`scripts/stack status --exports`)
-AUDIT_DSN_ENV = "CAPSULE_AUDIT_DSN"  # mysql://user@host:port/db, never a password
-AUDIT_DB_PASSWORD_FILE_ENV = "CAPSULE_AUDIT_DB_PASSWORD_FILE"
 
 
 class SqlError(Exception):

@@ -1,4 +1,4 @@
-"""Small process and port helpers for the private stack: own PIDs only, loopback only."""
+"""Small process, port and config-file helpers for the private stack: own PIDs only, loopback only."""
 
 from __future__ import annotations
 
@@ -6,9 +6,13 @@ import contextlib
 import os
 import signal
 import socket
+import string
+import subprocess
 import time
 from collections.abc import Callable
+from importlib import resources
 from pathlib import Path
+from typing import Any
 
 
 class StackError(Exception):
@@ -69,3 +73,15 @@ def log_tail(path: Path, lines: int = 25) -> str:
     except OSError:
         return f"(no log at {path})"
     return "\n".join(text[-lines:])
+
+
+def render(template: str, target: Path, **values: Any) -> None:
+    text = resources.files("capsule_stack").joinpath("templates", template).read_text()
+    target.write_text(string.Template(text).substitute(values))
+
+
+def run_tool(cmd: list[str], what: str, env: dict[str, str] | None = None, stdin: str = "") -> str:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, input=stdin, check=False)
+    if proc.returncode != 0:
+        raise StackError(f"{what} failed: {(proc.stderr or proc.stdout).strip()[-400:]}")
+    return proc.stdout

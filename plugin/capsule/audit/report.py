@@ -14,7 +14,7 @@ import html
 import json
 from typing import Any
 
-from capsule.audit import VERDICTS, CertFacts, Conversation, Finding, Report
+from capsule.audit.findings import VERDICTS, CertFacts, Conversation, Finding, Report
 
 COLUMNS = ("plaintext", "capsule", "bad-signature", "sender-mismatch", "recipient-mismatch",
            "unverified", "other")

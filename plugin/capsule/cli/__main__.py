@@ -1,0 +1,7 @@
+"""``python -m capsule.cli``."""
+
+import sys
+
+from capsule.cli import main
+
+sys.exit(main())

@@ -1,0 +1,180 @@
+"""What several test modules share (no test module imports another): PINs, the canonical wire
+example, stored-row tampering, the receiver bot in its own process, the delivery ledger."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import contextlib
+import os
+import random
+import re
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+from slixmpp import ClientXMPP
+
+from capsule import core
+from capsule import stanza as st
+from capsule_stack.fixtures import BOT_PIN
+
+__all__ = ["BOT_PIN", "CAPSULE", "OPENFIRE_ARCHIVE", "OPENFIRE_OFFLINE", "PIN", "RECEIVER", "WIRE",
+           "Ledger", "Receiver", "body", "rng", "settle", "tamper"]
+
+PIN = "246810"  # unit-test profiles (tests/conftest.py)
+# Openfire's two stored-message tables, from its documented columns (a stand-in for its schema)
+OPENFIRE_ARCHIVE = """
+CREATE TABLE ofMessageArchive (messageID BIGINT NULL, conversationID BIGINT NOT NULL,
+  fromJID VARCHAR(1024) NOT NULL, fromJIDResource VARCHAR(1024) NULL,
+  toJID VARCHAR(1024) NOT NULL, toJIDResource VARCHAR(1024) NULL, sentDate BIGINT NOT NULL,
+  stanza TEXT NULL, body TEXT NULL, isPMforJID VARCHAR(1024) NULL);
+"""
+OPENFIRE_OFFLINE = """
+CREATE TABLE ofOffline (username VARCHAR(64) NOT NULL, messageID BIGINT NOT NULL,
+  creationDate CHAR(15) NOT NULL, messageSize INTEGER NOT NULL, stanza TEXT NOT NULL,
+  PRIMARY KEY (username, messageID));
+"""
+
+
+def body(text: str) -> list[ET.Element]:
+    el = ET.Element("{jabber:client}body")
+    el.text = text
+    return [el]
+
+
+B = base64.b64encode
+CAPSULE = core.Capsule(
+    header=core.Header(
+        sender="alice@example.org", cert="aa" * 32, nid=b"\x01" * 16, ts="2026-11-26T10:00:00Z",
+        keys=(core.KeyEntry("alice@example.org", "cc" * 32, b"wrapped-a"),
+              core.KeyEntry("bob@example.org", "bb" * 32, b"wrapped-b")),
+        iv=b"\x02" * 12,
+    ),
+    payload=b"ciphertext-and-tag",
+    signature=b"signature",
+)
+
+NID, IV = B(b"\x01" * 16).decode(), B(b"\x02" * 12).decode()
+WIRE = f"""
+<message to="bob@example.org" type="chat">
+  <capsule xmlns="urn:capsule:0">
+    <header sender="alice@example.org" cert="{'aa' * 32}" nid="{NID}"
+            ts="2026-11-26T10:00:00Z">
+      <key jid="alice@example.org" cert="{'cc' * 32}">{B(b'wrapped-a').decode()}</key>
+      <key jid="bob@example.org" cert="{'bb' * 32}">{B(b'wrapped-b').decode()}</key>
+      <iv>{IV}</iv>
+    </header>
+    <payload>{B(b'ciphertext-and-tag').decode()}</payload>
+    <signature>{B(b'signature').decode()}</signature>
+  </capsule>
+  <body>{st.FALLBACK_BODY}</body>
+  <encryption xmlns="urn:xmpp:eme:0" namespace="urn:capsule:0" name="Capsule"/>
+  <store xmlns="urn:xmpp:hints"/>
+</message>
+"""
+
+
+def tamper(part: str, row: str) -> tuple[str, str]:
+    """A (old, new) pair flipping one base64 character inside ``part`` of a stored capsule."""
+    patterns = {
+        "payload": r"<payload>([A-Za-z0-9+/=]+)</payload>",
+        "signature": r"<signature>([A-Za-z0-9+/=]+)</signature>",
+        "wrapped key": r"<key [^>]*>([A-Za-z0-9+/=]+)</key>",
+        "header": r"\bnid=.([A-Za-z0-9+/=]+)",
+    }
+    old = re.search(patterns[part], row)
+    assert old, f"no {part} in stored row"
+    value = old.group(1)
+    swap = "B" if value[10] != "B" else "C"
+    return value, value[:10] + swap + value[11:]
+
+
+RECEIVER = Path(__file__).with_name("receiver_bot.py")
+
+
+class Receiver:
+    """tests/receiver_bot.py in its own process; its event lines collected as they come."""
+
+    def __init__(self, lines: list[list[str]]):
+        self.lines = lines
+        self.raw: list[bytes] = []
+        self.proc: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+
+    async def start(self, stack: Any, account: Any, profile: Path) -> None:
+        env = {**os.environ, "BOT_PASSWORD": account.password, "CAPSULE_PIN": BOT_PIN}
+        self._ready = asyncio.Event()
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, str(RECEIVER), account.jid, str(stack.info.c2s_port),
+            str(stack.info.ca_root), str(profile), env=env, stdout=subprocess.PIPE)
+        self._reader = asyncio.ensure_future(self._read())
+        await asyncio.wait_for(self._ready.wait(), 60)
+
+    async def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        async for raw in self.proc.stdout:
+            self.raw.append(raw)
+            words = raw.decode().split()
+            if words == ["ready"]:
+                self._ready.set()
+            elif words:
+                self.lines.append(words)
+
+    async def kill(self) -> None:
+        assert self.proc is not None and self._reader is not None
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
+        await self.proc.wait()
+        await self._reader
+
+
+SEED = int(os.environ.get("CAPSULE_DELIVERY_SEED", random.randrange(1 << 30)))
+
+
+def rng(test: str) -> random.Random:
+    print(f"{test}: CAPSULE_DELIVERY_SEED={SEED}")
+    return random.Random(f"{SEED} {test}")
+
+
+class Ledger:
+    """What the sender was told (acked, undelivered) and what the receiving app got."""
+
+    def __init__(self, sender: ClientXMPP, receiver: ClientXMPP | None = None):
+        self.delivered: collections.Counter[str] = collections.Counter()
+        self.acked: set[str] = set()
+        self.undelivered: dict[str, str] = {}
+        self.errors: list[Any] = []
+        sender.add_event_handler("capsule_acked", lambda a: self.acked.add(a.stanza_id))
+        sender.add_event_handler("capsule_undelivered",
+                                 lambda f: self.undelivered.__setitem__(f.stanza_id, f.message))
+        if receiver is not None:
+            receiver.add_event_handler("message", lambda m: self.delivered.update([m["body"]]))
+            receiver.add_event_handler("capsule_error", self.errors.append)
+
+    def settled(self, sent: dict[str, str]) -> bool:
+        """Every capsule acked or reported, and every acked one delivered."""
+        return all(sid in self.undelivered or (sid in self.acked and self.delivered[body])
+                   for sid, body in sent.items())
+
+    def check(self, sent: dict[str, str], crash_window: frozenset[str] = frozenset()) -> None:
+        """``crash_window``: stanza ids a killed receiver had on disk but not delivered."""
+        twice = {body: n for body, n in self.delivered.items() if n > 1}
+        assert not twice, f"delivered more than once: {twice}"
+        lost = [body for sid, body in sent.items() if not self.delivered[body]
+                and sid not in self.undelivered and sid not in crash_window]
+        assert not lost, (f"{len(lost)} of {len(sent)} lost silently, e.g. {lost[:3]}; "
+                          f"errors {self.errors[:3]}")
+        assert set(self.delivered) <= set(sent.values())
+        assert not self.errors, self.errors  # resent copies are dropped quietly, not errors
+
+
+async def settle(ledger: Ledger, sent: dict[str, str], timeout: float = 45.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not ledger.settled(sent) and loop.time() < deadline:
+        await asyncio.sleep(0.1)
