@@ -21,7 +21,7 @@ import pytest_asyncio
 from slixmpp import JID, ClientXMPP
 
 from capsule.connection import ENDPOINTS_ENV, LoginError, Reconnect, endpoints_from_env, login
-from capsule.plugin import attach, capsule_info
+from capsule.plugin import attach
 from capsule.testing.identities import enroll
 from capsule.testing.inbox import Inbox
 from capsule_stack.cluster import ClusterStack, open_stack
@@ -29,7 +29,7 @@ from capsule_stack.fixtures import BOT_PIN, Account, Bot
 from capsule_stack.processes import pid_alive
 from capsule_stack.rows import wait_stored
 
-from .helpers import Ledger, rng, settle
+from .helpers import Ledger, rng, settle, verified_sender
 
 ROOT = Path(__file__).resolve().parents[1]
 BURST = 100
@@ -142,7 +142,7 @@ async def test_capsules_between_nodes_found_through_pep(node_bot, cluster):
     text = secret("node 1 to node 2")
     await alice.capsule.send(bob.jid, text)  # bob's certificates: published on node 2
     msg = await to_bob.message()
-    assert msg["body"] == text and capsule_info(msg).sender == alice.jid
+    assert msg["body"] == text and verified_sender(msg) == alice.jid
     reply = secret("node 2 to node 1")
     await bob.capsule.send(alice.jid, reply)
     assert (await to_alice.message())["body"] == reply
@@ -161,7 +161,7 @@ async def test_offline_capsule_delivered_on_the_other_node(node_bot, cluster):
     inbox = Inbox(client)
     await node_bot("bob", 2, account=bob.account, profile=bob.profile, client=client)
     msg = await inbox.message()
-    assert msg["body"] == text and capsule_info(msg).sender == alice.jid
+    assert msg["body"] == text and verified_sender(msg) == alice.jid
     await wait_stored_empty(cluster, bob.account.user)
 
 
@@ -191,7 +191,7 @@ async def test_group_chat_with_occupants_on_both_nodes(node_bot, cluster):
     for jid, inbox in inboxes.items():
         msg = await inbox.message()
         assert msg["type"] == "groupchat" and msg["body"] == text, jid
-        assert capsule_info(msg).sender == bob.jid
+        assert verified_sender(msg) == bob.jid
 
 
 async def test_node_killed_its_bots_move_and_nothing_is_lost_silently(node_bot, cluster):
@@ -247,9 +247,10 @@ async def test_reconnect_goes_round_the_endpoints_and_reads_them_from_the_stack(
     reconnect = Reconnect(client, endpoints=nodes)
     taken = []
     for _ in range(3):
-        address = reconnect._next_address()
-        taken.append(address)
-        client.custom_address = address  # as client.connect(*address) records it
+        host, port = reconnect._next_address()
+        assert host is not None and port is not None
+        taken.append((host, port))
+        client.custom_address = (host, port)  # as client.connect(host, port) records it
     assert taken == [nodes[2], nodes[0], nodes[1]]
     client.custom_address = ("127.0.0.1", 9999)  # connected elsewhere: start from the first
     assert reconnect._next_address() == nodes[0]

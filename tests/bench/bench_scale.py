@@ -134,7 +134,7 @@ def _two_processes(cluster: ClusterStack, pool: Pool, n: int, run_dir: Path, cap
             for p in halves:
                 p.stdin.write(f"{messages}\n")  # type: ignore[union-attr]
                 p.stdin.flush()  # type: ignore[union-attr]
-            return max(json.loads(p.stdout.readline())["seconds"]  # type: ignore[union-attr]
+            return max(float(json.loads(p.stdout.readline())["seconds"])  # type: ignore[union-attr]
                        for p in halves)
 
         exchange(1)  # warm-up: look-ups and pinning

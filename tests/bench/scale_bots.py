@@ -17,9 +17,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from slixmpp import ClientXMPP
+from slixmpp import JID, ClientXMPP
+from slixmpp.plugins.base import PluginManager
 
 from capsule.connection import login
 from capsule.plugin import attach
@@ -81,9 +82,10 @@ class Fleet:
         for i in range(messages):
             for client, (_jid, _pw, profile, partner) in zip(self.clients, self.spec, strict=True):
                 if profile:
-                    await client.plugin["capsule"].send(partner, f"capsule {i}")
+                    await cast(PluginManager, client.plugin)["capsule"].send(partner,
+                                                                             f"capsule {i}")
                 else:
-                    client.send_message(mto=partner, mbody=f"plain {i}", mtype="chat")
+                    client.send_message(mto=JID(partner), mbody=f"plain {i}", mtype="chat")
             await asyncio.sleep(0)
         await asyncio.wait_for(self.all_in.wait(), 600)
         return time.perf_counter() - began
