@@ -16,7 +16,7 @@ from typing import Any
 
 from slixmpp import BaseXMPP
 
-from capsule import core, events
+from capsule import events, wire
 from capsule.errors import CapsuleError, DuplicateCapsule, ProfileError, StorageError
 from capsule.journal import GroupCommit
 from capsule.profile import Profile
@@ -41,7 +41,7 @@ class DurableState:
         self.error: StorageError | None = None
         self.persist()  # take the profile lock, clear litter, start the journal
 
-    def remember(self, capsule: core.Capsule) -> asyncio.Future[None]:
+    def remember(self, capsule: wire.AnyCapsule) -> asyncio.Future[None]:
         """Judge a verified capsule; a NEW one's entry goes to the journal (the future)."""
         self._ensure_durable()
         h = capsule.header
@@ -54,6 +54,10 @@ class DurableState:
         if journal is not None and journal.records >= COMPACT_AFTER:
             self.dirty()  # fold the journal into the profile soon
         return self._commit.submit(entry)
+
+    async def idle(self) -> None:
+        """Until no journal write runs (then :meth:`persist` may be called)."""
+        await self._commit.idle()
 
     def dirty(self) -> None:
         """Something to save changed: save within ``save_delay``."""
