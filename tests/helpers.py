@@ -1,22 +1,24 @@
 """What several test modules share (no test module imports another): PINs, the canonical wire
-example, stored-row tampering, the receiver bot in its own process."""
+example, stored-row tampering, the receiver bot in its own process, the delivery ledger."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import os
+import random
 import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
-from slixmpp import Message
+from slixmpp import ClientXMPP, Message
 from slixmpp.basexmpp import BaseXMPP
 from slixmpp.plugins.base import PluginManager
 
@@ -26,7 +28,7 @@ from capsule_stack.fixtures import BOT_PIN, Account
 from capsule_stack.stack import Stack
 
 __all__ = ["BOT_PIN", "CAPSULE", "OPENFIRE_ARCHIVE", "OPENFIRE_OFFLINE", "PIN", "RECEIVER", "WIRE",
-           "Receiver", "body", "capsule_of", "rsa_key", "tamper",
+           "Ledger", "Receiver", "body", "capsule_of", "rng", "rsa_key", "settle", "tamper",
            "verified_sender"]
 
 PIN = "246810"  # unit-test profiles (tests/conftest.py)
@@ -157,3 +159,53 @@ class Receiver:
             self.proc.kill()
         await self.proc.wait()
         await self._reader
+
+
+SEED = int(os.environ.get("CAPSULE_DELIVERY_SEED", random.randrange(1 << 30)))
+
+
+def rng(test: str) -> random.Random:
+    print(f"{test}: CAPSULE_DELIVERY_SEED={SEED}")
+    return random.Random(f"{SEED} {test}")
+
+
+class Ledger:
+    """What the sender was told (acked, delivered, undelivered) and what the receiving app got."""
+
+    def __init__(self, sender: ClientXMPP, receiver: ClientXMPP | None = None):
+        self.delivered: collections.Counter[str] = collections.Counter()
+        self.acked: set[str] = set()
+        self.confirmed: set[str] = set()
+        self.undelivered: dict[str, str] = {}
+        self.errors: list[Any] = []
+        sender.add_event_handler("capsule_acked", lambda a: self.acked.add(a.stanza_id))
+        sender.add_event_handler("capsule_delivered", lambda d: self.confirmed.add(d.stanza_id))
+        sender.add_event_handler("capsule_undelivered",
+                                 lambda f: self.undelivered.__setitem__(f.stanza_id, f.message))
+        if receiver is not None:
+            receiver.add_event_handler("message", lambda m: self.delivered.update([m["body"]]))
+            receiver.add_event_handler("capsule_error", self.errors.append)
+
+    def settled(self, sent: dict[str, str]) -> bool:
+        """Every capsule confirmed by the contact's receipt or reported undelivered."""
+        return all(sid in self.undelivered or sid in self.confirmed for sid in sent)
+
+    def check(self, sent: dict[str, str]) -> None:
+        """Exactly once or reported; a receipt only for what the app got."""
+        twice = {body: n for body, n in self.delivered.items() if n > 1}
+        assert not twice, f"delivered more than once: {twice}"
+        lost = [body for sid, body in sent.items()
+                if not self.delivered[body] and sid not in self.undelivered]
+        assert not lost, (f"{len(lost)} of {len(sent)} lost silently, e.g. {lost[:3]}; "
+                          f"errors {self.errors[:3]}")
+        assert set(self.delivered) <= set(sent.values())
+        lying = [sid for sid in self.confirmed if not self.delivered[sent[sid]]]
+        assert not lying, f"receipts for capsules the app never got: {lying[:3]}"
+        assert not self.errors, self.errors  # resent copies are dropped quietly, not errors
+
+
+async def settle(ledger: Ledger, sent: dict[str, str], timeout: float = 60.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not ledger.settled(sent) and loop.time() < deadline:
+        await asyncio.sleep(0.1)

@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import os
-import random
 from typing import Any
 
 from slixmpp import ClientXMPP
@@ -20,59 +18,9 @@ from slixmpp import ClientXMPP
 from capsule import wire
 from capsule.inbound import HandledCount
 
-from .helpers import Receiver
+from .helpers import Ledger, Receiver, rng, settle
 
 BURST = 200
-SEED = int(os.environ.get("CAPSULE_DELIVERY_SEED", random.randrange(1 << 30)))
-
-
-def rng(test: str) -> random.Random:
-    print(f"{test}: CAPSULE_DELIVERY_SEED={SEED}")
-    return random.Random(f"{SEED} {test}")
-
-
-class Ledger:
-    """What the sender was told (acked, delivered, undelivered) and what the receiving app got."""
-
-    def __init__(self, sender: ClientXMPP, receiver: ClientXMPP | None = None):
-        self.delivered: collections.Counter[str] = collections.Counter()
-        self.acked: set[str] = set()
-        self.confirmed: set[str] = set()
-        self.undelivered: dict[str, str] = {}
-        self.errors: list[Any] = []
-        sender.add_event_handler("capsule_acked", lambda a: self.acked.add(a.stanza_id))
-        sender.add_event_handler("capsule_delivered", lambda d: self.confirmed.add(d.stanza_id))
-        sender.add_event_handler("capsule_undelivered",
-                                 lambda f: self.undelivered.__setitem__(f.stanza_id, f.message))
-        if receiver is not None:
-            receiver.add_event_handler("message", lambda m: self.delivered.update([m["body"]]))
-            receiver.add_event_handler("capsule_error", self.errors.append)
-
-    def settled(self, sent: dict[str, str]) -> bool:
-        """Every capsule confirmed by the contact's receipt or reported undelivered."""
-        return all(sid in self.undelivered or sid in self.confirmed for sid in sent)
-
-    def check(self, sent: dict[str, str]) -> None:
-        """Exactly once or reported; a receipt only for what the app got."""
-        twice = {body: n for body, n in self.delivered.items() if n > 1}
-        assert not twice, f"delivered more than once: {twice}"
-        lost = [body for sid, body in sent.items()
-                if not self.delivered[body] and sid not in self.undelivered]
-        assert not lost, (f"{len(lost)} of {len(sent)} lost silently, e.g. {lost[:3]}; "
-                          f"errors {self.errors[:3]}")
-        assert set(self.delivered) <= set(sent.values())
-        lying = [sid for sid in self.confirmed if not self.delivered[sent[sid]]]
-        assert not lying, f"receipts for capsules the app never got: {lying[:3]}"
-        assert not self.errors, self.errors  # resent copies are dropped quietly, not errors
-
-
-async def settle(ledger: Ledger, sent: dict[str, str], timeout: float = 60.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not ledger.settled(sent) and loop.time() < deadline:
-        await asyncio.sleep(0.1)
-
-
 async def test_server_killed_mid_burst(xmpp_stack, capsule_bot):
     schedule = rng(f"server {xmpp_stack.info.server}")
     # bounded: whatever happens, each capsule is confirmed or reported within the test

@@ -6,7 +6,7 @@ import asyncio
 import os
 import random
 import ssl
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,6 +19,10 @@ T = TypeVar("T")
 # Where the XMPP server is and which CA its TLS certificate chains to: set by
 # `scripts/stack status --exports`, read as defaults by the command line tools and use_server().
 HOST_ENV, PORT_ENV, TLS_CA_ENV = "CAPSULE_HOST", "CAPSULE_PORT", "CAPSULE_TLS_CA"
+# every node of a clustered server, "host:port host:port ..." (the plugin's ``endpoints``)
+ENDPOINTS_ENV = "CAPSULE_ENDPOINTS"
+
+Endpoint = tuple[str, int]
 
 
 class LoginError(Exception):
@@ -31,6 +35,18 @@ class LoginError(Exception):
     def __init__(self, message: str, reason: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+def endpoints_from_env() -> list[Endpoint]:
+    """The endpoints in $CAPSULE_ENDPOINTS (empty when unset)."""
+    found = []
+    for item in os.environ.get(ENDPOINTS_ENV, "").split():
+        host, _, port = item.rpartition(":")
+        if not host or not port.isdigit():
+            raise LoginError(f"${ENDPOINTS_ENV}: {item!r} is not host:port",
+                             "configuration")
+        found.append((host, int(port)))
+    return found
 
 
 def tls_context(ca_root: str | Path, maximum: ssl.TLSVersion | None = None) -> ssl.SSLContext:
@@ -149,12 +165,17 @@ class Reconnect:
     Armed by the first session, disarmed by the app's own ``disconnect()`` and by a refused
     login or certificate (retrying would not help). slixmpp alone does not reconnect after a
     lost stream; with stream management (XEP-0198) the new stream resumes the session.
+
+    ``endpoints``: the nodes of a clustered server, any of which serves the account. After a
+    dropped session or a failed attempt the next one is tried (round robin, from the one the
+    client used), so the bots of a dead node move to a live one by themselves.
     """
 
     def __init__(self, client: ClientXMPP, first: float = 0.5, cap: float = 30.0,
-                 login_timeout: float = 30.0):
+                 login_timeout: float = 30.0, endpoints: Sequence[Endpoint] = ()):
         self.client = client
         self.first, self.cap, self.login_timeout = first, cap, login_timeout
+        self.endpoints = list(endpoints)
         self.delay = first
         self.armed = self.in_session = bool(client.sessionstarted)  # maybe logged in already
         self._retry: asyncio.TimerHandle | None = None
@@ -204,13 +225,19 @@ class Reconnect:
         self.delay = min(self.cap, self.delay * 2)
         self._retry = asyncio.get_event_loop().call_later(wait, self._connect)
 
+    def _next_address(self) -> tuple[str | None, int | None]:
+        current = self.client.custom_address
+        if not self.endpoints:
+            return current or (None, None)
+        at = self.endpoints.index(current) if current in self.endpoints else -1
+        return self.endpoints[(at + 1) % len(self.endpoints)]
+
     def _connect(self) -> None:
         self._retry = None
         if not self.armed:
             return
         if self.client.transport is None:
-            address = self.client.custom_address or (None, None)
-            self.client.connect(*address)
+            self.client.connect(*self._next_address())
         # else slixmpp's own retry got there first, or a TLS handshake reset by a restarting
         # server left its transport behind (no retry ever came then); either way, and for a
         # server that accepts TCP but never opens a session (its database down), the watchdog

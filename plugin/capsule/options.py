@@ -50,6 +50,8 @@ class CapsuleOptions:
     outbox_limit: int = 2000  # unconfirmed capsules kept for resending
     reconnect: bool = True  # reconnect a lost session, back-off doubling up to reconnect_max
     reconnect_max: float = 30
+    # (host, port) of every node of a clustered server: a lost session reconnects to any
+    endpoints: tuple[tuple[str, int], ...] = ()
     forward_secrecy: ForwardSecrecy = "prefer"  # README, "Version choice"
     session_rotate: int = alg.SESSION_ROTATE_S  # a new session key after this many seconds
     session_retention: int = alg.SESSION_RETENTION_S  # destroyed this long after its expiry
@@ -71,6 +73,8 @@ class CapsuleOptions:
         given = {k: v for k, v in config.items() if k in names and v is not None}
         given["profile"] = Path(config["profile"])
         given["policy"] = cast(Policy, config["policy"])
+        given["endpoints"] = tuple((str(host), int(port))
+                                   for host, port in given.get("endpoints", ()))
         for name in ("allow_insecure", "publish", "carbons", "reconnect"):
             given[name] = bool(given.get(name, False))
         for name in ("skew", "max_age", "fetch_timeout", "outbox_limit", "max_envelope_bytes",

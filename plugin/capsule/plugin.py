@@ -124,7 +124,8 @@ class XEP_Capsule(BasePlugin):
         self.xmpp.add_filter("out", self._filter_out)
         for event, handler in self._events():
             self.xmpp.add_event_handler(event, handler)
-        self.reconnector = (Reconnect(self.xmpp, cap=options.reconnect_max)
+        self.reconnector = (Reconnect(self.xmpp, cap=options.reconnect_max,
+                                      endpoints=options.endpoints)
                             if options.reconnect and isinstance(self.xmpp, ClientXMPP) else None)
         self.refresh_crl()
         if self.xmpp.sessionstarted:  # registered on a client already logged in

@@ -13,6 +13,7 @@ import urllib.request
 from abc import ABC, abstractmethod
 from pathlib import Path
 
+from capsule.files import write_private
 from capsule_stack.mariadb import MariaDB
 from capsule_stack.processes import (
     StackError,
@@ -33,9 +34,12 @@ class XMPPServer(ABC):
 
     name: str
 
+    pid_key = "server"  # its name in StackState.pids
+
     def __init__(self, state: StackState):
         self.state = state
         self.dir = Path(state.dir) / self.name
+        self.c2s_port, self.http_port = state.c2s_port, state.http_port
 
     @property
     def marker(self) -> str:
@@ -66,8 +70,20 @@ class Ejabberd(XMPPServer):
     def log(self) -> Path:
         return self.dir / "logs/ejabberd.log"
 
+    @property
+    def home(self) -> Path:
+        """$HOME of the node and of ejabberdctl: the Erlang cookie is its .erlang.cookie."""
+        return self.dir / "home"
+
+    def node(self) -> dict[str, str | int]:
+        """The Erlang node: name, distribution port (no epmd) and the address it listens on."""
+        # mnesia ties the spool to the node name: keep it stable per directory
+        name = "capsule" + hashlib.sha256(str(self.dir).encode()).hexdigest()[:10]
+        return {"node": f"{name}@localhost", "dist_port": free_port(),
+                "interface": "{127,0,0,1}"}
+
     def _env(self) -> dict[str, str]:
-        return {**os.environ, "HOME": str(self.dir / "home")}
+        return {**os.environ, "HOME": str(self.home)}
 
     def _ctl(self, *args: str) -> str:
         return run_tool(["ejabberdctl", "--config-dir", str(self.dir), *args], "ejabberdctl",
@@ -79,18 +95,14 @@ class Ejabberd(XMPPServer):
         shutil.copy(server_files["combined"], self.dir / "server.pem")
         os.chmod(self.dir / "server.pem", 0o600)
         shutil.copy("/etc/ejabberd/inetrc", self.dir / "inetrc")
-        cookie_path = self.dir / "home/.erlang.cookie"
+        cookie_path = self.home / ".erlang.cookie"
         if not cookie_path.exists():
-            cookie_path.write_text(secrets.token_hex(16))
-            os.chmod(cookie_path, 0o400)
+            write_private(cookie_path, secrets.token_hex(16).encode())
         s = self.state
-        render("ejabberdctl.cfg", self.dir / "ejabberdctl.cfg", dir=self.dir,
-                # mnesia ties the spool to the node name: keep it stable per directory
-                node="capsule" + hashlib.sha256(str(self.dir).encode()).hexdigest()[:10],
-                dist_port=free_port())
+        render("ejabberdctl.cfg", self.dir / "ejabberdctl.cfg", dir=self.dir, **self.node())
         render("ejabberd.yml", self.dir / "ejabberd.yml", dir=self.dir, domain=s.domain,
                 ca_root=s.ca_root, db_port=s.db_port, db_name=s.db_name, db_user=s.db_name,
-                db_password=s.db_password, c2s_port=s.c2s_port, http_port=s.http_port,
+                db_password=s.db_password, c2s_port=self.c2s_port, http_port=self.http_port,
                 max_sessions=MAX_SESSIONS, offline_quota=OFFLINE_QUOTA)
         if not db.sql("SHOW TABLES LIKE 'users'", s.db_name).strip():
             schema = Path("/usr/share/ejabberd/sql/mysql.new.sql").read_text()

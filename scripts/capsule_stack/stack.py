@@ -81,13 +81,28 @@ class Stack(StoredRows):
         state = self.info
         return MariaDB(state), server_class(state.server)(state)
 
+    def _markers(self) -> dict[str, str]:
+        """Each process's key in ``pids`` and what its command line must hold."""
+        db, server = self._parts()
+        return {"mariadb": db.marker, "server": server.marker}
+
     def running(self) -> dict[str, bool]:
         """Which of the stack's recorded processes are alive."""
         if self.state is None:
             return {}
-        db, server = self._parts()
-        markers = {"mariadb": db.marker, "server": server.marker}
+        markers = self._markers()
         return {name: pid_alive(pid, markers[name]) for name, pid in self.state.pids.items()}
+
+    def _new_state(self) -> StackState:
+        return StackState(
+            server=self._server_name, domain=self._domain, dir=str(self.dir),
+            ca_dir=str(self._ca_dir), c2s_port=free_port(), db_port=free_port(),
+            http_port=free_port(),
+        )
+
+    def _ports(self) -> list[int]:
+        state = self.info
+        return [state.c2s_port, state.db_port, state.http_port]
 
     # -- lifecycle -------------------------------------------------------------
     def start(self) -> StackState:
@@ -97,7 +112,7 @@ class Stack(StoredRows):
         credentials, so clients configured for it (and bots still running) reconnect.
         """
         alive = self.running()
-        if alive and all(alive.values()) and len(alive) == 2:
+        if alive and all(alive.values()) and len(alive) == len(self._markers()):
             try:
                 self.probe(timeout=5)
                 return self.info
@@ -106,13 +121,8 @@ class Stack(StoredRows):
         self._end_processes()  # stale or half-dead: clean it before starting again
         self.dir.mkdir(parents=True, exist_ok=True)
         if self.state is None:
-            self.state = StackState(
-                server=self._server_name, domain=self._domain, dir=str(self.dir),
-                ca_dir=str(self._ca_dir), c2s_port=free_port(), db_port=free_port(),
-                http_port=free_port(),
-            )
-        taken = [p for p in (self.state.c2s_port, self.state.db_port, self.state.http_port)
-                 if p and port_open(p)]
+            self.state = self._new_state()
+        taken = [p for p in self._ports() if p and port_open(p)]
         if taken:
             raise StackError(f"port {taken[0]} of the stack in {self.dir} is used by another "
                              f"process; stop it, or start a fresh stack with another --dir")
@@ -142,16 +152,13 @@ class Stack(StoredRows):
 
     def _start_server(self, server: XMPPServer) -> None:
         state = self.info
-        state.pids["server"] = server.start()
+        pid = state.pids[server.pid_key] = server.start()
         self._save_state()
-        up = wait_for(
-            lambda: port_open(state.c2s_port) or not pid_alive(state.pids["server"], server.marker),
-            60,
-        )
-        if not up or not port_open(state.c2s_port):
-            raise StackError(f"{server.name} did not open port {state.c2s_port}")
-        if state.http_port and server.name == "ejabberd":
-            wait_for(lambda: port_open(state.http_port), 20)
+        up = wait_for(lambda: port_open(server.c2s_port) or not pid_alive(pid, server.marker), 60)
+        if not up or not port_open(server.c2s_port):
+            raise StackError(f"{server.name} did not open port {server.c2s_port}")
+        if server.http_port and server.name == "ejabberd":
+            wait_for(lambda: port_open(server.http_port), 20)
 
     def restart_server(self) -> None:
         """Restart the XMPP server (MariaDB keeps running, or is started again if it died):
@@ -170,11 +177,11 @@ class Stack(StoredRows):
         except LoginError as exc:
             raise StackError(f"{exc} (log: {server.log})") from None
 
-    def kill_server(self) -> None:
-        """SIGKILL the XMPP server (a crash: no goodbye to its clients); ``restart_server``
-        brings it back on the same ports."""
-        server = self._parts()[1]
-        pid = self.info.pids["server"]
+    def kill_server(self, server: XMPPServer | None = None) -> None:
+        """SIGKILL the XMPP server (or one node of a cluster): a crash, no goodbye to its
+        clients; ``restart_server`` brings it back on the same ports."""
+        server = server or self._parts()[1]
+        pid = self.info.pids[server.pid_key]
         if pid_alive(pid, server.marker):
             os.kill(pid, signal.SIGKILL)
         if not wait_for(lambda: not pid_alive(pid, server.marker), 15):
@@ -197,15 +204,17 @@ class Stack(StoredRows):
                 terminate(pid, marker)
         self._save_state()
 
-    def probe(self, timeout: float = 30.0) -> float:
-        """Log in as the probe account; return the seconds it took (retrying while not ready)."""
+    def probe(self, timeout: float = 30.0, port: int = 0) -> float:
+        """Log in as the probe account (on ``port``, else the first c2s port); return the seconds
+        it took (retrying while not ready)."""
         state = self.info
+        port = port or state.c2s_port
         start = time.monotonic()
         jid = f"{PROBE_USER}@{state.domain}"
         while True:
             try:
-                run_sync(lambda: probe_login(jid, state.probe_password, "127.0.0.1",
-                                             state.c2s_port, state.ca_root))
+                run_sync(lambda: probe_login(jid, state.probe_password, "127.0.0.1", port,
+                                             state.ca_root))
                 return time.monotonic() - start
             except LoginError as exc:
                 if exc.reason == "authentication" or time.monotonic() - start > timeout:

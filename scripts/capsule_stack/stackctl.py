@@ -16,6 +16,7 @@ from capsule.connection import LoginError
 from capsule.files import write_private
 from capsule.pins import read_secret
 from capsule_ca import CAError
+from capsule_stack.cluster import ClusterStack, open_stack
 from capsule_stack.processes import StackError
 from capsule_stack.stack import Stack
 from capsule_stack.state import DEFAULT_DOMAIN, SERVERS
@@ -35,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"checkout)")
     parser.add_argument("--domain", default=DEFAULT_DOMAIN)
     parser.add_argument("--ca", help="use this CA directory (passphrase in $CAPSULE_CA_PASSPHRASE)")
+    parser.add_argument("--nodes", type=int, choices=range(1, 10), metavar="N",
+                        help="start: ejabberd as a cluster of N nodes (default: as the stack was "
+                        "first started, else 1)")
     parser.add_argument("--exports", action="store_true", help="status as shell exports")
     parser.add_argument("--password-file",
                         help=f"adduser: the password from this file (else ${PASSWORD_ENV}, "
@@ -47,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     default_dir = Path(os.environ.get("CAPSULE_ROOT", ".")) / ".stack" / args.server
     try:
-        stack = Stack(args.dir or default_dir, args.server, args.domain, args.ca)
+        stack = open_stack(args.dir or default_dir, args.server, args.domain, args.ca, args.nodes)
         if args.command in ("adduser", "deluser") and not args.user:
             parser.error(f"{args.command} needs a user name")
         return _run(stack, args)
@@ -60,14 +64,16 @@ def _run(stack: Stack, args: argparse.Namespace) -> int:
     if args.command == "start":
         began = time.monotonic()
         state = stack.start()
-        print(f"{state.server} for {state.domain} ready on 127.0.0.1:{state.c2s_port} "
+        where = ", ".join(f"{host}:{port}" for host, port in state.endpoints)
+        nodes = f" ({len(state.endpoints)} nodes in one cluster)" if state.extra_nodes else ""
+        print(f"{state.server} for {state.domain} ready on {where}{nodes} "
               f"in {time.monotonic() - began:.1f} s (CA {state.ca_root})")
     elif args.command == "stop":
         stack.stop()
         print("stopped")
     elif args.command == "restart":
         stack.restart_server()
-        print("server restarted")
+        print("server restarted" if not stack.info.extra_nodes else "every node restarted")
     elif args.command == "status":
         return _status(stack, args.exports)
     elif args.command == "deluser":
@@ -110,8 +116,18 @@ def _status(stack: Stack, exports: bool) -> int:
         print(f"server   {state.server}, domain {state.domain}")
         print(f"ports    c2s {state.c2s_port}, http {state.http_port or '-'}, "
               f"mariadb {state.db_port}")
+        if isinstance(stack, ClusterStack):
+            _nodes(stack)
         print(f"CA       {state.ca_root}")
     return 0 if all(running.values()) else 1
+
+
+def _nodes(stack: ClusterStack) -> None:
+    members = stack.members() if all(stack.running().values()) else []
+    for node in stack.cluster_nodes():
+        joined = "in the cluster" if node.erlang_node in members else "NOT in the cluster"
+        print(f"node {node.index}   {node.erlang_node}: c2s {node.c2s_port}, http "
+              f"{node.http_port}, distribution {stack.info.dist_port}; {joined}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from capsule.audit.sources import AUDIT_DB_PASSWORD_FILE_ENV, AUDIT_DSN_ENV
 from capsule.connection import (
+    ENDPOINTS_ENV,
     HOST_ENV,
     PORT_ENV,
     TLS_CA_ENV,
@@ -35,6 +36,16 @@ class StackState:
     probe_password: str = field(default_factory=lambda: secrets.token_hex(12))
     admin_password: str = field(default_factory=lambda: secrets.token_hex(12))
     pids: dict[str, int] = field(default_factory=dict)
+    # an ejabberd cluster (capsule_stack.cluster): the ports of nodes 2.. and the one
+    # Erlang distribution port every node listens on, each on its own loopback address
+    extra_nodes: list[dict[str, int]] = field(default_factory=list)
+    dist_port: int = 0
+
+    @property
+    def endpoints(self) -> list[tuple[str, int]]:
+        """Where clients may connect: every node's c2s listener, node 1 first."""
+        return [("127.0.0.1", port) for port in
+                [self.c2s_port, *(node["c2s_port"] for node in self.extra_nodes)]]
 
     @property
     def ca_root(self) -> Path:
@@ -50,6 +61,7 @@ class StackState:
             "CAPSULE_DOMAIN": self.domain,
             HOST_ENV: "127.0.0.1",
             PORT_ENV: str(self.c2s_port),
+            ENDPOINTS_ENV: " ".join(f"{host}:{port}" for host, port in self.endpoints),
             TLS_CA_ENV: str(self.ca_root),
             "CAPSULE_HTTP_PORT": str(self.http_port),
             "CAPSULE_DB_PORT": str(self.db_port),

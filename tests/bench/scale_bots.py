@@ -1,0 +1,110 @@
+"""Many bots in one process: log them all in, then every bot sends to its partner; the figures
+the scaling benchmark prints. Also run as a program (one of the cluster layout's processes):
+
+    python scale_bots.py SPEC.json   # logs in and prints its figures (JSON); then per line
+                                     # M on stdin sends M per bot, prints {"seconds": ...}
+
+SPEC: {"bots": [[jid, password, profile-or-null, partner-jid], ...], "host", "port", "ca_root"};
+a null profile is a plaintext bot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+from slixmpp import JID, ClientXMPP
+from slixmpp.plugins.base import PluginManager
+
+from capsule.connection import login
+from capsule.plugin import attach
+
+PIN = "482916"
+
+
+def rss_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+@dataclass
+class Fleet:
+    """N bots of one process, each with the partner it sends to."""
+
+    spec: list[tuple[str, str, str | None, str]]
+    host: str
+    port: int
+    ca_root: str
+    clients: list[ClientXMPP] = field(default_factory=list)
+    received: int = 0
+    all_in: asyncio.Event = field(default_factory=asyncio.Event)
+    expected: int = 0
+
+    async def log_in(self) -> dict[str, float]:
+        before, began = rss_kib(), time.perf_counter()
+        await asyncio.gather(*(self._one(*bot) for bot in self.spec))
+        return {"login_s": time.perf_counter() - began,
+                "rss_kib_per_bot": (rss_kib() - before) / len(self.spec)}
+
+    async def _one(self, jid: str, password: str, profile: str | None, _partner: str) -> None:
+        client = ClientXMPP(jid, password)
+        self.clients.append(client)
+        published = attach(client, profile, PIN) if profile else None
+        event = "capsule_message" if profile else "message"
+        client.add_event_handler(event, self._got)
+        client.add_event_handler("session_start", lambda _: client.send_presence())
+        await login(client, self.host, self.port, self.ca_root, timeout=300)
+        if published is not None:
+            await published(300)
+
+    def _got(self, _msg: Any) -> None:
+        self.received += 1
+        if self.received >= self.expected:
+            self.all_in.set()
+
+    async def warm_up(self) -> None:
+        """One capsule per pair first: certificate look-ups and pinning are not throughput."""
+        await self.exchange(1)
+
+    async def exchange(self, messages: int) -> float:
+        """Every bot sends ``messages`` to its partner; seconds until this fleet got as many."""
+        self.received, self.expected = 0, messages * len(self.spec)
+        self.all_in.clear()
+        began = time.perf_counter()
+        for i in range(messages):
+            for client, (_jid, _pw, profile, partner) in zip(self.clients, self.spec, strict=True):
+                if profile:
+                    await cast(PluginManager, client.plugin)["capsule"].send(partner,
+                                                                             f"capsule {i}")
+                else:
+                    client.send_message(mto=JID(partner), mbody=f"plain {i}", mtype="chat")
+            await asyncio.sleep(0)
+        await asyncio.wait_for(self.all_in.wait(), 600)
+        return time.perf_counter() - began
+
+    async def close(self) -> None:
+        await asyncio.gather(*(c.disconnect(wait=2) for c in self.clients if c.is_connected()))
+
+
+async def _program(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    fleet = Fleet([tuple(bot) for bot in spec["bots"]], spec["host"], spec["port"],
+                  spec["ca_root"])
+    print(json.dumps(await fleet.log_in()), flush=True)
+    loop = asyncio.get_running_loop()
+    while (line := await loop.run_in_executor(None, sys.stdin.readline)).strip():
+        seconds = await fleet.exchange(int(line))  # each line: messages per bot, then go
+        print(json.dumps({"seconds": seconds}), flush=True)
+    await fleet.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(_program(sys.argv[1]))
