@@ -157,13 +157,18 @@ def seal(
     signing_key: rsa.RSAPrivateKey,
     recipients: Sequence[Recipient],
     now: dt.datetime | None = None,
+    key: bytes | None = None,
 ) -> Capsule:
-    """Encrypt ``envelope`` once, wrap its key for every recipient, sign the result."""
+    """Encrypt ``envelope`` once, wrap its key for every recipient, sign the result.
+
+    ``key``: the message key, when the caller keeps it (see :func:`new_message_key`)."""
     if not recipients:
         raise ValueError("seal needs at least one recipient")
     if not isinstance(signing_key, rsa.RSAPrivateKey):
         raise TypeError("signing_key must be an RSA private key")
-    key = AESGCM.generate_key(bit_length=alg.MESSAGE_KEY_BYTES * 8)
+    key = key or new_message_key()
+    if len(key) != alg.MESSAGE_KEY_BYTES:
+        raise ValueError(f"a message key is {alg.MESSAGE_KEY_BYTES} bytes")
     iv = os.urandom(alg.IV_BYTES)
     seen: set[tuple[str, str]] = set()
     entries = []
@@ -184,6 +189,11 @@ def seal(
     unsigned = Capsule(header, payload, b"")
     signature = signing_key.sign(signed_bytes(unsigned), alg.pss(), alg.SIGNATURE_HASH)
     return Capsule(header, payload, signature)
+
+
+def new_message_key() -> bytes:
+    """A fresh AES-256-GCM message key."""
+    return AESGCM.generate_key(bit_length=alg.MESSAGE_KEY_BYTES * 8)
 
 
 def verify(capsule: Capsule, signer: rsa.RSAPublicKey) -> None:
@@ -207,6 +217,16 @@ def unseal(
 
     ``certs`` maps our encryption-certificate fingerprints (current and retired) to their keys.
     """
+    return unseal_with_key(capsule, jid=jid, certs=certs)[0]
+
+
+def unseal_with_key(
+    capsule: Capsule,
+    *,
+    jid: str,
+    certs: dict[str, rsa.RSAPrivateKey],
+) -> tuple[bytes, bytes]:
+    """:func:`unseal`, also returning the message key (the receipt proof derives from it)."""
     entry = next(
         (k for k in capsule.header.keys if k.jid == jid and k.cert in certs), None
     )
@@ -219,6 +239,8 @@ def unseal(
     if len(key) != alg.MESSAGE_KEY_BYTES:
         raise DecryptionFailed("the unwrapped message key has the wrong size")
     try:
-        return AESGCM(key).decrypt(capsule.header.iv, capsule.payload, header_bytes(capsule.header))
+        plain = AESGCM(key).decrypt(capsule.header.iv, capsule.payload,
+                                    header_bytes(capsule.header))
     except InvalidTag:
         raise DecryptionFailed("the payload does not authenticate") from None
+    return plain, key

@@ -14,11 +14,11 @@ from typing import Literal
 from slixmpp import JID, BaseXMPP, Message
 from slixmpp.xmlstream import StanzaBase
 
-from capsule import core, elements, envelope, events
+from capsule import core, elements, envelope, events, receipts
 from capsule import stanza as st
 from capsule.contacts import ContactBook
 from capsule.durability import Spawn
-from capsule.errors import CapsuleError, NoCertificate, PolicyViolation
+from capsule.errors import CapsuleError, NoCertificate, PolicyViolation, ReusedId
 from capsule.locks import LockTable
 from capsule.options import CapsuleOptions
 from capsule.outbox import Outbox
@@ -41,6 +41,11 @@ class Sender:
     async def seal(self, msg: Message, recipients: Iterable[str], room: str | None = None
                    ) -> core.Capsule:
         """:meth:`XEP_Capsule.seal`."""
+        return (await self._seal(msg, recipients, room))[0]
+
+    async def _seal(self, msg: Message, recipients: Iterable[str], room: str | None = None
+                    ) -> tuple[core.Capsule, bytes]:
+        """The capsule and its message key (for the proof its receipt must carry)."""
         self._check_usable()
         me = self.store.data.jid
         bare = list(dict.fromkeys(JID(r).bare for r in recipients))
@@ -54,16 +59,17 @@ class Sender:
         content = elements.content(msg.xml)
         addressees = [*bare, room] if room else bare
         sealed_env = envelope.encode(content, me, addressees, core.utc_timestamp())
+        key = core.new_message_key()
         return core.seal(sealed_env, sender=me, sender_cert=self.contacts.own_sign.fingerprint,
-                         signing_key=self.store.data.signing_key, recipients=keys)
+                         signing_key=self.store.data.signing_key, recipients=keys, key=key), key
 
     async def encrypt_message(self, msg: Message, recipients: Iterable[str] | None = None
                               ) -> Message:
         """:meth:`XEP_Capsule.encrypt_message`."""
         if msg["type"] == "groupchat":
             room = msg["to"].bare
-            return _wrap(msg, await self.seal(msg, self.occupants(room), room=room))
-        return _wrap(msg, await self.seal(msg, recipients or [msg["to"].bare]))
+            return _wrap(msg, *await self._seal(msg, self.occupants(room), room=room))
+        return _wrap(msg, *await self._seal(msg, recipients or [msg["to"].bare]))
 
     def occupants(self, room: str) -> list[str]:
         """:meth:`XEP_Capsule.occupants`."""
@@ -81,12 +87,12 @@ class Sender:
                    mtype: Literal["chat", "normal"]) -> list[str]:
         """:meth:`XEP_Capsule.send`."""
         template = self.xmpp.make_message(mto=JID(targets[0]), mbody=body, mtype=mtype)
-        capsule = await self.seal(template, [str(t) for t in targets])
+        capsule, key = await self._seal(template, [str(t) for t in targets])
         ids = []
         for target in targets:
             msg = self.xmpp.make_message(mto=JID(target), mtype=mtype)
             msg["id"] = self.xmpp.new_id()
-            self.outbox.send(_wrap(msg, capsule))
+            self.outbox.send(_wrap(msg, capsule, key))
             ids.append(msg["id"])
         return ids
 
@@ -130,13 +136,17 @@ class Sender:
                 events.fail(self.xmpp, exc, stanza, to)  # refused: never fall back to plaintext
                 return
             if st.has_capsule(stanza):
-                self.outbox.send(stanza)
+                try:
+                    self.outbox.send(stanza)
+                except ReusedId as exc:
+                    events.fail(self.xmpp, exc, stanza, to)
             else:
                 self.xmpp.send(stanza)
 
 
-def _wrap(msg: Message, capsule: core.Capsule) -> Message:
+def _wrap(msg: Message, capsule: core.Capsule, key: bytes) -> Message:
     for el in elements.content(msg.xml):
         msg.xml.remove(el)
     st.from_core(msg, capsule)
+    receipts.carry_key(msg, key)
     return msg
