@@ -36,6 +36,17 @@ def test_the_proof_binds_the_message_key_the_id_and_the_addressee() -> None:
                 receipts.proof(key, "id-1b", "ob@capsule.test")}) == 5  # no ambiguous framing
 
 
+async def _receipt_back(capsule: Message, a: Stream, b: Stream) -> None:
+    """``b`` gets ``a``'s capsule; its receipt goes back to ``a``, as the servers route them."""
+    capsule["from"] = a.xmpp.boundjid
+    b.recv(capsule)
+    await b.settle()
+    [receipt] = _receipts(b.sent())
+    receipt["from"] = b.xmpp.boundjid
+    a.recv(receipt)
+    await a.settle()
+
+
 async def test_a_plain_clients_receipt_does_not_confirm_a_capsule(
         stream_cast: Cast, tmp_path: Path) -> None:
     """Bob's phone (any XEP-0184 client) answers the request; only Bob's Capsule, which read
@@ -61,12 +72,7 @@ async def test_a_plain_clients_receipt_does_not_confirm_a_capsule(
         await a.settle()
         assert [d.stanza_id for d in a.named("capsule_delivered")] == []
         assert a.capsule.outbox.unproven_receipts == 4 and (bob.jid, sid) in a.capsule.outbox.pending
-        b.recv(out)
-        await b.settle()
-        [receipt] = _receipts(b.sent())
-        receipt["from"] = f"{bob.jid}/stream"
-        a.recv(receipt)
-        await a.settle()
+        await _receipt_back(out, a, b)
         assert [d.stanza_id for d in a.named("capsule_delivered")] == [sid]
 
 
@@ -93,13 +99,7 @@ async def test_ids_are_per_contact_and_a_reused_id_is_refused(stream_cast: Cast,
         assert _capsules(a.sent()) == []
         [refused] = a.errors()
         assert (refused.reason, refused.stanza_id, refused.peer) == ("reused-id", "same", bob.jid)
-        to_bob["from"] = a.xmpp.boundjid
-        b.recv(to_bob)
-        await b.settle()
-        [receipt] = _receipts(b.sent())
-        receipt["from"] = f"{bob.jid}/stream"
-        a.recv(receipt)
-        await a.settle()
+        await _receipt_back(to_bob, a, b)
         assert [(d.peer, d.stanza_id) for d in a.named("capsule_delivered")] == [
             (bob.jid, "same")]  # carol's is still waiting for carol
         assert (carol.jid, "same") in a.capsule.outbox.pending
