@@ -105,9 +105,9 @@ async def test_server_killed_mid_burst(xmpp_stack, capsule_bot):
     assert alice.capsule.outbox.resent > 0  # the kills did catch capsules unconfirmed
 
 
-def nid_of(bot: Any, sid: str) -> str:
+def nid_of(bot: Any, peer: str, sid: str) -> str:
     """The nonce of a capsule just sent (still in the outbox): what the receiver reports."""
-    return st.to_core(bot.capsule.outbox.pending[sid].stanza["capsule"]).header.nid.hex()
+    return st.to_core(bot.capsule.outbox.pending[(peer, sid)].stanza["capsule"]).header.nid.hex()
 
 
 async def test_receiver_killed_mid_burst(xmpp_stack, capsule_bot):
@@ -130,7 +130,7 @@ async def test_receiver_killed_mid_burst(xmpp_stack, capsule_bot):
             if i == kill_at:
                 await receiver.kill()
             [sid] = await alice.capsule.send(bob.jid, f"message {i}")
-            sent[sid] = nid_of(alice, sid)
+            sent[sid] = nid_of(alice, bob.jid, sid)
             await asyncio.sleep(0)
         await asyncio.sleep(schedule.uniform(0, 2))
         await receiver.start(xmpp_stack, account, bob.profile)
