@@ -205,7 +205,7 @@ def test_readme_walkthrough_echo_bot_answers_encrypted(tmp_path):
         assert f"127.0.0.1:{port} " in ok(run("scripts/stack", "start", env=senv))  # same port
         stack = Stack(stack_dir)
         rows = stack.stored("archive", "echo")
-        assert len(rows) >= 2 and all("urn:capsule:0" in row for row in rows)
+        assert len(rows) >= 2 and all("urn:capsule:" in row for row in rows)
         assert not any("hello, echo" in row or "Thanks for sending" in row for row in rows)
         _stack_commands(stack, senv)
     finally:
@@ -482,7 +482,7 @@ async def test_enroll_rotate_audit_panel_commands(xmpp_stack, new_account, tmp_p
     await login(client, "127.0.0.1", state.c2s_port, state.ca_root)
     await published(30)
     await capsule_of(client).send(carol.jid, secret)
-    await wait_stored(stack, "offline", carol.user, containing="urn:capsule:0")
+    await wait_stored(stack, "offline", carol.user, containing="urn:capsule:")
     await client.disconnect()
 
     audit = ["audit", "--source", state.server, "--ca", state.ca_root, "--certs",
@@ -518,7 +518,7 @@ async def test_enroll_rotate_audit_panel_commands(xmpp_stack, new_account, tmp_p
         panel = await asyncio.to_thread(
             run, "capsule", "panel", "ejabberd", "--port", state.http_port, "--domain",
             state.domain, "--user", carol.user, "--password-file",
-            env["CAPSULE_ADMIN_PASSWORD_FILE"], "--show", "urn:capsule:0", "--hide", secret,
+            env["CAPSULE_ADMIN_PASSWORD_FILE"], "--show", "urn:capsule:", "--hide", secret,
             "--screenshot", tmp_path / "queue.png", env=env)
         assert ok(panel).strip().endswith("OK")
         assert (tmp_path / "queue.png").read_bytes().startswith(b"\x89PNG")

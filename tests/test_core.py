@@ -164,7 +164,20 @@ def test_envelope_addressing_checks() -> None:
     b"not xml at all",
     b"<envelope xmlns='urn:other'/>",
     b"<envelope xmlns='urn:xmpp:sce:1'><content/><time stamp='t'/></envelope>",
-])
+    b"<envelope xmlns='urn:xmpp:sce:1'><content/><time stamp='t'/><to jid='b@x'/>"
+    b"<from jid='a@x'/><from jid='m@x'/></envelope>",  # which sender? neither
+    b"<envelope xmlns='urn:xmpp:sce:1'><content/><time stamp='t'/><time stamp='u'/>"
+    b"<to jid='b@x'/><from jid='a@x'/></envelope>",
+    b"<envelope xmlns='urn:xmpp:sce:1'><content/><content/><time stamp='t'/><to jid='b@x'/>"
+    b"<from jid='a@x'/></envelope>",
+    b"<envelope xmlns='urn:xmpp:sce:1'><content/><time stamp='t'/><to jid='b@x'/>"
+    b"<from jid='a@x'/><extra/></envelope>",
+    b"<envelope xmlns='urn:xmpp:sce:1'><content/><?pi data?><time stamp='t'/><to jid='b@x'/>"
+    b"<from jid='a@x'/></envelope>",
+    b"<envelope xmlns='urn:xmpp:sce:1'><content/><rpad/><rpad/><time stamp='t'/>"
+    b"<to jid='b@x'/><from jid='a@x'/></envelope>",
+], ids=["dtd", "not-xml", "other-ns", "no-to-from", "two-from", "two-time", "two-content",
+        "foreign-part", "processing-instruction", "two-rpad"])
 def test_bad_envelopes_are_malformed(data: bytes) -> None:
     with pytest.raises(MalformedCapsule):
         envelope.decode(data)

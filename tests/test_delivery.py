@@ -17,7 +17,7 @@ from typing import Any
 
 from slixmpp import ClientXMPP
 
-from capsule import stanza as st
+from capsule import wire
 from capsule.inbound import HandledCount
 
 from .helpers import Receiver
@@ -107,7 +107,9 @@ async def test_server_killed_mid_burst(xmpp_stack, capsule_bot):
 
 def nid_of(bot: Any, peer: str, sid: str) -> str:
     """The nonce of a capsule just sent (still in the outbox): what the receiver reports."""
-    return st.to_core(bot.capsule.outbox.pending[(peer, sid)].stanza["capsule"]).header.nid.hex()
+    element = wire.find(bot.capsule.outbox.pending[(peer, sid)].stanza.xml)
+    assert element is not None
+    return wire.parse(element).header.nid.hex()
 
 
 async def test_receiver_killed_mid_burst(xmpp_stack, capsule_bot):

@@ -25,7 +25,7 @@ async def test_webadmin_offline_queue_shows_ciphertext_only(xmpp_stack, capsule_
     carol = await connect(new_account("carol"))
     carol.send_message(mto=bob.jid, mbody="a plaintext note from carol", mtype="chat")
     await wait_stored(xmpp_stack, "offline", bob.account.user, at_least=2)
-    (row,) = await wait_stored(xmpp_stack, "offline", bob.account.user, containing="urn:capsule:0")
+    (row,) = await wait_stored(xmpp_stack, "offline", bob.account.user, containing="urn:capsule:")
     found = re.search(r"<payload>([^<]{40})", row)
     assert found, "no payload in the stored row"
     payload = found.group(1)
@@ -33,7 +33,7 @@ async def test_webadmin_offline_queue_shows_ciphertext_only(xmpp_stack, capsule_
     shot = tmp_path / "webadmin-queue.png"
     result = await asyncio.to_thread(
         check_ejabberd_queue, "127.0.0.1", state.http_port, state.domain, bob.account.user,
-        state.admin_password, shot, ["a plaintext note from carol", "urn:capsule:0", payload],
+        state.admin_password, shot, ["a plaintext note from carol", "urn:capsule:", payload],
         [secret_text])
     assert result.ok, (result.missing, result.leaked)
     data = shot.read_bytes()
@@ -44,7 +44,7 @@ async def test_webadmin_offline_queue_shows_ciphertext_only(xmpp_stack, capsule_
     common = ["panel", "ejabberd", "--password-file", str(password), "--port",
               str(state.http_port), "--domain", state.domain, "--user", bob.account.user,
               "--screenshot", str(tmp_path / "cli.png")]
-    assert await asyncio.to_thread(capsule_main, [*common, "--show", "urn:capsule:0",
+    assert await asyncio.to_thread(capsule_main, [*common, "--show", "urn:capsule:",
                                                   "--hide", secret_text]) == 0
     assert await asyncio.to_thread(capsule_main, [*common, "--hide", "a plaintext note"]) == 2
 

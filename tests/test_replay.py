@@ -34,6 +34,7 @@ from capsule.replay import (
     DEFAULT_SKEW,
     Entry,
     Handed,
+    JournalItem,
     ReplayState,
     TimeRules,
     Verdict,
@@ -247,10 +248,10 @@ def test_a_save_compacts_and_an_old_journal_is_ignored(held: Profile) -> None:
 
 async def test_group_commit_batches_and_fails_closed() -> None:
     written: list[int] = []
-    failed: list[Entry] = []
+    failed: list[JournalItem] = []
     broken = False
 
-    def write(entries: list[Entry]) -> None:
+    def write(entries: list[JournalItem]) -> None:
         if broken:
             raise OSError(28, "No space left on device")
         written.append(len(entries))

@@ -11,6 +11,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -18,12 +19,11 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from cryptography.hazmat.primitives.asymmetric import x25519
 from slixmpp import Message
 from slixmpp.xmlstream import ET
 
-from capsule import algorithms as alg
-from capsule import core
-from capsule import stanza as st
+from capsule import signatures, v1, wire
 from capsule.profile import FAST_KDF, Profile
 from capsule.testing.identities import enroll
 from capsule.testing.inbox import Inbox
@@ -69,7 +69,9 @@ async def test_receiver_killed_mid_burst_never_accepts_a_capsule_twice(
             msg = alice.client.make_message(mto=bob.jid, mbody=f"burst {i}", mtype="chat")
             msg["id"] = alice.client.new_id()
             sealed = await alice.capsule.encrypt_message(msg)
-            nids[msg["id"]] = st.to_core(sealed["capsule"]).header.nid.hex()
+            element = wire.find(sealed.xml)
+            assert element is not None
+            nids[msg["id"]] = wire.parse(element).header.nid.hex()
             raw = str(sealed)
             raws.append(raw)
             alice.client.send_raw(raw)
@@ -118,15 +120,30 @@ async def test_receiver_killed_mid_burst_never_accepts_a_capsule_twice(
 
 
 def _resigned(bot: Any, raw: str) -> str:
-    """The same capsule (sender, nid, content) under a fresh signature: what a sender that
-    reuses a nid, or a forger holding its key, would produce."""
+    """Another capsule from the same sender with the same nid (and content): what a sender
+    that reuses a nid, or a forger holding its keys, would produce. v0 (RSA-PSS) just signs
+    again; Ed25519 signs deterministically, so a v1 capsule is sealed anew around the nid."""
     msg = Message(xml=ET.fromstring(raw))
-    capsule = st.to_core(msg["capsule"])
-    unsigned = core.Capsule(capsule.header, capsule.payload, b"")
-    signature = bot.capsule.store.data.signing_key.sign(core.signed_bytes(unsigned), alg.pss(),
-                                                        alg.SIGNATURE_HASH)
+    element = wire.find(msg.xml)
+    assert element is not None
+    capsule = wire.parse(element)
+    data, ring = bot.capsule.store.data, bot.capsule.keyring
+    if isinstance(capsule, v1.Capsule):
+        h = capsule.header
+        plain = v1.unseal(capsule, jid=data.jid, sessions=bot.capsule.store.session_keys())
+        own = ring.own(int(time.time()))
+        recipients = [v1.Recipient(jid, r.pub) for jid in {k.jid for k in h.keys}
+                      for r in ([own] if jid == data.jid else ring.known(jid))]
+        again: wire.AnyCapsule = v1.seal_with(
+            plain, sender=h.sender, sender_cert=h.cert, signing_key=data.signing_key,
+            recipients=recipients, ts=h.ts, message_key=os.urandom(32), iv=os.urandom(12),
+            nid=h.nid, ephemeral=x25519.X25519PrivateKey.generate())
+    else:
+        again = dataclasses.replace(capsule, signature=signatures.sign(
+            data.signing_key, wire.signed_bytes(capsule)))
+    assert again.signature != capsule.signature
     copy = bot.client.make_message(mto=msg["to"], mtype="chat")
-    st.from_core(copy, core.Capsule(capsule.header, capsule.payload, signature))
+    wire.put(copy, again)
     return str(copy)
 
 

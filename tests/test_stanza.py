@@ -52,6 +52,6 @@ class TestCapsuleStanza(SlixTest):
 
     def test_other_version_is_named(self) -> None:
         msg = self.Message(xml=self.parse_xml(
-            '<message><capsule xmlns="urn:capsule:1"/><body>x</body></message>'))
-        with pytest.raises(UnsupportedVersion, match="urn:capsule:1"):
+            '<message><capsule xmlns="urn:capsule:2"/><body>x</body></message>'))
+        with pytest.raises(UnsupportedVersion, match="urn:capsule:2"):
             st.check_namespace_version(msg)

@@ -22,6 +22,7 @@ from tests.test_stream_receipts import (
     _record,
     _until,
 )
+from tests.test_stream_v1 import V1, _introduce, _messages, _pair, _send, _start, _versions
 
 RECEIVED = "<received xmlns='urn:xmpp:receipts' id='{sid}'/>"
 
@@ -222,3 +223,23 @@ async def test_a_capsule_whose_handed_mark_failed_is_delivered_again_on_a_resend
         b.recv(out)
         await b.settle()
         assert len(b.delivered()) == 2 and b.capsule.duplicates == 1
+
+
+async def test_a_v1_capsule_is_confirmed_by_its_proof_only(stream_cast: Cast,
+                                                           tmp_path: Path) -> None:
+    """The proof derives from the message key whatever the wire format."""
+    async with _pair(stream_cast, tmp_path) as (a, b):
+        _record(a, "capsule_delivered")
+        _start(a)
+        _start(b)
+        await _introduce(a, b)
+        _send(a, b.me.jid, "forward secret")
+        await a.settle()
+        [out] = _messages(a)
+        assert _versions([out]) == [V1] and out["request_receipt"]
+        a.recv(f"<message from='{b.me.jid}/phone' to='{a.xmpp.boundjid}'>"
+               + RECEIVED.format(sid=out["id"]) + "</message>")
+        await a.settle()
+        assert a.named("capsule_delivered") == [] and a.capsule.outbox.unproven_receipts == 1
+        await _receipt_back(out, a, b)
+        assert [d.stanza_id for d in a.named("capsule_delivered")] == [out["id"]]

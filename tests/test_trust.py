@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from capsule.errors import RevokedCertificate, UntrustedCertificate
-from capsule.profile import Profile
+from capsule.profile import Profile, spki
 from capsule.testing.identities import enroll
 from capsule.trust import CertPair, TrustStore
 from capsule_ca import Authority
@@ -27,7 +27,7 @@ def test_valid_contact_verifies_and_is_cached(authority: Authority, identity: Ca
     bob = identity("bob")
     trust = TrustStore(authority.root_pem)
     contact = trust.verify_contact("bob@capsule.test", bundle(bob))
-    assert contact.sign.public_key.public_numbers() == bob.data.signing_key.public_key().public_numbers()
+    assert spki(contact.sign.public_key) == spki(bob.data.signing_key.public_key())
     calls: list[tuple[object, ...]] = []
     monkeypatch.setattr(trust, "_check", lambda *a: calls.append(a))
     assert trust.verify_contact("bob@capsule.test", bundle(bob)) == contact

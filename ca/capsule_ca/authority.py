@@ -21,7 +21,7 @@ from importlib import resources
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from capsule.jids import bare_jid, same_jid
 from capsule.xmppaddr import cert_jids, san_jids
@@ -286,7 +286,7 @@ class Authority:
         if usage is Usage.SERVER:
             raise CAError("use issue-server for server certificates")
         jid = _jid(jid)
-        _check_csr(csr_pem, jid, email)
+        _check_csr(csr_pem, jid, usage, email)
         return jid
 
     def _issue_locked(self, csr_pem: bytes, jid: str, usage: Usage, email: str | None,
@@ -498,7 +498,7 @@ class Authority:
                 raise
 
 
-def _check_csr(csr_pem: bytes, jid: str, email: str | None) -> None:
+def _check_csr(csr_pem: bytes, jid: str, usage: Usage, email: str | None) -> None:
     try:
         csr = x509.load_pem_x509_csr(csr_pem)
     except ValueError:
@@ -506,8 +506,11 @@ def _check_csr(csr_pem: bytes, jid: str, email: str | None) -> None:
     if not csr.is_signature_valid:
         raise CAError("the CSR's self-signature does not verify")
     key = csr.public_key()
-    if not isinstance(key, rsa.RSAPublicKey) or key.key_size < MIN_RSA_BITS:
-        raise CAError(f"the CSR must carry an RSA key of at least {MIN_RSA_BITS} bits")
+    if usage is Usage.SIGN and isinstance(key, ed25519.Ed25519PublicKey):
+        pass  # Ed25519 signs (wire format v1); it cannot encrypt or do TLS here
+    elif not isinstance(key, rsa.RSAPublicKey) or key.key_size < MIN_RSA_BITS:
+        raise CAError(f"the CSR must carry an RSA key of at least {MIN_RSA_BITS} bits"
+                      + (" or an Ed25519 key" if usage is Usage.SIGN else ""))
     try:
         san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:

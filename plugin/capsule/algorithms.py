@@ -1,4 +1,4 @@
-"""Every algorithm and size Capsule v0 uses, named once (pyca style: explicit objects)."""
+"""Every algorithm and size Capsule v0 and v1 use, named once (pyca style: explicit objects)."""
 
 from __future__ import annotations
 
@@ -44,3 +44,23 @@ def pss() -> padding.PSS:
 
 SIGNATURE_HASH = hashes.SHA256()
 CSR_HASH = hashes.SHA256()  # signs our certificate requests
+
+
+# -- wire format v1: session keys (README, "Protocol (wire format v1)") -------------------------
+V1_VERSION_TAG = b"urn:capsule:1"
+SESSION_TAG = b"urn:capsule:session:1"  # first field of a session record's signed bytes
+WRAP_INFO = b"urn:capsule:1 wrap"  # HKDF info prefix of a key-encryption key
+WRAP_HASH = hashes.SHA256()  # HKDF-SHA256 from the X25519 shared secret to the AES-KW key
+KEK_BYTES = 32  # AES-256 key wrap (RFC 3394)
+WRAPPED_BYTES = MESSAGE_KEY_BYTES + 8  # AES-KW output
+X25519_BYTES = 32
+SID_BYTES = 16  # a session key's id: SHA-256(pub)[:16]
+SESSION_LIFETIME_S = 48 * 3600  # a record's expires - created
+SESSION_MAX_LIFETIME_S = 7 * 86400  # longer records are refused
+SESSION_ROTATE_S = 86400  # a new session key when the newest is older than this
+SESSION_MIN_ROTATE_S = 600  # ... and at a login, unless the newest is younger than this
+DESTROYED_REMEMBERED = 2048  # ids of destroyed session keys kept (to say session-expired)
+SESSION_RETENTION_S = 14 * 86400  # private key destroyed this long after its record expires
+SESSION_MAX_RETENTION_S = 365 * 86400
+SESSIONS_PUBLISHED = 8  # at most this many unexpired records on the node
+SIGNING_KEY_TYPES = ("ed25519", "rsa")  # a profile's signing key; new profiles: the first

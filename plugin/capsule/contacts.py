@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import cast
 
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 from capsule.core import cert_fingerprint
 from capsule.errors import (
@@ -28,6 +27,7 @@ from capsule.errors import (
 from capsule.locks import LockTable
 from capsule.profile import Profile
 from capsule.profile_data import PinnedContact, now_iso
+from capsule.signatures import VerifyingKey
 from capsule.trust import CertificateSource, CertPair, TrustStore, VerifiedCert, VerifiedContact
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ class ContactBook:
             cert = x509.load_pem_x509_certificate(pem.encode())
             fp = cert_fingerprint(cert)
             self.own_signers[fp] = VerifiedCert(data.jid, "sign", cert, fp,
-                                                cast(rsa.RSAPublicKey, cert.public_key()))
+                                                cast(VerifyingKey, cert.public_key()))
         self.locks = locks
         self.fetched: OrderedDict[str, _Lookup] = OrderedDict()
 

@@ -2,8 +2,9 @@
 
 Sealing: a fresh 32-byte AES-256-GCM key and 12-byte IV per message; the key wrapped with
 RSA-OAEP(SHA-256) for every recipient's encryption key (the sender's own included); the
-payload encrypted with the header bytes as associated data; an RSA-PSS(SHA-256) signature over
-the signed bytes. Opening verifies the signature *before* any private-key operation.
+payload encrypted with the header bytes as associated data; a signature over the signed
+bytes (RSA-PSS(SHA-256) or Ed25519, after the signing key: capsule.signatures). Opening
+verifies the signature *before* any private-key operation.
 
 Signed bytes (see README, "Protocol"): every field as a 4-byte big-endian length followed by
 its bytes, in this order: version tag, sender, sender cert fingerprint, nid, ts, number of keys
@@ -23,12 +24,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from capsule import algorithms as alg
+from capsule import signatures
 from capsule.errors import (
     BadSignature,
     DecryptionFailed,
@@ -108,7 +110,7 @@ def parse_timestamp(ts: str) -> int:
     return int(stamp.timestamp())
 
 
-def _lp(data: bytes) -> bytes:
+def lp(data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + data
 
 
@@ -116,21 +118,21 @@ def header_bytes(header: Header) -> bytes:
     """The deterministic encoding of the header: AES-GCM associated data and signed-bytes prefix."""
     keys = sorted(header.keys, key=lambda k: (k.jid, k.cert))
     parts = [
-        _lp(alg.VERSION_TAG),
-        _lp(header.sender.encode()),
-        _lp(header.cert.encode()),
-        _lp(header.nid),
-        _lp(header.ts.encode()),
+        lp(alg.VERSION_TAG),
+        lp(header.sender.encode()),
+        lp(header.cert.encode()),
+        lp(header.nid),
+        lp(header.ts.encode()),
         struct.pack(">I", len(keys)),
     ]
     for key in keys:
-        parts += [_lp(key.jid.encode()), _lp(key.cert.encode()), _lp(key.wrapped)]
-    parts.append(_lp(header.iv))
+        parts += [lp(key.jid.encode()), lp(key.cert.encode()), lp(key.wrapped)]
+    parts.append(lp(header.iv))
     return b"".join(parts)
 
 
 def signed_bytes(capsule: Capsule) -> bytes:
-    return header_bytes(capsule.header) + _lp(capsule.payload)
+    return header_bytes(capsule.header) + lp(capsule.payload)
 
 
 def check_shape(capsule: Capsule) -> None:
@@ -154,7 +156,7 @@ def seal(
     *,
     sender: str,
     sender_cert: str,
-    signing_key: rsa.RSAPrivateKey,
+    signing_key: signatures.SigningKey,
     recipients: Sequence[Recipient],
     now: dt.datetime | None = None,
     key: bytes | None = None,
@@ -164,8 +166,7 @@ def seal(
     ``key``: the message key, when the caller keeps it (see :func:`new_message_key`)."""
     if not recipients:
         raise ValueError("seal needs at least one recipient")
-    if not isinstance(signing_key, rsa.RSAPrivateKey):
-        raise TypeError("signing_key must be an RSA private key")
+    signatures.kind(signing_key)  # TypeError before any work for a key of another type
     key = key or new_message_key()
     if len(key) != alg.MESSAGE_KEY_BYTES:
         raise ValueError(f"a message key is {alg.MESSAGE_KEY_BYTES} bytes")
@@ -187,24 +188,21 @@ def seal(
     )
     payload = AESGCM(key).encrypt(iv, envelope, header_bytes(header))
     unsigned = Capsule(header, payload, b"")
-    signature = signing_key.sign(signed_bytes(unsigned), alg.pss(), alg.SIGNATURE_HASH)
+    signature = signatures.sign(signing_key, signed_bytes(unsigned))
     return Capsule(header, payload, signature)
 
 
 def new_message_key() -> bytes:
-    """A fresh AES-256-GCM message key."""
+    """A fresh AES-256-GCM message key (either wire format)."""
     return AESGCM.generate_key(bit_length=alg.MESSAGE_KEY_BYTES * 8)
 
 
-def verify(capsule: Capsule, signer: rsa.RSAPublicKey) -> None:
+def verify(capsule: Capsule, signer: signatures.VerifyingKey) -> None:
     """Check the capsule's shape and signature; raises MalformedCapsule or BadSignature."""
     check_shape(capsule)
-    try:
-        signer.verify(capsule.signature, signed_bytes(capsule), alg.pss(), alg.SIGNATURE_HASH)
-    except InvalidSignature:
+    if not signatures.valid(signer, capsule.signature, signed_bytes(capsule)):
         raise BadSignature(
-            f"signature of the capsule from {capsule.header.sender} does not verify"
-        ) from None
+            f"signature of the capsule from {capsule.header.sender} does not verify")
 
 
 def unseal(

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import base64
 import logging
+import xml.etree.ElementTree as ET
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from slixmpp import JID, BaseXMPP
 from slixmpp.exceptions import IqError, IqTimeout
 from slixmpp.plugins.xep_0004.stanza import Form
+from slixmpp.xmlstream import ElementBase
 
 from capsule import namespaces as ns
 from capsule.errors import CertificateLookupFailed
@@ -62,22 +64,47 @@ def der_to_pem(text: str) -> bytes:
 
 
 async def publish(xmpp: BaseXMPP, chain: dict[str, str], timeout: int = 15) -> None:
+    await publish_item(xmpp, ns.CERTS_NODE, certs_payload(chain), timeout)
+
+
+async def publish_item(xmpp: BaseXMPP, node: str, payload: ElementBase | ET.Element,
+                       timeout: int = 15) -> None:
+    """Publish item ``current`` of one of our open, persistent PEP nodes."""
     pubsub = xmpp.plugin["xep_0060"]
     options = _form(PUBLISH_OPTIONS_FORM, _PUBLISH_OPTIONS)
     try:
-        await pubsub.publish(None, ns.CERTS_NODE, id=ITEM_ID, payload=certs_payload(chain),
-                             options=options, timeout=timeout)
+        await pubsub.publish(None, node, id=ITEM_ID, payload=payload, options=options,
+                             timeout=timeout)
         return
     except IqError as exc:
         # the application condition of XEP-0060 7.1.5, which slixmpp does not parse
         if exc.iq["error"].xml.find(PRECONDITION_NOT_MET) is None:
             raise
-    log.info("PEP node %s has other options; reconfiguring it", ns.CERTS_NODE)
-    await pubsub.set_node_config(None, ns.CERTS_NODE,
-                                 _form(NODE_CONFIG_FORM, _NODE_CONFIG),
+    log.info("PEP node %s has other options; reconfiguring it", node)
+    await pubsub.set_node_config(None, node, _form(NODE_CONFIG_FORM, _NODE_CONFIG),
                                  timeout=timeout)
-    await pubsub.publish(None, ns.CERTS_NODE, id=ITEM_ID, payload=certs_payload(chain),
-                         options=options, timeout=timeout)
+    await pubsub.publish(None, node, id=ITEM_ID, payload=payload, options=options,
+                         timeout=timeout)
+
+
+async def fetch_item(xmpp: BaseXMPP, jid: str, node: str, timeout: int, what: str
+                     ) -> list[ET.Element] | None:
+    """The payloads of ``jid``'s item ``current`` on ``node`` (maybe none); None only on a
+    definite "none" (DEFINITELY_NONE, no items); any other answer raises
+    CertificateLookupFailed."""
+    try:
+        iq = await xmpp.plugin["xep_0060"].get_item(JID(jid), node, ITEM_ID, timeout=timeout)
+    except IqError as exc:
+        if exc.condition in DEFINITELY_NONE:
+            return None
+        raise CertificateLookupFailed(f"looking up {jid}'s {what} failed: "
+                                      f"{exc.condition}") from None
+    except IqTimeout:
+        raise CertificateLookupFailed(f"timed out fetching {jid}'s {what}") from None
+    items = list(iq["pubsub"]["items"])
+    if not items:
+        return None
+    return [child for item in items for child in item.xml]
 
 
 class PepSource(CertificateSource):
@@ -93,23 +120,13 @@ class PepSource(CertificateSource):
         A time-out, any other error or an item without usable certificates is no answer:
         CertificateLookupFailed, so that policy ``prefer`` never falls back to plaintext on it.
         """
-        try:
-            iq = await self.xmpp.plugin["xep_0060"].get_item(JID(jid), ns.CERTS_NODE, ITEM_ID,
-                                                      timeout=self.timeout)
-        except IqError as exc:
-            if exc.condition in DEFINITELY_NONE:
-                return None
-            raise CertificateLookupFailed(f"looking up {jid}'s Capsule certificates failed: "
-                                          f"{exc.condition}") from None
-        except IqTimeout:
-            raise CertificateLookupFailed(f"timed out fetching {jid}'s Capsule certificates"
-                                          ) from None
-        items = list(iq["pubsub"]["items"])
-        for item in items:
-            found = certs_by_usage(item["capsule_certs"]["certs"], der_to_pem)
+        payloads = await fetch_item(self.xmpp, jid, ns.CERTS_NODE, self.timeout,
+                                    "Capsule certificates")
+        if payloads is None:
+            return None
+        for payload in payloads:
+            found = certs_by_usage(Certs(xml=payload)["certs"], der_to_pem)
             if "sign" in found and "encrypt" in found:
                 return CertPair(sign=found["sign"], encrypt=found["encrypt"])
-        if items:
-            raise CertificateLookupFailed(f"{jid} published a Capsule item without usable "
-                                          f"certificates")
-        return None
+        raise CertificateLookupFailed(f"{jid} published a Capsule item without usable "
+                                      f"certificates")

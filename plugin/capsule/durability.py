@@ -18,7 +18,7 @@ from typing import Any
 
 from slixmpp import BaseXMPP, Message
 
-from capsule import core, events
+from capsule import events, wire
 from capsule.errors import CapsuleError, DuplicateCapsule, ProfileError, StorageError
 from capsule.journal import GroupCommit
 from capsule.profile import Profile
@@ -43,7 +43,7 @@ class DurableState:
         self.error: StorageError | None = None
         self.persist()  # take the profile lock, clear litter, start the journal
 
-    def remember(self, capsule: core.Capsule) -> tuple[asyncio.Future[None], bool]:
+    def remember(self, capsule: wire.AnyCapsule) -> tuple[asyncio.Future[None], bool]:
         """Judge a verified capsule; a NEW one's entry goes to the journal (the future). True
         for one recovered from before a crash (on disk already, maybe seen by the app)."""
         self._ensure_durable()
@@ -85,6 +85,10 @@ class DurableState:
         info = events.capsule_info(msg)
         if info is not None:
             self.store.data.replay.orphan(Handed(info.sender, info.nid))
+
+    async def idle(self) -> None:
+        """Until no journal write runs (then :meth:`persist` may be called)."""
+        await self._commit.idle()
 
     def dirty(self) -> None:
         """Something to save changed: save within ``save_delay``."""

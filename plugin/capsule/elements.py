@@ -19,7 +19,7 @@ FORWARD = "urn:xmpp:forward:0"
 # (namespace, element name); None: every element of the namespace
 OUTSIDE: frozenset[tuple[str, str | None]] = frozenset({
     (CLIENT, "error"),
-    (ns.NAMESPACE, "capsule"), ("urn:xmpp:eme:0", "encryption"),
+    (ns.NAMESPACE, "capsule"), (ns.V1_NAMESPACE, "capsule"), ("urn:xmpp:eme:0", "encryption"),
     ("urn:xmpp:hints", None), ("urn:xmpp:receipts", None), (ns.RECEIPT_NAMESPACE, "proof"),
     ("http://jabber.org/protocol/chatstates", None), ("urn:xmpp:chat-markers:0", None),
     ("urn:xmpp:sid:0", None), ("urn:xmpp:delay", "delay"),
@@ -40,7 +40,8 @@ WRAPPERS_BESIDE: frozenset[tuple[str, str | None]] = frozenset({
     ("urn:xmpp:mam:2", "result"), (FORWARD, "forwarded"),
     ("http://jabber.org/protocol/pubsub#event", "event"),
 })
-_MACHINERY = frozenset({(ns.NAMESPACE, "capsule"), ("urn:xmpp:eme:0", "encryption")})
+_MACHINERY = frozenset({(ns.NAMESPACE, "capsule"), (ns.V1_NAMESPACE, "capsule"),
+                        ("urn:xmpp:eme:0", "encryption")})
 SERVER_METADATA = frozenset({("urn:xmpp:delay", "delay"), ("urn:xmpp:sid:0", "stanza-id")})
 _WRAPPERS = frozenset({("urn:xmpp:carbons:2", "received"), ("urn:xmpp:carbons:2", "sent"),
                        ("urn:xmpp:mam:2", "result")})
@@ -97,7 +98,7 @@ def readable(message: ET.Element) -> bool:
     Beside a capsule its fallback body is not content; forwarded messages (carbons, archive
     results) count with what they forward.
     """
-    sealed = message.find(f"{{{ns.NAMESPACE}}}capsule") is not None
+    sealed = any(name(child) in _MACHINERY and name(child)[1] == "capsule" for child in message)
     if len([child for child in message if name(child) in _WRAPPERS]) > 1:
         return True  # which one a client reads is up to it: ambiguous, so refused
     for child in message:

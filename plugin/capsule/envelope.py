@@ -17,13 +17,14 @@ from dataclasses import dataclass
 from typing import cast
 
 from capsule import algorithms as alg
-from capsule import core, elements
+from capsule import core, elements, v1
 from capsule import namespaces as ns
 from capsule.errors import EnvelopeMismatch, MalformedCapsule, UninterpretableContent
 
 _NS = "{" + ns.SCE_NAMESPACE + "}"
 MAX_BYTES = 128 * 1024  # an envelope larger than this is refused before decryption
 MAX_DEPTH = 32  # envelope, content, then XHTML-IM nesting; deeper is refused
+_PARTS = frozenset(_NS + part for part in ("content", "rpad", "time", "to", "from"))
 
 
 @dataclass(frozen=True)
@@ -55,8 +56,9 @@ def decode(data: bytes, max_bytes: int = MAX_BYTES, max_depth: int = MAX_DEPTH) 
     expansion attacks inside a capsule) and content the receiver cannot interpret."""
     if len(data) > max_bytes:
         raise MalformedCapsule(f"envelope of {len(data)} bytes exceeds the limit of {max_bytes}")
-    if b"<!" in data:
-        raise MalformedCapsule("envelope contains a DTD, entity or comment declaration")
+    if b"<!" in data or b"<?" in data:
+        raise MalformedCapsule("envelope contains a DTD, entity, comment, CDATA section or "
+                               "processing instruction")
     parser: ET.XMLPullParser[ET.Element] = ET.XMLPullParser(events=("start", "end"))
     depth = 0
     root: ET.Element | None = None
@@ -74,6 +76,12 @@ def decode(data: bytes, max_bytes: int = MAX_BYTES, max_depth: int = MAX_DEPTH) 
         raise MalformedCapsule("envelope is empty")
     if root.tag != _NS + "envelope":
         raise MalformedCapsule(f"payload is not an SCE envelope but {root.tag}")
+    tags = [child.tag for child in root]
+    for part, low, high in (("content", 1, 1), ("rpad", 0, 1), ("time", 1, 1), ("from", 1, 1)):
+        if not low <= tags.count(_NS + part) <= high:
+            raise MalformedCapsule(f"envelope holds {tags.count(_NS + part)} <{part}/>")
+    if any(tag not in _PARTS for tag in tags):
+        raise MalformedCapsule("envelope holds an element the format does not define")
     content = root.find(_NS + "content")
     sender = root.find(_NS + "from")
     time = root.find(_NS + "time")
@@ -102,7 +110,8 @@ def _interpret(holder: ET.Element) -> tuple[ET.Element, ...]:
     return tuple(delivered)
 
 
-def check_addressing(env: Envelope, header: core.Header, stanza_from: str, stanza_to: str,
+def check_addressing(env: Envelope, header: core.Header | v1.Header, stanza_from: str,
+                     stanza_to: str,
                      me: str, room: str | None = None) -> None:
     """from = header sender = stanza sender; the envelope's addressees are exactly the keyed
     recipients (the sender aside), plus the room for a group chat; the stanza's addressee and

@@ -176,3 +176,22 @@ class ReusedId(CapsuleError):
     receipt or bounce would then stand for two capsules. Nothing was sent."""
 
     reason = "reused-id"
+
+
+class SessionExpired(NotAddressedToUs):
+    """The capsule was sealed to a session key of ours that has been destroyed (forward
+    secrecy): it can never be opened again."""
+
+    reason = "session-expired"
+
+
+class InvalidSessionRecord(CapsuleError):
+    """A published session record does not verify, is expired, too long-lived or malformed."""
+
+    reason = "bad-session"
+
+
+class NoForwardSecrecy(PolicyViolation):
+    """``forward_secrecy='require'`` and a peer has no valid session key, or a v0 capsule came in."""
+
+    reason = "no-forward-secrecy"

@@ -22,7 +22,7 @@ import asyncio
 import json
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -90,7 +90,7 @@ class Journal:
         write_private(path, MAGIC + epoch.hex().encode() + b"\n")
         self._fd: int | None = os.open(path, os.O_WRONLY | os.O_APPEND)
 
-    def append(self, entries: list[JournalItem]) -> None:
+    def append(self, entries: Sequence[JournalItem]) -> None:
         """One record, written and fsynced; raises OSError (the journal is then unusable)."""
         if self._fd is None:
             raise OSError("journal is closed")

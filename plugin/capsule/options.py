@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
 
+from capsule import algorithms as alg
 from capsule import envelope
 from capsule.errors import ProfileError
 from capsule.replay import DEFAULT_MAX_AGE, DEFAULT_SKEW
@@ -19,6 +20,8 @@ from capsule.trust import CertificateSource
 
 Policy = Literal["require", "prefer", "off"]
 POLICIES: tuple[Policy, ...] = ("require", "prefer", "off")
+ForwardSecrecy = Literal["prefer", "require"]
+FORWARD_SECRECY: tuple[ForwardSecrecy, ...] = ("prefer", "require")
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,10 @@ class CapsuleOptions:
     outbox_limit: int = 2000  # unconfirmed capsules kept for resending
     reconnect: bool = True  # reconnect a lost session, back-off doubling up to reconnect_max
     reconnect_max: float = 30
+    forward_secrecy: ForwardSecrecy = "prefer"  # README, "Version choice"
+    session_rotate: int = alg.SESSION_ROTATE_S  # a new session key after this many seconds
+    session_retention: int = alg.SESSION_RETENTION_S  # destroyed this long after its expiry
+    session_refresh: int = 3600  # seconds a contact's session records are reused unfetched
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> CapsuleOptions:
@@ -55,6 +62,9 @@ class CapsuleOptions:
         if config.get("policy") not in POLICIES:
             raise ValueError(f"capsule policy must be one of {POLICIES}, not "
                              f"{config.get('policy')!r}")
+        if config.get("forward_secrecy", "prefer") not in FORWARD_SECRECY:
+            raise ValueError(f"forward_secrecy must be one of {FORWARD_SECRECY}, not "
+                             f"{config.get('forward_secrecy')!r}")
         if not config.get("profile"):
             raise ProfileError("the capsule plugin needs a 'profile' path")
         names = {f.name for f in dataclasses.fields(cls)}
@@ -64,7 +74,8 @@ class CapsuleOptions:
         for name in ("allow_insecure", "publish", "carbons", "reconnect"):
             given[name] = bool(given.get(name, False))
         for name in ("skew", "max_age", "fetch_timeout", "outbox_limit", "max_envelope_bytes",
-                     "max_envelope_depth"):
+                     "max_envelope_depth", "session_rotate", "session_retention",
+                     "session_refresh"):
             if name in given:
                 given[name] = int(given[name])
         return cls(**given)

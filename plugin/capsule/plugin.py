@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -28,7 +29,7 @@ from slixmpp.exceptions import IqError, IqTimeout
 from slixmpp.plugins import BasePlugin
 from slixmpp.xmlstream import StanzaBase
 
-from capsule import core, discovery, enrollment, events
+from capsule import discovery, enrollment, events, fastxml, stanza_v1, wire
 from capsule import stanza as st
 from capsule.connection import Reconnect
 from capsule.contacts import ContactBook
@@ -36,6 +37,7 @@ from capsule.durability import DurableState
 from capsule.errors import CapsuleError, PolicyViolation, ProfileError
 from capsule.events import CapsuleFailure, CapsuleInfo, PlaintextSent, capsule_info
 from capsule.inbound import HandledCount
+from capsule.keyring import Keyring
 from capsule.locks import LockTable
 from capsule.options import CapsuleOptions, default_config
 from capsule.outbox import Outbox
@@ -53,7 +55,7 @@ log = logging.getLogger(__name__)
 
 
 class XEP_Capsule(BasePlugin):
-    """End-to-end encrypted, signed encapsulated messages (urn:capsule:0)."""
+    """End-to-end encrypted, signed encapsulated messages (urn:capsule:0 and :1)."""
 
     name = "capsule"
     description = "Capsule: end-to-end encrypted, signed encapsulated messages"
@@ -98,15 +100,24 @@ class XEP_Capsule(BasePlugin):
                                     options.storage_retry, self._spawn)
         self.revocation = Revocation(self.xmpp, options, self.store, self.trust, self._locks,
                                      self._dirty)
+        self.keyring = Keyring(self.xmpp, self.store, rotate=options.session_rotate,
+                               retention=options.session_retention, skew=options.skew,
+                               timeout=options.fetch_timeout, refresh=options.session_refresh,
+                               dirty=self._dirty)
+        self._rotation: asyncio.Task[None] | None = None
+        self._republished = -float("inf")  # monotonic time of the last self-healing publish
         st.register()
+        stanza_v1.register()
+        fastxml.install()
         enrollment.register()
         self.handled = HandledCount(self.xmpp)  # its "in" filter must come before ours
         self.receiver = Receiver(self.xmpp, options, self.store, self.contacts, self.durable,
-                                 self._locks, self.handled, self._spawn, self._check_usable)
+                                 self._locks, self.handled, self._spawn, self._check_usable,
+                                 self._republish)
         self.outbox = Outbox(self.xmpp, options.delivery_timeout, options.outbox_limit,
                              self._undelivered, options.receipt_timeout)
-        self.sender = Sender(self.xmpp, options, self.store, self.contacts, self._locks,
-                             self.outbox, self._spawn, self._check_usable)
+        self.sender = Sender(self.xmpp, options, self.store, self.contacts, self.keyring,
+                             self._locks, self.outbox, self._spawn, self._check_usable)
         self._filter_in = self.receiver.filter_in
         self._filter_out = self.sender.filter_out
         self.xmpp.add_filter("in", self._filter_in)
@@ -130,6 +141,8 @@ class XEP_Capsule(BasePlugin):
         for event, handler in self._events():
             self.xmpp.del_event_handler(event, handler)
         self.revocation.close()
+        if self._rotation:
+            self._rotation.cancel()
         self.handled.close()
         self.outbox.close()
         if self.reconnector:
@@ -154,12 +167,53 @@ class XEP_Capsule(BasePlugin):
         if self.options.carbons:
             await self.xmpp.plugin["xep_0280"].enable()
         if self.options.publish and self._usable():
+            # session keys first: once capsule_published is raised, contacts can seal v1 to us
+            await self.rotate_sessions(force=True)
+            if self._rotation is None:
+                self._rotation = asyncio.ensure_future(self._rotate_daily())
             try:
                 await self.publish_certificates()
             except (IqError, IqTimeout) as exc:
                 log.warning("could not publish Capsule certificates: %s",
                             exc.iq["error"]["text"] or exc.iq["error"]["condition"])
                 self.xmpp.event("capsule_publish_failed", exc)
+
+    async def rotate_sessions(self, force: bool = False) -> None:
+        """Destroy session keys past retention; a new one at login (``force``) or when the
+        newest is old; publish ours merged with our other devices'. Failures are logged and
+        reported with ``capsule_error`` (storage) or ``capsule_publish_failed``; contacts
+        then seal v0 to us (or, under their ``forward_secrecy='require'``, nothing)."""
+        await self.durable.idle()  # then no await until saved: no journal write in between
+        now = int(time.time())
+        try:
+            if self.keyring.rotate(now, force):
+                self.durable.persist()  # the new private key on disk before its record is public
+                if self.durable.error is not None:
+                    return  # reported by persist(); the record stays unpublished
+            await self.keyring.publish(now, self.own_sign)
+        except CapsuleError as exc:
+            events.fail(self.xmpp, exc, None, "")
+            return
+        except (IqError, IqTimeout) as exc:
+            log.warning("could not publish session keys: %s", exc.iq["error"]["condition"])
+            self.xmpp.event("capsule_publish_failed", exc)
+            return
+        self.xmpp.event("capsule_sessions_published", self.store.data.jid)
+
+    def _republish(self) -> None:
+        """Merge our record into our PEP item again (another device may have written over
+        it), at most once per ``fetch_interval``."""
+        now = time.monotonic()
+        if (now - self._republished >= self.options.fetch_interval and self.options.publish
+                and self._usable()):
+            self._republished = now
+            self._spawn(self.rotate_sessions())
+
+    async def _rotate_daily(self) -> None:
+        while True:
+            await asyncio.sleep(min(self.options.session_rotate, 3600))
+            if self.xmpp.sessionstarted:
+                await self.rotate_sessions()
 
     def _disconnected(self, _event: Any) -> None:
         self.durable.disconnected()
@@ -217,8 +271,9 @@ class XEP_Capsule(BasePlugin):
         return await self.contacts.contact(jid, refresh, claimed)
 
     async def seal(self, msg: Message, recipients: Iterable[str], room: str | None = None
-                   ) -> core.Capsule:
-        """Seal the protected elements of ``msg`` for ``recipients`` (bare JIDs) and ourselves.
+                   ) -> wire.AnyCapsule:
+        """Seal the protected elements of ``msg`` for ``recipients`` (bare JIDs) and ourselves:
+        v1 when all of them and we have valid session keys, else v0.
 
         For a group chat, ``room`` is named among the envelope's addressees (not given a key),
         so a capsule cannot be replayed into another room or conversation.

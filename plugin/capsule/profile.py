@@ -19,20 +19,20 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa, x25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.x509.oid import NameOID
 
 from capsule import algorithms as alg
-from capsule import journal
-from capsule.core import cert_fingerprint
+from capsule import journal, sessions, signatures
+from capsule.core import cert_fingerprint, parse_timestamp
 from capsule.errors import (
     CorruptProfile,
     ProfileError,
@@ -43,7 +43,7 @@ from capsule.errors import (
 from capsule.files import FileLock, write_private
 from capsule.jids import bare_jid
 from capsule.pins import check_pin
-from capsule.profile_data import PinnedContact, ProfileData, now_iso
+from capsule.profile_data import PinnedContact, ProfileData, SessionKey, b64, now_iso
 from capsule.profile_key import FAST_KDF, KdfParams, new_key_file, read_key_file
 from capsule.replay import Entry, JournalItem, Verdict
 from capsule.xmppaddr import cert_jids, xmppaddr_name
@@ -78,11 +78,12 @@ class Profile:
     @classmethod
     def create(cls, path: str | os.PathLike[str], jid: str, pin: str, email: str | None = None,
                key_bits: int = alg.DEFAULT_RSA_BITS, kdf: KdfParams | None = None,
-               short_pin: bool = False, key_file: str | os.PathLike[str] | None = None
-               ) -> Profile:
+               short_pin: bool = False, key_file: str | os.PathLike[str] | None = None,
+               signing: str = alg.SIGNING_KEY_TYPES[0]) -> Profile:
         """Generate signing and encryption key pairs locally and write a new profile.
 
-        A PIN shorter than 10 digits / 12 characters needs ``short_pin``. ``key_file``: bind
+        ``signing``: 'ed25519' (the default) or 'rsa' (of ``key_bits``). A PIN shorter than
+        10 digits / 12 characters needs ``short_pin``. ``key_file``: bind
         the profile key to that file too (created with 32 random bytes if missing).
         """
         target = Path(path)
@@ -100,7 +101,7 @@ class Profile:
         salt = os.urandom(alg.KDF_SALT_BYTES)
         data = ProfileData(
             jid=jid, email=email,
-            signing_key=rsa.generate_private_key(alg.RSA_PUBLIC_EXPONENT, key_bits),
+            signing_key=_new_signing_key(signing, key_bits),
             encryption_key=rsa.generate_private_key(alg.RSA_PUBLIC_EXPONENT, key_bits),
             secret=secret,
         )
@@ -243,7 +244,7 @@ class Profile:
                 self.journal = None
             self._lock.release()
 
-    def append(self, entries: list[JournalItem]) -> None:
+    def append(self, entries: Sequence[JournalItem]) -> None:
         """Write items to the journal and fsync (raises OSError); needs :meth:`hold`."""
         if self.journal is None:
             raise OSError("the replay journal is not open")
@@ -278,7 +279,7 @@ class Profile:
             x509.CertificateSigningRequestBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, self.data.jid)]))
             .add_extension(x509.SubjectAlternativeName(names), critical=False)
-            .sign(key, alg.CSR_HASH)
+            .sign(key, None if isinstance(key, ed25519.Ed25519PrivateKey) else alg.CSR_HASH)
             .public_bytes(serialization.Encoding.PEM)
         )
 
@@ -294,11 +295,11 @@ class Profile:
             return "ca"
         if self.data.jid not in cert_jids(cert):
             raise ProfileError(f"the certificate is not for {self.data.jid}")
-        numbers = cert.public_key().public_numbers()  # type: ignore[union-attr]
-        if numbers == self.data.signing_key.public_key().public_numbers():
+        public = spki(cert.public_key())
+        if public == spki(self.data.signing_key.public_key()):
             self.data.signing_cert = text
             return "sign"
-        if numbers == self.data.encryption_key.public_key().public_numbers():
+        if public == spki(self.data.encryption_key.public_key()):
             self.data.encryption_cert = text
             return "encrypt"
         raise ProfileError("the certificate matches neither of this profile's keys")
@@ -311,7 +312,8 @@ class Profile:
         if self.data.signing_cert:
             self.data.retired_sign.append(self.data.signing_cert)
         self.data.encryption_key = rsa.generate_private_key(alg.RSA_PUBLIC_EXPONENT, key_bits)
-        self.data.signing_key = rsa.generate_private_key(alg.RSA_PUBLIC_EXPONENT, key_bits)
+        self.data.signing_key = _new_signing_key(signatures.kind(self.data.signing_key),
+                                                 key_bits)
         self.data.encryption_cert = self.data.signing_cert = None
 
     def decryption_keys(self) -> dict[str, rsa.RSAPrivateKey]:
@@ -323,6 +325,48 @@ class Profile:
             self._decryption_keys = (pairs, keys)
         return self._decryption_keys[1]
 
+    # -- v1 session keys ----------------------------------------------------------
+    def new_session(self, now: int, lifetime: int = alg.SESSION_LIFETIME_S) -> SessionKey:
+        """Generate a session key, sign its record with our signing key; kept, not saved."""
+        if not self.data.signing_cert:
+            raise ProfileError("a session key needs our signing certificate (enroll first)")
+        fp = cert_fingerprint(x509.load_pem_x509_certificate(self.data.signing_cert.encode()))
+        private = x25519.X25519PrivateKey.generate()
+        key = SessionKey(private, sessions.make_record(self.data.jid, fp, self.data.signing_key,
+                                                       private, now, lifetime))
+        self.data.sessions.append(key)
+        return key
+
+    def session_keys(self) -> dict[bytes, x25519.X25519PrivateKey]:
+        """sid -> private key of every session key we still hold."""
+        return {key.record.sid: key.private for key in self.data.sessions}
+
+    def destroyed_sessions(self) -> set[bytes]:
+        return {base64.b64decode(sid) for sid in self.data.destroyed}
+
+    def current_sessions(self, now: int) -> list[sessions.SessionRecord]:
+        """Our unexpired records, newest first, at most alg.SESSIONS_PUBLISHED."""
+        live = [key.record for key in self.data.sessions if key.expires > now]
+        live.sort(key=lambda r: (parse_timestamp(r.created), r.pub), reverse=True)
+        return live[:alg.SESSIONS_PUBLISHED]
+
+    def destroy_sessions(self, now: int, retention: int = alg.SESSION_RETENTION_S) -> int:
+        """Forward secrecy: remove every session key whose record expired ``retention``
+        seconds ago or more and rewrite the file (StorageError if it cannot be: then the
+        key is still on disk). Returns how many were destroyed."""
+        if not 0 <= retention <= alg.SESSION_MAX_RETENTION_S:
+            raise ProfileError(f"session retention must be 0..{alg.SESSION_MAX_RETENTION_S} s")
+        gone = [key for key in self.data.sessions if key.expires + retention <= now]
+        if not gone:
+            return 0
+        self.data.sessions = [key for key in self.data.sessions if key.expires + retention > now]
+        self.data.destroyed.update({b64(key.record.sid): key.expires for key in gone})
+        for sid in sorted(self.data.destroyed, key=self.data.destroyed.__getitem__)[
+                :max(0, len(self.data.destroyed) - alg.DESTROYED_REMEMBERED)]:
+            del self.data.destroyed[sid]
+        self.save()
+        return len(gone)
+
     def ready(self) -> bool:
         return bool(self.data.signing_cert and self.data.encryption_cert and self.data.ca_root)
 
@@ -333,3 +377,17 @@ class Profile:
         FutureCapsule, StaleCapsule or ReplayedCapsule. Durable only once journalled."""
         entry = Entry.of(sender, nid, ts, signature)
         return self.data.replay.accept(entry, int(time.time()) if now is None else now), entry
+
+
+def _new_signing_key(kind: str, key_bits: int) -> signatures.SigningKey:
+    if kind == "ed25519":
+        return ed25519.Ed25519PrivateKey.generate()
+    if kind == "rsa":
+        return rsa.generate_private_key(alg.RSA_PUBLIC_EXPONENT, key_bits)
+    raise ProfileError(f"a signing key is one of {alg.SIGNING_KEY_TYPES}, not {kind!r}")
+
+
+def spki(key: object) -> bytes:
+    """The DER SubjectPublicKeyInfo of a public key: compares keys of any type."""
+    return key.public_bytes(serialization.Encoding.DER,  # type: ignore[attr-defined, no-any-return]
+                            serialization.PublicFormat.SubjectPublicKeyInfo)

@@ -3,21 +3,31 @@ format 1's replay cache included."""
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa, x25519
 
+from capsule import sessions, signatures
+from capsule.core import parse_timestamp
 from capsule.errors import CapsuleError, CorruptProfile
 from capsule.replay import Entry, ReplayState
 
 
-def _pem_key(key: rsa.RSAPrivateKey) -> str:
+def _pem_key(key: signatures.SigningKey) -> str:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption()).decode()
+
+
+def _load_signing_key(pem: str) -> signatures.SigningKey:
+    key = serialization.load_pem_private_key(pem.encode(), None)
+    if not isinstance(key, rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey):
+        raise CorruptProfile("profile holds a signing key that is neither RSA nor Ed25519")
+    return key
 
 
 def _load_key(pem: str) -> rsa.RSAPrivateKey:
@@ -25,6 +35,41 @@ def _load_key(pem: str) -> rsa.RSAPrivateKey:
     if not isinstance(key, rsa.RSAPrivateKey):
         raise CorruptProfile("profile holds a non-RSA key")
     return key
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+@dataclass
+class SessionKey:
+    """One of our v1 session keys: the private X25519 key and its signed, published record."""
+
+    private: x25519.X25519PrivateKey
+    record: sessions.SessionRecord
+
+    def to_json(self) -> dict[str, str]:
+        raw = self.private.private_bytes(serialization.Encoding.Raw,
+                                         serialization.PrivateFormat.Raw,
+                                         serialization.NoEncryption())
+        r = self.record
+        return {"key": b64(raw), "pub": b64(r.pub), "cert": r.cert, "created": r.created,
+                "expires": r.expires, "signature": b64(r.signature)}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, str]) -> SessionKey:
+        private = x25519.X25519PrivateKey.from_private_bytes(
+            base64.b64decode(raw["key"], validate=True))
+        record = sessions.SessionRecord(base64.b64decode(raw["pub"], validate=True), raw["cert"],
+                                        raw["created"], raw["expires"],
+                                        base64.b64decode(raw["signature"], validate=True))
+        if sessions.public_bytes(private) != record.pub:
+            raise ValueError("a session key does not match its record")
+        return cls(private, record)
+
+    @property
+    def expires(self) -> int:
+        return parse_timestamp(self.record.expires)
 
 
 @dataclass
@@ -39,7 +84,7 @@ class PinnedContact:
 @dataclass
 class ProfileData:
     jid: str
-    signing_key: rsa.RSAPrivateKey
+    signing_key: signatures.SigningKey
     encryption_key: rsa.RSAPrivateKey
     email: str | None = None
     signing_cert: str | None = None
@@ -52,6 +97,8 @@ class ProfileData:
     contacts: dict[str, PinnedContact] = field(default_factory=dict)
     replay: ReplayState = field(default_factory=ReplayState)
     secret: str = "unknown"  # strong | short | unknown (format 1): for `profile show`
+    sessions: list[SessionKey] = field(default_factory=list)  # v1 session keys held
+    destroyed: dict[str, int] = field(default_factory=dict)  # sid (base64) -> its expiry
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -64,6 +111,7 @@ class ProfileData:
             "retired_sign": self.retired_sign,
             "contacts": {j: vars(c) for j, c in self.contacts.items()},
             "replay": self.replay.to_json(int(time.time())), "secret": self.secret,
+            "sessions": [key.to_json() for key in self.sessions], "destroyed": self.destroyed,
         }
 
     @classmethod
@@ -71,7 +119,7 @@ class ProfileData:
         try:
             return cls(
                 jid=raw["jid"], email=raw.get("email"),
-                signing_key=_load_key(raw["signing_key"]),
+                signing_key=_load_signing_key(raw["signing_key"]),
                 encryption_key=_load_key(raw["encryption_key"]),
                 signing_cert=raw.get("signing_cert"), encryption_cert=raw.get("encryption_cert"),
                 ca_root=raw.get("ca_root"), crl=raw.get("crl"), ca_service=raw.get("ca_service"),
@@ -82,6 +130,8 @@ class ProfileData:
                         if isinstance(raw.get("replay", []), list)
                         else ReplayState.from_json(raw["replay"])),
                 secret=raw.get("secret", "unknown"),
+                sessions=[SessionKey.from_json(k) for k in raw.get("sessions", [])],
+                destroyed={str(k): int(v) for k, v in raw.get("destroyed", {}).items()},
             )
         except (KeyError, TypeError, ValueError, CapsuleError) as exc:
             raise CorruptProfile(f"profile content is damaged ({exc.__class__.__name__})") from None

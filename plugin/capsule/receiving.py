@@ -21,7 +21,7 @@ from slixmpp.plugins import xep_0082
 from slixmpp.xmlstream import StanzaBase
 
 from capsule import algorithms as alg
-from capsule import core, elements, envelope, events, receipts
+from capsule import core, elements, envelope, events, receipts, v1, wire
 from capsule import stanza as st
 from capsule.contacts import ContactBook
 from capsule.durability import DurableState, Spawn, done
@@ -30,6 +30,7 @@ from capsule.errors import (
     DuplicateCapsule,
     EnvelopeMismatch,
     MalformedCapsule,
+    NoForwardSecrecy,
     NotAddressedToUs,
     PolicyViolation,
     StorageError,
@@ -50,10 +51,12 @@ class Receiver:
 
     def __init__(self, xmpp: BaseXMPP, options: CapsuleOptions, store: Profile,
                  contacts: ContactBook, durable: DurableState, locks: LockTable,
-                 handled: HandledCount, spawn: Spawn, check_usable: Callable[[], None]) -> None:
+                 handled: HandledCount, spawn: Spawn, check_usable: Callable[[], None],
+                 sessions_missing: Callable[[], None]) -> None:
         self.xmpp, self.options, self.store = xmpp, options, store
         self.contacts, self.durable, self.locks, self.handled = contacts, durable, locks, handled
         self._spawn, self._check_usable = spawn, check_usable
+        self._sessions_missing = sessions_missing  # a v1 capsule for us, but not our keys
         self.duplicates = 0  # resends and copies of accepted capsules, dropped quietly
 
     def filter_in(self, stanza: StanzaBase) -> StanzaBase | None:
@@ -68,7 +71,9 @@ class Receiver:
         from_room = stanza["type"] == "groupchat" and not stanza["from"].resource
         if st.has_capsule(stanza) and stanza["type"] == "error":
             # a bounce: the app learns which message failed; capsule and fallback withheld
-            stanza.xml.remove(stanza["capsule"].xml)
+            element = wire.find(stanza.xml)
+            if element is not None:
+                stanza.xml.remove(element)
             elements.strip(stanza.xml)
             return stanza
         if st.has_capsule(stanza):
@@ -154,8 +159,15 @@ class Receiver:
         proof for its receipt (empty unless a live one-to-one capsule asks for one)."""
         self._check_usable()
         limit = self.options.max_envelope_bytes
-        capsule = st.to_core(stanza["capsule"])
-        core.check_shape(capsule)
+        element = wire.find(stanza.xml)
+        if element is None:
+            raise MalformedCapsule("no capsule")
+        capsule = wire.parse(element)
+        wire.check_shape(capsule)
+        if (self.options.forward_secrecy == "require" and isinstance(capsule, core.Capsule)
+                and origin == "live"):
+            raise NoForwardSecrecy("a v0 capsule (no forward secrecy) refused: "
+                                   "forward_secrecy is required")
         header = capsule.header
         if len(capsule.payload) > limit + alg.TAG_BYTES:
             raise MalformedCapsule(f"capsule payload exceeds {limit} bytes")
@@ -169,7 +181,14 @@ class Receiver:
             raise EnvelopeMismatch(f"capsule signed by {sender} arrived from {real_sender}: "
                                    f"forwarded or spoofed")
         keys = self.store.decryption_keys()
-        if not any(k.jid == me and k.cert in keys for k in header.keys):
+        held = self.store.session_keys()
+        if isinstance(capsule, v1.Capsule):
+            if not any(k.jid == me and k.sid in held for k in capsule.header.keys):
+                if any(k.jid == me for k in capsule.header.keys):
+                    self._sessions_missing()  # sealed to our other devices only: on PEP?
+                v1.unseal(capsule, jid=me, sessions={},  # raises the precise reason
+                          destroyed=self.store.destroyed_sessions())
+        elif not any(k.jid == me and k.cert in keys for k in capsule.header.keys):
             raise NotAddressedToUs(f"the capsule from {sender} holds no key for {me}")
         room = stanza["from"].bare if stanza["type"] == "groupchat" else None
         if sender == me and origin == "live" and room is None:
@@ -180,8 +199,10 @@ class Receiver:
         if signer.fingerprint != header.cert:
             raise UntrustedCertificate(f"capsule names a signing certificate {sender} "
                                        f"does not hold")
-        core.verify(capsule, signer.public_key)
-        plain, message_key = core.unseal_with_key(capsule, jid=me, certs=keys)
+        wire.verify(capsule, signer.public_key)
+        plain, message_key = (v1.unseal_with_key(capsule, jid=me, sessions=held)
+                              if isinstance(capsule, v1.Capsule)
+                              else core.unseal_with_key(capsule, jid=me, certs=keys))
         env = envelope.decode(plain, limit, self.options.max_envelope_depth)
         # in a room the stanza comes from room/nick and is addressed to us; the envelope names
         # the room, and the nick must belong to the signer

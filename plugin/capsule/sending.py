@@ -8,17 +8,25 @@ Policy ``prefer`` lets a message out in plaintext only on a definite "no certifi
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable
 from typing import Literal
 
 from slixmpp import JID, BaseXMPP, Message
 from slixmpp.xmlstream import StanzaBase
 
-from capsule import core, elements, envelope, events, receipts
+from capsule import core, elements, envelope, events, receipts, v1, wire
 from capsule import stanza as st
 from capsule.contacts import ContactBook
 from capsule.durability import Spawn
-from capsule.errors import CapsuleError, NoCertificate, PolicyViolation, ReusedId
+from capsule.errors import (
+    CapsuleError,
+    NoCertificate,
+    NoForwardSecrecy,
+    PolicyViolation,
+    ReusedId,
+)
+from capsule.keyring import Keyring
 from capsule.locks import LockTable
 from capsule.options import CapsuleOptions
 from capsule.outbox import Outbox
@@ -31,36 +39,54 @@ class Sender:
     """Seals and sends; the *out* filter."""
 
     def __init__(self, xmpp: BaseXMPP, options: CapsuleOptions, store: Profile,
-                 contacts: ContactBook, locks: LockTable, outbox: Outbox, spawn: Spawn,
-                 check_usable: Callable[[], None]) -> None:
+                 contacts: ContactBook, keyring: Keyring, locks: LockTable, outbox: Outbox,
+                 spawn: Spawn, check_usable: Callable[[], None]) -> None:
         self.xmpp, self.options, self.store = xmpp, options, store
-        self.contacts, self.locks, self.outbox = contacts, locks, outbox
+        self.contacts, self.keyring, self.locks, self.outbox = contacts, keyring, locks, outbox
         self._spawn, self._check_usable = spawn, check_usable
         self._cleared: set[int] = set()
 
     async def seal(self, msg: Message, recipients: Iterable[str], room: str | None = None
-                   ) -> core.Capsule:
+                   ) -> wire.AnyCapsule:
         """:meth:`XEP_Capsule.seal`."""
         return (await self._seal(msg, recipients, room))[0]
 
     async def _seal(self, msg: Message, recipients: Iterable[str], room: str | None = None
-                    ) -> tuple[core.Capsule, bytes]:
-        """The capsule and its message key (for the proof its receipt must carry)."""
+                    ) -> tuple[wire.AnyCapsule, bytes]:
+        """The capsule and its message key (for the proof its receipt must carry): v1 when
+        every recipient and we have valid session keys, else v0 (NoForwardSecrecy under
+        ``forward_secrecy='require'``)."""
         self._check_usable()
         me = self.store.data.jid
         bare = list(dict.fromkeys(JID(r).bare for r in recipients))
         if not bare:
             raise ValueError("no recipients")
         contacts = [await self.contacts.contact(jid) for jid in bare if jid != me]
-        keys = [core.Recipient(c.jid, c.encrypt.fingerprint, c.encrypt.public_key)
-                for c in contacts]
-        own = self.contacts.own_encrypt
-        keys.append(core.Recipient(me, own.fingerprint, own.public_key))
+        now = int(time.time())
+        own_sign = self.contacts.own_sign
+        mine = self.keyring.own(now)
+        records = {c.jid: await self.keyring.peer(c.jid, c.sign, now)
+                   for c in contacts} if mine else {}
         content = elements.content(msg.xml)
         addressees = [*bare, room] if room else bare
         sealed_env = envelope.encode(content, me, addressees, core.utc_timestamp())
         key = core.new_message_key()
-        return core.seal(sealed_env, sender=me, sender_cert=self.contacts.own_sign.fingerprint,
+        if mine is not None and all(records.values()):
+            devices = [mine, *await self.keyring.peer(me, own_sign, now)]  # our other ones
+            return v1.seal(sealed_env, sender=me, sender_cert=own_sign.fingerprint,
+                           signing_key=self.store.data.signing_key, recipients=[
+                               v1.Recipient(jid, r.pub) for jid, found in
+                               [*records.items(), (me, devices)] for r in found],
+                           message_key=key), key
+        if self.options.forward_secrecy == "require":
+            lacking = [jid for jid, found in records.items() if not found]
+            raise NoForwardSecrecy(f"no valid session keys for {', '.join(lacking) or me}: "
+                                   f"forward secrecy is required")
+        keys = [core.Recipient(c.jid, c.encrypt.fingerprint, c.encrypt.rsa_key)
+                for c in contacts]
+        own = self.contacts.own_encrypt
+        keys.append(core.Recipient(me, own.fingerprint, own.rsa_key))
+        return core.seal(sealed_env, sender=me, sender_cert=own_sign.fingerprint,
                          signing_key=self.store.data.signing_key, recipients=keys, key=key), key
 
     async def encrypt_message(self, msg: Message, recipients: Iterable[str] | None = None
@@ -144,9 +170,9 @@ class Sender:
                 self.xmpp.send(stanza)
 
 
-def _wrap(msg: Message, capsule: core.Capsule, key: bytes) -> Message:
+def _wrap(msg: Message, capsule: wire.AnyCapsule, key: bytes) -> Message:
     for el in elements.content(msg.xml):
         msg.xml.remove(el)
-    st.from_core(msg, capsule)
+    wire.put(msg, capsule)
     receipts.carry_key(msg, key)
     return msg

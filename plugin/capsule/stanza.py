@@ -122,7 +122,11 @@ def register() -> None:
 
 
 def has_capsule(msg: Message) -> bool:
-    return msg.xml.find(f"{{{ns.NAMESPACE}}}capsule") is not None
+    """Whether ``msg`` carries a capsule of either wire format (v0 or v1)."""
+    return any(child.tag in CAPSULE_TAGS for child in msg.xml)
+
+
+CAPSULE_TAGS = frozenset({f"{{{ns.NAMESPACE}}}capsule", f"{{{ns.V1_NAMESPACE}}}capsule"})
 
 
 def to_core(element: CapsuleElement) -> core.Capsule:
@@ -201,8 +205,8 @@ def check_namespace_version(msg: Message) -> None:
     """A capsule of another version comes in another namespace: say so instead of ignoring it."""
     for child in msg.xml:
         tag = child.tag
-        if tag.endswith("}capsule") and tag.startswith("{urn:capsule:") and tag != (
-                f"{{{ns.NAMESPACE}}}capsule"):
+        if tag.endswith("}capsule") and tag.startswith("{urn:capsule:") and (
+                tag not in CAPSULE_TAGS):
             raise UnsupportedVersion(f"capsule version {tag[1:].split('}')[0]} is not supported")
 
 

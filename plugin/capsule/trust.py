@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from capsule import algorithms as alg
 from capsule.core import cert_fingerprint
@@ -55,7 +55,14 @@ class VerifiedCert:
     usage: str
     cert: x509.Certificate
     fingerprint: str
-    public_key: rsa.RSAPublicKey
+    public_key: rsa.RSAPublicKey | ed25519.Ed25519PublicKey
+
+    @property
+    def rsa_key(self) -> rsa.RSAPublicKey:
+        """The key of an encryption certificate (always RSA: :meth:`TrustStore` checks)."""
+        if not isinstance(self.public_key, rsa.RSAPublicKey):
+            raise UntrustedCertificate(f"{self.jid}'s {self.usage} certificate has no RSA key")
+        return self.public_key
 
 
 @dataclass(frozen=True)
@@ -149,8 +156,10 @@ class TrustStore:
         if usage == "encrypt" and not ku.key_encipherment:
             raise UntrustedCertificate(f"{what} is not for key encipherment (keyUsage)")
         key = cert.public_key()
-        if not isinstance(key, rsa.RSAPublicKey) or key.key_size not in alg.ACCEPTED_RSA_BITS:
-            raise UntrustedCertificate(f"{what} has no accepted RSA key")
+        if not (usage == "sign" and isinstance(key, ed25519.Ed25519PublicKey)) and not (
+                isinstance(key, rsa.RSAPublicKey) and key.key_size in alg.ACCEPTED_RSA_BITS):
+            raise UntrustedCertificate(f"{what} has no accepted RSA key"
+                                       + (" or Ed25519 key" if usage == "sign" else ""))
         try:
             names = cert_jids(cert)
         except ValueError as exc:

@@ -139,7 +139,7 @@ class Demo:
         shot = self.dir / "webadmin-queue.png"
         result = check_ejabberd_queue("127.0.0.1", self.state.http_port, self.state.domain,
                                       "bob", self.state.admin_password, shot,
-                                      ["urn:capsule:0"], [self.encrypted[-1]])
+                                      ["urn:capsule:"], [self.encrypted[-1]])
         if not result.ok:
             raise CapsuleError(f"WebAdmin showed {result.leaked} / lacked {result.missing}")
         print(f"   ejabberd WebAdmin ({result.page}) shows the queued capsule, not its text;")

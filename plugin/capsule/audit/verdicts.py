@@ -19,14 +19,15 @@ from pathlib import Path
 
 from cryptography import x509
 
-from capsule import core, elements
+from capsule import core, elements, wire
 from capsule import namespaces as ns
 from capsule.audit.findings import CertFacts, Finding, Report, StoredRow
 from capsule.errors import CapsuleError, UntrustedCertificate
-from capsule.stanza import FALLBACK_BODY, parse_capsule
+from capsule.stanza import FALLBACK_BODY
 from capsule.trust import TrustStore, VerifiedCert
 
 CAPSULE_TAG = f"{{{ns.NAMESPACE}}}capsule"
+V1_CAPSULE_TAG = f"{{{ns.V1_NAMESPACE}}}capsule"  # read on the whole-stanza path only
 CAPSULE_OPEN, CAPSULE_CLOSE = "<capsule xmlns=", "</capsule>"
 CAPSULE_NS_VALUES = (f'"{ns.NAMESPACE}"', f"'{ns.NAMESPACE}'")
 SPAN_TAG = "capsule-audit-span"  # takes a capsule's place while the rest of its row is parsed
@@ -114,7 +115,7 @@ def readable(msg: ET.Element, column: str, encrypted: bool,
         tag = node.tag
         if _visible(node.tail):
             return f"text after <{_local(tag)}>"
-        if node is marker or tag == CAPSULE_TAG:
+        if node is marker or tag == CAPSULE_TAG or tag == V1_CAPSULE_TAG:
             continue
         text = node.text
         if (fallback and tag == body and text == FALLBACK_BODY and not node.attrib
@@ -272,7 +273,8 @@ class Auditor:
         except ET.ParseError:
             return None
         marker = msg.find(SPAN_TAG)
-        if marker is None or next(msg.iter(CAPSULE_TAG), None) is not None:
+        if marker is None or next(msg.iter(CAPSULE_TAG), None) is not None or next(
+                msg.iter(V1_CAPSULE_TAG), None) is not None:
             return None  # another capsule, or this one nested elsewhere
         return self._finding(row, msg, marker, judgement, 1)
 
@@ -283,13 +285,15 @@ class Auditor:
         except ET.ParseError as exc:
             return Finding(row, "malformed", "", row.owner, _here(row),
                            f"unparseable stanza: {exc}")
-        capsules = sum(1 for _ in msg.iter(CAPSULE_TAG))
+        capsules = sum(1 for _ in msg.iter(CAPSULE_TAG)) + sum(
+            1 for _ in msg.iter(V1_CAPSULE_TAG))
         if not capsules:
             sender, recipient = _bare(msg.get("from")) or row.owner, _bare(msg.get("to"))
             leak = readable(msg, row.column, False)
             key = f"{sender}>{recipient}#{msg.get('id') or row.store + row.row_id}"
             return Finding(row, "plaintext" if leak else "other", sender, recipient, key, leak)
         element = msg.find(CAPSULE_TAG)
+        element = msg.find(V1_CAPSULE_TAG) if element is None else element
         judgement = None if element is None else self._judgement(element)
         return self._finding(row, msg, element, judgement, capsules)
 
@@ -331,8 +335,8 @@ class Auditor:
 
     def _judge(self, element: ET.Element) -> Judgement:
         try:
-            capsule = parse_capsule(element)
-            core.check_shape(capsule)
+            capsule = wire.parse(element)
+            wire.check_shape(capsule)
         except CapsuleError as exc:
             return Judgement("malformed", str(exc), "", "", None)
         h = capsule.header
@@ -344,7 +348,7 @@ class Auditor:
         if signer is None:
             return Judgement("unverified", problem, h.sender, key, facts, keyed)
         try:
-            core.verify(capsule, signer.public_key)
+            wire.verify(capsule, signer.public_key)
         except CapsuleError as exc:
             verdict = "bad-signature" if exc.reason == "bad-signature" else "malformed"
             return Judgement(verdict, str(exc), h.sender, key, facts, keyed)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from cryptography import x509
 
+from capsule import algorithms as alg
 from capsule import enrollment
 from capsule.cli.base import NEW_PIN_ENV, add_profile_options, add_short_pin, new_pin, open_profile
 from capsule.core import cert_fingerprint
@@ -18,9 +19,9 @@ from capsule.trust import TrustStore
 
 def cmd_init(args: argparse.Namespace) -> None:
     pin = new_pin(args, args.pin_file, PIN_ENV)
-    print("generating two RSA key pairs…", flush=True)
+    print(f"generating an {args.sign.upper()} signing key and an RSA encryption key…", flush=True)
     profile = Profile.create(args.profile, args.jid, pin, email=args.email, key_bits=args.key_bits,
-                             short_pin=args.short_pin, key_file=args.key_file)
+                             short_pin=args.short_pin, key_file=args.key_file, signing=args.sign)
     base = Path(args.profile)
     for usage in ("sign", "encrypt"):
         csr = base.with_name(f"{base.name}.{usage}.csr")
@@ -108,6 +109,9 @@ def add_parser(top: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--jid", required=True, help="your bare JID")
     p.add_argument("--email", help="an e-mail address to put in the certificates")
     p.add_argument("--key-bits", type=int, default=2048, choices=(2048, 3072, 4096))
+    p.add_argument("--sign", default=alg.SIGNING_KEY_TYPES[0], choices=alg.SIGNING_KEY_TYPES,
+                   help="signing key type (ed25519: v1's fast signatures; rsa: of --key-bits, "
+                   "for peers older than wire format v1)")
     add_short_pin(p)
     p.set_defaults(func=cmd_init)
     p = command("import-cert", "store issued certificates and the CA root")

@@ -28,7 +28,7 @@ from slixmpp.test.mocksocket import TestTransport
 from slixmpp.xmlstream import StanzaBase
 
 import capsule
-from capsule import core, envelope
+from capsule import core, envelope, signatures
 from capsule import stanza as st
 from capsule.errors import CapsuleError
 from capsule.plugin import CapsuleFailure, XEP_Capsule
@@ -51,7 +51,7 @@ class Identity:
     jid: str
     profile: Path
     bundle: CertPair
-    signing_key: rsa.RSAPrivateKey
+    signing_key: signatures.SigningKey
     sign_fp: str
     encrypt_fp: str
     encrypt_key: rsa.RSAPublicKey
