@@ -53,9 +53,9 @@ async def test_server_killed_mid_burst(xmpp_stack, capsule_bot):
     assert alice.capsule.outbox.resent > 0  # the kills did catch capsules unconfirmed
 
 
-def nid_of(bot: Any, sid: str) -> str:
+def nid_of(bot: Any, peer: str, sid: str) -> str:
     """The nonce of a capsule just sent (still in the outbox): what the receiver reports."""
-    element = wire.find(bot.capsule.outbox.pending[sid].stanza.xml)
+    element = wire.find(bot.capsule.outbox.pending[(peer, sid)].stanza.xml)
     assert element is not None
     return wire.parse(element).header.nid.hex()
 
@@ -80,7 +80,7 @@ async def test_receiver_killed_mid_burst(xmpp_stack, capsule_bot):
             if i == kill_at:
                 await receiver.kill()
             [sid] = await alice.capsule.send(bob.jid, f"message {i}")
-            sent[sid] = nid_of(alice, sid)
+            sent[sid] = nid_of(alice, bob.jid, sid)
             await asyncio.sleep(0)
         await asyncio.sleep(schedule.uniform(0, 2))
         await receiver.start(xmpp_stack, account, bob.profile)
@@ -163,3 +163,31 @@ async def test_ack_count_covers_only_capsules_handled_in_stream_order():
     release[3].set()
     await asyncio.gather(*tasks)
     assert sm.handled == 0
+
+
+async def test_a_plain_client_on_the_contacts_account_cannot_confirm(xmpp_stack, capsule_bot,
+                                                                     connect):
+    """Bob's bot is down and his phone (slixmpp with xep_0184, like most clients) answers the
+    receipt request: not confirmed. The sender's resend halfway through ``receipt_timeout``
+    reaches the bot once it is back, and only its receipt confirms."""
+    alice = await capsule_bot("alice", receipt_timeout=30)
+    bob = await capsule_bot("bob")
+    await bob.client.disconnect(wait=2)
+    phone = ClientXMPP(bob.account.jid + "/phone", bob.account.password)
+    phone.register_plugin("xep_0184")  # auto_ack
+    on_phone: list[str] = []
+    phone.add_event_handler("message", lambda m: on_phone.append(m["id"]))
+    await connect(bob.account, client=phone)
+    ledger = Ledger(alice.client)
+    [sid] = await alice.capsule.send(bob.jid, "secret order #1")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while sid not in on_phone or alice.capsule.outbox.unproven_receipts == 0:
+        assert loop.time() < deadline, "the phone never got it or never answered"
+        await asyncio.sleep(0.1)
+    assert sid not in ledger.confirmed and sid not in ledger.undelivered
+    bot = await capsule_bot("bob", account=bob.account, profile=bob.profile)
+    got: list[str] = []
+    bot.client.add_event_handler("message", lambda m: got.append(m["body"]))
+    await settle(ledger, {sid: "secret order #1"}, timeout=60)
+    assert sid in ledger.confirmed and got == ["secret order #1"]

@@ -108,32 +108,39 @@ async def test_the_receiver_confirms_after_delivery_and_again_for_a_resend(
 async def test_a_receipt_counts_only_from_the_addressee_for_a_capsule_sent_to_it(
         stream_cast: Cast, tmp_path: Path) -> None:
     alice, bob = stream_cast["alice"], stream_cast["bob"]
-    async with Stream.open(alice, tmp_path, stream_cast.directory_of("bob")) as a:
+    directory = stream_cast.directory_of("alice", "bob")
+    async with Stream.open(alice, tmp_path, directory) as a, \
+            Stream.open(bob, tmp_path, directory) as b:
         _record(a, "capsule_acked", "capsule_delivered", "capsule_undelivered")
         out = await _capsule_from(a, bob.jid, "for bob only")
         sid = out["id"]
+        b.recv(out)
+        await b.settle()
+        [receipt] = _receipts(b.sent())
         me = a.xmpp.boundjid
-        forged = [f"<message from='mallory@capsule.test/x' to='{me}'>"
-                  f"<received xmlns='urn:xmpp:receipts' id='{sid}'/></message>",  # not bob
-                  f"<message from='capsule.test' to='{me}'>"
-                  f"<received xmlns='urn:xmpp:receipts' id='{sid}'/></message>",  # the server
+        proof = receipt.xml.find("{urn:capsule:receipt:0}proof")
+        assert proof is not None and proof.text
+        tail = f"<proof xmlns='urn:capsule:receipt:0'>{proof.text}</proof></message>"
+        forged = [f"<message from='mallory@capsule.test/x' to='{me}'>"  # not bob
+                  f"<received xmlns='urn:xmpp:receipts' id='{sid}'/>{tail}",
+                  f"<message from='capsule.test' to='{me}'>"  # the server
+                  f"<received xmlns='urn:xmpp:receipts' id='{sid}'/>{tail}",
                   f"<message from='{bob.jid}/phone' to='{me}'>"
-                  f"<received xmlns='urn:xmpp:receipts' id='unknown-{sid}'/></message>",
+                  f"<received xmlns='urn:xmpp:receipts' id='unknown-{sid}'/>{tail}",
                   f"<message from='{bob.jid}/phone' to='{me}'>"
-                  f"<received xmlns='urn:xmpp:receipts'/></message>"]
+                  f"<received xmlns='urn:xmpp:receipts'/>{tail}"]
         for stanza in forged:
             a.recv(stanza)
         await a.settle()
-        assert a.named("capsule_delivered") == [] and sid in a.capsule.outbox.pending
-        a.recv(f"<message from='{bob.jid}/other-resource' to='{me}'>"
-               f"<received xmlns='urn:xmpp:receipts' id='{sid}'/></message>")
+        assert a.named("capsule_delivered") == [] and (bob.jid, sid) in a.capsule.outbox.pending
+        receipt["from"] = f"{bob.jid}/other-resource"
+        a.recv(receipt)
         await a.settle()
         [delivered] = a.named("capsule_delivered")
         assert (delivered.stanza_id, delivered.peer) == (sid, bob.jid)
         assert [x.stanza_id for x in a.named("capsule_acked")] == [sid]  # implied by it
-        assert sid not in a.capsule.outbox.pending
-        a.recv(f"<message from='{bob.jid}/phone' to='{me}'>"
-               f"<received xmlns='urn:xmpp:receipts' id='{sid}'/></message>")  # again
+        assert (bob.jid, sid) not in a.capsule.outbox.pending
+        a.recv(receipt)  # again
         await a.settle()
         assert len(a.named("capsule_delivered")) == 1 and a.named("capsule_undelivered") == []
 

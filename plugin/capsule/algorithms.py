@@ -26,7 +26,8 @@ JOURNAL_EPOCH_BYTES = 16  # names the profile save a journal belongs to
 KEY_FILE_BYTES = 32  # the optional second secret kept outside the profile
 PROFILE_KEY_FILE_INFO = b"capsule profile key: pin + key file"
 JOURNAL_KEY_INFO = b"capsule replay journal"
-KEY_HASH = hashes.SHA256()  # HKDF for the keys above
+RECEIPT_KEY_INFO = b"capsule receipt proof"  # HKDF label: the message key -> receipt MAC key
+KEY_HASH = hashes.SHA256()  # HKDF for the keys above, HMAC of the receipt proof
 
 # certificate fingerprints: SHA-256 over the DER encoding, lower-case hex (core.fingerprint)
 

@@ -159,12 +159,17 @@ def seal(
     signing_key: signatures.SigningKey,
     recipients: Sequence[Recipient],
     now: dt.datetime | None = None,
+    key: bytes | None = None,
 ) -> Capsule:
-    """Encrypt ``envelope`` once, wrap its key for every recipient, sign the result."""
+    """Encrypt ``envelope`` once, wrap its key for every recipient, sign the result.
+
+    ``key``: the message key, when the caller keeps it (see :func:`new_message_key`)."""
     if not recipients:
         raise ValueError("seal needs at least one recipient")
     signatures.kind(signing_key)  # TypeError before any work for a key of another type
-    key = AESGCM.generate_key(bit_length=alg.MESSAGE_KEY_BYTES * 8)
+    key = key or new_message_key()
+    if len(key) != alg.MESSAGE_KEY_BYTES:
+        raise ValueError(f"a message key is {alg.MESSAGE_KEY_BYTES} bytes")
     iv = os.urandom(alg.IV_BYTES)
     seen: set[tuple[str, str]] = set()
     entries = []
@@ -187,6 +192,11 @@ def seal(
     return Capsule(header, payload, signature)
 
 
+def new_message_key() -> bytes:
+    """A fresh AES-256-GCM message key (either wire format)."""
+    return AESGCM.generate_key(bit_length=alg.MESSAGE_KEY_BYTES * 8)
+
+
 def verify(capsule: Capsule, signer: signatures.VerifyingKey) -> None:
     """Check the capsule's shape and signature; raises MalformedCapsule or BadSignature."""
     check_shape(capsule)
@@ -205,6 +215,16 @@ def unseal(
 
     ``certs`` maps our encryption-certificate fingerprints (current and retired) to their keys.
     """
+    return unseal_with_key(capsule, jid=jid, certs=certs)[0]
+
+
+def unseal_with_key(
+    capsule: Capsule,
+    *,
+    jid: str,
+    certs: dict[str, rsa.RSAPrivateKey],
+) -> tuple[bytes, bytes]:
+    """:func:`unseal`, also returning the message key (the receipt proof derives from it)."""
     entry = next(
         (k for k in capsule.header.keys if k.jid == jid and k.cert in certs), None
     )
@@ -217,6 +237,8 @@ def unseal(
     if len(key) != alg.MESSAGE_KEY_BYTES:
         raise DecryptionFailed("the unwrapped message key has the wrong size")
     try:
-        return AESGCM(key).decrypt(capsule.header.iv, capsule.payload, header_bytes(capsule.header))
+        plain = AESGCM(key).decrypt(capsule.header.iv, capsule.payload,
+                                    header_bytes(capsule.header))
     except InvalidTag:
         raise DecryptionFailed("the payload does not authenticate") from None
+    return plain, key

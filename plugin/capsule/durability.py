@@ -65,7 +65,7 @@ class DurableState:
 
     async def handed(self, msg: Message) -> bool:
         """The second phase: record that the app got this capsule; False if that failed (a
-        ``storage`` error then; a resend after a restart is delivered again)."""
+        ``storage`` error then; a resend, now or after a restart, is delivered again)."""
         info = events.capsule_info(msg)
         if info is None:
             return False
@@ -74,9 +74,17 @@ class DurableState:
             self._ensure_durable()  # the journal is closed while disconnected
             await self._commit.submit(mark)
         except StorageError:
+            self.orphan(msg)
             return False
         self.store.data.replay.hand(mark)
         return True
+
+    def orphan(self, msg: Message) -> None:
+        """Not handed after all (its mark failed, the app gave up on it): a copy is delivered
+        again, now or after a restart, instead of being dropped as a duplicate."""
+        info = events.capsule_info(msg)
+        if info is not None:
+            self.store.data.replay.orphan(Handed(info.sender, info.nid))
 
     async def idle(self) -> None:
         """Until no journal write runs (then :meth:`persist` may be called)."""

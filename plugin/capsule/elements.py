@@ -20,7 +20,7 @@ FORWARD = "urn:xmpp:forward:0"
 OUTSIDE: frozenset[tuple[str, str | None]] = frozenset({
     (CLIENT, "error"),
     (ns.NAMESPACE, "capsule"), (ns.V1_NAMESPACE, "capsule"), ("urn:xmpp:eme:0", "encryption"),
-    ("urn:xmpp:hints", None), ("urn:xmpp:receipts", None),
+    ("urn:xmpp:hints", None), ("urn:xmpp:receipts", None), (ns.RECEIPT_NAMESPACE, "proof"),
     ("http://jabber.org/protocol/chatstates", None), ("urn:xmpp:chat-markers:0", None),
     ("urn:xmpp:sid:0", None), ("urn:xmpp:delay", "delay"),
     ("http://jabber.org/protocol/address", "addresses"),

@@ -84,6 +84,7 @@ class DuplicateCapsule(CapsuleError):
     def __init__(self, message: str, handed: bool = False):
         super().__init__(message)
         self.handed = handed
+        self.proof = b""  # for the receipt of a live one-to-one copy (capsule.receipts)
 
 
 class FutureCapsule(CapsuleError):
@@ -168,6 +169,13 @@ class Undelivered(CapsuleError):
     """A sent capsule was not acknowledged by the server within the bound, or was returned."""
 
     reason = "undelivered"
+
+
+class ReusedId(CapsuleError):
+    """A capsule's stanza id is still outstanding, or was reported, for that contact: one
+    receipt or bounce would then stand for two capsules. Nothing was sent."""
+
+    reason = "reused-id"
 
 
 class SessionExpired(NotAddressedToUs):

@@ -1,9 +1,13 @@
 """Sealed capsules kept until the contact confirms them (XEP-0184), else reported.
 
-Every capsule that leaves is held here, keyed by stanza id: until the server's stream
-management ack covers it (``capsule_acked``), and a one-to-one capsule further until the
-contact's receipt (``capsule_delivered``, see capsule.receipts); a room's capsule is done at
-the ack. slixmpp itself resends its unacked stanzas when a stream is *resumed*; when resumption
+Every capsule that leaves is held here, keyed by (addressee's bare JID, stanza id): until the
+server's stream management ack covers it (``capsule_acked``), and a one-to-one capsule further
+until the contact's receipt with its proof (``capsule_delivered``, see capsule.receipts); a
+room's capsule is done at the ack. A second capsule with an id still outstanding or reported
+for that contact is refused (ReusedId). A bounce counts only from the addressee's bare JID or
+its server (a room: the room's bare JID).
+
+slixmpp itself resends its unacked stanzas when a stream is *resumed*; when resumption
 fails (the server restarted) the session is new and slixmpp forgets them, so the outbox sends
 again every capsule not yet confirmed, once stream management is on again: also those the
 server had acked, since a server killed after its ack may have lost them. While no connection
@@ -24,16 +28,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from slixmpp import BaseXMPP, Message
+from slixmpp import JID, BaseXMPP, Message
 from slixmpp.xmlstream import StanzaBase
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import StanzaPath
 
-from capsule import receipts
+from capsule import events, receipts
 from capsule import stanza as st
-from capsule.errors import Undelivered
+from capsule.errors import ReusedId, Undelivered
 
 log = logging.getLogger(__name__)
+Key = tuple[str, str]  # (the addressee's or room's bare JID, stanza id)
+
+
+def key_of(msg: StanzaBase) -> Key:
+    return str(msg["to"].bare), str(msg["id"])
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,7 @@ class _Pending:
     timer: asyncio.TimerHandle
     out: bool = False  # written to a stream or waiting for one: (re)sent on the next stream
     acked: bool = False  # by the server; a one-to-one capsule then waits for its receipt
+    proof: bytes | None = None  # the receipt's expected proof (capsule.receipts.proof)
 
 
 class Outbox:
@@ -71,11 +81,14 @@ class Outbox:
         self.receipt_timeout = receipt_timeout
         self.limit = limit
         self.report = report
-        self.pending: OrderedDict[str, _Pending] = OrderedDict()
-        self._given_up: OrderedDict[str, None] = OrderedDict()  # never to be sent again
-        self._acked: OrderedDict[str, str] = OrderedDict()  # room capsules, to report bounces
+        self.pending: OrderedDict[Key, _Pending] = OrderedDict()
+        # never to be sent again: the id() of the stanza given up (its own resend is dropped)
+        self._given_up: OrderedDict[Key, int] = OrderedDict()
+        self._acked: OrderedDict[Key, None] = OrderedDict()  # room capsules, to report bounces
         self._ack_request: asyncio.Handle | None = None
         self.resent = 0
+        self.unproven_receipts = 0  # receipts without the right proof (e.g. a plain client's)
+        self.foreign_bounces = 0  # error bounces from neither the addressee nor its server
         # an "out" filter runs before xep_0198's "out_sync" one: a refused stanza is not counted
         xmpp.add_filter("out", self._on_wire)
         for event, handler in self._events():
@@ -105,23 +118,32 @@ class Outbox:
             self._ack_request.cancel()
 
     def send(self, msg: Message) -> None:
-        """Send a sealed capsule; its delivery bound starts now, even while no stream is up."""
+        """Send a sealed capsule; its delivery bound starts now, even while no stream is up.
+        Raises ReusedId (nothing sent) for an id outstanding or reported for that contact."""
         self.track(msg)
         if self.xmpp.transport is not None:  # slixmpp holds it until the session is up
             self.xmpp.send(msg)
-        elif msg["id"] in self.pending:
-            self.pending[msg["id"]].out = True  # sent once a stream is up
+        elif key_of(msg) in self.pending:
+            self.pending[key_of(msg)].out = True  # sent once a stream is up
 
     def track(self, msg: Message) -> None:
-        """Start the delivery bound of a capsule (idempotent per stanza id)."""
+        """Start the delivery bound of a capsule (idempotent for the same stanza); ReusedId
+        for another capsule with the id of one outstanding or reported for that contact."""
         if not msg["id"]:
             msg["id"] = self.xmpp.new_id()
-        sid = str(msg["id"])
-        if sid in self.pending or sid in self._given_up:
+        key = key_of(msg)
+        entry = self.pending.get(key)
+        if (entry is not None and entry.stanza is msg) or self._given_up.get(key) == id(msg):
             return
+        if entry is not None or key in self._given_up:
+            raise ReusedId(f"stanza id {key[1]} to {key[0]} is "
+                           f"{'still outstanding' if entry else 'reported undelivered'}: "
+                           f"one receipt would stand for two capsules")
         receipts.request(msg)
-        timer = asyncio.get_event_loop().call_later(self.timeout, self._expire, sid)
-        self.pending[sid] = _Pending(msg, timer)
+        message_key = receipts.take_key(msg)
+        proof = receipts.proof(message_key, key[1], key[0]) if message_key else None
+        timer = asyncio.get_event_loop().call_later(self.timeout, self._expire, key)
+        self.pending[key] = _Pending(msg, timer, proof=proof)
         if len(self.pending) > self.limit:
             self._give_up(next(iter(self.pending)),
                           f"the outbox holds {self.limit} unacknowledged capsules already")
@@ -129,11 +151,16 @@ class Outbox:
     def _on_wire(self, stanza: StanzaBase) -> StanzaBase | None:
         if not isinstance(stanza, Message) or not st.has_capsule(stanza):
             return stanza
-        if stanza["id"] in self._given_up:
-            log.info("capsule %s was reported undelivered: not sent", stanza["id"])
+        key = key_of(stanza)
+        if self._given_up.get(key) == id(stanza):
+            log.info("capsule %s was reported undelivered: not sent", key[1])
             return None
-        self.track(stanza)
-        self.pending[stanza["id"]].out = True
+        try:
+            self.track(stanza)
+        except ReusedId as exc:
+            events.fail(self.xmpp, exc, stanza, key[0])
+            return None
+        self.pending[key].out = True
         if self._ack_request is None:  # one request after a burst, not one per capsule
             self._ack_request = asyncio.get_event_loop().call_soon(self._request_ack)
         return stanza
@@ -145,32 +172,36 @@ class Outbox:
             sm.request_ack()
 
     def _on_acked(self, stanza: StanzaBase) -> None:
-        entry = self.pending.get(stanza["id"]) if isinstance(stanza, Message) else None
+        key = key_of(stanza)
+        entry = self.pending.get(key) if isinstance(stanza, Message) else None
         if entry is None or entry.acked:
             return
-        sid, peer = str(stanza["id"]), str(entry.stanza["to"].bare)
+        peer, sid = key
         entry.timer.cancel()
         if receipts.confirmed(entry.stanza):  # now the contact's receipt
             entry.acked = True
             entry.timer = asyncio.get_event_loop().call_later(self.receipt_timeout / 2,
-                                                              self._nudge, sid)
+                                                              self._nudge, key)
         else:
-            del self.pending[sid]
-            self._remember(self._acked, sid, peer)
+            del self.pending[key]
+            self._remember(self._acked, key, None)
         self.xmpp.event("capsule_acked", Acked(sid, peer))
 
     def _on_receipt(self, receipt: StanzaBase) -> None:
-        """A receipt counts only from the bare JID the capsule was addressed to."""
-        sid = str(receipt["receipt"])
-        entry = self.pending.get(sid)
-        peer = str(receipt["from"].bare)
-        if (entry is None or not receipts.confirmed(entry.stanza)
-                or peer != entry.stanza["to"].bare):
+        """A receipt counts only from the bare JID the capsule was addressed to, and only
+        with the proof that its reader opened it (any client there may answer a request)."""
+        peer, sid = str(receipt["from"].bare), str(receipt["receipt"])
+        entry = self.pending.get((peer, sid))
+        if entry is None or not receipts.confirmed(entry.stanza):
             log.debug("ignored a receipt from %s for %s: no such capsule to it", peer, sid)
+            return
+        if not isinstance(receipt, Message) or not receipts.proven(receipt, entry.proof):
+            self.unproven_receipts += 1
+            log.debug("ignored a receipt from %s for %s without its proof", receipt["from"], sid)
             return
         if not entry.acked:  # the server's ack is on its way; the receipt implies it
             self._on_acked(entry.stanza)
-        del self.pending[sid]
+        del self.pending[(peer, sid)]
         entry.timer.cancel()
         self.xmpp.event("capsule_delivered", Delivered(sid, peer))
 
@@ -182,8 +213,8 @@ class Outbox:
         while not queue.empty():
             item = queue.get_nowait()
             queue.task_done()
-            if isinstance(item[0], Message) and item[0]["id"] in self.pending:
-                self.pending[item[0]["id"]].out = True
+            if isinstance(item[0], Message) and key_of(item[0]) in self.pending:
+                self.pending[key_of(item[0])].out = True
             else:
                 kept.append(item)
         for item in kept:
@@ -211,40 +242,50 @@ class Outbox:
             self.xmpp.send(msg)
 
     def _on_bounce(self, msg: Message) -> None:
-        """A capsule the server returned with an error (e.g. the contact's stream died)."""
-        sid = str(msg["id"])
+        """A capsule returned with an error (e.g. the contact's stream died): believed only
+        from the addressee's bare JID or its server's domain, a room's only from the room."""
+        sid, frm = str(msg["id"]), msg["from"]
         why = f"returned by the server: {msg['error']['condition'] or 'error'}"
-        if sid in self.pending:
-            self._give_up(sid, why)
-        elif sid in self._acked:
-            self.report(Undelivered(why), msg, self._acked.pop(sid))
+        key = (str(frm.bare), sid)
+        if not frm.user and key not in self.pending:  # the addressee's server
+            key = next((k for k, e in self.pending.items()
+                        if k[1] == sid and e.stanza["type"] != "groupchat"
+                        and JID(k[0]).domain == frm.domain), key)
+        if key in self.pending:
+            self._give_up(key, why)
+        elif key in self._acked:
+            del self._acked[key]
+            self.report(Undelivered(why), msg, key[0])
+        else:
+            self.foreign_bounces += 1
+            log.debug("ignored an error bounce from %s for %s: no such capsule to it", frm, sid)
 
-    def _nudge(self, sid: str) -> None:
+    def _nudge(self, key: Key) -> None:
         """Halfway through the receipt bound, send once more: the copy, or its receipt, may
         have been lost past a server that stayed up (the contact's stream died, federation)."""
-        entry = self.pending[sid]
+        entry = self.pending[key]
         entry.timer = asyncio.get_event_loop().call_later(self.receipt_timeout / 2,
-                                                          self._expire, sid)
+                                                          self._expire, key)
         if self.xmpp.transport is not None and self.xmpp.plugin["xep_0198"].enabled_out:
             self.resent += 1
             self.xmpp.send(entry.stanza)
 
-    def _expire(self, sid: str) -> None:
-        entry = self.pending[sid]
-        self._give_up(sid, f"no receipt from {entry.stanza['to'].bare} within "
+    def _expire(self, key: Key) -> None:
+        entry = self.pending[key]
+        self._give_up(key, f"no receipt from {entry.stanza['to'].bare} within "
                            f"{self.receipt_timeout:g} s of the server's ack" if entry.acked else
                       f"not acknowledged by the server within {self.timeout:g} s")
 
-    def _give_up(self, sid: str, why: str) -> None:
-        entry = self.pending.pop(sid)
+    def _give_up(self, key: Key, why: str) -> None:
+        entry = self.pending.pop(key)
         entry.timer.cancel()
-        self._remember(self._given_up, sid, None)
+        self._remember(self._given_up, key, id(entry.stanza))
         if self.xmpp.transport is None and not entry.acked:  # no resumption: slixmpp
             # would resend it (it holds what the server has not acked)
             self.xmpp.plugin["xep_0198"].sm_id = None
         self.report(Undelivered(why), entry.stanza, str(entry.stanza["to"].bare))
 
-    def _remember(self, ids: OrderedDict[str, Any], sid: str, value: Any) -> None:
-        ids[sid] = value
+    def _remember(self, ids: OrderedDict[Key, Any], key: Key, value: Any) -> None:
+        ids[key] = value
         while len(ids) > 2 * self.limit:
             ids.popitem(last=False)

@@ -320,11 +320,22 @@ class XEP_Capsule(BasePlugin):
         (``origin``) or echoed by a room, never reflected back live. With ``replay_check`` it
         returns only once the replay entry is on disk, and records it as handed to the app.
         """
-        msg, durable = await self.receiver.open_pending(stanza, replay_check, origin)
+        msg, durable, _proof = await self.receiver.open_pending(stanza, replay_check, origin)
         await durable
         if replay_check:
             await self.durable.handed(msg)
         return msg
+
+    def hold(self, msg: Message) -> asyncio.Future[None]:
+        """Hold the confirmation of a capsule the app is still working on.
+
+        A capsule counts as handed once its handlers were *called*; an ``async def`` handler
+        has only been scheduled then. Call this in the handler, before its first ``await``,
+        and set the future's result once the work is safe (``future.set_result(None)``): only
+        then is the handed mark written and the receipt sent. An exception set on it (or a
+        kill before) leaves the capsule unconfirmed: the sender's resend is delivered again.
+        """
+        return self.receiver.hold(msg)
 
     async def history(self, with_jid: str | None = None, limit: int = 100) -> list[Message]:
         """Our MAM archive, decrypted (our own key entry makes sent capsules readable too).

@@ -106,14 +106,14 @@ class Receiver:
                        sent_carbon: bool = False) -> None:
         async with self.locks.hold(key):  # arrival order per sender, also while fetching
             try:
-                msg, durable = await self.open_pending(stanza, origin=origin)
+                msg, durable, proof = await self.open_pending(stanza, origin=origin)
             except DuplicateCapsule as exc:
                 self.duplicates += 1
                 log.debug("dropped a duplicate (stanza %s): %s", stanza["id"], exc)
                 self.xmpp.event("capsule_duplicate",
                                 events.failure(exc, stanza, stanza["from"].bare))
-                if exc.handed and origin == "live" and receipts.wanted(stanza):
-                    receipts.answer(self.xmpp, stanza)  # the first receipt may have been lost
+                if exc.handed and exc.proof:
+                    receipts.answer(self.xmpp, stanza, exc.proof)  # the first may be lost
                 return
             except CapsuleError as exc:
                 events.fail(self.xmpp, exc, stanza, stanza["from"].bare)
@@ -132,15 +132,31 @@ class Receiver:
                 self.xmpp.event("groupchat_message", msg)
         # handled now (the server's XEP-0198 count may cover it: the app has it); its mark
         # and then its receipt follow, so the receipt says "on disk and with the app"
-        self._spawn(self._confirm(msg, stanza, origin))
+        self._spawn(self._confirm(msg, stanza, proof))
 
-    async def _confirm(self, msg: Message, stanza: Message, origin: Origin) -> None:
-        if await self.durable.handed(msg) and origin == "live" and receipts.wanted(stanza):
-            receipts.answer(self.xmpp, stanza)
+    async def _confirm(self, msg: Message, stanza: Message, proof: bytes) -> None:
+        for held in getattr(msg, "capsule_holds", ()):
+            try:
+                await held
+            except Exception as exc:  # the app could not take it: a copy comes again
+                log.info("the app failed capsule %s (%s): not confirmed", stanza["id"],
+                         type(exc).__name__)
+                self.durable.orphan(msg)
+                return
+        if await self.durable.handed(msg) and proof:
+            receipts.answer(self.xmpp, stanza, proof)
+
+    def hold(self, msg: Message) -> asyncio.Future[None]:
+        """:meth:`XEP_Capsule.hold`."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        msg.capsule_holds = [*getattr(msg, "capsule_holds", ()), future]  # type: ignore[attr-defined]
+        return future
 
     async def open_pending(self, stanza: Message, replay_check: bool = True,
-                           origin: Origin = "live") -> tuple[Message, asyncio.Future[None]]:
-        """:meth:`XEP_Capsule.open`, and a future done when its replay entry is durable."""
+                           origin: Origin = "live"
+                           ) -> tuple[Message, asyncio.Future[None], bytes]:
+        """:meth:`XEP_Capsule.open`, a future done when its replay entry is durable, and the
+        proof for its receipt (empty unless a live one-to-one capsule asks for one)."""
         self._check_usable()
         limit = self.options.max_envelope_bytes
         element = wire.find(stanza.xml)
@@ -184,13 +200,21 @@ class Receiver:
             raise UntrustedCertificate(f"capsule names a signing certificate {sender} "
                                        f"does not hold")
         wire.verify(capsule, signer.public_key)
-        plain = (v1.unseal(capsule, jid=me, sessions=held) if isinstance(capsule, v1.Capsule)
-                 else core.unseal(capsule, jid=me, certs=keys))
+        plain, message_key = (v1.unseal_with_key(capsule, jid=me, sessions=held)
+                              if isinstance(capsule, v1.Capsule)
+                              else core.unseal_with_key(capsule, jid=me, certs=keys))
         env = envelope.decode(plain, limit, self.options.max_envelope_depth)
         # in a room the stanza comes from room/nick and is addressed to us; the envelope names
         # the room, and the nick must belong to the signer
         envelope.check_addressing(env, header, real_sender, room or stanza["to"].bare, me, room)
-        durable, recovered = self.durable.remember(capsule) if replay_check else (done(), False)
+        proof = (receipts.proof(message_key, str(stanza["id"]), me)
+                 if origin == "live" and receipts.wanted(stanza) else b"")
+        try:
+            durable, recovered = (self.durable.remember(capsule) if replay_check
+                                  else (done(), False))
+        except DuplicateCapsule as exc:
+            exc.proof = proof
+            raise
         msg = self.xmpp.make_message(mto=stanza["to"], mfrom=stanza["from"], mtype=stanza["type"])
         msg["id"] = stanza["id"]
         for el in stanza.xml:  # routing and metadata from outside, content only from inside
@@ -200,7 +224,7 @@ class Receiver:
             msg.xml.append(el)
         msg.capsule_info = events.CapsuleInfo(  # type: ignore[attr-defined]
             sender, signer, header.nid.hex(), header.ts, recovered=recovered)
-        return msg, durable
+        return msg, durable, proof
 
     def _entitled(self, el: ET.Element, room: str | None, signed: str) -> bool:
         """Whether an outer element may reach the app beside the decrypted content.

@@ -164,6 +164,13 @@ class ReplayState:
             state.unhanded.discard(mark.nid)
             state.orphans.discard(mark.nid)
 
+    def orphan(self, mark: Handed) -> None:
+        """Its handed mark could not be written: like a crash before it, a copy of this
+        capsule is delivered again (UNHANDED) rather than dropped as a duplicate."""
+        state = self._senders.get(mark.sender)
+        if state and mark.nid in state.unhanded:
+            state.orphans.add(mark.nid)
+
     def handed(self, sender: str, nid: str) -> bool:
         """Whether this accepted capsule is known to have reached the app."""
         state = self._senders.get(sender)

@@ -15,11 +15,17 @@ from typing import Literal
 from slixmpp import JID, BaseXMPP, Message
 from slixmpp.xmlstream import StanzaBase
 
-from capsule import core, elements, envelope, events, v1, wire
+from capsule import core, elements, envelope, events, receipts, v1, wire
 from capsule import stanza as st
 from capsule.contacts import ContactBook
 from capsule.durability import Spawn
-from capsule.errors import CapsuleError, NoCertificate, NoForwardSecrecy, PolicyViolation
+from capsule.errors import (
+    CapsuleError,
+    NoCertificate,
+    NoForwardSecrecy,
+    PolicyViolation,
+    ReusedId,
+)
 from capsule.keyring import Keyring
 from capsule.locks import LockTable
 from capsule.options import CapsuleOptions
@@ -42,8 +48,14 @@ class Sender:
 
     async def seal(self, msg: Message, recipients: Iterable[str], room: str | None = None
                    ) -> wire.AnyCapsule:
-        """:meth:`XEP_Capsule.seal`: v1 when every recipient and we have valid session keys,
-        else v0 (NoForwardSecrecy under ``forward_secrecy='require'``)."""
+        """:meth:`XEP_Capsule.seal`."""
+        return (await self._seal(msg, recipients, room))[0]
+
+    async def _seal(self, msg: Message, recipients: Iterable[str], room: str | None = None
+                    ) -> tuple[wire.AnyCapsule, bytes]:
+        """The capsule and its message key (for the proof its receipt must carry): v1 when
+        every recipient and we have valid session keys, else v0 (NoForwardSecrecy under
+        ``forward_secrecy='require'``)."""
         self._check_usable()
         me = self.store.data.jid
         bare = list(dict.fromkeys(JID(r).bare for r in recipients))
@@ -58,12 +70,14 @@ class Sender:
         content = elements.content(msg.xml)
         addressees = [*bare, room] if room else bare
         sealed_env = envelope.encode(content, me, addressees, core.utc_timestamp())
+        key = core.new_message_key()
         if mine is not None and all(records.values()):
             devices = [mine, *await self.keyring.peer(me, own_sign, now)]  # our other ones
             return v1.seal(sealed_env, sender=me, sender_cert=own_sign.fingerprint,
                            signing_key=self.store.data.signing_key, recipients=[
                                v1.Recipient(jid, r.pub) for jid, found in
-                               [*records.items(), (me, devices)] for r in found])
+                               [*records.items(), (me, devices)] for r in found],
+                           message_key=key), key
         if self.options.forward_secrecy == "require":
             lacking = [jid for jid, found in records.items() if not found]
             raise NoForwardSecrecy(f"no valid session keys for {', '.join(lacking) or me}: "
@@ -73,15 +87,15 @@ class Sender:
         own = self.contacts.own_encrypt
         keys.append(core.Recipient(me, own.fingerprint, own.rsa_key))
         return core.seal(sealed_env, sender=me, sender_cert=own_sign.fingerprint,
-                         signing_key=self.store.data.signing_key, recipients=keys)
+                         signing_key=self.store.data.signing_key, recipients=keys, key=key), key
 
     async def encrypt_message(self, msg: Message, recipients: Iterable[str] | None = None
                               ) -> Message:
         """:meth:`XEP_Capsule.encrypt_message`."""
         if msg["type"] == "groupchat":
             room = msg["to"].bare
-            return _wrap(msg, await self.seal(msg, self.occupants(room), room=room))
-        return _wrap(msg, await self.seal(msg, recipients or [msg["to"].bare]))
+            return _wrap(msg, *await self._seal(msg, self.occupants(room), room=room))
+        return _wrap(msg, *await self._seal(msg, recipients or [msg["to"].bare]))
 
     def occupants(self, room: str) -> list[str]:
         """:meth:`XEP_Capsule.occupants`."""
@@ -99,12 +113,12 @@ class Sender:
                    mtype: Literal["chat", "normal"]) -> list[str]:
         """:meth:`XEP_Capsule.send`."""
         template = self.xmpp.make_message(mto=JID(targets[0]), mbody=body, mtype=mtype)
-        capsule = await self.seal(template, [str(t) for t in targets])
+        capsule, key = await self._seal(template, [str(t) for t in targets])
         ids = []
         for target in targets:
             msg = self.xmpp.make_message(mto=JID(target), mtype=mtype)
             msg["id"] = self.xmpp.new_id()
-            self.outbox.send(_wrap(msg, capsule))
+            self.outbox.send(_wrap(msg, capsule, key))
             ids.append(msg["id"])
         return ids
 
@@ -148,13 +162,17 @@ class Sender:
                 events.fail(self.xmpp, exc, stanza, to)  # refused: never fall back to plaintext
                 return
             if st.has_capsule(stanza):
-                self.outbox.send(stanza)
+                try:
+                    self.outbox.send(stanza)
+                except ReusedId as exc:
+                    events.fail(self.xmpp, exc, stanza, to)
             else:
                 self.xmpp.send(stanza)
 
 
-def _wrap(msg: Message, capsule: wire.AnyCapsule) -> Message:
+def _wrap(msg: Message, capsule: wire.AnyCapsule, key: bytes) -> Message:
     for el in elements.content(msg.xml):
         msg.xml.remove(el)
     wire.put(msg, capsule)
+    receipts.carry_key(msg, key)
     return msg

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap
 
 from capsule import algorithms as alg
 from capsule import signatures
-from capsule.core import lp, parse_timestamp, utc_timestamp
+from capsule.core import lp, new_message_key, parse_timestamp, utc_timestamp
 from capsule.errors import (
     BadSignature,
     DecryptionFailed,
@@ -118,12 +118,12 @@ def check_shape(capsule: Capsule) -> None:
 
 def seal(envelope: bytes, *, sender: str, sender_cert: str,
          signing_key: signatures.SigningKey, recipients: Sequence[Recipient],
-         now: dt.datetime | None = None) -> Capsule:
+         now: dt.datetime | None = None, message_key: bytes | None = None) -> Capsule:
     """Encrypt ``envelope`` once, wrap its key to every session key (the sender's own among
-    them: required), sign the result."""
+    them: required), sign the result. ``message_key``: when the caller keeps it."""
     return seal_with(envelope, sender=sender, sender_cert=sender_cert, signing_key=signing_key,
                      recipients=recipients, ts=utc_timestamp(now),
-                     message_key=AESGCM.generate_key(bit_length=alg.MESSAGE_KEY_BYTES * 8),
+                     message_key=message_key or new_message_key(),
                      iv=os.urandom(alg.IV_BYTES), nid=os.urandom(alg.NID_BYTES),
                      ephemeral=x25519.X25519PrivateKey.generate())
 
@@ -170,6 +170,13 @@ def unseal(capsule: Capsule, *, jid: str, sessions: Mapping[bytes, x25519.X25519
     ``sessions`` maps the sids of the session keys we hold to their private keys;
     ``destroyed`` names the ones we destroyed (reported as SessionExpired).
     """
+    return unseal_with_key(capsule, jid=jid, sessions=sessions, destroyed=destroyed)[0]
+
+
+def unseal_with_key(capsule: Capsule, *, jid: str,
+                    sessions: Mapping[bytes, x25519.X25519PrivateKey],
+                    destroyed: Collection[bytes] = ()) -> tuple[bytes, bytes]:
+    """:func:`unseal`, also returning the message key (the receipt proof derives from it)."""
     h = capsule.header
     ours = [k for k in h.keys if k.jid == jid]
     entry = next((k for k in ours if k.sid in sessions), None)
@@ -186,6 +193,6 @@ def unseal(capsule: Capsule, *, jid: str, sessions: Mapping[bytes, x25519.X25519
     except (ValueError, InvalidUnwrap):
         raise DecryptionFailed("the message key could not be unwrapped") from None
     try:
-        return AESGCM(key).decrypt(h.iv, capsule.payload, header_bytes(h))
+        return AESGCM(key).decrypt(h.iv, capsule.payload, header_bytes(h)), key
     except InvalidTag:
         raise DecryptionFailed("the payload does not authenticate") from None
