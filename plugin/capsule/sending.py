@@ -19,7 +19,13 @@ from capsule import core, elements, envelope, events, v1, wire
 from capsule import stanza as st
 from capsule.contacts import ContactBook
 from capsule.durability import Spawn
-from capsule.errors import CapsuleError, NoCertificate, NoForwardSecrecy, PolicyViolation
+from capsule.errors import (
+    CapsuleError,
+    NoCertificate,
+    NoForwardSecrecy,
+    PolicyViolation,
+    SealingFailed,
+)
 from capsule.keyring import Keyring
 from capsule.locks import LockTable
 from capsule.options import CapsuleOptions
@@ -146,6 +152,11 @@ class Sender:
                 self._cleared.add(id(stanza))
             except CapsuleError as exc:
                 events.fail(self.xmpp, exc, stanza, to)  # refused: never fall back to plaintext
+                return
+            except Exception as exc:
+                log.exception("sealing message %s to %s failed", stanza["id"], to)
+                events.fail(self.xmpp, SealingFailed(f"sealing failed: {type(exc).__name__}"),
+                            stanza, to)
                 return
             if st.has_capsule(stanza):
                 self.outbox.send(stanza)
