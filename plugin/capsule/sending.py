@@ -153,7 +153,7 @@ class Sender:
             except CapsuleError as exc:
                 events.fail(self.xmpp, exc, stanza, to)  # refused: never fall back to plaintext
                 return
-            except Exception as exc:
+            except Exception as exc:  # a bug: unreported in a task, so refuse and report
                 log.exception("sealing message %s to %s failed", stanza["id"], to)
                 events.fail(self.xmpp, SealingFailed(f"sealing failed: {type(exc).__name__}"),
                             stanza, to)
