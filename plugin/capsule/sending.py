@@ -154,7 +154,8 @@ class Sender:
                 events.fail(self.xmpp, exc, stanza, to)  # refused: never fall back to plaintext
                 return
             except Exception as exc:  # a bug: unreported in a task, so refuse and report
-                log.exception("sealing message %s to %s failed", stanza["id"], to)
+                log.error("sealing message %s to %s failed: %s (no traceback: it may quote "
+                          "content)", stanza["id"], to, type(exc).__name__)
                 events.fail(self.xmpp, SealingFailed(f"sealing failed: {type(exc).__name__}"),
                             stanza, to)
                 return
