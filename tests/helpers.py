@@ -12,14 +12,22 @@ import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Any
+from typing import cast
 
-from capsule import core
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import rsa
+from slixmpp import Message
+from slixmpp.basexmpp import BaseXMPP
+from slixmpp.plugins.base import PluginManager
+
+from capsule import XEP_Capsule, capsule_info, core
 from capsule import stanza as st
-from capsule_stack.fixtures import BOT_PIN
+from capsule_stack.fixtures import BOT_PIN, Account
+from capsule_stack.stack import Stack
 
 __all__ = ["BOT_PIN", "CAPSULE", "OPENFIRE_ARCHIVE", "OPENFIRE_OFFLINE", "PIN", "RECEIVER", "WIRE",
-           "Receiver", "body", "tamper"]
+           "Receiver", "body", "capsule_of", "rsa_key", "tamper",
+           "verified_sender"]
 
 PIN = "246810"  # unit-test profiles (tests/conftest.py)
 # Openfire's two stored-message tables, from its documented columns (a stand-in for its schema)
@@ -40,6 +48,28 @@ def body(text: str) -> list[ET.Element]:
     el = ET.Element("{jabber:client}body")
     el.text = text
     return [el]
+
+
+def capsule_of(client: BaseXMPP) -> XEP_Capsule:
+    """A client's Capsule plugin: slixmpp types ``client.plugin`` as a TypedDict of its own plugins only
+    (at run time it is a PluginManager)."""
+    plugin = cast(PluginManager, client.plugin)["capsule"]
+    assert isinstance(plugin, XEP_Capsule), plugin
+    return plugin
+
+
+def verified_sender(msg: Message) -> str:
+    """The sender named by the verified capsule ``msg`` arrived in (the test fails otherwise)."""
+    info = capsule_info(msg)
+    assert info is not None, f"message {msg['id']!r} did not arrive as a verified capsule"
+    return info.sender
+
+
+def rsa_key(cert: x509.Certificate) -> rsa.RSAPublicKey:
+    """A certificate's public key, which for every certificate of Capsule's CA is RSA."""
+    key = cert.public_key()
+    assert isinstance(key, rsa.RSAPublicKey), type(key)
+    return key
 
 
 B = base64.b64encode
@@ -95,14 +125,14 @@ RECEIVER = Path(__file__).with_name("receiver_bot.py")
 class Receiver:
     """tests/receiver_bot.py in its own process; its event lines collected as they come."""
 
-    def __init__(self, lines: list[list[str]]):
+    def __init__(self, lines: list[list[str]]) -> None:
         self.lines = lines
         self.raw: list[bytes] = []
         self.proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
 
-    async def start(self, stack: Any, account: Any, profile: Path) -> None:
+    async def start(self, stack: Stack, account: Account, profile: Path) -> None:
         env = {**os.environ, "BOT_PASSWORD": account.password, "CAPSULE_PIN": BOT_PIN}
         self._ready = asyncio.Event()
         self.proc = await asyncio.create_subprocess_exec(

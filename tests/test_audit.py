@@ -11,11 +11,13 @@ import sys
 import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hst
+from slixmpp import Message
 
 from capsule import core, envelope
 from capsule import stanza as st
@@ -29,7 +31,7 @@ from capsule.testing.identities import enroll
 from capsule_stack.rows import wait_stored
 from capsule_stack.sql import literal
 
-from .helpers import OPENFIRE_ARCHIVE, OPENFIRE_OFFLINE, body, tamper
+from .helpers import OPENFIRE_ARCHIVE, OPENFIRE_OFFLINE, body, rsa_key, tamper
 
 
 def B64(data: bytes) -> str:
@@ -45,7 +47,7 @@ def sealed(sender, recipient, now: dt.datetime | None = None) -> core.Capsule:
     return core.seal(env, sender=sender.data.jid, sender_cert=core.cert_fingerprint(sign),
                      signing_key=sender.data.signing_key, now=now, recipients=[
                          core.Recipient(recipient.data.jid, core.cert_fingerprint(enc),
-                                        enc.public_key())])
+                                        rsa_key(enc))])
 
 
 def stored_text(capsule: core.Capsule, to: str, style: str, payload: str | None = None) -> str:
@@ -397,13 +399,13 @@ def audit(stack, source: str | None = None, dsn: str | None = None) -> Report:
 
 
 def conversation(report: Report, a: str, b: str):
-    return report.conversations[tuple(sorted((a, b)))]
+    return report.conversations[(min(a, b), max(a, b))]
 
 
 async def mixed_traffic(stack, capsule_bot, new_account, connect):
     """alice<>bob: 3 capsules; carol<>dave: 2 plaintext messages. Returns the bots/accounts."""
     alice, bob = await capsule_bot("alice"), await capsule_bot("bob")
-    got: asyncio.Queue = asyncio.Queue()
+    got: asyncio.Queue[Message] = asyncio.Queue()
     bob.client.add_event_handler("capsule_message", got.put_nowait)
     for i in range(3):
         await alice.capsule.send(bob.jid, f"capsule {i}")
@@ -411,7 +413,7 @@ async def mixed_traffic(stack, capsule_bot, new_account, connect):
         await asyncio.wait_for(got.get(), 15)
     carol_acc, dave_acc = new_account("carol"), new_account("dave")
     carol, dave = await connect(carol_acc), await connect(dave_acc)
-    plain: asyncio.Queue = asyncio.Queue()
+    plain: asyncio.Queue[Message] = asyncio.Queue()
     dave.add_event_handler("message", plain.put_nowait)
     carol.send_message(mto=dave_acc.jid, mbody="plain one", mtype="chat")
     carol.send_message(mto=dave_acc.jid, mbody="plain two", mtype="chat")
@@ -441,7 +443,7 @@ async def test_tampered_row_and_relayed_capsule_are_flagged(xmpp_stack, capsule_
     alice, bob = await capsule_bot("alice"), await capsule_bot("bob")
     mallory_acc = new_account("mallory")
     mallory = await connect(mallory_acc)
-    got: asyncio.Queue = asyncio.Queue()
+    got: asyncio.Queue[Message] = asyncio.Queue()
     bob.client.add_event_handler("capsule_message", got.put_nowait)
     await alice.capsule.send(bob.jid, "genuine")
     await asyncio.wait_for(got.get(), 15)
@@ -557,7 +559,7 @@ async def test_signer_certificates_fetched_over_xmpp(xmpp_stack, capsule_bot, ne
         *common, "--fetch-certs", "--jid", auditor.jid, "--password-file", str(password),
         "--port", str(state.c2s_port), "--json", str(with_fetch)]) == 0
 
-    def pair(path: Path) -> dict:
+    def pair(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text())
         return next(c for c in data["conversations"] if sorted(c["peers"]) == sorted(
             [alice.jid, bob.jid]))
@@ -669,8 +671,8 @@ class _Reader(HTMLParser):
 
     def __init__(self) -> None:
         super().__init__()
-        self.items: list[dict] = []
-        self._open: list[tuple[str, dict | None]] = []
+        self.items: list[dict[str, Any]] = []
+        self._open: list[tuple[str, dict[str, Any] | None]] = []
         self.text: list[str] = []
 
     def handle_starttag(self, tag, attrs):
@@ -704,7 +706,7 @@ async def test_report_page_in_chromium(xmpp_stack, capsule_bot, new_account, con
     missing), rendered in headless Chromium: timelines, findings with signer and certificate,
     the missing table, and the verdict/peer filters (from the URL fragment)."""
     alice, bob = await capsule_bot("alice"), await capsule_bot("bob")
-    got: asyncio.Queue = asyncio.Queue()
+    got: asyncio.Queue[Message] = asyncio.Queue()
     bob.client.add_event_handler("capsule_message", got.put_nowait)
     for text in ("first", "second"):
         await alice.capsule.send(bob.jid, text)

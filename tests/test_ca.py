@@ -7,6 +7,7 @@ import hashlib
 import subprocess
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -18,7 +19,9 @@ from OpenSSL import crypto
 from capsule.xmppaddr import ID_ON_XMPPADDR, cert_jids
 from capsule_ca import Authority, CAError
 from capsule_ca.cli import main as ca_main
-from capsule_ca.profiles import Usage
+from capsule_ca.profiles import Usage, render_extfile
+
+from .helpers import rsa_key
 
 PASS = b"correct horse battery"
 
@@ -64,7 +67,7 @@ def test_root_is_a_constrained_self_signed_ca(ca: Authority) -> None:
     assert bc.critical and bc.value.ca
     ku = root.extensions.get_extension_for_class(x509.KeyUsage).value
     assert ku.key_cert_sign and ku.crl_sign and not ku.digital_signature
-    assert root.public_key().key_size == 3072
+    assert rsa_key(root).key_size == 3072
     key_pem = (ca.dir / "private/root.key").read_bytes()
     assert b"ENCRYPTED" in key_pem
     assert (ca.dir / "private/root.key").stat().st_mode & 0o077 == 0
@@ -182,8 +185,8 @@ def test_failure_after_openssl_wrote_rolls_back(ca: Authority, monkeypatch: pyte
     before = snapshot(ca.dir)
     real_sign = Authority._sign
 
-    def sign_then_fail(self: Authority, *args: object, **kwargs: object) -> None:
-        real_sign(self, *args, **kwargs)  # type: ignore[arg-type]
+    def sign_then_fail(self: Authority, *args: Any, **kwargs: Any) -> None:
+        real_sign(self, *args, **kwargs)
         raise CAError("simulated crash after signing")
 
     monkeypatch.setattr(Authority, "_sign", sign_then_fail)
@@ -283,7 +286,7 @@ def test_issued_name_is_read_back_or_nothing_is_issued(ca: Authority,
     import capsule_ca.authority as authority
 
     before = snapshot(ca.dir)
-    real = authority.render_extfile
+    real = render_extfile  # what authority calls, before the patch
 
     def mangled(usage: Usage, san: list[tuple[str, str]]) -> str:
         return real(usage, [(kind, value.replace("mangled", "mallory")) for kind, value in san])
@@ -345,8 +348,8 @@ def test_issuance_log_is_outside_the_rollback(ca: Authority, monkeypatch: pytest
     """A line the service appends while a CLI transaction runs survives that one's rollback."""
     real_sign = Authority._sign
 
-    def sign_then_fail(self: Authority, *args: object, **kwargs: object) -> None:
-        real_sign(self, *args, **kwargs)  # type: ignore[arg-type]
+    def sign_then_fail(self: Authority, *args: Any, **kwargs: Any) -> None:
+        real_sign(self, *args, **kwargs)
         Authority(ca.dir).log("service@capsule.test", "issued encrypt serial 42 meanwhile")
         raise CAError("simulated crash after signing")
 
@@ -401,12 +404,13 @@ def test_an_enrollment_is_one_transaction(ca: Authority, monkeypatch: pytest.Mon
     jid = "pair@capsule.test"
     first = ca.enroll({Usage.SIGN: make_csr(jid), Usage.ENCRYPT: make_csr(jid)}, jid, jid)
     before = snapshot(ca.dir)
-    real_sign, signed = Authority._sign, []
+    real_sign = Authority._sign
+    signed: list[object] = []
 
-    def interrupted_after_one(self: Authority, *args: object, **kwargs: object) -> object:
+    def interrupted_after_one(self: Authority, *args: Any, **kwargs: Any) -> object:
         if signed:
             raise KeyboardInterrupt
-        signed.append(real_sign(self, *args, **kwargs))  # type: ignore[arg-type]
+        signed.append(real_sign(self, *args, **kwargs))
         return signed[-1]
 
     monkeypatch.setattr(Authority, "_sign", interrupted_after_one)

@@ -39,6 +39,8 @@ from capsule_stack.rows import wait_stored
 from capsule_stack.stack import Stack
 from capsule_stack.state import StackState
 
+from .helpers import capsule_of
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 BIN = Path(sys.executable).parent
@@ -461,7 +463,7 @@ async def test_enroll_rotate_audit_panel_commands(xmpp_stack, new_account, tmp_p
              str(state.ca_root)], env=env, cwd=tmp_path, text=True, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE)
         assert dying.stdout is not None
-        lines = []
+        lines: list[str] = []
         while not any("asking the CA service" in line for line in lines):
             line = await asyncio.to_thread(dying.stdout.readline)
             assert line, (lines, dying.stderr.read() if dying.stderr else "")
@@ -479,7 +481,7 @@ async def test_enroll_rotate_audit_panel_commands(xmpp_stack, new_account, tmp_p
     published = attach(client, tmp_path / f"{bob.user}.capsule", PIN)
     await login(client, "127.0.0.1", state.c2s_port, state.ca_root)
     await published(30)
-    await client.plugin["capsule"].send(carol.jid, secret)
+    await capsule_of(client).send(carol.jid, secret)
     await wait_stored(stack, "offline", carol.user, containing="urn:capsule:")
     await client.disconnect()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import struct
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -117,7 +118,7 @@ def test_not_addressed_to_us(keys: dict[str, rsa.RSAPrivateKey]) -> None:
     ({"sender": "alice@x.test/phone"}, "not a bare JID"),
 ])
 def test_malformed_shapes_rejected_before_crypto(keys: dict[str, rsa.RSAPrivateKey],
-                                                 change: dict[str, object], message: str) -> None:
+                                                 change: dict[str, Any], message: str) -> None:
     capsule = seal_for(keys, ["bob"])
     bad = dataclasses.replace(capsule, header=dataclasses.replace(capsule.header, **change))
     with pytest.raises(MalformedCapsule, match=message):

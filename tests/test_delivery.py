@@ -194,10 +194,14 @@ async def test_ack_count_covers_only_capsules_handled_in_stream_order():
     stanzas = [client.make_message(mto="bob@capsule.test", mbody=str(i)) for i in range(4)]
     release = [asyncio.Event() for _ in stanzas]
     tasks = []
+
+    async def released(i: int) -> None:
+        await release[i].wait()
+
     for i, stanza in enumerate(stanzas):
         client.recv_stanza(stanza)
         if i != 1:  # 0, 2 and 3 are capsules, handled by a task; 1 is plain
-            tasks.append(asyncio.ensure_future(count.hold(stanza, release[i].wait())))
+            tasks.append(asyncio.ensure_future(count.hold(stanza, released(i))))
     await asyncio.sleep(0.05)
     assert sm.handled == 0  # the first capsule is not handled yet: nothing may be acked
     release[2].set()

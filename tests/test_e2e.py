@@ -23,8 +23,9 @@ from capsule.testing.inbox import Inbox
 from capsule.testing.leaks import Plaintexts, assert_not_logged
 from capsule_ca import Authority
 from capsule_stack.rows import wait_stored
+from capsule_stack.stack import Stack
 
-from .helpers import BOT_PIN, tamper
+from .helpers import BOT_PIN, tamper, verified_sender
 
 secret = Plaintexts()
 
@@ -38,7 +39,7 @@ def no_plaintext_in_debug_log(caplog: pytest.LogCaptureFixture) -> Iterator[None
     assert_not_logged(records, [*secret.made, BOT_PIN])
 
 
-def assert_ciphertext_only(stack, user: str, texts: list[str], store: str = "archive") -> list[str]:
+def assert_ciphertext_only(stack: Stack, user: str, texts: list[str], store: str = "archive") -> list[str]:
     rows = stack.stored(store, user)
     assert rows, f"nothing in {store} for {user}"
     for text in texts:
@@ -74,7 +75,7 @@ async def test_transparent_reply_and_several_recipients(capsule_bot):
     reply = secret("reply")
     msg.reply(reply).send()
     back = await inboxes[alice.jid].message()
-    assert back["body"] == reply and capsule_info(back).sender == carol.jid
+    assert back["body"] == reply and verified_sender(back) == carol.jid
 
 
 async def test_offline_capsules_survive_restart_in_order(xmpp_stack, capsule_bot):
@@ -148,6 +149,7 @@ async def test_bad_recipient_certificates_are_refused(xmpp_stack, capsule_bot, c
     else:
         prof = enroll(ca, tmp_path / "b.capsule", "someone-else@" + jid.split("@")[1], BOT_PIN)
     data = prof.data
+    assert data.signing_cert and data.encryption_cert
     await discovery.publish(client, {"sign": data.signing_cert, "encrypt": data.encryption_cert})
     expected = {"expired": (UntrustedCertificate, "expired on"),
                 "revoked": (RevokedCertificate, "is revoked"),
@@ -166,6 +168,7 @@ async def test_capsule_signed_by_foreign_ca_is_rejected(capsule_bot, connect, ne
     other = Authority.init(tmp_path / "other", "Other CA", b"other passphrase")
     forged = enroll(other, tmp_path / "m.capsule", account.jid, BOT_PIN)
     data = forged.data
+    assert data.signing_cert and data.encryption_cert
     await discovery.publish(mallory, {"sign": data.signing_cert, "encrypt": data.encryption_cert})
     bob_enc = bob.capsule.own_encrypt
     env = envelope.encode([], account.jid, [bob.jid], core.utc_timestamp())
@@ -239,7 +242,7 @@ async def test_history_from_mam_decrypts_sent_and_received(xmpp_stack, capsule_b
     await wait_stored(xmpp_stack, "archive", alice.account.user, at_least=3)
     history = await alice.capsule.history(with_jid=bob.jid)
     assert [m["body"] for m in history] == [*sent, reply]
-    assert [capsule_info(m).sender for m in history] == [alice.jid, alice.jid, bob.jid]
+    assert [verified_sender(m) for m in history] == [alice.jid, alice.jid, bob.jid]
 
 
 async def test_changed_certificate_validates_and_is_reported(xmpp_stack, capsule_bot, tmp_path):
@@ -275,7 +278,7 @@ async def test_carbons_let_other_resources_read_both_directions(capsule_bot, tmp
     text = secret("from the phone")
     await alice.capsule.send(bob.jid, text)
     copy = await asyncio.wait_for(sent_copies.get(), 15)
-    assert copy["body"] == text and capsule_info(copy).sender == alice.jid
+    assert copy["body"] == text and verified_sender(copy) == alice.jid
     phone, pad = Inbox(alice.client), Inbox(tablet.client)
     reply = secret("to every device")
     await bob.capsule.send(alice.jid, reply)  # bare JID: one resource gets it, the other a carbon
@@ -305,7 +308,7 @@ async def test_group_chat_in_a_non_anonymous_room(xmpp_stack, capsule_bot, conne
     for jid, inbox in inboxes.items():  # alice too: the room reflects her message
         msg = await inbox.message()
         assert msg["type"] == "groupchat" and msg["body"] == text, jid
-        assert capsule_info(msg).sender == alice.jid and msg["from"] == JID(f"{room}/alice")
+        assert verified_sender(msg) == alice.jid and msg["from"] == JID(f"{room}/alice")
     # an ordinary groupchat send_message is sealed by the outgoing filter
     reply = secret("reply to the room")
     bob.client.send_message(mto=room, mbody=reply, mtype="groupchat")

@@ -49,8 +49,12 @@ async def enroll_new(xmpp_stack, ca_service, account, tmp_path: Path) -> Path:
     profile = Profile.create(path, account.jid, BOT_PIN, kdf=FAST_KDF, short_pin=True)
     client = await plain_client(xmpp_stack, account)
     seen: list[str] = []
-    await enrollment.enroll_profile(client, profile, ca_service.boundjid.bare, None,
-                                    lambda fp: seen.append(fp) or True)
+
+    def pin_root(fingerprint: str) -> bool:
+        seen.append(fingerprint)
+        return True
+
+    await enrollment.enroll_profile(client, profile, ca_service.boundjid.bare, None, pin_root)
     await client.disconnect()
     assert seen == [core.pem_fingerprint(xmpp_stack.authority().root_pem)]
     return path

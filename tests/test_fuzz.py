@@ -21,7 +21,7 @@ from .helpers import WIRE
 SETTINGS = settings(max_examples=300, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
 b64 = st.binary(max_size=64).map(lambda b: base64.b64encode(b).decode())
-text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40)
+text = st.text(alphabet=st.characters(blacklist_categories=["Cs"]), max_size=40)
 
 
 @SETTINGS

@@ -26,7 +26,9 @@ async def test_webadmin_offline_queue_shows_ciphertext_only(xmpp_stack, capsule_
     carol.send_message(mto=bob.jid, mbody="a plaintext note from carol", mtype="chat")
     await wait_stored(xmpp_stack, "offline", bob.account.user, at_least=2)
     (row,) = await wait_stored(xmpp_stack, "offline", bob.account.user, containing="urn:capsule:")
-    payload = re.search(r"<payload>([^<]{40})", row).group(1)
+    found = re.search(r"<payload>([^<]{40})", row)
+    assert found, "no payload in the stored row"
+    payload = found.group(1)
     state = xmpp_stack.info
     shot = tmp_path / "webadmin-queue.png"
     result = await asyncio.to_thread(

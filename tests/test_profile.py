@@ -109,7 +109,7 @@ def test_wrong_pin_is_clear_and_changes_nothing(saved: Profile) -> None:
     (lambda raw: raw.replace(b'"iterations": 1', b'"iterations": 2'), WrongPin, "altered"),
     (lambda raw: raw[:-5] + bytes([raw[-5] ^ 0x40]) + raw[-4:], WrongPin, "altered"),
 ])
-def test_damaged_files_give_clear_errors(saved: Profile, damage, error, message) -> None:  # type: ignore[no-untyped-def]
+def test_damaged_files_give_clear_errors(saved: Profile, damage, error, message) -> None:
     damaged = damage(saved.path.read_bytes())
     saved.path.write_bytes(damaged)
     with pytest.raises(error, match=message):

@@ -8,7 +8,7 @@ import dataclasses
 import datetime as dt
 import os
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -32,7 +32,7 @@ from capsule.profile import FAST_KDF, Profile
 from capsule.replay import DEFAULT_MAX_AGE, DEFAULT_SKEW, Entry, ReplayState, TimeRules, Verdict
 from capsule.trust import CertificateSource, CertPair
 
-from .helpers import PIN
+from .helpers import PIN, capsule_of, rsa_key
 
 NOW = core.parse_timestamp("2026-11-26T12:00:00Z")
 A, B = "alice@capsule.test", "bob@capsule.test"
@@ -272,7 +272,7 @@ def _sealed(sender: Profile, to: Profile, when: dt.datetime) -> str:
     capsule = core.seal(env, sender=sender.data.jid, sender_cert=core.cert_fingerprint(sign),
                         signing_key=sender.data.signing_key, now=when,
                         recipients=[core.Recipient(to.data.jid, core.cert_fingerprint(cert),
-                                                   cert.public_key())])  # type: ignore[arg-type]
+                                                   rsa_key(cert))])
     msg = Message()
     msg["to"], msg["from"], msg["type"] = to.data.jid, f"{sender.data.jid}/r", "chat"
     st.from_core(msg, capsule)
@@ -286,7 +286,7 @@ async def test_plugin_time_rules_and_quiet_duplicates(identity) -> None:
     client = ClientXMPP(bob.data.jid, "unused")
     attach(client, bob.path, PIN, allow_insecure=True, publish=False,
            source=Static(alice, carol))
-    plugin = cast(Any, client.plugin)["capsule"]
+    plugin = capsule_of(client)
     plugin.store.data.replay.per_sender = 5  # alice's flood evicts her own oldest entries
     events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
     for name in ("message", "capsule_error", "capsule_duplicate"):

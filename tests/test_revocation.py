@@ -32,7 +32,7 @@ from capsule.testing.identities import enroll
 from capsule.trust import CertificateSource, CertPair
 from capsule_ca import Authority
 
-from .helpers import PIN
+from .helpers import PIN, capsule_of
 
 
 class ServedCertificates(CertificateSource):
@@ -91,7 +91,7 @@ def people(authority: Authority, tmp_path: Path) -> Callable[..., Profile]:
 
 async def capsule_from(sender: ClientXMPP, to: str, body: str) -> Any:
     msg = sender.make_message(mto=JID(to), mbody=body, mtype="chat", mfrom=sender.boundjid)
-    return await sender.plugin["capsule"].encrypt_message(msg)
+    return await capsule_of(sender).encrypt_message(msg)
 
 
 @pytest.mark.parametrize(("crl", "reason"), [(None, "revocation-unknown"),
@@ -106,13 +106,13 @@ async def test_without_a_fresh_crl_nothing_is_sealed_or_accepted(
     served.serve(bob)
     alice_bot, bob_bot = bot(alice, served), bot(bob, served)  # default config: policy prefer
     with pytest.raises(RevocationUnknown) as refused:
-        await alice_bot.plugin["capsule"].send("bob@capsule.test", "to bob")
+        await capsule_of(alice_bot).send("bob@capsule.test", "to bob")
     assert refused.value.reason == reason
     assert isinstance(refused.value, StaleCrl) == (reason == "stale-crl")
     # bob (fresh CRL) can seal to alice, but alice cannot tell whether bob is revoked
     incoming = await capsule_from(bob_bot, "alice@capsule.test", "to alice")
     with pytest.raises(RevocationUnknown) as refused:
-        await alice_bot.plugin["capsule"].open(incoming)
+        await capsule_of(alice_bot).open(incoming)
     assert refused.value.reason == reason
 
 
@@ -128,7 +128,7 @@ async def test_prefer_refuses_with_an_event_instead_of_plaintext(
     alice_bot.add_event_handler("stanza_not_sent", leaked.append)
     msg = alice_bot.make_message(mto=JID("bob@capsule.test"), mbody="secret", mtype="chat")
     # what the stream does with an outgoing stanza: run the out filters
-    assert alice_bot.plugin["capsule"]._filter_out(msg) is None
+    assert capsule_of(alice_bot)._filter_out(msg) is None
     failure = await asyncio.wait_for(failures.get(), 10)
     assert failure.reason == "stale-crl" and failure.peer == "bob@capsule.test"
     assert "secret" not in failure.message
@@ -148,12 +148,12 @@ async def test_superseded_certificates_served_by_a_hostile_server_are_refused(
     served.serve(alice)
     alice_bot = bot(alice, served)
     with pytest.raises(RevokedCertificate) as refused:
-        await alice_bot.plugin["capsule"].send("bob@capsule.test", "to the old key?")
+        await capsule_of(alice_bot).send("bob@capsule.test", "to the old key?")
     assert refused.value.reason == "revoked"
     old_bob_bot = bot(old_bob, served)  # the thief of bob's old profile signs with it
     incoming = await capsule_from(old_bob_bot, "alice@capsule.test", "from the old key")
     with pytest.raises(RevokedCertificate):
-        await alice_bot.plugin["capsule"].open(incoming)
+        await capsule_of(alice_bot).open(incoming)
 
 
 def test_import_cert_takes_the_crl_and_refuses_another_cas(
@@ -186,7 +186,7 @@ async def test_a_missing_crl_is_fetched_before_refusing(
     crl_file = tmp_path / "crl.pem"
     alice_bot = bot(alice, served, crl=str(crl_file))  # the file is not there yet
     with pytest.raises(RevocationUnknown):
-        await alice_bot.plugin["capsule"].send("bob@capsule.test", "too early")
+        await capsule_of(alice_bot).send("bob@capsule.test", "too early")
     crl_file.write_bytes(authority.crl_path.read_bytes())
     sealed = await capsule_from(alice_bot, "bob@capsule.test", "now-sealed")
     assert st.has_capsule(sealed) and "now-sealed" not in str(sealed)

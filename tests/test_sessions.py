@@ -37,7 +37,7 @@ from capsule_ca import Authority
 from capsule_ca.errors import CAError
 from capsule_ca.profiles import Usage
 
-from .conftest import PIN
+from .helpers import PIN
 
 NOW = 1_800_000_000
 DAY = 86400

@@ -7,6 +7,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+from slixmpp import Message
 
 from capsule.testing.stream import Cast, Stream, message, seal_for
 
@@ -129,7 +130,7 @@ async def test_a_stripped_error_keeps_no_forwarded_content(stream_cast: Cast,
     sealed = seal_for(alice, [alice, bob], [body("x")])
     async with Stream.open(bob, tmp_path, stream_cast.directory_of("alice"),
                            policy="require") as b:
-        seen: list[object] = []
+        seen: list[Message] = []
         b.xmpp.add_event_handler("message_error", seen.append)
         b.recv(f"<message from='{alice.jid}/x' to='{bob.jid}/stream' type='error' id='e1'>"
                f"<body>clear body</body>{EXTRAS['mam-result']}{ERROR}</message>")
@@ -138,7 +139,7 @@ async def test_a_stripped_error_keeps_no_forwarded_content(stream_cast: Cast,
         await b.settle()
         assert len(seen) == 2
         assert not any("UNVERIFIED" in str(m) or "clear body" in str(m) for m in seen)
-        assert all(m.xml.find("{jabber:client}error") is not None for m in seen)  # type: ignore[attr-defined]
+        assert all(m.xml.find("{jabber:client}error") is not None for m in seen)
 
 
 FWD = ("<forwarded xmlns='urn:xmpp:forward:0'><message xmlns='jabber:client' from='x@capsule.test' "

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import typing
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as s
+from slixmpp.types import MessageTypes
 
 from capsule import elements
 from capsule.plugin import capsule_info
@@ -73,7 +75,7 @@ async def _scenario(cast: Cast, workdir: Path, policy: str, specs: list[dict[str
         for spec in specs:
             if spec["kind"] == "outgoing":
                 msg = bob.xmpp.make_message(mto=cast[str(spec["author"])].jid,
-                                            mtype=str(spec["type"]) or "normal")
+                                            mtype=typing.cast(MessageTypes, str(spec["type"]) or "normal"))
                 msg.append(_element(CHILDREN[str(spec["child"])], 0))
                 msg.send()
             else:

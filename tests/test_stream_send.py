@@ -9,7 +9,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-from slixmpp import Message
+from slixmpp import JID, Message
+from slixmpp.types import MessageTypes
 
 from capsule import elements
 from capsule.enrollment import FirstFound
@@ -32,7 +33,7 @@ def _reasons(stream: Stream) -> list[str]:
 async def _send_after_pep_answer(stream: Stream, to: str, answer: str | None) -> None:
     """Send a chat message to ``to``; answer the PEP look-up it causes with ``answer`` (None:
     never answer, so that it times out)."""
-    stream.xmpp.send_message(mto=to, mbody="sensitive", mtype="chat")
+    stream.xmpp.send_message(mto=JID(to), mbody="sensitive", mtype="chat")
     for _ in range(2000):  # the look-up goes out from a task: a bounded wait for it
         await asyncio.sleep(0.005)
         iqs = [s for s in stream.sent() if s.name == "iq"]
@@ -81,14 +82,14 @@ async def test_a_pinned_contact_never_gets_plaintext_again(stream_cast: Cast, tm
     dora = stream_cast["dora"]  # revoked below: used by this test only
     directory = stream_cast.directory_of("dora")
     async with Stream.open(stream_cast["bob"], tmp_path, directory) as bob:
-        bob.xmpp.send_message(mto=dora.jid, mbody="first", mtype="chat")
+        bob.xmpp.send_message(mto=JID(dora.jid), mbody="first", mtype="chat")
         await bob.settle()
         [first] = _messages(bob)
         assert first.xml.find("{urn:capsule:0}capsule") is not None  # sealed, dora now pinned
         stream_cast.authority.revoke(jid=dora.jid)
         bob.capsule.trust.update_crl(stream_cast.authority.crl_path.read_bytes())
         directory.answers[dora.jid] = None  # and the server says she has nothing
-        bob.xmpp.send_message(mto=dora.jid, mbody="second", mtype="chat")
+        bob.xmpp.send_message(mto=JID(dora.jid), mbody="second", mtype="chat")
         await bob.settle()
         assert _messages(bob) == []
         assert _reasons(bob) == ["withdrawn"]
@@ -102,7 +103,7 @@ async def test_a_transparent_room_send_is_sealed_for_every_occupant_or_refused(
     room = "lounge@rooms.capsule.test"
     async with Stream.open(stream_cast["bob"], tmp_path, directory) as bob:
         await bob.join(room, "bob", {"alice": f"{alice.jid}/x", "legacy": "legacy@capsule.test/y"})
-        bob.xmpp.send_message(mto=room, mbody="to the room", mtype="groupchat")
+        bob.xmpp.send_message(mto=JID(room), mbody="to the room", mtype="groupchat")
         await bob.settle()
         assert _messages(bob) == []
         assert _reasons(bob) == ["no-certificate"]
@@ -116,7 +117,7 @@ async def test_a_transparent_room_send_is_sealed_for_every_occupant_or_refused(
     ("error", "<body>an error with a body</body>"),
 ])
 async def test_require_seals_every_readable_message(stream_cast: Cast, tmp_path: Path,
-                                                    mtype: str, payload: str) -> None:
+                                                    mtype: MessageTypes, payload: str) -> None:
     alice = stream_cast["alice"]
     async with Stream.open(stream_cast["bob"], tmp_path, stream_cast.directory_of("alice"),
                            policy="require") as bob:
@@ -150,7 +151,7 @@ async def test_xhtml_and_oob_travel_inside_the_capsule(stream_cast: Cast, tmp_pa
         await a.settle()
         [got] = a.delivered()
         assert got["body"] == "see attachment"
-        assert got.xml.find("{jabber:x:oob}x/{jabber:x:oob}url").text == "https://example.org/secret-file"
+        assert got.xml.findtext("{jabber:x:oob}x/{jabber:x:oob}url") == "https://example.org/secret-file"
         assert got.xml.find("{http://jabber.org/protocol/xhtml-im}html") is not None
 
 
@@ -158,7 +159,7 @@ async def test_nothing_is_sent_when_the_source_fails(stream_cast: Cast, tmp_path
     """A fake source raising (e.g. the CA directory down) is a refusal, not "no certificate"."""
     directory = Directory({"carol@capsule.test": CapsuleError("down")})
     async with Stream.open(stream_cast["bob"], tmp_path, directory) as bob:
-        bob.xmpp.send_message(mto="carol@capsule.test", mbody="x", mtype="chat")
+        bob.xmpp.send_message(mto=JID("carol@capsule.test"), mbody="x", mtype="chat")
         await bob.settle()
         assert _messages(bob) == [] and _reasons(bob) == ["error"]
 
@@ -167,8 +168,8 @@ async def test_policy_off_says_each_plaintext_send(stream_cast: Cast, tmp_path: 
     alice = stream_cast["alice"]
     async with Stream.open(stream_cast["bob"], tmp_path, stream_cast.directory_of("alice"),
                            policy="off") as bob:
-        bob.xmpp.send_message(mto=alice.jid, mbody="in clear on purpose", mtype="chat")
-        bob.xmpp.send_message(mto=alice.jid, mtype="chat", mbody="")  # nothing readable: no event
+        bob.xmpp.send_message(mto=JID(alice.jid), mbody="in clear on purpose", mtype="chat")
+        bob.xmpp.send_message(mto=JID(alice.jid), mtype="chat", mbody="")  # nothing readable: no event
         await bob.settle()
         assert [m["body"] for m in _messages(bob)] == ["in clear on purpose", ""]
         [event] = bob.named("capsule_plaintext_sent")
@@ -187,7 +188,7 @@ async def test_the_ca_fallback_keeps_failures_closed(stream_cast: Cast, tmp_path
     source = FirstFound(Directory({alice.jid: pep}),
                         Directory({alice.jid: alice.bundle if ca else None}))
     async with Stream.open(stream_cast["bob"], tmp_path, source) as bob:
-        bob.xmpp.send_message(mto=alice.jid, mbody="hi", mtype="chat")
+        bob.xmpp.send_message(mto=JID(alice.jid), mbody="hi", mtype="chat")
         await bob.settle()
         sent = _messages(bob)
         if outcome == "sealed":

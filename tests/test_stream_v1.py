@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from slixmpp import Message
+from slixmpp import JID, Message
 
 from capsule import algorithms as alg
 from capsule import core, sessions, signatures, v1, wire
@@ -57,7 +57,7 @@ async def _pair(cast: Cast, where: Path, other: str = "bob", **config: Any
 
 
 def _send(a: Stream, to: str, text: str) -> None:
-    a.xmpp.send_message(mto=to, mbody=text, mtype="chat")
+    a.xmpp.send_message(mto=JID(to), mbody=text, mtype="chat")
 
 
 def _deliver(a: Stream, msg: Message, b: Stream) -> None:

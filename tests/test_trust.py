@@ -22,14 +22,14 @@ def bundle(p: Profile) -> CertPair:
     return CertPair(p.data.signing_cert.encode(), p.data.encryption_cert.encode())
 
 
-def test_valid_contact_verifies_and_is_cached(authority: Authority,
-                                             identity: Callable[[str], Profile]) -> None:
+def test_valid_contact_verifies_and_is_cached(authority: Authority, identity: Callable[[str], Profile],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
     bob = identity("bob")
     trust = TrustStore(authority.root_pem)
     contact = trust.verify_contact("bob@capsule.test", bundle(bob))
     assert spki(contact.sign.public_key) == spki(bob.data.signing_key.public_key())
-    calls = []
-    trust._check = lambda *a: calls.append(a)  # type: ignore[method-assign]
+    calls: list[tuple[object, ...]] = []
+    monkeypatch.setattr(trust, "_check", lambda *a: calls.append(a))
     assert trust.verify_contact("bob@capsule.test", bundle(bob)) == contact
     assert calls == []  # served from the cache
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import xml.etree.ElementTree as ET
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa, x25519
@@ -85,13 +86,14 @@ def _tamper(capsule: v1.Capsule, field: str) -> v1.Capsule:
                                    + capsule.payload[1:])
     if field in ("jid", "sid", "wrapped"):
         k = keys[-1]  # carol's: the sender's own must stay
-        keys[-1] = dataclasses.replace(k, **{
-            "jid": {"jid": "mallory@x.test"},
-            "sid": {"sid": bytes(a ^ b for a, b in zip(k.sid, flip, strict=True))},
-            "wrapped": {"wrapped": bytes([k.wrapped[0] ^ 1]) + k.wrapped[1:]},
-        }[field])
+        entry: dict[str, Any] = {
+            "jid": "mallory@x.test",
+            "sid": bytes(a ^ b for a, b in zip(k.sid, flip, strict=True)),
+            "wrapped": bytes([k.wrapped[0] ^ 1]) + k.wrapped[1:],
+        }
+        keys[-1] = dataclasses.replace(k, **{field: entry[field]})
         return dataclasses.replace(capsule, header=dataclasses.replace(h, keys=tuple(keys)))
-    changed = {"sender": "mallory@x.test", "cert": "cd" * 32, "ts": "2030-01-01T00:00:00Z",
+    changed: dict[str, Any] = {"sender": "mallory@x.test", "cert": "cd" * 32, "ts": "2030-01-01T00:00:00Z",
                "nid": bytes(16), "iv": bytes(12), "epk": bytes([h.epk[0] ^ 1]) + h.epk[1:]}
     return dataclasses.replace(capsule, header=dataclasses.replace(h, **{field: changed[field]}))
 

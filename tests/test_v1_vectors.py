@@ -17,7 +17,7 @@ from capsule import sessions, stanza_v1, v1
 
 VECTORS = Path(__file__).parent / "data" / "v1-vectors.json"
 ALICE, BOB = "alice@example.org", "bob@example.org"
-INPUTS = {
+INPUTS: dict[str, Any] = {
     "alice_signing_seed": "11" * 32, "alice_sign_cert": "a1" * 32,
     "alice_session_key": "22" * 32, "bob_session_key": "33" * 32, "ephemeral_key": "44" * 32,
     "message_key": "55" * 32, "iv": "66" * 12, "nid": "77" * 16,

@@ -22,6 +22,7 @@ from capsule import core, envelope
 from capsule import stanza as st
 from capsule.testing.identities import enroll
 from capsule_ca import Authority
+from tests.helpers import rsa_key
 
 COUNT = int(os.environ.get("CAPSULE_BENCH_MESSAGES", "600"))
 RUNS = int(os.environ.get("CAPSULE_BENCH_RUNS", "5"))
@@ -82,7 +83,7 @@ def _capsules(tmp: Path) -> tuple[Path, Path]:
     bob_enc = x509.load_pem_x509_certificate(bob.data.encryption_cert.encode())
     alice_sign = x509.load_pem_x509_certificate(alice.data.signing_cert.encode())
     recipient = core.Recipient(bob.data.jid, core.cert_fingerprint(bob_enc),
-                               bob_enc.public_key())  # type: ignore[arg-type]
+                               rsa_key(bob_enc))
     stanzas = []
     for i in range(COUNT):
         body = ET.Element("{jabber:client}body")
