@@ -262,10 +262,10 @@ def test_a_signed_record_for_a_low_order_point_is_refused(
     hostile = dataclasses.replace(good, pub=pub, signature=b"")
     hostile = dataclasses.replace(hostile, signature=signatures.sign(
         bob.data.signing_key, sessions.session_bytes(bob.data.jid, hostile)))
-    signer = x509.load_pem_x509_certificate(bundle(bob).sign)
+    signer = bob.data.signing_key.public_key()
     with pytest.raises(InvalidSessionRecord):
-        sessions.check(hostile, bob.data.jid, good.cert, signer.public_key(), NOW + 60, 300)
-    sessions.check(good, bob.data.jid, good.cert, signer.public_key(), NOW + 60, 300)
+        sessions.check(hostile, bob.data.jid, good.cert, signer, NOW + 60, 300)
+    sessions.check(good, bob.data.jid, good.cert, signer, NOW + 60, 300)
 
 
 def test_a_certificate_rotation_gives_a_new_session_record_at_once(
@@ -287,8 +287,8 @@ def test_a_certificate_rotation_gives_a_new_session_record_at_once(
     assert ring.rotate(NOW, force=True)  # the next login
     record = ring.own(NOW)
     assert record is not None
-    sign = x509.load_pem_x509_certificate(bundle(dave).sign)
-    sessions.check(record, dave.data.jid, core.cert_fingerprint(sign), sign.public_key(), NOW,
+    fingerprint = core.cert_fingerprint(x509.load_pem_x509_certificate(bundle(dave).sign))
+    sessions.check(record, dave.data.jid, fingerprint, dave.data.signing_key.public_key(), NOW,
                    300)
 
 

@@ -20,7 +20,7 @@ import pytest
 from slixmpp import JID, Message
 
 from capsule import algorithms as alg
-from capsule import core, sessions, signatures, v1, wire
+from capsule import core, files, sessions, signatures, v1, wire
 from capsule import namespaces as ns
 from capsule import profile as profile_module
 from capsule.plugin import capsule_info
@@ -339,7 +339,7 @@ async def test_a_failed_save_of_a_destruction_is_retried(
         old = a.capsule.store.new_session(int(time.time()) - 40 * 86400)
         a.capsule.store.save()
         writes = {"n": 0}
-        real = profile_module.write_private
+        real = files.write_private
 
         def full_once(path: Path, data: bytes) -> None:
             writes["n"] += 1
