@@ -20,10 +20,16 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from capsule import algorithms as alg
-from capsule import core, envelope, sessions, stanza_v1, v1
+from capsule import core, envelope, sessions, signatures, stanza_v1, v1
 from capsule.audit.findings import StoredRow
 from capsule.audit.verdicts import Auditor, CertificateBundle
-from capsule.errors import DecryptionFailed, NotAddressedToUs, ProfileError, SessionExpired
+from capsule.errors import (
+    DecryptionFailed,
+    InvalidSessionRecord,
+    NotAddressedToUs,
+    ProfileError,
+    SessionExpired,
+)
 from capsule.profile import FAST_KDF, MAGIC, Profile
 from capsule.stanza import FALLBACK_BODY
 from capsule.trust import CertPair, TrustStore
@@ -139,6 +145,7 @@ def test_after_retention_nothing_on_disk_opens_the_archived_capsule(
         assert p.destroy_sessions(NOW + 2 * DAY + 14 * DAY - 1) == 0
     for p in (alice, bob):
         assert p.destroy_sessions(NOW + 2 * DAY + 14 * DAY) == 1
+        p.save()  # the plugin saves at once (DurableState), the CLI too
     for p in (alice, bob):
         thief = Profile.load(p.path, PIN)  # the disk as left, opened with the PIN
         assert thief.session_keys() == {}
@@ -182,9 +189,10 @@ def test_ca_refuses_ed25519_for_anything_but_signing(authority: Authority, tmp_p
     p = Profile.create(tmp_path / "h.capsule", "hal@capsule.test", PIN, kdf=FAST_KDF,
                        short_pin=True)
     csr = p.csr("sign")  # an Ed25519 key asking to be an encryption certificate
+    before = authority.valid_for("hal@capsule.test")  # the CA is shared by the session's tests
     with pytest.raises(CAError, match="RSA key"):
         authority.issue(csr, "hal@capsule.test", Usage.ENCRYPT)
-    assert authority.valid_for("hal@capsule.test") == []
+    assert authority.valid_for("hal@capsule.test") == before
 
 
 def test_the_audit_verifies_v1_from_certificates_alone(
@@ -231,7 +239,79 @@ def test_rotation_at_login_daily_and_not_in_a_reconnect_loop(
     assert ring.own(NOW + 700 + DAY) == bob.current_sessions(NOW + 700 + DAY)[0]
     old = set(bob.session_keys())
     later = NOW + 700 + DAY + 2 * DAY + 14 * DAY
-    ring.rotate(later)  # all three past retention: destroyed (file rewritten), a fresh one made
+    assert ring.rotate(later)  # all three past retention: destroyed, a fresh one made
+    bob.save()  # what the plugin does when rotate reports a change
     assert len(bob.data.sessions) == 1 and len(bob.data.destroyed) == 3
     on_disk = Profile.load(bob.path, PIN)
     assert not old & set(on_disk.session_keys()) and on_disk.destroyed_sessions() == old
+
+
+# The low-order points of Curve25519 (canonical and not): X25519 with any of them gives the
+# all-zero secret whatever our key, so a record naming one is refused (RFC 7748, 6.1).
+LOW_ORDER = [bytes(32), (1).to_bytes(32, "little"),
+             bytes.fromhex("e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800"),
+             bytes.fromhex("5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157"),
+             bytes.fromhex("ec" + "ff" * 30 + "7f"), bytes.fromhex("ed" + "ff" * 30 + "7f"),
+             bytes.fromhex("ee" + "ff" * 30 + "7f"), bytes(31) + b"\x80"]
+
+
+@pytest.mark.parametrize("pub", LOW_ORDER, ids=range(len(LOW_ORDER)))
+def test_a_signed_record_for_a_low_order_point_is_refused(
+        identity: Callable[[str], Profile], pub: bytes) -> None:
+    bob = identity("bob")
+    good = bob.new_session(NOW).record
+    hostile = dataclasses.replace(good, pub=pub, signature=b"")
+    hostile = dataclasses.replace(hostile, signature=signatures.sign(
+        bob.data.signing_key, sessions.session_bytes(bob.data.jid, hostile)))
+    signer = bob.data.signing_key.public_key()
+    with pytest.raises(InvalidSessionRecord):
+        sessions.check(hostile, bob.data.jid, good.cert, signer, NOW + 60, 300)
+    sessions.check(good, bob.data.jid, good.cert, signer, NOW + 60, 300)
+
+
+def test_a_certificate_rotation_gives_a_new_session_record_at_once(
+        authority: Authority, identity: Callable[[str], Profile]) -> None:
+    """After `capsule rotate` our published record must name the new signing certificate (or
+    contacts refuse it), even if the last session key is only minutes old."""
+    from typing import Any, cast
+
+    from capsule.keyring import Keyring
+    dave = identity("dave")
+    ring = Keyring(cast(Any, None), dave, rotate=alg.SESSION_ROTATE_S,
+                   retention=alg.SESSION_RETENTION_S, skew=300, timeout=5, refresh=3600,
+                   dirty=lambda: None)
+    assert ring.rotate(NOW - 300, force=True)  # a login five minutes ago
+    dave.rotate_keys()  # what `capsule rotate` does: new keys, new certificates
+    for usage in (Usage.SIGN, Usage.ENCRYPT):
+        dave.import_cert(authority.issue(dave.csr(usage.value), dave.data.jid, usage,
+                                         replace=True).pem())
+    assert ring.rotate(NOW, force=True)  # the next login
+    record = ring.own(NOW)
+    assert record is not None
+    fingerprint = core.cert_fingerprint(x509.load_pem_x509_certificate(bundle(dave).sign))
+    sessions.check(record, dave.data.jid, fingerprint, dave.data.signing_key.public_key(), NOW,
+                   300)
+
+
+def test_profile_show_destroys_expired_session_keys_and_lists_the_others(
+        identity: Callable[[str], Profile]) -> None:
+    """`capsule profile show` as a user types it: opening the profile destroys what is past
+    retention (on disk), and the session keys left are listed without any secret."""
+    bob = identity("bob")
+    now = int(dt.datetime.now(dt.UTC).timestamp())
+    old = bob.new_session(now - 40 * DAY)
+    current = bob.new_session(now)
+    bob.save()
+    proc = subprocess.run([str(Path(sys.executable).parent / "capsule"), "profile", "show",
+                           "--profile", str(bob.path)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "CAPSULE_PIN": PIN})
+    assert proc.returncode == 0, proc.stderr
+    on_disk = Profile.load(bob.path, PIN)
+    assert set(on_disk.session_keys()) == {current.record.sid}
+    assert on_disk.destroyed_sessions() == {old.record.sid}
+    assert current.record.sid.hex() in proc.stdout and old.record.sid.hex() not in proc.stdout
+    assert f"expires {current.record.expires}" in proc.stdout
+    destroy = core.utc_timestamp(dt.datetime.fromtimestamp(
+        current.expires + alg.SESSION_RETENTION_S, dt.UTC))
+    assert f"destroyed after {destroy}" in proc.stdout
+    assert base64.b64encode(current.private.private_bytes_raw()).decode() not in proc.stdout

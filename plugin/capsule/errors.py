@@ -195,3 +195,9 @@ class NoForwardSecrecy(PolicyViolation):
     """``forward_secrecy='require'`` and a peer has no valid session key, or a v0 capsule came in."""
 
     reason = "no-forward-secrecy"
+
+
+class SealingFailed(CapsuleError):
+    """Sealing a message failed in a way no other reason names (a bug): nothing was sent."""
+
+    reason = "seal-failed"

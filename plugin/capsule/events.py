@@ -27,10 +27,16 @@ class CapsuleInfo:
     sender_cert: VerifiedCert
     nid: str
     timestamp: str
+    version: int  # the wire format: 0 (RSA-OAEP, no forward secrecy) or 1 (session keys)
     encrypted: bool = True
     # accepted before a crash that came before its "handed" mark: the app may have had it then
     # (a kill inside its handler); an app that must act once dedupes these by nid
     recovered: bool = False
+
+    @property
+    def forward_secret(self) -> bool:
+        """Sealed to session keys (v1); under ``forward_secrecy='prefer'`` a v0 is a downgrade."""
+        return self.version == 1
 
 
 @dataclass(frozen=True)

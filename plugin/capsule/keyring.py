@@ -52,14 +52,20 @@ class Keyring:
         self._peers: OrderedDict[str, _Peer] = OrderedDict()
 
     # -- ours -------------------------------------------------------------------
-    def rotate(self, now: int, force: bool = False) -> bool:
-        """Destroy keys past retention (saved at once: StorageError if it cannot be), and make
-        a new session key if the newest is older than ``rotate``, or at a login (``force``)
-        unless it is younger than alg.SESSION_MIN_ROTATE_S (a reconnecting loop must not pile
-        up keys)."""
+    def destroy(self, now: int) -> bool:
+        """Destroy keys past retention, in memory: whether any was (then the caller saves)."""
         destroyed = self.store.destroy_sessions(now, self.retention)
         if destroyed:
             log.info("destroyed %d session key(s) past retention", destroyed)
+        return destroyed > 0
+
+    def rotate(self, now: int, force: bool = False) -> bool:
+        """:meth:`destroy`, and make a new session key if none is current (none, or signed
+        under a signing certificate we no longer hold), if the newest is older than
+        ``rotate``, or at a login (``force``) unless it is younger than
+        alg.SESSION_MIN_ROTATE_S (a reconnecting loop must not pile up keys). Whether
+        anything changed: the caller saves."""
+        changed = self.destroy(now)
         current = self.store.current_sessions(now)
         newest = sessions.created(current[0]) if current else None
         age = None if newest is None else now - newest
@@ -67,7 +73,7 @@ class Keyring:
             self.store.new_session(now)
             self._dirty()
             return True
-        return False
+        return changed
 
     async def publish(self, now: int, signer: VerifiedCert) -> None:
         """Our newest record to PEP, beside the valid records of our other devices found on

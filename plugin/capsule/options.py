@@ -59,14 +59,20 @@ class CapsuleOptions:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> CapsuleOptions:
-        """Check and convert the plugin config (ValueError for a bad policy, ProfileError
-        without a profile)."""
+        """Check and convert the plugin config (ValueError for a bad policy or
+        ``forward_secrecy='require'`` without ``policy='require'``, ProfileError without a
+        profile)."""
         if config.get("policy") not in POLICIES:
             raise ValueError(f"capsule policy must be one of {POLICIES}, not "
                              f"{config.get('policy')!r}")
         if config.get("forward_secrecy", "prefer") not in FORWARD_SECRECY:
             raise ValueError(f"forward_secrecy must be one of {FORWARD_SECRECY}, not "
                              f"{config.get('forward_secrecy')!r}")
+        if config.get("forward_secrecy") == "require" and config.get("policy") != "require":
+            # a plaintext message has less than v0's protection: requiring forward secrecy
+            # while letting plaintext through is a contradiction, refused up front
+            raise ValueError("forward_secrecy='require' needs policy='require' (plaintext "
+                             "has no forward secrecy either)")
         if not config.get("profile"):
             raise ProfileError("the capsule plugin needs a 'profile' path")
         names = {f.name for f in dataclasses.fields(cls)}

@@ -96,15 +96,17 @@ class XEP_Capsule(BasePlugin):
                                     options.fetch_interval, self._locks, self.check_revocation,
                                     self._dirty, self._cert_changed)
         self.own_sign, self.own_encrypt = self.contacts.own_sign, self.contacts.own_encrypt
-        self.durable = DurableState(self.xmpp, self.store, options.save_delay,
-                                    options.storage_retry, self._spawn)
-        self.revocation = Revocation(self.xmpp, options, self.store, self.trust, self._locks,
-                                     self._dirty)
         self.keyring = Keyring(self.xmpp, self.store, rotate=options.session_rotate,
                                retention=options.session_retention, skew=options.skew,
                                timeout=options.fetch_timeout, refresh=options.session_refresh,
                                dirty=self._dirty)
-        self._rotation: asyncio.Task[None] | None = None
+        self.keyring.destroy(int(time.time()))  # on every start: saved by DurableState now
+        self.durable = DurableState(self.xmpp, self.store, options.save_delay,
+                                    options.storage_retry, self._spawn)
+        self.revocation = Revocation(self.xmpp, options, self.store, self.trust, self._locks,
+                                     self._dirty)
+        self._sessions_timer: asyncio.TimerHandle | None = None
+        self._tend_later()
         self._republished = -float("inf")  # monotonic time of the last self-healing publish
         st.register()
         stanza_v1.register()
@@ -142,8 +144,8 @@ class XEP_Capsule(BasePlugin):
         for event, handler in self._events():
             self.xmpp.del_event_handler(event, handler)
         self.revocation.close()
-        if self._rotation:
-            self._rotation.cancel()
+        if self._sessions_timer:
+            self._sessions_timer.cancel()
         self.handled.close()
         self.outbox.close()
         if self.reconnector:
@@ -167,11 +169,11 @@ class XEP_Capsule(BasePlugin):
         await self.revocation.start()
         if self.options.carbons:
             await self.xmpp.plugin["xep_0280"].enable()
-        if self.options.publish and self._usable():
+        if not (self.options.publish and self._usable()):
+            await self.destroy_sessions()
+        else:
             # session keys first: once capsule_published is raised, contacts can seal v1 to us
             await self.rotate_sessions(force=True)
-            if self._rotation is None:
-                self._rotation = asyncio.ensure_future(self._rotate_daily())
             try:
                 await self.publish_certificates()
             except (IqError, IqTimeout) as exc:
@@ -180,15 +182,16 @@ class XEP_Capsule(BasePlugin):
                 self.xmpp.event("capsule_publish_failed", exc)
 
     async def rotate_sessions(self, force: bool = False) -> None:
-        """Destroy session keys past retention; a new one at login (``force``) or when the
-        newest is old; publish ours merged with our other devices'. Failures are logged and
-        reported with ``capsule_error`` (storage) or ``capsule_publish_failed``; contacts
-        then seal v0 to us (or, under their ``forward_secrecy='require'``, nothing)."""
+        """Destroy session keys past retention; a new one at login (``force``), when the
+        newest is old or names a signing certificate we no longer use; publish ours merged
+        with our other devices'. Failures are logged and reported with ``capsule_error``
+        (storage: retried) or ``capsule_publish_failed``; contacts then seal v0 to us (or,
+        under their ``forward_secrecy='require'``, nothing)."""
         await self.durable.idle()  # then no await until saved: no journal write in between
         now = int(time.time())
         try:
             if self.keyring.rotate(now, force):
-                self.durable.persist()  # the new private key on disk before its record is public
+                self.durable.persist()  # destroyed keys off the disk, a new one on it first
                 if self.durable.error is not None:
                     return  # reported by persist(); the record stays unpublished
             await self.keyring.publish(now, self.own_sign)
@@ -210,11 +213,25 @@ class XEP_Capsule(BasePlugin):
             self._republished = now
             self._spawn(self.rotate_sessions())
 
-    async def _rotate_daily(self) -> None:
-        while True:
-            await asyncio.sleep(min(self.options.session_rotate, 3600))
-            if self.xmpp.sessionstarted:
-                await self.rotate_sessions()
+    async def destroy_sessions(self) -> None:
+        """Destroy session keys past retention and save; a failed save is reported and
+        retried like every storage failure (``capsule_storage_recovered`` when it works)."""
+        await self.durable.idle()  # then no await until saved
+        if self.keyring.destroy(int(time.time())):
+            self.durable.persist()
+
+    def _tend_later(self) -> None:
+        self._sessions_timer = self.xmpp.loop.call_later(
+            min(self.options.session_rotate, 3600), self._tend_sessions)
+
+    def _tend_sessions(self) -> None:
+        """Hourly, logged in or not, publishing or not: destroy what is past retention;
+        rotate and publish too when we publish and are logged in."""
+        self._tend_later()
+        if self.options.publish and self.xmpp.sessionstarted and self._usable():
+            self._spawn(self.rotate_sessions())
+        else:
+            self._spawn(self.destroy_sessions())
 
     def _disconnected(self, _event: Any) -> None:
         self.durable.disconnected()

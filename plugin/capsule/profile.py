@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import json
 import os
 import time
@@ -330,7 +331,7 @@ class Profile:
         """Generate a session key, sign its record with our signing key; kept, not saved."""
         if not self.data.signing_cert:
             raise ProfileError("a session key needs our signing certificate (enroll first)")
-        fp = cert_fingerprint(x509.load_pem_x509_certificate(self.data.signing_cert.encode()))
+        fp = _fingerprint(self.data.signing_cert)
         private = x25519.X25519PrivateKey.generate()
         key = SessionKey(private, sessions.make_record(self.data.jid, fp, self.data.signing_key,
                                                        private, now, lifetime))
@@ -345,15 +346,21 @@ class Profile:
         return {base64.b64decode(sid) for sid in self.data.destroyed}
 
     def current_sessions(self, now: int) -> list[sessions.SessionRecord]:
-        """Our unexpired records, newest first, at most alg.SESSIONS_PUBLISHED."""
-        live = [key.record for key in self.data.sessions if key.expires > now]
+        """Our unexpired records signed under our current signing certificate (contacts
+        refuse the others: after a certificate rotation none is current), newest first, at
+        most alg.SESSIONS_PUBLISHED."""
+        if not self.data.signing_cert:
+            return []
+        fp = _fingerprint(self.data.signing_cert)
+        live = [key.record for key in self.data.sessions
+                if key.expires > now and key.record.cert == fp]
         live.sort(key=lambda r: (parse_timestamp(r.created), r.pub), reverse=True)
         return live[:alg.SESSIONS_PUBLISHED]
 
     def destroy_sessions(self, now: int, retention: int = alg.SESSION_RETENTION_S) -> int:
         """Forward secrecy: remove every session key whose record expired ``retention``
-        seconds ago or more and rewrite the file (StorageError if it cannot be: then the
-        key is still on disk). Returns how many were destroyed."""
+        seconds ago or more; kept, not saved (until the caller saves, the key is still on
+        disk). Returns how many were destroyed."""
         if not 0 <= retention <= alg.SESSION_MAX_RETENTION_S:
             raise ProfileError(f"session retention must be 0..{alg.SESSION_MAX_RETENTION_S} s")
         gone = [key for key in self.data.sessions if key.expires + retention <= now]
@@ -364,7 +371,6 @@ class Profile:
         for sid in sorted(self.data.destroyed, key=self.data.destroyed.__getitem__)[
                 :max(0, len(self.data.destroyed) - alg.DESTROYED_REMEMBERED)]:
             del self.data.destroyed[sid]
-        self.save()
         return len(gone)
 
     def ready(self) -> bool:
@@ -377,6 +383,11 @@ class Profile:
         FutureCapsule, StaleCapsule or ReplayedCapsule. Durable only once journalled."""
         entry = Entry.of(sender, nid, ts, signature)
         return self.data.replay.accept(entry, int(time.time()) if now is None else now), entry
+
+
+@functools.lru_cache(maxsize=8)
+def _fingerprint(pem: str) -> str:
+    return cert_fingerprint(x509.load_pem_x509_certificate(pem.encode()))
 
 
 def _new_signing_key(kind: str, key_bits: int) -> signatures.SigningKey:

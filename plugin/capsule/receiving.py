@@ -165,7 +165,7 @@ class Receiver:
         capsule = wire.parse(element)
         wire.check_shape(capsule)
         if (self.options.forward_secrecy == "require" and isinstance(capsule, core.Capsule)
-                and origin == "live"):
+                and origin != "archive"):  # a carbon is a live copy: the server chose v0
             raise NoForwardSecrecy("a v0 capsule (no forward secrecy) refused: "
                                    "forward_secrecy is required")
         header = capsule.header
@@ -223,7 +223,8 @@ class Receiver:
         for el in env.content:
             msg.xml.append(el)
         msg.capsule_info = events.CapsuleInfo(  # type: ignore[attr-defined]
-            sender, signer, header.nid.hex(), header.ts, recovered=recovered)
+            sender, signer, header.nid.hex(), header.ts, recovered=recovered,
+            version=1 if isinstance(capsule, v1.Capsule) else 0)
         return msg, durable, proof
 
     def _entitled(self, el: ET.Element, room: str | None, signed: str) -> bool:

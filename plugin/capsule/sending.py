@@ -25,6 +25,7 @@ from capsule.errors import (
     NoForwardSecrecy,
     PolicyViolation,
     ReusedId,
+    SealingFailed,
 )
 from capsule.keyring import Keyring
 from capsule.locks import LockTable
@@ -160,6 +161,12 @@ class Sender:
                 self._cleared.add(id(stanza))
             except CapsuleError as exc:
                 events.fail(self.xmpp, exc, stanza, to)  # refused: never fall back to plaintext
+                return
+            except Exception as exc:  # a bug: unreported in a task, so refuse and report
+                log.error("sealing message %s to %s failed: %s (no traceback: it may quote "
+                          "content)", stanza["id"], to, type(exc).__name__)
+                events.fail(self.xmpp, SealingFailed(f"sealing failed: {type(exc).__name__}"),
+                            stanza, to)
                 return
             if st.has_capsule(stanza):
                 try:

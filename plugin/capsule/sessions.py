@@ -50,6 +50,19 @@ def public_bytes(key: x25519.X25519PrivateKey | x25519.X25519PublicKey) -> bytes
     return pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
+def contributory(pub: bytes) -> bool:
+    """Whether X25519 with ``pub`` gives a secret that depends on our key: RFC 7748 section 6.1
+    (a low-order point, e.g. 32 zero bytes, gives the all-zero secret whatever we hold)."""
+    try:
+        _PROBE.exchange(x25519.X25519PublicKey.from_public_bytes(pub))
+    except ValueError:  # OpenSSL refuses the all-zero shared secret
+        return False
+    return True
+
+
+_PROBE = x25519.X25519PrivateKey.generate()  # any key: low-order points give zero for all
+
+
 def session_bytes(jid: str, record: SessionRecord) -> bytes:
     """What the owner signs: tag, owner JID, signing cert, public key, created, expires."""
     return b"".join([lp(alg.SESSION_TAG), lp(jid.encode()), lp(record.cert.encode()),
@@ -75,6 +88,8 @@ def check(record: SessionRecord, jid: str, cert: str, signer: signatures.Verifyi
     if len(record.pub) != alg.X25519_BYTES:
         raise InvalidSessionRecord(f"{jid}'s session key is {len(record.pub)} bytes, "
                                    f"not {alg.X25519_BYTES}")
+    if not contributory(record.pub):
+        raise InvalidSessionRecord(f"{jid}'s session key is a low-order point")
     if record.cert != cert:
         raise InvalidSessionRecord(f"{jid}'s session record names another signing certificate")
     try:

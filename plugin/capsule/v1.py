@@ -28,6 +28,7 @@ from capsule.core import lp, new_message_key, parse_timestamp, utc_timestamp
 from capsule.errors import (
     BadSignature,
     DecryptionFailed,
+    InvalidSessionRecord,
     MalformedCapsule,
     NotAddressedToUs,
     SessionExpired,
@@ -137,14 +138,14 @@ def seal_with(envelope: bytes, *, sender: str, sender_cert: str,
     if not any(r.jid == sender for r in recipients):
         raise ValueError("a v1 capsule must be sealed to the sender's own session key too")
     if any(len(r.pub) != alg.X25519_BYTES for r in recipients):
-        raise ValueError(f"session public keys are {alg.X25519_BYTES} bytes")
+        raise InvalidSessionRecord(f"session public keys are {alg.X25519_BYTES} bytes")
     epk = public_bytes(ephemeral)
     entries: dict[tuple[str, bytes], KeyEntry] = {}
     for r in recipients:
         try:
             shared = ephemeral.exchange(x25519.X25519PublicKey.from_public_bytes(r.pub))
         except ValueError:
-            raise ValueError(f"{r.jid}'s session key is a low-order point") from None
+            raise InvalidSessionRecord(f"{r.jid}'s session key is a low-order point") from None
         wrapped = aes_key_wrap(kek(shared, nid, epk, r.pub, r.jid), message_key)
         entry = KeyEntry(r.jid, sid(r.pub), wrapped)
         entries.setdefault((r.jid, entry.sid), entry)

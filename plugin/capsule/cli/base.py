@@ -66,8 +66,13 @@ def read_pin(file: str | None, env: str, prompt: str, confirm: bool, short_ok: b
 
 
 def open_profile(args: argparse.Namespace) -> Profile:
-    return Profile.load(args.profile, read_pin(args.pin_file, PIN_ENV, "PIN", confirm=False),
-                        args.key_file)
+    """Load the profile; session keys past (the default) retention are destroyed and the
+    file saved first: forward secrecy does not wait for the bot to run."""
+    profile = Profile.load(args.profile, read_pin(args.pin_file, PIN_ENV, "PIN", confirm=False),
+                           args.key_file)
+    if profile.destroy_sessions(int(time.time())):
+        profile.save()
+    return profile
 
 
 def new_pin(args: argparse.Namespace, file: str | None, env: str) -> str:

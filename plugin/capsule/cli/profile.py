@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 from pathlib import Path
 
 from cryptography import x509
@@ -10,7 +11,7 @@ from cryptography import x509
 from capsule import algorithms as alg
 from capsule import enrollment
 from capsule.cli.base import NEW_PIN_ENV, add_profile_options, add_short_pin, new_pin, open_profile
-from capsule.core import cert_fingerprint
+from capsule.core import cert_fingerprint, utc_timestamp
 from capsule.errors import ProfileError, UntrustedCertificate
 from capsule.pins import PIN_ENV
 from capsule.profile import Profile
@@ -88,6 +89,12 @@ def cmd_show(args: argparse.Namespace) -> None:
     print(f"contacts  {len(data.contacts)} pinned"
           + (f": {', '.join(sorted(data.contacts))}" if data.contacts else ""))
     print(f"retired   {len(data.retired)} encryption key(s) kept for old messages")
+    print(f"sessions  {len(data.sessions)} session key(s) held, {len(data.destroyed)} "
+          f"destroyed")
+    for key in sorted(data.sessions, key=lambda k: k.expires):
+        destroy = dt.datetime.fromtimestamp(key.expires + alg.SESSION_RETENTION_S, dt.UTC)
+        print(f"  session {key.record.sid.hex()}  created {key.record.created}  expires "
+              f"{key.record.expires}  destroyed after {utc_timestamp(destroy)}")
 
 
 def cmd_change_pin(args: argparse.Namespace) -> None:
@@ -118,7 +125,8 @@ def add_parser(top: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("certs", nargs="+",
                    help="PEM files: your sign/encrypt certificates, the CA root, the CA's CRL")
     p.set_defaults(func=cmd_import)
-    command("show", "print JID, protection, fingerprints and expiry").set_defaults(func=cmd_show)
+    command("show", "print JID, protection, certificates and session keys").set_defaults(
+        func=cmd_show)
     p = command("change-pin", "re-encrypt the profile under a new PIN")
     p.add_argument("--new-pin-file", help=f"file with the new PIN (else ${NEW_PIN_ENV})")
     add_short_pin(p)

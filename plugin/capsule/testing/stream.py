@@ -39,7 +39,7 @@ from capsule_ca import Authority
 DOMAIN = "capsule.test"
 PIN = "stream-test-pin"
 RECORDED = ("capsule_message", "capsule_error", "capsule_plaintext_sent", "capsule_carbon_sent",
-            "capsule_cert_changed", "message", "groupchat_message")
+            "capsule_cert_changed", "capsule_storage_recovered", "message", "groupchat_message")
 _WRAP = ("<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>",
          "</stream:stream>")
 
