@@ -99,15 +99,21 @@ _TS = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z", re.A
 
 
 def parse_timestamp(ts: str) -> int:
-    """Seconds since the epoch of a capsule ``ts``: exactly ``YYYY-MM-DDTHH:MM:SSZ``, else
-    MalformedCapsule (strptime alone accepts unpadded fields, which sort wrongly)."""
+    """Seconds since the epoch of a capsule ``ts``: see :func:`timestamp_datetime`."""
+    return int(timestamp_datetime(ts).timestamp())
+
+
+def timestamp_datetime(ts: str) -> dt.datetime:
+    """A capsule ``ts`` as an aware UTC datetime: exactly ``YYYY-MM-DDTHH:MM:SSZ``, else
+    MalformedCapsule (strptime alone accepts unpadded fields, which sort wrongly, and costs a
+    locale look-up per call)."""
     if not _TS.fullmatch(ts):
         raise MalformedCapsule(f"bad timestamp {ts!r}")
     try:
-        stamp = dt.datetime.strptime(ts, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+        return dt.datetime(int(ts[0:4]), int(ts[5:7]), int(ts[8:10]), int(ts[11:13]),
+                           int(ts[14:16]), int(ts[17:19]), tzinfo=dt.UTC)
     except ValueError:
         raise MalformedCapsule(f"bad timestamp {ts!r}") from None
-    return int(stamp.timestamp())
 
 
 def lp(data: bytes) -> bytes:

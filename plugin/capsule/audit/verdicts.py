@@ -36,7 +36,6 @@ SEEN_MAX = 2000  # verdicts remembered, keyed by their capsule (~2 KB each)
 XML_LANG = "{http://www.w3.org/XML/1998/namespace}lang"
 MESSAGE_ATTRIBUTES = frozenset({"to", "from", "id", "type", XML_LANG})
 SERVER_NOTES = frozenset({"Offline Storage"})  # the one <delay/> text a server writes (ejabberd)
-TS_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,8 +342,7 @@ class Auditor:
         key = f"capsule {h.sender} {h.nid.hex()}"
         keyed = frozenset(k.jid for k in h.keys)
         signer, facts, problem = self._certificate(h.cert, h.sender)
-        facts = dataclasses.replace(facts, signed_at=dt.datetime.strptime(h.ts, TS_FORMAT)
-                                    .replace(tzinfo=dt.UTC))
+        facts = dataclasses.replace(facts, signed_at=core.timestamp_datetime(h.ts))
         if signer is None:
             return Judgement("unverified", problem, h.sender, key, facts, keyed)
         try:
