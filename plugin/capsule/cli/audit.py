@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import time
@@ -96,6 +97,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
         rows = sql_rows(args.source, _dsn(args), report.missing_table)
     fetcher = (CertificateFetcher(args.jid, password, args.host, args.port, args.ca,
                                   args.ca_service) if args.fetch_certs and password else None)
+    # what is loaded by now lives as long as the command: the full collections that the rows
+    # in flight trigger need not walk it again and again (~15 % at 100k rows, bench_audit.py)
+    gc.freeze()
     try:
         Auditor(root, bundle, crl, fetcher.fetch if fetcher else None).run(
             rows, report, _progress(args.progress or sys.stderr.isatty()))
