@@ -112,7 +112,8 @@ async def test_ids_are_per_contact_and_a_reused_id_is_refused(stream_cast: Cast,
         _app_message(a, carol.jid, "to carol again", "same").send()  # reported: refused
         await a.settle()
         assert _capsules(a.sent()) == []
-        assert [(e.reason, e.peer) for e in a.errors()][-1] == ("reused-id", carol.jid)
+        # the bounce's own `undelivered` error may come before or after this refusal (seen in CI)
+        assert [(e.reason, e.peer) for e in a.errors()].count(("reused-id", carol.jid)) == 1
         assert len(a.named("capsule_undelivered")) == 1 and to_carol["id"] == "same"
 
 
