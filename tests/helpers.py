@@ -201,7 +201,9 @@ class Ledger:
         assert set(self.delivered) <= set(sent.values())
         lying = [sid for sid in self.confirmed if not self.delivered[sent[sid]]]
         assert not lying, f"receipts for capsules the app never got: {lying[:3]}"
-        assert not self.errors, self.errors  # resent copies are dropped quietly, not errors
+        # resent copies are dropped quietly, not errors; a certificate look-up that timed out
+        # while the server was down is an honest refusal (the resend is delivered: `lost` above)
+        assert not [e for e in self.errors if e.reason != "lookup-failed"], self.errors
 
 
 async def settle(ledger: Ledger, sent: dict[str, str], timeout: float = 60.0) -> None:
