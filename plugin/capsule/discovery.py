@@ -2,11 +2,15 @@
 
 The node is open-access and persistent, so a sender finds a recipient's certificates while the
 recipient is offline. Servers that keep an older node configuration answer a publish with
-``precondition-not-met``; the node is then reconfigured and the publish retried once.
+``precondition-not-met``; the node is then reconfigured and the publish retried once. A login
+reads our own item and the node's options first and publishes only when either differs: a
+write costs the server more than two reads, and a fleet logs in far more often than it
+changes keys.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import xml.etree.ElementTree as ET
@@ -65,6 +69,50 @@ def der_to_pem(text: str) -> bytes:
 
 async def publish(xmpp: BaseXMPP, chain: dict[str, str], timeout: int = 15) -> None:
     await publish_item(xmpp, ns.CERTS_NODE, certs_payload(chain), timeout)
+
+
+def holds_chain(payloads: list[ET.Element] | None, chain: dict[str, str]) -> bool:
+    """Whether a PEP item's payloads are exactly one ``<certs/>`` with ``chain``'s
+    certificates (same usages, same DER; nothing else)."""
+    if payloads is None or len(payloads) != 1:
+        return False
+    held = _certs(payloads[0])
+    return held is not None and held == _certs(certs_payload(chain).xml)
+
+
+def _certs(payload: ET.Element) -> list[tuple[str, bytes]] | None:
+    """A ``<certs/>`` payload's (usage, DER) pairs, sorted; None if anything else is in it."""
+    if payload.tag != Certs.tag_name():
+        return None
+    try:
+        found = sorted((c.get("usage", ""), base64.b64decode((c.text or "").strip(), validate=True))
+                       for c in payload if c.tag == PublishedCert.tag_name())
+    except ValueError:
+        return None
+    return found if len(found) == len(payload) else None
+
+
+async def published_item(xmpp: BaseXMPP, node: str, timeout: int, what: str
+                         ) -> tuple[list[ET.Element] | None, bool]:
+    """Our own item ``current`` on ``node`` (as :func:`fetch_item`: raises
+    CertificateLookupFailed) and, read at the same time, whether the node has the options a
+    publish sets (False when that read fails: then a publish sets them)."""
+    item, configured = await asyncio.gather(
+        fetch_item(xmpp, xmpp.boundjid.bare, node, timeout, what),
+        _configured(xmpp, node, timeout), return_exceptions=True)
+    if isinstance(item, BaseException):
+        raise item
+    return item, configured is True
+
+
+async def _configured(xmpp: BaseXMPP, node: str, timeout: int) -> bool:
+    try:
+        iq = await xmpp.plugin["xep_0060"].get_node_config(None, node, timeout=timeout)
+    except (IqError, IqTimeout):
+        return False
+    values = iq["pubsub_owner"]["configure"]["form"].get_values()
+    return (values.get("pubsub#access_model") == _PUBLISH_OPTIONS["pubsub#access_model"]
+            and str(values.get("pubsub#persist_items")).lower() in ("1", "true"))
 
 
 async def publish_item(xmpp: BaseXMPP, node: str, payload: ElementBase | ET.Element,

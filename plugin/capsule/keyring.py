@@ -75,20 +75,24 @@ class Keyring:
             return True
         return changed
 
-    async def publish(self, now: int, signer: VerifiedCert) -> None:
+    async def publish(self, now: int, signer: VerifiedCert) -> bool:
         """Our newest record to PEP, beside the valid records of our other devices found on
-        the node (read, merged, written: raises IqError/IqTimeout, CapsuleError)."""
+        the node (read, merged, written: raises IqError/IqTimeout, CapsuleError). Not written
+        when the node holds exactly the merged records and has the options a publish sets;
+        whether it was."""
         mine = self.store.current_sessions(now)[:1]
         ours = set(self.store.session_keys()) | self.store.destroyed_sessions()
-        payloads = await discovery.fetch_item(self.xmpp, self.store.data.jid, ns.SESSIONS_NODE,
-                                              self.timeout, "own session keys")
+        payloads, configured = await discovery.published_item(
+            self.xmpp, ns.SESSIONS_NODE, self.timeout, "own session keys")
         others, _ = sessions.select(_records(payloads, self.store.data.jid), self.store.data.jid,
                                     signer.fingerprint, signer.public_key, now, self.skew)
-        merged = mine + [r for r in others if r.sid not in ours]
-        await discovery.publish_item(self.xmpp, ns.SESSIONS_NODE,
-                                     stanza_v1.build_sessions(merged[:alg.SESSIONS_PUBLISHED]),
-                                     self.timeout)
+        merged = (mine + [r for r in others if r.sid not in ours])[:alg.SESSIONS_PUBLISHED]
         self._peers.pop(self.store.data.jid, None)  # our own devices: read again when sealing
+        if configured and _holds(payloads, merged):
+            return False
+        await discovery.publish_item(self.xmpp, ns.SESSIONS_NODE,
+                                     stanza_v1.build_sessions(merged), self.timeout)
+        return True
 
     def own(self, now: int) -> SessionRecord | None:
         """Our newest unexpired record (we seal our own copy to it)."""
@@ -132,6 +136,14 @@ class Keyring:
         while len(self._peers) > PEERS_REMEMBERED:
             self._peers.popitem(last=False)
         return valid
+
+
+def _holds(payloads: list[ET.Element] | None, records: list[SessionRecord]) -> bool:
+    """Whether a PEP item is exactly one ``<sessions/>`` of ``records``, in order."""
+    if payloads is None or len(payloads) != 1 or payloads[0].tag != stanza_v1.SNS + "sessions":
+        return False
+    found, dropped = stanza_v1.parse_sessions(payloads[0])
+    return not dropped and found == records
 
 
 def _records(payloads: list[ET.Element] | None, jid: str) -> list[SessionRecord]:

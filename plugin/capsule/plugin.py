@@ -30,6 +30,7 @@ from slixmpp.plugins import BasePlugin
 from slixmpp.xmlstream import StanzaBase
 
 from capsule import discovery, enrollment, events, fastxml, stanza_v1, wire
+from capsule import namespaces as ns
 from capsule import stanza as st
 from capsule.connection import Reconnect
 from capsule.contacts import ContactBook
@@ -167,19 +168,24 @@ class XEP_Capsule(BasePlugin):
         if not self._usable():
             log.error("stream has no TLS: Capsule refuses to operate (allow_insecure is off)")
         await self.revocation.start()
-        if self.options.carbons:
-            await self.xmpp.plugin["xep_0280"].enable()
+        # round trips that need not wait for each other go out together: a login costs
+        # about two round trips, not five
+        carbons = (asyncio.ensure_future(self.xmpp.plugin["xep_0280"].enable())
+                   if self.options.carbons else None)
         if not (self.options.publish and self._usable()):
             await self.destroy_sessions()
         else:
+            held = asyncio.ensure_future(self._certificates_held())
             # session keys first: once capsule_published is raised, contacts can seal v1 to us
             await self.rotate_sessions(force=True)
             try:
-                await self.publish_certificates()
+                await self.publish_certificates(skip_if_held=await held)
             except (IqError, IqTimeout) as exc:
                 log.warning("could not publish Capsule certificates: %s",
                             exc.iq["error"]["text"] or exc.iq["error"]["condition"])
                 self.xmpp.event("capsule_publish_failed", exc)
+        if carbons is not None:
+            await carbons
 
     async def rotate_sessions(self, force: bool = False) -> None:
         """Destroy session keys past retention; a new one at login (``force``), when the
@@ -194,7 +200,8 @@ class XEP_Capsule(BasePlugin):
                 self.durable.persist()  # destroyed keys off the disk, a new one on it first
                 if self.durable.error is not None:
                     return  # reported by persist(); the record stays unpublished
-            await self.keyring.publish(now, self.own_sign)
+            if not await self.keyring.publish(now, self.own_sign):
+                log.debug("our session keys are on PEP already")
         except CapsuleError as exc:
             events.fail(self.xmpp, exc, None, "")
             return
@@ -264,11 +271,29 @@ class XEP_Capsule(BasePlugin):
         """Resends and copies of accepted capsules, dropped quietly."""
         return self.receiver.duplicates
 
-    async def publish_certificates(self) -> None:
+    def _chain(self) -> dict[str, str]:
         data = self.store.data
         chain = {"sign": data.signing_cert, "encrypt": data.encryption_cert, "ca": data.ca_root}
-        await discovery.publish(self.xmpp, {k: v for k, v in chain.items() if v})
-        log.info("published Capsule certificates for %s", data.jid)
+        return {k: v for k, v in chain.items() if v}
+
+    async def _certificates_held(self) -> bool:
+        """Whether our certificates node holds exactly our chain with the options a publish
+        sets; False when a read fails (then we publish, as if it did not)."""
+        try:
+            payloads, configured = await discovery.published_item(
+                self.xmpp, ns.CERTS_NODE, self.options.fetch_timeout, "own certificates")
+        except CapsuleError as exc:
+            log.info("publishing our certificates: %s", exc)
+            return False
+        return configured and discovery.holds_chain(payloads, self._chain())
+
+    async def publish_certificates(self, skip_if_held: bool = False) -> None:
+        """Publish our chain (``skip_if_held``: the node was just read and holds it already),
+        then raise ``capsule_published``."""
+        data = self.store.data
+        if not skip_if_held:
+            await discovery.publish(self.xmpp, self._chain())
+            log.info("published Capsule certificates for %s", data.jid)
         self.xmpp.event("capsule_published", data.jid)
 
     def refresh_crl(self) -> None:
