@@ -94,4 +94,4 @@ class CapsuleOptions:
 def default_config() -> dict[str, Any]:
     """The plugin's ``default_config``: every option's default, and the PIN options."""
     defaults = {f.name: f.default for f in dataclasses.fields(CapsuleOptions)}
-    return {**defaults, "profile": None, "pin": None, "pin_file": None}
+    return {**defaults, "profile": None, "pin": None, "pin_file": None, "unlocked": None}

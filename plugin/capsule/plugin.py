@@ -51,7 +51,7 @@ from capsule.sending import Sender
 from capsule.trust import CertificateSource, TrustStore, VerifiedContact
 
 __all__ = ["CapsuleFailure", "CapsuleInfo", "PlaintextSent", "XEP_Capsule", "attach",
-           "capsule_info"]
+           "attach_async", "capsule_info"]
 log = logging.getLogger(__name__)
 
 
@@ -70,9 +70,15 @@ class XEP_Capsule(BasePlugin):
     # -- life cycle ------------------------------------------------------------
     def plugin_init(self) -> None:
         self.options = options = CapsuleOptions.from_config(self.config)
-        pin = plugin_pin(self.config.get("pin"), self.config.get("pin_file"))
+        unlocked, self.config["unlocked"] = self.config.get("unlocked"), None
+        if unlocked is None:
+            pin = plugin_pin(self.config.get("pin"), self.config.get("pin_file"))
+            self.store = Profile.load(options.profile, pin, options.key_file)
+        elif isinstance(unlocked, Profile) and unlocked.path == options.profile:
+            self.store = unlocked  # opened by attach_async
+        else:
+            raise ProfileError("'unlocked' must be the Profile opened from 'profile'")
         self.config["pin"] = None
-        self.store = Profile.load(options.profile, pin, options.key_file)
         data = self.store.data
         self._profile_jid = data.jid
         if self.xmpp.session_bind_event.is_set():  # session_bind ran first
@@ -410,6 +416,25 @@ def attach(client: BaseXMPP, profile: str | Path, pin: str, **config: Any
 
     client.register_plugin("capsule", {"profile": str(profile), "pin": pin, **config},
                            module=capsule)
+    return _published(client)
+
+
+async def attach_async(client: BaseXMPP, profile: str | Path, pin: str, **config: Any
+                       ) -> Callable[[float], Awaitable[None]]:
+    """:func:`attach` for a process of many bots: the profile is opened (Argon2id, by default
+    64 MiB and ≈ 0.3 s of CPU) in a worker thread, so the event loop keeps serving the bots
+    already running meanwhile. Unlocks run one at a time per process; each bot keeps its own
+    profile and PIN."""
+    import capsule
+
+    path = Path(profile)
+    unlocked = await asyncio.to_thread(Profile.load, path, pin, config.get("key_file"))
+    client.register_plugin("capsule", {"profile": str(path), "unlocked": unlocked, **config},
+                           module=capsule)
+    return _published(client)
+
+
+def _published(client: BaseXMPP) -> Callable[[float], Awaitable[None]]:
     done = asyncio.Event()
     client.add_event_handler("capsule_published", lambda _jid: done.set())
 

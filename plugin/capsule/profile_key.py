@@ -4,6 +4,7 @@ with a key file of 32 random bytes kept outside the profile (HKDF)."""
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,10 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from capsule import algorithms as alg
 from capsule.errors import CorruptProfile, ProfileError, StorageError
 from capsule.files import write_private
+
+# cryptography 50 (OpenSSL 4.0) deadlocks when two Argon2id derivations with more than one lane
+# run at once in one process (threads unlocking profiles): one at a time
+_DERIVING = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -34,8 +39,9 @@ class KdfParams:
 
     def derive(self, pin: str, salt: bytes, key_file: bytes | None = None) -> bytes:
         self.check()
-        key = Argon2id(salt=salt, length=alg.PROFILE_KEY_BYTES, iterations=self.iterations, lanes=self.lanes,
-                       memory_cost=self.memory_cost).derive(pin.encode())
+        with _DERIVING:
+            key = Argon2id(salt=salt, length=alg.PROFILE_KEY_BYTES, iterations=self.iterations,
+                           lanes=self.lanes, memory_cost=self.memory_cost).derive(pin.encode())
         if key_file is None:
             return key
         return HKDF(alg.KEY_HASH, alg.PROFILE_KEY_BYTES, salt=None, info=alg.PROFILE_KEY_FILE_INFO).derive(

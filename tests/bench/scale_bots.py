@@ -23,7 +23,7 @@ from slixmpp import JID, ClientXMPP
 from slixmpp.plugins.base import PluginManager
 
 from capsule.connection import login
-from capsule.plugin import attach
+from capsule.plugin import attach_async
 
 PIN = "482916"
 
@@ -57,7 +57,7 @@ class Fleet:
     async def _one(self, jid: str, password: str, profile: str | None, _partner: str) -> None:
         client = ClientXMPP(jid, password)
         self.clients.append(client)
-        published = attach(client, profile, PIN) if profile else None
+        published = await attach_async(client, profile, PIN) if profile else None
         event = "capsule_message" if profile else "message"
         client.add_event_handler(event, self._got)
         client.add_event_handler("session_start", lambda _: client.send_presence())
