@@ -6,6 +6,8 @@ import asyncio
 import base64
 import datetime as dt
 import json
+import os
+import signal
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -21,6 +23,7 @@ from slixmpp import Message
 
 from capsule import core, envelope
 from capsule import stanza as st
+from capsule.audit import parallel
 from capsule.audit.findings import BARS, VERDICTS, Report, StoredRow, Timeline
 from capsule.audit.panel import render
 from capsule.audit.report import as_html
@@ -663,6 +666,90 @@ def test_database_killed_mid_stream_is_a_source_error(xmpp_stack):
     with pytest.raises(SourceError):
         for _ in rows:
             pass
+    xmpp_stack.sql(f"DROP DATABASE {db}")
+
+
+def _jobs_database(stack, alice, bob) -> str:
+    """Openfire tables whose rows spread over many id blocks (so over every worker's share),
+    with what makes the order matter: a capsule stored twice, tampered copies before and after
+    genuine ones, plaintext messages whose ids recur, more problems than the report lists, an
+    offline row with no id clash and two with one, and archive rows with NULL and negative ids."""
+    db = "openfire_jobs"
+    a, b = sealed(alice, bob), sealed(alice, bob)
+    genuine = {name: stored_text(c, bob.data.jid, "plain") for name, c in (("a", a), ("b", b))}
+    forged = {name: text.replace(*tamper("payload", text)) for name, text in genuine.items()}
+    archive = [(1, genuine["a"]), (1500, genuine["a"]), (2600, forged["a"]), (3100, forged["b"]),
+               (4200, genuine["b"]), ("NULL", genuine["b"]), (-7, forged["a"])]
+    values = ", ".join(f"({i}, 1, 'a', NULL, 'b', NULL, {1795700000000 + n * 60_000}, "
+                       f"{literal(text)}, NULL, NULL)" for n, (i, text) in enumerate(archive))
+    offline = [("bob", 1, genuine["a"]), ("bob", 2100, genuine["b"]), ("alice", 2100, forged["b"])]
+    queued = ", ".join(f"('{user}', {i}, '{1795700000000 + i}', 9, {literal(text)})"
+                       for user, i, text in offline)
+    stack.sql(f"DROP DATABASE IF EXISTS {db}; CREATE DATABASE {db} CHARACTER SET utf8mb4")
+    stack.sql(OPENFIRE_SCHEMA + f"INSERT INTO ofMessageArchive VALUES {values};"
+              "INSERT INTO ofMessageArchive SELECT 11 + seq * 37, 1, 'a', NULL, 'b', NULL, "
+              "1795600000000 + seq * 90000, CONCAT('<message from=\"carol@capsule.test/x\" "
+              "to=\"bob@capsule.test\" id=\"p', seq MOD 50, '\"><body>hi ', seq, '</body>"
+              "</message>'), NULL, NULL FROM seq_0_to_399;"
+              f"INSERT INTO ofOffline VALUES {queued};", db)
+    return db
+
+
+def test_every_jobs_count_gives_the_same_report(xmpp_stack, authority, pair, tmp_path):
+    """`capsule audit --jobs N` (the README's command, as a process) splits the tables among N
+    worker processes: the report, JSON and terminal, is byte for byte the one process's, with
+    the order-dependent parts (a message stored twice counted once, tampered copies counted,
+    the first 200 problems listed) in the tables' order; bad --jobs values are one line."""
+    alice, bob = pair
+    db = _jobs_database(xmpp_stack, alice, bob)
+    root, certs = tmp_path / "root.pem", tmp_path / "signers.pem"
+    root.write_bytes(authority.root_pem)
+    certs.write_text(alice.data.signing_cert)
+    capsule = Path(sys.executable).with_name("capsule")
+
+    def audit(*jobs: str) -> tuple[str, str]:
+        out = tmp_path / f"report{jobs}.json"
+        done = subprocess.run([str(capsule), "audit", "--source", "openfire", "--dsn",
+                               xmpp_stack.dsn(db), "--ca", str(root), "--certs", str(certs),
+                               "--json", str(out), *jobs],
+                              capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 0, done.stderr
+        return out.read_text(), done.stdout
+
+    one = audit("--jobs", "1")
+    data = json.loads(one[0])
+    assert data["rows"] == 410 and data["totals"]["bad-signature"] == 4
+    # the first row of message a is a forged copy: its genuine copies are repeats (not counted)
+    assert data["totals"]["capsule"] == 1 and data["totals"]["plaintext"] == 50
+    assert len(data["findings"]) == 200 and data["findings_not_listed"] == 204
+    # the NULL id (a genuine capsule, not a finding) and then the negative one come first
+    assert [f["row"] for f in data["findings"][:2]] == ["-7", "11"]
+    for jobs in (["--jobs", "2"], ["--jobs", "3"], []):
+        assert audit(*jobs) == one, jobs
+    for bad in ("0", "-1", "two"):
+        done = subprocess.run([str(capsule), "audit", "--source", "openfire", "--ca", str(root),
+                               "--jobs", bad], capture_output=True, text=True, check=False)
+        assert done.returncode == 2 and "--jobs" in done.stderr and "Traceback" not in done.stderr
+    xmpp_stack.sql(f"DROP DATABASE {db}")
+
+
+@pytest.mark.parametrize("failure", ["killed", "raises"])
+def test_a_failing_audit_worker_fails_the_audit(xmpp_stack, authority, pair, failure):
+    """A worker killed or broken halfway through its share: the audit raises WorkerFailed (a
+    SourceError: exit 1 from the CLI), never a report missing that share's rows."""
+    db = _jobs_database(xmpp_stack, *pair)
+    auditor = offline_auditor(authority, *pair)
+
+    def examine(row: StoredRow) -> Any:
+        if row.row_id == "4200":  # in the second worker's share
+            if failure == "killed":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError("a bug")
+        return auditor.examine(row)
+
+    with pytest.raises(parallel.WorkerFailed) as raised:
+        parallel.audit("openfire", Dsn.parse(xmpp_stack.dsn(db)), 2, examine, Report(["t"]))
+    assert raised.value.exit_code == (-signal.SIGKILL if failure == "killed" else None)
     xmpp_stack.sql(f"DROP DATABASE {db}")
 
 

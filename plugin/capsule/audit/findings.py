@@ -134,15 +134,20 @@ class Report:
     missing: list[str] = field(default_factory=list)  # source tables that do not exist
 
     def add(self, finding: Finding) -> None:
+        self.tally(finding.sender, finding.recipient, hash(finding.key), finding.verdict,
+                   finding.row.when, finding if finding.verdict in FAILING else None)
+
+    def tally(self, a: str, b: str, key: int, verdict: str, when: dt.datetime | None,
+              failing: Finding | None) -> None:
+        """Count one row: its conversation (peers ``a`` and ``b``), the ``hash`` of its
+        finding's key (a message stored in several rows counts once), its verdict and time,
+        and the finding itself when it is a problem (``failing``)."""
         self.rows += 1
-        a, b = finding.sender, finding.recipient
         peers = (a, b) if a <= b else (b, a)
         conv = self.conversations.get(peers)
         if conv is None:
             conv = self.conversations[peers] = Conversation(peers)
         conv.rows += 1
-        verdict, when = finding.verdict, finding.row.when
-        key = hash(finding.key)
         if key not in conv.keys:
             conv.keys.add(key)
         elif verdict not in TAMPERED:  # a tampered copy of a message stored twice still counts
@@ -156,9 +161,9 @@ class Report:
                 conv.first = when
             if conv.last is None or when > conv.last:
                 conv.last = when
-        if finding.verdict in FAILING:
+        if failing is not None:
             if len(self.findings) < self.max_findings:
-                self.findings.append(finding)
+                self.findings.append(failing)
             else:
                 self.unlisted += 1
 

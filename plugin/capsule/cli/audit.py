@@ -6,11 +6,13 @@ import argparse
 import gc
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
+from capsule.audit import parallel
 from capsule.audit.findings import FAILING, VERDICTS, Report
 from capsule.audit.panel import PanelError, check_ejabberd_queue, check_openfire_archive
 from capsule.audit.report import ReportError, as_html, as_json, as_table
@@ -30,6 +32,13 @@ from capsule.errors import ProfileError
 from capsule.pins import read_secret
 
 DB_PASSWORD_ENV = "CAPSULE_AUDIT_DB_PASSWORD"
+DEFAULT_JOBS = min(4, len(os.sched_getaffinity(0)))  # judging rows is CPU work: a core each
+
+
+def _jobs(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
+    return int(text)
 
 
 def _progress(enabled: bool, every: int = 5000) -> Iterator[None]:
@@ -88,21 +97,25 @@ def cmd_audit(args: argparse.Namespace) -> int:
             raise SourceError("--source mam and --fetch-certs need --jid, --password-file and "
                               "--port")
         password = read_secret(args.password_file, "", "XMPP password", error=SourceError)
-    if args.source == "mam":
-        assert password is not None
-        rows = mam_rows(args.jid, password, args.host, args.port, args.ca)
-        report = Report([f"MAM of {args.jid}"])
-    else:
-        report = Report([f"{args.source} tables"])
-        rows = sql_rows(args.source, _dsn(args), report.missing_table)
+    report = Report([f"MAM of {args.jid}" if args.source == "mam" else f"{args.source} tables"])
+    dsn = _dsn(args) if args.source != "mam" else None
     fetcher = (CertificateFetcher(args.jid, password, args.host, args.port, args.ca,
                                   args.ca_service) if args.fetch_certs and password else None)
     # what is loaded by now lives as long as the command: the full collections that the rows
     # in flight trigger need not walk it again and again (~15 % at 100k rows, bench_audit.py)
     gc.freeze()
+    auditor = Auditor(root, bundle, crl, fetcher.fetch if fetcher else None)
+    progress = _progress(args.progress or sys.stderr.isatty())
     try:
-        Auditor(root, bundle, crl, fetcher.fetch if fetcher else None).run(
-            rows, report, _progress(args.progress or sys.stderr.isatty()))
+        if dsn is None:
+            assert password is not None
+            auditor.run(mam_rows(args.jid, password, args.host, args.port, args.ca), report,
+                        progress)
+        elif args.jobs == 1 or threading.active_count() > 1:
+            # forking beside a thread (the fetcher's, an embedding program's) is unsafe
+            auditor.run(sql_rows(args.source, dsn, report.missing_table), report, progress)
+        else:
+            parallel.audit(args.source, dsn, args.jobs, auditor.examine, report, progress)
     finally:
         if fetcher:
             fetcher.close()
@@ -183,6 +196,10 @@ def add_parsers(top: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--fail-on", type=lambda v: [x for x in v.split(",") if x], default=[],
                    help=f"exit 2 if any of these is found: {','.join(FAILING)}")
     p.add_argument("--progress", action="store_true", help="report progress on stderr")
+    p.add_argument("--jobs", type=_jobs, default=DEFAULT_JOBS, metavar="N",
+                   help="processes judging the rows of a SQL source, each reading its own share "
+                   f"(default {DEFAULT_JOBS}: this machine's cores, at most 4; 1 with "
+                   "--fetch-certs); the report is the same for any N")
     p.set_defaults(func=cmd_audit)
     _add_panel_parser(top)
 
