@@ -22,8 +22,9 @@ from slixmpp import ClientXMPP, Message
 from slixmpp.basexmpp import BaseXMPP
 from slixmpp.plugins.base import PluginManager
 
-from capsule import XEP_Capsule, capsule_info, core
+from capsule import XEP_Capsule, capsule_info, core, envelope, v1
 from capsule import stanza as st
+from capsule.profile import Profile
 from capsule.testing.leaks import Plaintexts
 from capsule_stack.fixtures import BOT_PIN, Account
 from capsule_stack.stack import Stack
@@ -225,3 +226,16 @@ def assert_ciphertext_only(stack: Stack, user: str, texts: list[str], store: str
     for text in texts:
         assert not any(text in row for row in rows), f"plaintext {text!r} stored in {store}"
     return rows
+
+
+def seal_v1(alice: Profile, bob: Profile, now: int, text: str = "the archive must not give this away"
+            ) -> v1.Capsule:
+    """A v1 capsule from alice to bob's newest session key and her own (both need one)."""
+    el = ET.Element("{jabber:client}body")
+    el.text = text
+    env = envelope.encode([el], alice.data.jid, [bob.data.jid], core.utc_timestamp())
+    assert alice.data.signing_cert
+    fp = core.cert_fingerprint(x509.load_pem_x509_certificate(alice.data.signing_cert.encode()))
+    return v1.seal(env, sender=alice.data.jid, sender_cert=fp, signing_key=alice.data.signing_key,
+                   recipients=[v1.Recipient(p.data.jid, p.current_sessions(now)[0].pub)
+                               for p in (alice, bob)])

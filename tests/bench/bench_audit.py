@@ -1,9 +1,9 @@
 """capsule audit throughput and memory on 10k and 100k stored rows (printed, not asserted).
 
 Goal (issue 16): >= 20,000 rows/s on 100k rows with flat memory. Rows live in an Openfire-shaped
-stand-in table in the stack's MariaDB: 200 distinct real capsules and 50 plaintext messages,
-copied until the table is full; every row has its own message id and time, so no two rows hold
-the same text (the same capsule recurs, as it does across archives and offline queues). Each
+stand-in table in the stack's MariaDB: 200 distinct real capsules (half v0, half v1) and 50
+plaintext messages, copied until the table is full; every row has its own message id and time,
+so no two rows hold the same text (the same capsule recurs, as it does across archives and offline queues). Each
 program runs as a process, as an auditor runs it (start-up and report included), interleaved,
 median of ``CAPSULE_BENCH_REPEATS`` rounds: the bare driver (``driver_stream.py``: PyMySQL's
 server-side cursor over the audit's own query, rows fetched and dropped), ``capsule audit
@@ -30,14 +30,13 @@ from pathlib import Path
 
 import pytest
 
-from capsule import core, envelope
-from capsule import stanza as st
+from capsule import core, envelope, v1, wire
 from capsule.audit.findings import Report
 from capsule.audit.sources import AUDIT_DSN_ENV, Dsn, sql_rows
 from capsule.audit.verdicts import Auditor, CertificateBundle
 from capsule.cli.audit import DEFAULT_JOBS
 from capsule_stack.sql import literal
-from tests.helpers import OPENFIRE_ARCHIVE, body
+from tests.helpers import OPENFIRE_ARCHIVE, body, seal_v1
 
 REPEATS = int(os.environ.get("CAPSULE_BENCH_REPEATS", "3"))
 DRIVER = Path(__file__).with_name("driver_stream.py")
@@ -45,18 +44,25 @@ MINUTE_MS = 60_000
 
 
 def _seed(alice, bob) -> list[str]:
+    """100 v0 and 100 v1 capsules from alice to bob (an archive from before and after wire
+    format v1), 50 plaintext messages."""
     data = alice.capsule.store.data
     to = bob.capsule.own_encrypt  # keyed for the stored addressee, or recipient-mismatch
+    now = int(time.time())
     rows = []
     for i in range(200):
-        env = envelope.encode(body(f"bench {i}"), alice.jid, [bob.jid], core.utc_timestamp())
-        sealed = core.seal(env, sender=alice.jid, sender_cert=alice.capsule.own_sign.fingerprint,
-                           signing_key=data.signing_key,
-                           recipients=[core.Recipient(bob.jid, to.fingerprint, to.public_key)])
+        capsule: core.Capsule | v1.Capsule
+        if i % 2:
+            capsule = seal_v1(alice.capsule.store, bob.capsule.store, now, f"bench {i}")
+        else:
+            env = envelope.encode(body(f"bench {i}"), alice.jid, [bob.jid], core.utc_timestamp())
+            capsule = core.seal(env, sender=alice.jid, sender_cert=alice.capsule.own_sign.fingerprint,
+                                signing_key=data.signing_key,
+                                recipients=[core.Recipient(bob.jid, to.fingerprint, to.public_key)])
         msg = alice.client.make_message(mto=bob.jid, mtype="chat")
         msg["from"] = alice.jid
         msg["id"] = "SEEDID"
-        st.from_core(msg, sealed)
+        wire.put(msg, capsule)
         rows.append(str(msg))
     rows += [f"<message id='SEEDID' from='{bob.jid}' to='{alice.jid}' type='chat'>"
              f"<body>hi {i}</body></message>" for i in range(50)]
