@@ -1,16 +1,16 @@
 """capsule audit throughput and memory on 10k and 100k stored rows (printed, not asserted).
 
-Goal (issue 16): >= 20,000 rows/s on 100k rows with flat memory. Rows live in an Openfire-
-shaped stand-in table in the stack's MariaDB: 200 distinct real capsules (half v0, half v1) and
-50 plaintext messages, copied until the table is full; every row has its own message id and
-time, so no two rows hold the same text (the same capsule recurs, as it does across archives
-and offline queues). Each program runs as a process, as an auditor runs it (start-up and report
-included), interleaved, median of ``CAPSULE_BENCH_REPEATS`` rounds: the bare driver
-(``driver_stream.py``: PyMySQL's server-side cursor over the audit's own query, rows fetched
-and dropped), ``capsule audit --jobs 1`` and ``capsule audit`` with its default jobs; wall-
-clock rows/s, rows per CPU-second (all its processes) and peak memory (PSS of all its
-processes; flat: the same at 10k and 100k rows). ``CAPSULE_BENCH_PROFILE=1`` prints where one
-process spends an audit's time (cProfile).
+Goal (issue 16): >= 20,000 rows/s on 100k rows with flat memory. Rows live in an
+Openfire-shaped stand-in table in the stack's MariaDB: 200 distinct real capsules (half v0,
+half v1) and 50 plaintext messages, copied until the table is full; every row has its own
+message id and time, so no two rows hold the same text (the same capsule recurs, as it does
+across archives and offline queues). Each program runs as a process, as an auditor runs it
+(start-up and report included), interleaved, median of ``CAPSULE_BENCH_REPEATS`` rounds: the
+bare driver (``driver_stream.py``: PyMySQL's server-side cursor over the audit's own query,
+rows fetched and dropped), ``capsule audit --jobs 1`` and ``capsule audit`` with its default
+jobs; wall-clock rows/s, rows per CPU-second (all its processes) and peak memory (PSS of all
+its processes; flat: the same at 10k and 100k rows). ``CAPSULE_BENCH_PROFILE=1`` prints where
+one process spends an audit's time (cProfile).
 """
 
 from __future__ import annotations
