@@ -114,13 +114,33 @@ def test_a_tampered_copy_never_inherits_the_genuine_verdict(authority, pair, sty
     assert verdicts == ["capsule", "bad-signature", "capsule", "bad-signature"]
     report = offline_auditor(authority, alice).run(rows, Report(["test"]))
     (conv,) = report.conversations.values()
+    # one message, counted once under each verdict its rows got; each tampered row listed
     assert (conv.messages, conv.counts["capsule"], conv.counts["bad-signature"], conv.verdict) == (
-        1, 1, 2, "TAMPERED")
+        1, 1, 1, "TAMPERED")
     bad = [f for f in report.findings if f.verdict == "bad-signature"]
     assert [f.row.row_id for f in bad] == ["1", "3"]
     assert bad[0].signer == alice.data.jid and bad[0].cert is not None
     serial = x509.load_pem_x509_certificate(alice.data.signing_cert.encode()).serial_number
     assert bad[0].cert.serial == f"{serial:X}" and bad[0].cert.valid_at_signing is True
+
+
+def test_a_later_row_of_the_same_message_is_counted_under_its_own_verdict(authority, pair):
+    """The key that counts a message stored in several rows once comes from what the operator
+    stores (the id attribute, the capsule's header): a first harmless row must not hide the
+    plaintext or the unverifiable copy after it from the counts, the verdict and --fail-on."""
+    alice, bob = pair
+    capsule = sealed(alice, bob)
+    genuine = stored_text(capsule, bob.data.jid, "plain")
+    head = "<message from='alice@capsule.test/x' to='bob@capsule.test' id='x'>"
+    texts = [head + "<composing xmlns='http://jabber.org/protocol/chatstates'/></message>",
+             head + "<body>TOPSECRET</body></message>",
+             genuine, genuine.replace(capsule.header.cert, "ab" * 32)]
+    rows = [StoredRow("archive", str(i), "", None, t) for i, t in enumerate(texts)]
+    report = offline_auditor(authority, alice).run(rows, Report(["test"]))
+    (conv,) = report.conversations.values()
+    assert {v: n for v, n in conv.counts.items() if n} == {
+        "other": 1, "plaintext": 1, "capsule": 1, "unverified": 1}
+    assert conv.messages == 2 and conv.verdict == "PLAINTEXT"
 
 
 def test_a_capsule_signed_outside_its_certificate_validity_is_unverified(authority, pair):
@@ -752,9 +772,9 @@ def test_every_jobs_count_gives_the_same_report(xmpp_stack, authority, pair, tmp
 
     one = audit("--jobs", "1")
     data = json.loads(one[0])
-    assert data["rows"] == 410 and data["totals"]["bad-signature"] == 4
-    # the first row of message a is a forged copy: its genuine copies are repeats (not counted)
-    assert data["totals"]["capsule"] == 1 and data["totals"]["plaintext"] == 50
+    # two messages, each with genuine and forged copies: counted once under each verdict
+    assert data["rows"] == 410 and data["totals"]["bad-signature"] == 2
+    assert data["totals"]["capsule"] == 2 and data["totals"]["plaintext"] == 50
     assert len(data["findings"]) == 200 and data["findings_not_listed"] == 204
     # the NULL id (a genuine capsule, not a finding) and then the negative one come first
     assert [f["row"] for f in data["findings"][:2]] == ["-7", "11"]
