@@ -9,9 +9,11 @@ import datetime as dt
 import json
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
 from pathlib import Path
@@ -662,8 +664,9 @@ def test_missing_table_is_reported_and_the_rest_audited(xmpp_stack, tmp_path):
 
 def test_command_line_mistakes_are_one_line(xmpp_stack, new_account, tmp_path):
     """Each mistake an auditor can make with the README's command is one line on stderr and
-    exit 1, never a traceback: an unknown --fail-on word, a report path that is a directory or
-    in a missing one, --certs that do not exist, a reader that stops early, a wrong password."""
+    exit 1, never a traceback: an unknown --fail-on word, a password in the DSN's query, a report
+    path that is a directory or in a missing one or on a full disk (the previous report stays,
+    no cut-off one), --certs that do not exist, a reader that stops early, a wrong password."""
     db = "openfire_cli_mistakes"
     xmpp_stack.sql(f"DROP DATABASE IF EXISTS {db}; CREATE DATABASE {db} CHARACTER SET utf8mb4")
     values = ", ".join(f"('bob', {i}, '1795700000001', 9, " + literal(
@@ -682,6 +685,24 @@ def test_command_line_mistakes_are_one_line(xmpp_stack, new_account, tmp_path):
         return done.stderr
 
     assert ",".join(VERDICTS) in one_line("--fail-on", "plaintext,bogus")
+    assert "socket" in one_line("--dsn", xmpp_stack.dsn(db) + "&password=hunter2")
+    report = tmp_path / "report.json"
+    report.write_text("the previous report")
+
+    def too_big() -> None:  # a full disk, as the audit meets it: the report cannot be written
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    full = subprocess.run([*base, "--json", str(report)], capture_output=True, text=True,
+                          timeout=120, check=False, preexec_fn=too_big)
+    assert full.returncode == 1 and full.stderr.count("\n") == 1, full.stderr
+    assert f"cannot write the report to {report}" in full.stderr
+    assert report.read_text() == "the previous report"  # never a cut-off one in its place
+    assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
+    spaced = subprocess.run([*base, "--fail-on", "plaintext, bad-signature", "--json", "/dev/stdout"],
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert spaced.returncode == 2  # both words understood; /dev/stdout written as it is
+    assert json.JSONDecoder().raw_decode(spaced.stdout)[0]["rows"] == 1500
     assert str(tmp_path) in one_line("--html", str(tmp_path))
     assert "missing" in one_line("--json", str(tmp_path / "missing" / "report.json"))
     assert "/nonexistent" in one_line("--certs", "/nonexistent")
@@ -785,6 +806,71 @@ def test_every_jobs_count_gives_the_same_report(xmpp_stack, authority, pair, tmp
                                "--jobs", bad], capture_output=True, text=True, check=False)
         assert done.returncode == 2 and "--jobs" in done.stderr and "Traceback" not in done.stderr
     xmpp_stack.sql(f"DROP DATABASE {db}")
+
+
+def test_row_ids_that_are_not_integers_are_audited_in_one_process(xmpp_stack, tmp_path):
+    """Shares are blocks of integer ids; an operator who made the id a string (or a decimal)
+    must not get a different report, or a crash, from --jobs: one process audits, and says so."""
+    db = "openfire_odd_ids"
+    xmpp_stack.sql(f"DROP DATABASE IF EXISTS {db}; CREATE DATABASE {db} CHARACTER SET utf8mb4")
+    head = "<message from='carol@capsule.test/x' to='bob@capsule.test' id='x'>"
+    rows = {"2": "<composing xmlns='http://jabber.org/protocol/chatstates'/>",
+            "1500": "<body>TOPSECRET</body>", "\u00b2": "<body>squared</body>"}
+    values = ", ".join(f"({literal(i)}, 1, 'a', NULL, 'b', NULL, 1795700000000, "
+                       f"{literal(head + child + '</message>')}, NULL, NULL)"
+                       for i, child in rows.items())
+    xmpp_stack.sql(OPENFIRE_ARCHIVE.replace("messageID BIGINT NULL", "messageID VARCHAR(40)")
+                   + f"INSERT INTO ofMessageArchive VALUES {values};", db)
+    capsule = str(Path(sys.executable).with_name("capsule"))
+    outputs = []
+    for jobs in ("1", "2"):
+        out = tmp_path / f"report{jobs}.json"
+        done = subprocess.run([capsule, "audit", "--source", "openfire", "--dsn", xmpp_stack.dsn(db),
+                               "--ca", str(xmpp_stack.info.ca_root), "--json", str(out),
+                               "--jobs", jobs, "--fail-on", "plaintext"],
+                              capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 2, done.stderr  # the plaintext is found either way
+        outputs.append(out.read_text())
+    assert "are not integers: auditing in one process" in done.stderr
+    totals = json.loads(outputs[0])["totals"]
+    assert outputs[0] == outputs[1] and (totals["plaintext"], totals["other"]) == (1, 1)
+    xmpp_stack.sql(f"DROP DATABASE {db}")
+
+
+def test_killing_the_audit_ends_its_workers(xmpp_stack):
+    """The parent SIGKILLed mid-audit: its workers notice (their pipe is closed to them) and
+    end, and their queries with them; none is left writing to nobody."""
+    db = "openfire_orphans"
+    xmpp_stack.sql(f"DROP DATABASE IF EXISTS {db}; CREATE DATABASE {db};")
+    xmpp_stack.sql(OPENFIRE_ARCHIVE + "INSERT INTO ofMessageArchive SELECT seq, 1, 'a', NULL, "
+                   "'b', NULL, seq, CONCAT('<message><body>', REPEAT('x', 2000), '</body>"
+                   "</message>'), NULL, NULL FROM seq_1_to_40000;", db)
+    capsule = str(Path(sys.executable).with_name("capsule"))
+    audit = subprocess.Popen([capsule, "audit", "--source", "openfire", "--dsn", xmpp_stack.dsn(db),
+                              "--ca", str(xmpp_stack.info.ca_root), "--jobs", "2"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    children = Path(f"/proc/{audit.pid}/task/{audit.pid}/children")
+    deadline = time.monotonic() + 60
+    while len(workers := children.read_text().split()) < 2:
+        assert time.monotonic() < deadline and audit.poll() is None, "no workers started"
+        time.sleep(0.01)
+    audit.kill()
+    assert audit.wait(10) == -signal.SIGKILL  # killed mid-audit, not finished
+    queries = ("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE INFO LIKE "
+               "'%FROM ofMessageArchive%' AND INFO NOT LIKE '%PROCESSLIST%'")
+    deadline = time.monotonic() + 60
+    while any(_alive(int(pid)) for pid in workers) or xmpp_stack.sql(queries).strip() != "0":
+        assert time.monotonic() < deadline, "workers or their queries outlived the audit"
+        time.sleep(0.1)
+    xmpp_stack.sql(f"DROP DATABASE {db}")
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process runs (not gone, not a zombie waiting for init)."""
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
 
 
 @pytest.mark.parametrize("failure", ["killed", "raises"])

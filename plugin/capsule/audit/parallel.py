@@ -18,6 +18,7 @@ report.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import heapq
 import multiprocessing
@@ -31,7 +32,15 @@ from operator import itemgetter
 from typing import Any
 
 from capsule.audit.findings import FAILING, Finding, Report, StoredRow
-from capsule.audit.sources import SQL_SOURCES, Dsn, Share, SourceError, block, sql_rows
+from capsule.audit.sources import (
+    READ_TIMEOUT,
+    SQL_SOURCES,
+    Dsn,
+    Share,
+    SourceError,
+    block,
+    sql_rows,
+)
 
 
 class WorkerFailed(SourceError):
@@ -43,10 +52,24 @@ class WorkerFailed(SourceError):
         self.exit_code = exit_code
 
 
+INTEGER_TYPES = frozenset({"tinyint", "smallint", "mediumint", "int", "bigint"})
 BATCH = 256  # rows per message from a worker: few pickles, little memory in flight
 Examine = Callable[[StoredRow], Finding]
 Tally = tuple[str, str, int, str, dt.datetime | None, Finding | None]  # Report.tally's arguments
 Block = tuple[int, int, list[Tally]]  # table index, block of row ids, its rows (or some of them)
+
+
+def unsplittable(kind: str, dsn: Dsn) -> list[str]:
+    """The tables of a ``kind`` server whose row id is not an integer column in this database
+    (an operator may have altered the schema): shares are blocks of integer ids, so with such a
+    table one process audits (same report, one core)."""
+    with dsn.connect() as connection, connection.cursor() as cursor:
+        cursor.execute("SELECT TABLE_NAME, COLUMN_NAME, DATA_TYPE FROM information_schema.COLUMNS"
+                       " WHERE TABLE_SCHEMA = DATABASE()")
+        types = {(table.lower(), column.lower()): data_type.lower()
+                 for table, column, data_type in cursor.fetchall()}
+    return [table.label for table in SQL_SOURCES[kind]
+            if types.get((table.name.lower(), table.key.lower()), "int") not in INTEGER_TYPES]
 
 
 def audit(kind: str, dsn: Dsn, jobs: int, examine: Examine, report: Report,
@@ -61,8 +84,11 @@ def audit(kind: str, dsn: Dsn, jobs: int, examine: Examine, report: Report,
     try:
         for part in range(jobs):
             ours, theirs = context.Pipe(duplex=False)
-            process = context.Process(target=_work, daemon=True,
-                                      args=(theirs, kind, dsn, Share(part, jobs), examine))
+            # the reading ends the worker inherits, which it closes: were one left open, its
+            # writes would block instead of failing once we are gone (killed, say)
+            inherited = [connection for _, connection in workers] + [ours]
+            process = context.Process(target=_work, daemon=True, args=(
+                theirs, inherited, kind, dsn, Share(part, jobs), examine))
             process.start()
             theirs.close()  # now only the worker holds the writing end: its death is EOF here
             workers.append((process, ours))
@@ -91,8 +117,10 @@ def _blocks(process: BaseProcess, connection: Connection, missing: dict[str, str
     """One worker's blocks in its share's order; its missing tables into ``missing``."""
     while True:
         try:
+            if not connection.poll(READ_TIMEOUT):
+                raise WorkerFailed(f"an audit worker sent nothing for {READ_TIMEOUT} s", None)
             message = connection.recv()
-        except EOFError:
+        except (EOFError, OSError):  # OSError: it died in the middle of a message
             process.join()
             raise WorkerFailed(f"an audit worker ended before its share was done (exit code "
                                f"{process.exitcode})", process.exitcode) from None
@@ -109,9 +137,12 @@ def _blocks(process: BaseProcess, connection: Connection, missing: dict[str, str
                 return
 
 
-def _work(connection: Connection, kind: str, dsn: Dsn, share: Share, examine: Examine) -> None:
+def _work(connection: Connection, inherited: list[Connection], kind: str, dsn: Dsn,
+          share: Share, examine: Examine) -> None:
     """A forked worker: its share of every table, judged, sent block by block; then "end"."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us when it is interrupted
+    for other in inherited:
+        other.close()
     tables = {table.label: index for index, table in enumerate(SQL_SOURCES[kind])}
     intern = sys.intern  # a peer named once per message, not once per row
 
@@ -133,11 +164,15 @@ def _work(connection: Connection, kind: str, dsn: Dsn, share: Share, examine: Ex
         if rows:
             send("rows", *at, rows)
         send("end")
+    except (BrokenPipeError, ConnectionResetError):
+        return  # the parent is gone or gave up: nobody to tell
     except SourceError as exc:
-        send("error", str(exc))
+        with contextlib.suppress(OSError):
+            send("error", str(exc))
     except Exception as exc:  # a bug: its traceback on our stderr, the audit fails
         traceback.print_exc()
-        send("failed", f"audit worker {share.part + 1} of {share.of} failed: "
-                       f"{type(exc).__name__}: {exc}")
+        with contextlib.suppress(OSError):
+            send("failed", f"audit worker {share.part + 1} of {share.of} failed: "
+                           f"{type(exc).__name__}: {exc}")
     finally:
         connection.close()

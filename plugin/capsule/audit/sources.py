@@ -63,7 +63,7 @@ SHARE_BLOCK = 1024
 def block(row_id: str) -> int:
     """The block of a row's id as :meth:`Share.sql` counts them (-1: none or negative); in a
     table's order (the row id ascending, NULL first) blocks never decrease."""
-    return int(row_id) // SHARE_BLOCK if row_id.isdigit() else -1
+    return int(row_id) // SHARE_BLOCK if row_id.isascii() and row_id.isdigit() else -1
 
 
 WHOLE = Share(0, 1)
@@ -169,7 +169,13 @@ class Dsn:
         if password is None:
             password = unquote(url.password or "") or os.environ.get(
                 "CAPSULE_AUDIT_DB_PASSWORD", "")
-        socket = parse_qs(url.query).get("socket", [""])[0]
+        query = parse_qs(url.query, keep_blank_values=True)
+        unknown = sorted(set(query) - {"socket"})
+        if unknown:  # a password here would sit in argv, readable by every local user
+            raise SourceError(f"the DSN's ?{'&'.join(unknown)}: only ?socket=PATH is understood; "
+                              "a password goes in --db-password-file or "
+                              "$CAPSULE_AUDIT_DB_PASSWORD")
+        socket = query.get("socket", [""])[0]
         return cls(unquote(url.username or ""), password, url.hostname or "127.0.0.1",
                    url.port or 3306, url.path.strip("/"), socket)
 
