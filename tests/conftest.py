@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,7 +16,9 @@ from capsule_ca import Authority
 pytest_plugins = ["capsule.testing.pytest_plugin", "capsule_stack.fixtures"]
 pytest.register_assert_rewrite("tests.helpers", *pytest_plugins)
 
-from .helpers import PIN  # noqa: E402
+from capsule.testing.leaks import assert_not_logged  # noqa: E402
+
+from .helpers import BOT_PIN, PIN, secret  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -32,3 +34,14 @@ def identity(authority: Authority, tmp_path: Path) -> Callable[[str], Profile]:
         return enroll(authority, tmp_path / f"{name}.capsule", f"{name}@capsule.test", PIN)
 
     return make
+
+
+@pytest.fixture
+def no_plaintext_in_debug_log(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """The DEBUG log captured while a test ran holds none of its ``secret()`` plaintexts and
+    not the bots' PIN (used by the bot-to-bot modules through ``pytestmark``)."""
+    caplog.set_level("DEBUG")
+    secret.clear()
+    yield
+    records = [r for phase in ("setup", "call") for r in caplog.get_records(phase)]
+    assert_not_logged(records, [*secret.made, BOT_PIN])

@@ -22,8 +22,10 @@ from slixmpp import ClientXMPP, Message
 from slixmpp.basexmpp import BaseXMPP
 from slixmpp.plugins.base import PluginManager
 
-from capsule import XEP_Capsule, capsule_info, core
+from capsule import XEP_Capsule, capsule_info, core, envelope, v1
 from capsule import stanza as st
+from capsule.profile import Profile
+from capsule.testing.leaks import Plaintexts
 from capsule_stack.fixtures import BOT_PIN, Account
 from capsule_stack.stack import Stack
 
@@ -32,6 +34,9 @@ __all__ = ["BOT_PIN", "CAPSULE", "OPENFIRE_ARCHIVE", "OPENFIRE_OFFLINE", "PIN", 
            "verified_sender"]
 
 PIN = "246810"  # unit-test profiles (tests/conftest.py)
+# every plaintext the bot-to-bot tests send: fixture no_plaintext_in_debug_log looks for them
+secret = Plaintexts()
+VECTORS = Path(__file__).parent / "data" / "v1-vectors.json"  # wire format v1 test vectors
 # Openfire's two stored-message tables, from its documented columns (a stand-in for its schema)
 OPENFIRE_ARCHIVE = """
 CREATE TABLE ofMessageArchive (messageID BIGINT NULL, conversationID BIGINT NOT NULL,
@@ -211,3 +216,26 @@ async def settle(ledger: Ledger, sent: dict[str, str], timeout: float = 60.0) ->
     deadline = loop.time() + timeout
     while not ledger.settled(sent) and loop.time() < deadline:
         await asyncio.sleep(0.1)
+
+
+def assert_ciphertext_only(stack: Stack, user: str, texts: list[str], store: str = "archive"
+                           ) -> list[str]:
+    """What ``user``'s ``store`` holds, none of it any of ``texts``."""
+    rows = stack.stored(store, user)
+    assert rows, f"nothing in {store} for {user}"
+    for text in texts:
+        assert not any(text in row for row in rows), f"plaintext {text!r} stored in {store}"
+    return rows
+
+
+def seal_v1(alice: Profile, bob: Profile, now: int, text: str = "the archive must not give this away"
+            ) -> v1.Capsule:
+    """A v1 capsule from alice to bob's newest session key and her own (both need one)."""
+    el = ET.Element("{jabber:client}body")
+    el.text = text
+    env = envelope.encode([el], alice.data.jid, [bob.data.jid], core.utc_timestamp())
+    assert alice.data.signing_cert
+    fp = core.cert_fingerprint(x509.load_pem_x509_certificate(alice.data.signing_cert.encode()))
+    return v1.seal(env, sender=alice.data.jid, sender_cert=fp, signing_key=alice.data.signing_key,
+                   recipients=[v1.Recipient(p.data.jid, p.current_sessions(now)[0].pub)
+                               for p in (alice, bob)])

@@ -104,6 +104,18 @@ def test_the_graph_check_sees_a_forbidden_import(tmp_path: Path) -> None:
     assert layer("capsule_stack.stack") not in LAYERS["capsule"]
 
 
+def test_no_test_module_imports_another() -> None:
+    """Shared test code lives in tests/helpers.py, tests/streams.py and ``capsule.testing``. A
+    test module imported by another hides which fixtures apply: the bot-to-bot leak check was
+    autouse in test_e2e only, so test_e2e_v1, which imported its ``secret()``, went unchecked."""
+    found = []
+    for path in (ROOT / "tests").rglob("*.py"):
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        found += [f"{module} imports {target}" for target in imports(path, module)
+                  if target.rsplit(".", 1)[-1].startswith(("test_", "bench_"))]
+    assert not found
+
+
 def test_import_capsule_loads_no_tooling_ca_or_openfire_module() -> None:
     """What an app gets from ``import capsule``: the runtime only (no CA, stack, Openfire, test
     harness, pytest)."""

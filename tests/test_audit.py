@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import datetime as dt
 import json
+import os
+import re
+import resource
+import signal
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
 from pathlib import Path
@@ -19,8 +25,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hst
 from slixmpp import Message
 
-from capsule import core, envelope
+from capsule import core, envelope, v1, wire
+from capsule import namespaces as ns
 from capsule import stanza as st
+from capsule.audit import parallel
 from capsule.audit.findings import BARS, VERDICTS, Report, StoredRow, Timeline
 from capsule.audit.panel import render
 from capsule.audit.report import as_html
@@ -31,7 +39,9 @@ from capsule.testing.identities import enroll
 from capsule_stack.rows import wait_stored
 from capsule_stack.sql import literal
 
-from .helpers import OPENFIRE_ARCHIVE, OPENFIRE_OFFLINE, body, rsa_key, tamper
+from .helpers import OPENFIRE_ARCHIVE, OPENFIRE_OFFLINE, body, rsa_key, seal_v1, tamper
+
+NS0, NS1 = ns.NAMESPACE, ns.V1_NAMESPACE
 
 
 def B64(data: bytes) -> str:
@@ -106,13 +116,33 @@ def test_a_tampered_copy_never_inherits_the_genuine_verdict(authority, pair, sty
     assert verdicts == ["capsule", "bad-signature", "capsule", "bad-signature"]
     report = offline_auditor(authority, alice).run(rows, Report(["test"]))
     (conv,) = report.conversations.values()
+    # one message, counted once under each verdict its rows got; each tampered row listed
     assert (conv.messages, conv.counts["capsule"], conv.counts["bad-signature"], conv.verdict) == (
-        1, 1, 2, "TAMPERED")
+        1, 1, 1, "TAMPERED")
     bad = [f for f in report.findings if f.verdict == "bad-signature"]
     assert [f.row.row_id for f in bad] == ["1", "3"]
     assert bad[0].signer == alice.data.jid and bad[0].cert is not None
     serial = x509.load_pem_x509_certificate(alice.data.signing_cert.encode()).serial_number
     assert bad[0].cert.serial == f"{serial:X}" and bad[0].cert.valid_at_signing is True
+
+
+def test_a_later_row_of_the_same_message_is_counted_under_its_own_verdict(authority, pair):
+    """The key that counts a message stored in several rows once comes from what the operator
+    stores (the id attribute, the capsule's header): a first harmless row must not hide the
+    plaintext or the unverifiable copy after it from the counts, the verdict and --fail-on."""
+    alice, bob = pair
+    capsule = sealed(alice, bob)
+    genuine = stored_text(capsule, bob.data.jid, "plain")
+    head = "<message from='alice@capsule.test/x' to='bob@capsule.test' id='x'>"
+    texts = [head + "<composing xmlns='http://jabber.org/protocol/chatstates'/></message>",
+             head + "<body>TOPSECRET</body></message>",
+             genuine, genuine.replace(capsule.header.cert, "ab" * 32)]
+    rows = [StoredRow("archive", str(i), "", None, t) for i, t in enumerate(texts)]
+    report = offline_auditor(authority, alice).run(rows, Report(["test"]))
+    (conv,) = report.conversations.values()
+    assert {v: n for v, n in conv.counts.items() if n} == {
+        "other": 1, "plaintext": 1, "capsule": 1, "unverified": 1}
+    assert conv.messages == 2 and conv.verdict == "PLAINTEXT"
 
 
 def test_a_capsule_signed_outside_its_certificate_validity_is_unverified(authority, pair):
@@ -168,20 +198,16 @@ def test_stanza_reader_parses_exactly_like_fromstring():
         assert got == expected, text
 
 
-def hostile_rows(alice, bob) -> list[str]:
-    """Genuine and tampered capsules as servers store them, and rows built to mislead a
-    search for the capsule's text: decoys nested elsewhere or in a processing instruction, a
-    prefixed capsule child first, prefixes bound outside the capsule, a capsule inside a
-    capsule, the fast path's own marker, a second root."""
-    capsule = sealed(alice, bob)
-    payload = bytearray(capsule.payload)
-    payload[5] ^= 0x01
-    tampered = B64(bytes(payload))
-    genuine, bad = (stored_text(capsule, bob.data.jid, "plain", p) for p in (None, tampered))
+def hostile_rows(genuine: str, bad: str, namespace: str) -> list[str]:
+    """Genuine and tampered capsules as servers store them (``genuine`` and ``bad``, a capsule
+    of wire format ``namespace``), and rows built to mislead a search for the capsule's text:
+    decoys nested elsewhere or in a processing instruction, a prefixed capsule child first,
+    prefixes bound outside the capsule, a capsule inside a capsule, the fast path's own marker,
+    a second root."""
     one, bad_one = (t[t.index("<capsule"):t.index("</capsule>") + 10] for t in (genuine, bad))
     single = one.replace('"', "'")
-    bad_prefixed = stored_text(capsule, bob.data.jid, "prefixed", tampered)
-    c_bad = bad_prefixed[bad_prefixed.index("<c:capsule"):bad_prefixed.index("</c:capsule>") + 12]
+    c_bad = re.sub(r"<(/?)(?=[a-z])", r"<\1c:", bad_one).replace(
+        f'xmlns="{namespace}"', f'xmlns:c="{namespace}"', 1)  # the same element, prefixed
     head, tail = '<message from="alice@capsule.test" to="bob@capsule.test" id="m1">', "</message>"
     cut = one.index("<header")
     return [
@@ -192,22 +218,51 @@ def hostile_rows(alice, bob) -> list[str]:
         head + f"<?pi {one}?>{c_bad}" + tail, head + f"<?pi {one}?><body>hi</body>" + tail,
         head + c_bad + one + tail, head + one + c_bad + tail,
         head + one.replace("<header", "<p:header").replace("</header>", "</p:header>") + tail,
-        head.replace("<message ", "<message xmlns:p='urn:capsule:0' ")
+        head.replace("<message ", f"<message xmlns:p='{namespace}' ")
         + one.replace("<header", "<p:header").replace("</header>", "</p:header>") + tail,
-        head.replace("<message ", "<message xmlns='urn:capsule:0' ")
+        head.replace("<message ", f"<message xmlns='{namespace}' ")
         + c_bad.replace("<c:header", "<header").replace("</c:header>", "</header>") + tail,
         head + one[:cut] + one + one[cut:] + tail,  # a capsule inside the capsule
         head + one + "<body>capsule-audit-span</body>" + tail,
         head + f"<capsule-audit-span xmlns=''/><x>{one}</x><body>hi</body>" + tail,
-        head + one.replace('xmlns="urn:capsule:0"', 'xmlns="urn:other"') + "<body>hi</body>" + tail,
+        head + one.replace(f'xmlns="{namespace}"', 'xmlns="urn:other"') + "<body>hi</body>" + tail,
         head + one.replace("<capsule xmlns", "<capsule-audit-span xmlns='' /><capsule xmlns", 1)
         + tail,
         head + one + tail + head + tail, head + one + tail + "<!-- x -->", head + one,
         head + one.replace("</capsule>", "</capsule >") + tail,
-        head + one.replace('xmlns="urn:capsule:0"', 'xmlns="urn:capsule:0" xmlns:q="x"') + tail,
+        head + one.replace(f'xmlns="{namespace}"', f'xmlns="{namespace}" xmlns:q="x"') + tail,
         head + one.replace("<payload>", "<payload>&#65;") + tail,
         head + bad_one + tail, head + one + tail,
     ]
+
+
+def v0_rows(alice, bob) -> list[str]:
+    capsule = sealed(alice, bob)
+    payload = bytearray(capsule.payload)
+    payload[5] ^= 0x01
+    genuine, bad = (stored_text(capsule, bob.data.jid, "plain", p)
+                    for p in (None, B64(bytes(payload))))
+    return hostile_rows(genuine, bad, NS0)
+
+
+def v1_rows(alice, bob) -> list[str]:
+    """The same for wire format v1, serialised as slixmpp sends it (and servers store it)."""
+    now = int(dt.datetime.now(dt.UTC).timestamp())
+    for profile in (alice, bob):
+        if not profile.current_sessions(now):
+            profile.new_session(now)
+    capsule = seal_v1(alice, bob, now, "audit me")
+    flipped = dataclasses.replace(capsule, payload=bytes([capsule.payload[0] ^ 1])
+                                  + capsule.payload[1:])
+
+    st.register()  # the EME and hint elements, as the plugin registers them
+
+    def stored(c: v1.Capsule) -> str:
+        msg = Message(sto=bob.data.jid, sfrom=f"{alice.data.jid}/phone", stype="chat")
+        wire.put(msg, c)
+        return str(msg)
+
+    return hostile_rows(stored(capsule), stored(flipped), NS1)
 
 
 def same_findings(authority, alice, texts: list[str]) -> None:
@@ -220,13 +275,16 @@ def same_findings(authority, alice, texts: list[str]) -> None:
         assert fast.examine(row) == reference, text
 
 
-def test_fast_path_matches_the_whole_stanza_on_hostile_rows(authority, pair):
+@pytest.mark.parametrize("version", ["v0", "v1"])
+def test_fast_path_matches_the_whole_stanza_on_hostile_rows(authority, pair, version):
     alice, bob = pair
-    rows = hostile_rows(alice, bob)
+    rows = (v0_rows if version == "v0" else v1_rows)(alice, bob)
     same_findings(authority, alice, rows + rows[::-1])
     verdicts = [offline_auditor(authority, alice).examine(
         StoredRow("a", "1", "", None, t)).verdict for t in rows[:8]]
-    assert verdicts == ["capsule", "bad-signature"] * 2 + ["capsule", "capsule",
+    # re-indented: v0 tolerates the whitespace inside its base64, v1 (canonical) does not
+    indented = "capsule" if version == "v0" else "malformed"
+    assert verdicts == ["capsule", "bad-signature"] * 2 + ["capsule", indented,
                                                            "malformed", "plaintext"]
     # servers' own forms take the fast path (or the benchmark measures the other one)
     assert all(capsule_span(t) for t in rows[:6])
@@ -238,14 +296,15 @@ def test_fast_path_matches_the_whole_stanza_on_hostile_rows(authority, pair):
 def test_fast_path_matches_the_whole_stanza_on_mangled_rows(authority, pair, data):
     """Hostile rows cut, spliced into each other and sprinkled with markup characters."""
     alice, bob = pair
-    rows = _HOSTILE.setdefault("rows", hostile_rows(alice, bob))
+    rows = _HOSTILE.setdefault("rows", v0_rows(alice, bob) + v1_rows(alice, bob))
     texts = []
     for _ in range(data.draw(hst.integers(1, 4))):
         text = data.draw(hst.sampled_from(rows))
         for _ in range(data.draw(hst.integers(0, 3))):
             at = data.draw(hst.integers(0, len(text)))
             edit = data.draw(hst.sampled_from(["<", ">", "/", "'", '"', "&", "x", "", "?",
-                                                "<capsule xmlns='urn:capsule:0'>", "</capsule>",
+                                                "<capsule xmlns='urn:capsule:0'>",
+                                                "<capsule xmlns='urn:capsule:1'>", "</capsule>",
                                                 "<x>", "</x>", "xmlns:p='q' ", "cut"]))
             text = text[:at] if edit == "cut" else text[:at] + edit + text[at + len(edit) % 2:]
         texts.append(text)
@@ -605,8 +664,9 @@ def test_missing_table_is_reported_and_the_rest_audited(xmpp_stack, tmp_path):
 
 def test_command_line_mistakes_are_one_line(xmpp_stack, new_account, tmp_path):
     """Each mistake an auditor can make with the README's command is one line on stderr and
-    exit 1, never a traceback: an unknown --fail-on word, a report path that is a directory or
-    in a missing one, --certs that do not exist, a reader that stops early, a wrong password."""
+    exit 1, never a traceback: an unknown --fail-on word, a password in the DSN's query, a report
+    path that is a directory or in a missing one or on a full disk (the previous report stays,
+    no cut-off one), --certs that do not exist, a reader that stops early, a wrong password."""
     db = "openfire_cli_mistakes"
     xmpp_stack.sql(f"DROP DATABASE IF EXISTS {db}; CREATE DATABASE {db} CHARACTER SET utf8mb4")
     values = ", ".join(f"('bob', {i}, '1795700000001', 9, " + literal(
@@ -625,6 +685,24 @@ def test_command_line_mistakes_are_one_line(xmpp_stack, new_account, tmp_path):
         return done.stderr
 
     assert ",".join(VERDICTS) in one_line("--fail-on", "plaintext,bogus")
+    assert "socket" in one_line("--dsn", xmpp_stack.dsn(db) + "&password=hunter2")
+    report = tmp_path / "report.json"
+    report.write_text("the previous report")
+
+    def too_big() -> None:  # a full disk, as the audit meets it: the report cannot be written
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    full = subprocess.run([*base, "--json", str(report)], capture_output=True, text=True,
+                          timeout=120, check=False, preexec_fn=too_big)
+    assert full.returncode == 1 and full.stderr.count("\n") == 1, full.stderr
+    assert f"cannot write the report to {report}" in full.stderr
+    assert report.read_text() == "the previous report"  # never a cut-off one in its place
+    assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
+    spaced = subprocess.run([*base, "--fail-on", "plaintext, bad-signature", "--json", "/dev/stdout"],
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert spaced.returncode == 2  # both words understood; /dev/stdout written as it is
+    assert json.JSONDecoder().raw_decode(spaced.stdout)[0]["rows"] == 1500
     assert str(tmp_path) in one_line("--html", str(tmp_path))
     assert "missing" in one_line("--json", str(tmp_path / "missing" / "report.json"))
     assert "/nonexistent" in one_line("--certs", "/nonexistent")
@@ -663,6 +741,155 @@ def test_database_killed_mid_stream_is_a_source_error(xmpp_stack):
     with pytest.raises(SourceError):
         for _ in rows:
             pass
+    xmpp_stack.sql(f"DROP DATABASE {db}")
+
+
+def _jobs_database(stack, alice, bob) -> str:
+    """Openfire tables whose rows spread over many id blocks (so over every worker's share),
+    with what makes the order matter: a capsule stored twice, tampered copies before and after
+    genuine ones, plaintext messages whose ids recur, more problems than the report lists, an
+    offline row with no id clash and two with one, and archive rows with NULL and negative ids."""
+    db = "openfire_jobs"
+    a, b = sealed(alice, bob), sealed(alice, bob)
+    genuine = {name: stored_text(c, bob.data.jid, "plain") for name, c in (("a", a), ("b", b))}
+    forged = {name: text.replace(*tamper("payload", text)) for name, text in genuine.items()}
+    archive = [(1, genuine["a"]), (1500, genuine["a"]), (2600, forged["a"]), (3100, forged["b"]),
+               (4200, genuine["b"]), ("NULL", genuine["b"]), (-7, forged["a"])]
+    values = ", ".join(f"({i}, 1, 'a', NULL, 'b', NULL, {1795700000000 + n * 60_000}, "
+                       f"{literal(text)}, NULL, NULL)" for n, (i, text) in enumerate(archive))
+    offline = [("bob", 1, genuine["a"]), ("bob", 2100, genuine["b"]), ("alice", 2100, forged["b"])]
+    queued = ", ".join(f"('{user}', {i}, '{1795700000000 + i}', 9, {literal(text)})"
+                       for user, i, text in offline)
+    stack.sql(f"DROP DATABASE IF EXISTS {db}; CREATE DATABASE {db} CHARACTER SET utf8mb4")
+    stack.sql(OPENFIRE_SCHEMA + f"INSERT INTO ofMessageArchive VALUES {values};"
+              "INSERT INTO ofMessageArchive SELECT 11 + seq * 37, 1, 'a', NULL, 'b', NULL, "
+              "1795600000000 + seq * 90000, CONCAT('<message from=\"carol@capsule.test/x\" "
+              "to=\"bob@capsule.test\" id=\"p', seq MOD 50, '\"><body>hi ', seq, '</body>"
+              "</message>'), NULL, NULL FROM seq_0_to_399;"
+              f"INSERT INTO ofOffline VALUES {queued};", db)
+    return db
+
+
+def test_every_jobs_count_gives_the_same_report(xmpp_stack, authority, pair, tmp_path):
+    """`capsule audit --jobs N` (the README's command, as a process) splits the tables among N
+    worker processes: the report, JSON and terminal, is byte for byte the one process's, with
+    the order-dependent parts (a message stored twice counted once, tampered copies counted,
+    the first 200 problems listed) in the tables' order; bad --jobs values are one line."""
+    alice, bob = pair
+    db = _jobs_database(xmpp_stack, alice, bob)
+    root, certs = tmp_path / "root.pem", tmp_path / "signers.pem"
+    root.write_bytes(authority.root_pem)
+    certs.write_text(alice.data.signing_cert)
+    capsule = Path(sys.executable).with_name("capsule")
+
+    def audit(*jobs: str) -> tuple[str, str]:
+        out = tmp_path / f"report{jobs}.json"
+        done = subprocess.run([str(capsule), "audit", "--source", "openfire", "--dsn",
+                               xmpp_stack.dsn(db), "--ca", str(root), "--certs", str(certs),
+                               "--json", str(out), *jobs],
+                              capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 0, done.stderr
+        return out.read_text(), done.stdout
+
+    one = audit("--jobs", "1")
+    data = json.loads(one[0])
+    # two messages, each with genuine and forged copies: counted once under each verdict
+    assert data["rows"] == 410 and data["totals"]["bad-signature"] == 2
+    assert data["totals"]["capsule"] == 2 and data["totals"]["plaintext"] == 50
+    assert len(data["findings"]) == 200 and data["findings_not_listed"] == 204
+    # the NULL id (a genuine capsule, not a finding) and then the negative one come first
+    assert [f["row"] for f in data["findings"][:2]] == ["-7", "11"]
+    for jobs in (["--jobs", "2"], ["--jobs", "3"], []):
+        assert audit(*jobs) == one, jobs
+    for bad in ("0", "-1", "two"):
+        done = subprocess.run([str(capsule), "audit", "--source", "openfire", "--ca", str(root),
+                               "--jobs", bad], capture_output=True, text=True, check=False)
+        assert done.returncode == 2 and "--jobs" in done.stderr and "Traceback" not in done.stderr
+    xmpp_stack.sql(f"DROP DATABASE {db}")
+
+
+def test_row_ids_that_are_not_integers_are_audited_in_one_process(xmpp_stack, tmp_path):
+    """Shares are blocks of integer ids; an operator who made the id a string (or a decimal)
+    must not get a different report, or a crash, from --jobs: one process audits, and says so."""
+    db = "openfire_odd_ids"
+    xmpp_stack.sql(f"DROP DATABASE IF EXISTS {db}; CREATE DATABASE {db} CHARACTER SET utf8mb4")
+    head = "<message from='carol@capsule.test/x' to='bob@capsule.test' id='x'>"
+    rows = {"2": "<composing xmlns='http://jabber.org/protocol/chatstates'/>",
+            "1500": "<body>TOPSECRET</body>", "\u00b2": "<body>squared</body>"}
+    values = ", ".join(f"({literal(i)}, 1, 'a', NULL, 'b', NULL, 1795700000000, "
+                       f"{literal(head + child + '</message>')}, NULL, NULL)"
+                       for i, child in rows.items())
+    xmpp_stack.sql(OPENFIRE_ARCHIVE.replace("messageID BIGINT NULL", "messageID VARCHAR(40)")
+                   + f"INSERT INTO ofMessageArchive VALUES {values};", db)
+    capsule = str(Path(sys.executable).with_name("capsule"))
+    outputs = []
+    for jobs in ("1", "2"):
+        out = tmp_path / f"report{jobs}.json"
+        done = subprocess.run([capsule, "audit", "--source", "openfire", "--dsn", xmpp_stack.dsn(db),
+                               "--ca", str(xmpp_stack.info.ca_root), "--json", str(out),
+                               "--jobs", jobs, "--fail-on", "plaintext"],
+                              capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 2, done.stderr  # the plaintext is found either way
+        outputs.append(out.read_text())
+    assert "are not integers: auditing in one process" in done.stderr
+    totals = json.loads(outputs[0])["totals"]
+    assert outputs[0] == outputs[1] and (totals["plaintext"], totals["other"]) == (1, 1)
+    xmpp_stack.sql(f"DROP DATABASE {db}")
+
+
+def test_killing_the_audit_ends_its_workers(xmpp_stack):
+    """The parent SIGKILLed mid-audit: its workers notice (their pipe is closed to them) and
+    end, and their queries with them; none is left writing to nobody."""
+    db = "openfire_orphans"
+    xmpp_stack.sql(f"DROP DATABASE IF EXISTS {db}; CREATE DATABASE {db};")
+    xmpp_stack.sql(OPENFIRE_ARCHIVE + "INSERT INTO ofMessageArchive SELECT seq, 1, 'a', NULL, "
+                   "'b', NULL, seq, CONCAT('<message><body>', REPEAT('x', 2000), '</body>"
+                   "</message>'), NULL, NULL FROM seq_1_to_40000;", db)
+    capsule = str(Path(sys.executable).with_name("capsule"))
+    audit = subprocess.Popen([capsule, "audit", "--source", "openfire", "--dsn", xmpp_stack.dsn(db),
+                              "--ca", str(xmpp_stack.info.ca_root), "--jobs", "2"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    children = Path(f"/proc/{audit.pid}/task/{audit.pid}/children")
+    deadline = time.monotonic() + 60
+    while len(workers := children.read_text().split()) < 2:
+        assert time.monotonic() < deadline and audit.poll() is None, "no workers started"
+        time.sleep(0.01)
+    audit.kill()
+    assert audit.wait(10) == -signal.SIGKILL  # killed mid-audit, not finished
+    queries = ("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE INFO LIKE "
+               "'%FROM ofMessageArchive%' AND INFO NOT LIKE '%PROCESSLIST%'")
+    deadline = time.monotonic() + 60
+    while any(_alive(int(pid)) for pid in workers) or xmpp_stack.sql(queries).strip() != "0":
+        assert time.monotonic() < deadline, "workers or their queries outlived the audit"
+        time.sleep(0.1)
+    xmpp_stack.sql(f"DROP DATABASE {db}")
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process runs (not gone, not a zombie waiting for init)."""
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("failure", ["killed", "raises"])
+def test_a_failing_audit_worker_fails_the_audit(xmpp_stack, authority, pair, failure):
+    """A worker killed or broken halfway through its share: the audit raises WorkerFailed (a
+    SourceError: exit 1 from the CLI), never a report missing that share's rows."""
+    db = _jobs_database(xmpp_stack, *pair)
+    auditor = offline_auditor(authority, *pair)
+
+    def examine(row: StoredRow) -> Any:
+        if row.row_id == "4200":  # in the second worker's share
+            if failure == "killed":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError("a bug")
+        return auditor.examine(row)
+
+    with pytest.raises(parallel.WorkerFailed) as raised:
+        parallel.audit("openfire", Dsn.parse(xmpp_stack.dsn(db)), 2, examine, Report(["t"]))
+    assert raised.value.exit_code == (-signal.SIGKILL if failure == "killed" else None)
     xmpp_stack.sql(f"DROP DATABASE {db}")
 
 

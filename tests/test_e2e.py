@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import secrets
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -20,31 +19,12 @@ from capsule import stanza as st
 from capsule.errors import NoCertificate, RevokedCertificate, UntrustedCertificate
 from capsule.testing.identities import enroll
 from capsule.testing.inbox import Inbox
-from capsule.testing.leaks import Plaintexts, assert_not_logged
 from capsule_ca import Authority
 from capsule_stack.rows import wait_stored
-from capsule_stack.stack import Stack
 
-from .helpers import BOT_PIN, tamper, verified_sender
+from .helpers import BOT_PIN, assert_ciphertext_only, secret, tamper, verified_sender
 
-secret = Plaintexts()
-
-
-@pytest.fixture(autouse=True)
-def no_plaintext_in_debug_log(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
-    caplog.set_level("DEBUG")
-    secret.clear()
-    yield
-    records = [r for phase in ("setup", "call") for r in caplog.get_records(phase)]
-    assert_not_logged(records, [*secret.made, BOT_PIN])
-
-
-def assert_ciphertext_only(stack: Stack, user: str, texts: list[str], store: str = "archive") -> list[str]:
-    rows = stack.stored(store, user)
-    assert rows, f"nothing in {store} for {user}"
-    for text in texts:
-        assert not any(text in row for row in rows), f"plaintext {text!r} stored in {store}"
-    return rows
+pytestmark = pytest.mark.usefixtures("no_plaintext_in_debug_log")
 
 
 async def test_round_trip_and_server_stores_only_ciphertext(xmpp_stack, capsule_bot):

@@ -18,7 +18,9 @@ from capsule.profile import Profile
 from capsule.testing.inbox import Inbox
 from capsule_stack.rows import wait_stored
 
-from .test_e2e import assert_ciphertext_only, secret
+from .helpers import assert_ciphertext_only, secret
+
+pytestmark = pytest.mark.usefixtures("no_plaintext_in_debug_log")
 
 
 async def test_v1_bot_to_bot_and_the_archive_is_closed_after_retention(xmpp_stack, capsule_bot):

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from capsule import stanza_v1, v1
 from capsule.errors import CapsuleError, MalformedCapsule
 
-from .test_v1_vectors import VECTORS
+from .helpers import VECTORS
 
 
 def stored() -> str:

@@ -14,15 +14,21 @@ from slixmpp import Message
 from capsule import receipts
 from capsule.replay import Handed, JournalItem
 from capsule.testing.stream import Cast, Stream
-from tests.test_stream_receipts import (
-    _capsule_from,
-    _capsules,
-    _journal_writes,
-    _receipts,
-    _record,
-    _until,
+from tests.streams import (
+    V1,
+    capsule_from,
+    capsules_in,
+    introduce,
+    journal_writes,
+    pair,
+    receipts_in,
+    record,
+    send_text,
+    sent_messages,
+    start_session,
+    until,
+    versions,
 )
-from tests.test_stream_v1 import V1, _introduce, _messages, _pair, _send, _start, _versions
 
 RECEIVED = "<received xmlns='urn:xmpp:receipts' id='{sid}'/>"
 
@@ -42,7 +48,7 @@ async def _receipt_back(capsule: Message, a: Stream, b: Stream) -> None:
     capsule["from"] = a.xmpp.boundjid
     b.recv(capsule)
     await b.settle()
-    [receipt] = _receipts(b.sent())
+    [receipt] = receipts_in(b.sent())
     receipt["from"] = b.xmpp.boundjid
     a.recv(receipt)
     await a.settle()
@@ -52,17 +58,15 @@ async def test_a_plain_clients_receipt_does_not_confirm_a_capsule(
         stream_cast: Cast, tmp_path: Path) -> None:
     """Bob's phone (any XEP-0184 client) answers the request; only Bob's Capsule, which read
     the capsule, can add the proof."""
-    alice, bob = stream_cast["alice"], stream_cast["bob"]
-    directory = stream_cast.directory_of("alice", "bob")
-    async with Stream.open(alice, tmp_path, directory) as a, \
-            Stream.open(bob, tmp_path, directory) as b:
-        _record(a, "capsule_delivered", "capsule_undelivered")
-        out = await _capsule_from(a, bob.jid, "secret order #1")
+    bob = stream_cast["bob"]
+    async with stream_cast.pair(tmp_path) as (a, b):
+        record(a, "capsule_delivered", "capsule_undelivered")
+        out = await capsule_from(a, bob.jid, "secret order #1")
         sid, me = out["id"], a.xmpp.boundjid
-        other = await _capsule_from(a, bob.jid, "another capsule")
+        other = await capsule_from(a, bob.jid, "another capsule")
         b.recv(other)
         await b.settle()
-        [other_receipt] = _receipts(b.sent())
+        [other_receipt] = receipts_in(b.sent())
         wrong = other_receipt.xml.find("{urn:capsule:receipt:0}proof")
         assert wrong is not None
         phone = f"<message from='{bob.jid}/phone' to='{me}'>" + RECEIVED.format(sid=sid)
@@ -85,19 +89,17 @@ def _app_message(stream: Stream, to: str, body: str, mid: str) -> Message:
 
 async def test_ids_are_per_contact_and_a_reused_id_is_refused(stream_cast: Cast,
                                                              tmp_path: Path) -> None:
-    alice, bob, carol = stream_cast["alice"], stream_cast["bob"], stream_cast["carol"]
-    directory = stream_cast.directory_of("alice", "bob", "carol")
-    async with Stream.open(alice, tmp_path, directory) as a, \
-            Stream.open(bob, tmp_path, directory) as b:
-        _record(a, "capsule_delivered", "capsule_undelivered")
+    bob, carol = stream_cast["bob"], stream_cast["carol"]
+    async with stream_cast.pair(tmp_path, "alice", "bob", "carol") as (a, b):
+        record(a, "capsule_delivered", "capsule_undelivered")
         _app_message(a, bob.jid, "to bob", "same").send()
         _app_message(a, carol.jid, "to carol", "same").send()  # another contact: its own
         await a.settle()
-        to_bob, to_carol = _capsules(a.sent())
+        to_bob, to_carol = capsules_in(a.sent())
         assert {(bob.jid, "same"), (carol.jid, "same")} <= set(a.capsule.outbox.pending)
         _app_message(a, bob.jid, "to bob again", "same").send()  # still outstanding
         await a.settle()
-        assert _capsules(a.sent()) == []
+        assert capsules_in(a.sent()) == []
         [refused] = a.errors()
         assert (refused.reason, refused.stanza_id, refused.peer) == ("reused-id", "same", bob.jid)
         await _receipt_back(to_bob, a, b)
@@ -111,7 +113,7 @@ async def test_ids_are_per_contact_and_a_reused_id_is_refused(stream_cast: Cast,
         assert [u.peer for u in a.named("capsule_undelivered")] == [carol.jid]
         _app_message(a, carol.jid, "to carol again", "same").send()  # reported: refused
         await a.settle()
-        assert _capsules(a.sent()) == []
+        assert capsules_in(a.sent()) == []
         # the bounce's own `undelivered` error may come before or after this refusal (seen in CI)
         assert [(e.reason, e.peer) for e in a.errors()].count(("reused-id", carol.jid)) == 1
         assert len(a.named("capsule_undelivered")) == 1 and to_carol["id"] == "same"
@@ -128,10 +130,10 @@ async def test_a_bounce_counts_only_from_the_addressee_its_server_or_the_room(
     alice, bob = stream_cast["alice"], stream_cast["bob"]
     room = "room@muc.capsule.test"
     async with Stream.open(alice, tmp_path, stream_cast.directory_of("alice", "bob")) as a:
-        _record(a, "capsule_undelivered")
+        record(a, "capsule_undelivered")
         me = a.xmpp.boundjid
-        first = await _capsule_from(a, bob.jid, "one")
-        second = await _capsule_from(a, bob.jid, "two")
+        first = await capsule_from(a, bob.jid, "one")
+        second = await capsule_from(a, bob.jid, "two")
         await a.join(room, "alice", {"bob": f"{bob.jid}/x"})
         in_room = await a.capsule.send_groupchat(room, "to the room")
         await a.settle()
@@ -156,10 +158,8 @@ async def test_an_async_handler_holds_the_confirmation_until_its_work_is_done(
         stream_cast: Cast, tmp_path: Path) -> None:
     """``hold``: no handed mark, no receipt until the app says its work is safe; work that
     failed leaves the capsule unconfirmed, and the sender's resend is delivered again."""
-    alice, bob = stream_cast["alice"], stream_cast["bob"]
-    directory = stream_cast.directory_of("alice", "bob")
-    async with Stream.open(alice, tmp_path, directory) as a, \
-            Stream.open(bob, tmp_path, directory) as b:
+    bob = stream_cast["bob"]
+    async with stream_cast.pair(tmp_path) as (a, b):
         holds: list[asyncio.Future[None]] = []
 
         async def handler(msg: Message) -> None:
@@ -173,37 +173,35 @@ async def test_an_async_handler_holds_the_confirmation_until_its_work_is_done(
             written.extend(items)
             append(items)
 
-        append = _journal_writes(b, spy)
-        kept = await _capsule_from(a, bob.jid, "work done")
-        failed = await _capsule_from(a, bob.jid, "work failed")
+        append = journal_writes(b, spy)
+        kept = await capsule_from(a, bob.jid, "work done")
+        failed = await capsule_from(a, bob.jid, "work failed")
         b.recv(kept)
         b.recv(failed)
         for _ in range(50):
             await asyncio.sleep(0.01)
-        assert len(holds) == 2 and _receipts(b.sent()) == []
+        assert len(holds) == 2 and receipts_in(b.sent()) == []
         assert not any(isinstance(i, Handed) for i in written)
         holds[1].set_exception(RuntimeError("the database was down"))
         holds[0].set_result(None)
         await b.settle()
-        assert [r["receipt"] for r in _receipts(b.sent())] == [kept["id"]]
+        assert [r["receipt"] for r in receipts_in(b.sent())] == [kept["id"]]
         assert sum(isinstance(i, Handed) for i in written) == 1
         b.recv(failed)  # the sender's resend: delivered again, flagged
-        await _until(lambda: len(holds) == 3)  # held: the stream settles only once released
+        await until(lambda: len(holds) == 3)  # held: the stream settles only once released
         assert [m["body"] for m in b.delivered()] == ["work done", "work failed", "work failed"]
         assert b.delivered()[-1].capsule_info.recovered  # type: ignore[attr-defined]
         holds[2].set_result(None)
         await b.settle()
-        assert [r["receipt"] for r in _receipts(b.sent())] == [failed["id"]]
+        assert [r["receipt"] for r in receipts_in(b.sent())] == [failed["id"]]
 
 
 async def test_a_capsule_whose_handed_mark_failed_is_delivered_again_on_a_resend(
         stream_cast: Cast, tmp_path: Path) -> None:
     """Not dropped as a duplicate until a restart: the very next copy goes to the app."""
-    alice, bob = stream_cast["alice"], stream_cast["bob"]
-    directory = stream_cast.directory_of("alice", "bob")
-    async with Stream.open(alice, tmp_path, directory) as a, \
-            Stream.open(bob, tmp_path, directory) as b:
-        out = await _capsule_from(a, bob.jid, "mark me")
+    bob = stream_cast["bob"]
+    async with stream_cast.pair(tmp_path) as (a, b):
+        out = await capsule_from(a, bob.jid, "mark me")
         full = True
 
         def disk_full_for_marks(items: list[JournalItem]) -> None:
@@ -211,16 +209,16 @@ async def test_a_capsule_whose_handed_mark_failed_is_delivered_again_on_a_resend
                 raise OSError(errno.ENOSPC, "No space left on device")
             append(items)
 
-        append = _journal_writes(b, disk_full_for_marks)
+        append = journal_writes(b, disk_full_for_marks)
         b.recv(out)
         await b.settle()
-        assert _receipts(b.sent()) == [] and [e.reason for e in b.errors()] == ["storage"]
+        assert receipts_in(b.sent()) == [] and [e.reason for e in b.errors()] == ["storage"]
         full = False
         b.capsule.durable.persist()  # the disk is writable again
         b.recv(out)
         await b.settle()
         assert [m["body"] for m in b.delivered()] == ["mark me", "mark me"]
-        assert [r["receipt"] for r in _receipts(b.sent())] == [out["id"]]
+        assert [r["receipt"] for r in receipts_in(b.sent())] == [out["id"]]
         b.recv(out)
         await b.settle()
         assert len(b.delivered()) == 2 and b.capsule.duplicates == 1
@@ -229,15 +227,15 @@ async def test_a_capsule_whose_handed_mark_failed_is_delivered_again_on_a_resend
 async def test_a_v1_capsule_is_confirmed_by_its_proof_only(stream_cast: Cast,
                                                            tmp_path: Path) -> None:
     """The proof derives from the message key whatever the wire format."""
-    async with _pair(stream_cast, tmp_path) as (a, b):
-        _record(a, "capsule_delivered")
-        _start(a)
-        _start(b)
-        await _introduce(a, b)
-        _send(a, b.me.jid, "forward secret")
+    async with pair(stream_cast, tmp_path) as (a, b):
+        record(a, "capsule_delivered")
+        start_session(a)
+        start_session(b)
+        await introduce(a, b)
+        send_text(a, b.me.jid, "forward secret")
         await a.settle()
-        [out] = _messages(a)
-        assert _versions([out]) == [V1] and out["request_receipt"]
+        [out] = sent_messages(a)
+        assert versions([out]) == [V1] and out["request_receipt"]
         a.recv(f"<message from='{b.me.jid}/phone' to='{a.xmpp.boundjid}'>"
                + RECEIVED.format(sid=out["id"]) + "</message>")
         await a.settle()

@@ -4,33 +4,17 @@ the server acked but nobody confirmed is sent again on a new session, then repor
 
 from __future__ import annotations
 
-import asyncio
 import errno
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from slixmpp import Message
 
 from capsule import stanza as st
 from capsule.replay import Handed, JournalItem
 from capsule.testing.stream import Cast, Stream
+from tests.streams import capsule_from, capsules_in, journal_writes, receipts_in, record, until
 
 SM = "urn:xmpp:sm:3"
-
-
-def _capsules(stanzas: list[Any]) -> list[Message]:
-    return [s for s in stanzas if isinstance(s, Message) and st.has_capsule(s)]
-
-
-def _receipts(stanzas: list[Any]) -> list[Message]:
-    return [s for s in stanzas if isinstance(s, Message) and s["receipt"]]
-
-
-def _record(stream: Stream, *events: str) -> None:
-    for name in events:
-        stream.xmpp.add_event_handler(name, lambda data, name=name: stream.events.append(
-            (name, data)))
 
 
 async def _enable_sm(stream: Stream) -> None:
@@ -45,47 +29,19 @@ async def _enable_sm(stream: Stream) -> None:
     await stream.settle()
 
 
-def _journal_writes(stream: Stream, write: Callable[[list[JournalItem]], None]
-                    ) -> Callable[[list[JournalItem]], None]:
-    """Put ``write`` in front of the plugin's journal writes; returns the real one."""
-    commit = stream.capsule.durable._commit
-    real: Callable[[list[JournalItem]], None] = commit._write
-    commit._write = write
-    return real
-
-
-async def _until(predicate: Any, timeout: float = 20) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < deadline, "not within the bound"
-        await asyncio.sleep(0.02)
-
-
-async def _capsule_from(a: Stream, to: str, body: str) -> Message:
-    [sid] = await a.capsule.send(to, body)
-    await a.settle()
-    [out] = _capsules(a.sent())
-    assert out["id"] == sid and out["request_receipt"]  # asked for outside the capsule
-    out["from"] = a.xmpp.boundjid
-    return out
-
-
 async def test_the_receiver_confirms_after_delivery_and_again_for_a_resend(
         stream_cast: Cast, tmp_path: Path) -> None:
-    alice, bob = stream_cast["alice"], stream_cast["bob"]
-    directory = stream_cast.directory_of("alice", "bob")
-    async with Stream.open(alice, tmp_path, directory) as a, \
-            Stream.open(bob, tmp_path, directory) as b:
-        out = await _capsule_from(a, bob.jid, "hello")
+    bob = stream_cast["bob"]
+    async with stream_cast.pair(tmp_path) as (a, b):
+        out = await capsule_from(a, bob.jid, "hello")
         written: list[list[JournalItem]] = []
 
         def spy(items: list[JournalItem]) -> None:
-            assert not _receipts(b.sent()), "a receipt before the journal write"
+            assert not receipts_in(b.sent()), "a receipt before the journal write"
             written.append(items)
             append(items)
 
-        append = _journal_writes(b, spy)
+        append = journal_writes(b, spy)
         b.recv(out)
         await b.settle()
         [msg] = b.delivered()
@@ -94,29 +50,27 @@ async def test_the_receiver_confirms_after_delivery_and_again_for_a_resend(
         # the entry, then (after the handlers ran) its handed mark, each on disk before the receipt
         assert [type(i).__name__ for items in written for i in items] == ["Entry", "Handed"]
         assert written[-1] == [Handed(info.sender, info.nid)]
-        [receipt] = _receipts(b.sent())
+        [receipt] = receipts_in(b.sent())
         assert receipt["receipt"] == out["id"] and receipt["to"] == a.xmpp.boundjid
         assert not st.has_capsule(receipt) and not receipt["body"]  # metadata only: the id
         assert receipt.xml.find("{urn:xmpp:hints}no-permanent-store") is not None  # not archived
         b.recv(out)  # the sender's resend (its receipt was lost)
         await b.settle()
         assert len(b.delivered()) == 1 and b.capsule.duplicates == 1 and b.errors() == []
-        [again] = _receipts(b.sent())
+        [again] = receipts_in(b.sent())
         assert again["receipt"] == out["id"]
 
 
 async def test_a_receipt_counts_only_from_the_addressee_for_a_capsule_sent_to_it(
         stream_cast: Cast, tmp_path: Path) -> None:
-    alice, bob = stream_cast["alice"], stream_cast["bob"]
-    directory = stream_cast.directory_of("alice", "bob")
-    async with Stream.open(alice, tmp_path, directory) as a, \
-            Stream.open(bob, tmp_path, directory) as b:
-        _record(a, "capsule_acked", "capsule_delivered", "capsule_undelivered")
-        out = await _capsule_from(a, bob.jid, "for bob only")
+    bob = stream_cast["bob"]
+    async with stream_cast.pair(tmp_path) as (a, b):
+        record(a, "capsule_acked", "capsule_delivered", "capsule_undelivered")
+        out = await capsule_from(a, bob.jid, "for bob only")
         sid = out["id"]
         b.recv(out)
         await b.settle()
-        [receipt] = _receipts(b.sent())
+        [receipt] = receipts_in(b.sent())
         me = a.xmpp.boundjid
         proof = receipt.xml.find("{urn:capsule:receipt:0}proof")
         assert proof is not None and proof.text
@@ -152,21 +106,21 @@ async def test_acked_but_unconfirmed_is_sent_again_on_a_new_session_then_reporte
     alice, bob = stream_cast["alice"], stream_cast["bob"]
     async with Stream.open(alice, tmp_path, stream_cast.directory_of("bob"),
                            receipt_timeout=2) as a:
-        _record(a, "capsule_acked", "capsule_delivered", "capsule_undelivered")
+        record(a, "capsule_acked", "capsule_delivered", "capsule_undelivered")
         await _enable_sm(a)
-        out = await _capsule_from(a, bob.jid, "acked, then lost")
+        out = await capsule_from(a, bob.jid, "acked, then lost")
         a.recv(f"<a xmlns='{SM}' h='1'/>")
         await a.settle()
         assert [x.stanza_id for x in a.named("capsule_acked")] == [out["id"]]
         copies: list[Message] = []
 
         def grab() -> list[Message]:
-            copies.extend(_capsules(a.sent()))
+            copies.extend(capsules_in(a.sent()))
             return copies
 
         await _enable_sm(a)  # a new session: the server restarted
         assert grab(), "not sent again on the new session"
-        await _until(lambda: a.named("capsule_undelivered"))
+        await until(lambda: a.named("capsule_undelivered"))
         assert len(grab()) == 2 and a.capsule.outbox.resent == 2  # new session, halfway
         assert all(c["id"] == out["id"] and str(c["capsule"]) == str(out["capsule"])
                    for c in copies)  # the very capsule: a duplicate for the receiver
@@ -175,7 +129,7 @@ async def test_acked_but_unconfirmed_is_sent_again_on_a_new_session_then_reporte
         assert "no receipt" in failure.message
         assert len(a.named("capsule_acked")) == 1  # the resends' acks are not news
         await _enable_sm(a)  # reported: never sent again
-        assert _capsules(a.sent()) == []
+        assert capsules_in(a.sent()) == []
         a.recv(f"<message from='{bob.jid}/x' to='{a.xmpp.boundjid}'>"
                f"<received xmlns='urn:xmpp:receipts' id='{out['id']}'/></message>")
         await a.settle()
@@ -189,7 +143,7 @@ async def test_rooms_get_no_receipt_request(stream_cast: Cast, tmp_path: Path) -
         await a.join(room, "alice", {"bob": f"{bob.jid}/x"})
         sid = await a.capsule.send_groupchat(room, "to the room")
         await a.settle()
-        [out] = _capsules(a.sent())
+        [out] = capsules_in(a.sent())
         assert out["id"] == sid and not out["request_receipt"]
 
 
@@ -200,26 +154,26 @@ async def test_a_capsule_whose_handed_mark_failed_is_delivered_again_after_a_res
     alice, bob = stream_cast["alice"], stream_cast["bob"]
     directory = stream_cast.directory_of("alice", "bob")
     async with Stream.open(alice, tmp_path, directory) as a:
-        out = await _capsule_from(a, bob.jid, "at least once here")
+        out = await capsule_from(a, bob.jid, "at least once here")
         async with Stream.open(bob, tmp_path, directory, storage_retry=60) as b:
             def disk_full_for_marks(items: list[JournalItem]) -> None:
                 if any(isinstance(i, Handed) for i in items):
                     raise OSError(errno.ENOSPC, "No space left on device")
                 append(items)
 
-            append = _journal_writes(b, disk_full_for_marks)
+            append = journal_writes(b, disk_full_for_marks)
             b.recv(out)
             await b.settle()
             assert len(b.delivered()) == 1 and [e.reason for e in b.errors()] == ["storage"]
             assert not b.delivered()[0].capsule_info.recovered  # type: ignore[attr-defined]
-            assert _receipts(b.sent()) == []  # not confirmed: we cannot tell it was handled
+            assert receipts_in(b.sent()) == []  # not confirmed: we cannot tell it was handled
         async with Stream.open(bob, tmp_path, directory, restart=True) as b:
             b.recv(out)  # the sender's resend, or the server routing it again
             await b.settle()
             [msg] = b.delivered()
             assert msg["body"] == "at least once here"
             assert msg.capsule_info.recovered  # type: ignore[attr-defined]  # maybe seen before
-            assert [r["receipt"] for r in _receipts(b.sent())] == [out["id"]]
+            assert [r["receipt"] for r in receipts_in(b.sent())] == [out["id"]]
             b.recv(out)
             await b.settle()
             assert len(b.delivered()) == 1 and b.capsule.duplicates == 1 and b.errors() == []
@@ -227,4 +181,4 @@ async def test_a_capsule_whose_handed_mark_failed_is_delivered_again_after_a_res
             b.recv(out)
             await b.settle()
             assert b.delivered() == [] and b.capsule.duplicates == 1 and b.errors() == []
-            assert [r["receipt"] for r in _receipts(b.sent())] == [out["id"]]
+            assert [r["receipt"] for r in receipts_in(b.sent())] == [out["id"]]

@@ -11,53 +11,19 @@ import datetime as dt
 import shutil
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-from slixmpp import JID, Message
+from slixmpp import Message
 
 from capsule import algorithms as alg
 from capsule import core, files, sessions, signatures, v1, wire
-from capsule import namespaces as ns
 from capsule import profile as profile_module
 from capsule.plugin import capsule_info
 from capsule.profile import Profile
 from capsule.testing.stream import PIN, Cast, Identity, Stream, message, seal_for
-
-V0, V1 = f"{{{ns.NAMESPACE}}}capsule", f"{{{ns.V1_NAMESPACE}}}capsule"
-
-
-def _messages(stream: Stream) -> list[Message]:
-    return [s for s in stream.sent() if isinstance(s, Message)]
-
-
-def _versions(msgs: list[Message]) -> list[str]:
-    return [child.tag for m in msgs for child in m.xml if child.tag in (V0, V1)]
-
-
-async def _introduce(sender: Stream, peer: Stream) -> None:
-    """What the sender would read from the peer's PEP session node."""
-    contact = await sender.capsule.contact(peer.me.jid)
-    now = int(time.time())
-    assert sender.capsule.keyring.learn(peer.me.jid, contact.sign,
-                                        peer.capsule.store.current_sessions(now)[:1], now)
-
-
-@asynccontextmanager
-async def _pair(cast: Cast, where: Path, other: str = "bob", **config: Any
-                ) -> AsyncIterator[tuple[Stream, Stream]]:
-    """alice and ``other`` on two streams, each knowing both certificates, same ``config``."""
-    names = ("alice", "bob", other)
-    async with Stream.open(cast["alice"], where / "a", cast.directory_of(*names), **config) as a, \
-            Stream.open(cast[other], where / "b", cast.directory_of(*names), **config) as b:
-        yield a, b
-
-
-def _send(a: Stream, to: str, text: str) -> None:
-    a.xmpp.send_message(mto=JID(to), mbody=text, mtype="chat")
+from tests.streams import V0, V1, introduce, pair, send_text, sent_messages, start_session, versions
 
 
 def _deliver(a: Stream, msg: Message, b: Stream) -> None:
@@ -66,24 +32,16 @@ def _deliver(a: Stream, msg: Message, b: Stream) -> None:
     b.recv(msg)
 
 
-def _start(stream: Stream) -> None:
-    """A login's session key; our node as if read back (publishing needs a server)."""
-    now = int(time.time())
-    stream.capsule.keyring.rotate(now, force=True)
-    stream.capsule.keyring.learn(stream.me.jid, stream.capsule.own_sign,
-                                 stream.capsule.store.current_sessions(now)[:1], now)
-
-
 async def test_v1_when_the_recipient_has_session_keys_and_both_sides_read_it(
         stream_cast: Cast, tmp_path: Path) -> None:
-    async with _pair(stream_cast, tmp_path, policy="require") as (a, b):
-        _start(a)
-        _start(b)
-        await _introduce(a, b)
-        _send(a, b.me.jid, "forward secret")
+    async with pair(stream_cast, tmp_path, policy="require") as (a, b):
+        start_session(a)
+        start_session(b)
+        await introduce(a, b)
+        send_text(a, b.me.jid, "forward secret")
         await a.settle()
-        [sent] = _messages(a)
-        assert _versions([sent]) == [V1]
+        [sent] = sent_messages(a)
+        assert versions([sent]) == [V1]
         assert "forward secret" not in str(sent)
         a_copy = Message(xml=sent.xml)
         _deliver(a, sent, b)
@@ -100,14 +58,14 @@ async def test_v1_when_the_recipient_has_session_keys_and_both_sides_read_it(
 
 async def test_v0_to_a_peer_without_session_keys_and_v1_peers_open_v0(
         stream_cast: Cast, tmp_path: Path) -> None:
-    async with _pair(stream_cast, tmp_path, policy="require") as (a, b):
-        _start(a)  # alice is v1-capable; bob publishes no session keys (an older Capsule)
+    async with pair(stream_cast, tmp_path, policy="require") as (a, b):
+        start_session(a)  # alice is v1-capable; bob publishes no session keys (an older Capsule)
         contact = await a.capsule.contact(b.me.jid)
         assert a.capsule.keyring.learn(b.me.jid, contact.sign, [], int(time.time())) == []
-        _send(a, b.me.jid, "still sealed")
+        send_text(a, b.me.jid, "still sealed")
         await a.settle()
-        [sent] = _messages(a)
-        assert _versions([sent]) == [V0]
+        [sent] = sent_messages(a)
+        assert versions([sent]) == [V0]
         _deliver(a, sent, b)
         await b.settle()
         [got] = b.delivered()
@@ -118,18 +76,18 @@ async def test_v0_to_a_peer_without_session_keys_and_v1_peers_open_v0(
 
 async def test_forward_secrecy_required_refuses_v0_both_ways(stream_cast: Cast,
                                                              tmp_path: Path) -> None:
-    async with _pair(stream_cast, tmp_path, policy="require", forward_secrecy="require") as (a, b):
-        _start(a)
-        _send(a, b.me.jid, "needs fs")  # bob: no record
+    async with pair(stream_cast, tmp_path, policy="require", forward_secrecy="require") as (a, b):
+        start_session(a)
+        send_text(a, b.me.jid, "needs fs")  # bob: no record
         await a.settle()
-        assert _messages(a) == []
+        assert sent_messages(a) == []
         assert [f.reason for f in a.errors()] == ["no-forward-secrecy"]
         a.capsule.sender.options = dataclasses.replace(  # alice sends v0 after all...
             a.capsule.sender.options, forward_secrecy="prefer")
-        _send(a, b.me.jid, "needs fs")
+        send_text(a, b.me.jid, "needs fs")
         await a.settle()
-        [sent] = _messages(a)
-        assert _versions([sent]) == [V0]
+        [sent] = sent_messages(a)
+        assert versions([sent]) == [V0]
         _deliver(a, sent, b)  # ...and bob, who requires forward secrecy, refuses it
         await b.settle()
         assert b.delivered() == [] and [f.reason for f in b.errors()] == ["no-forward-secrecy"]
@@ -138,10 +96,10 @@ async def test_forward_secrecy_required_refuses_v0_both_ways(stream_cast: Cast,
 @pytest.mark.parametrize("attack", ["signed-by-another", "another-jids-record", "expired"])
 async def test_hostile_session_records_give_no_v1(stream_cast: Cast, tmp_path: Path,
                                                   attack: str) -> None:
-    async with _pair(stream_cast, tmp_path, "carol", policy="require",
+    async with pair(stream_cast, tmp_path, "carol", policy="require",
                      forward_secrecy="require") as (a, c):
-        _start(a)
-        _start(c)
+        start_session(a)
+        start_session(c)
         now = int(time.time())
         carol_record = c.capsule.store.current_sessions(now)[0]
         bob_sign = (await a.capsule.contact("bob@capsule.test")).sign
@@ -156,20 +114,20 @@ async def test_hostile_session_records_give_no_v1(stream_cast: Cast, tmp_path: P
                                             stream_cast["carol"].signing_key,
                                             c.capsule.store.data.sessions[0].private, now)]
         assert a.capsule.keyring.learn("bob@capsule.test", bob_sign, records, now) == []
-        _send(a, "bob@capsule.test", "for bob only")
+        send_text(a, "bob@capsule.test", "for bob only")
         await a.settle()
-        assert _messages(a) == [] and [f.reason for f in a.errors()] == ["no-forward-secrecy"]
+        assert sent_messages(a) == [] and [f.reason for f in a.errors()] == ["no-forward-secrecy"]
 
 
 async def test_after_retention_the_archived_capsule_is_session_expired(
         stream_cast: Cast, tmp_path: Path) -> None:
-    async with _pair(stream_cast, tmp_path) as (a, b):
-        _start(a)
-        _start(b)
-        await _introduce(a, b)
-        _send(a, b.me.jid, "gone after retention")
+    async with pair(stream_cast, tmp_path) as (a, b):
+        start_session(a)
+        start_session(b)
+        await introduce(a, b)
+        send_text(a, b.me.jid, "gone after retention")
         await a.settle()
-        [archived] = _messages(a)
+        [archived] = sent_messages(a)
         archived["from"] = a.xmpp.boundjid
         later = int(time.time()) + alg.SESSION_LIFETIME_S + alg.SESSION_RETENTION_S
         b.capsule.keyring.rotate(later)  # destroys the key
@@ -188,11 +146,11 @@ async def test_every_device_of_the_recipient_and_of_the_sender_reads_a_v1_capsul
     second device of alice: one capsule, wrapped to all of their published records."""
     names = ("alice", "bob")
     source = stream_cast.directory_of(*names)
-    async with _pair(stream_cast, tmp_path) as (a, phone), \
+    async with pair(stream_cast, tmp_path) as (a, phone), \
             Stream.open(stream_cast["bob"], tmp_path / "t", source, resource="tablet") as tablet, \
             Stream.open(stream_cast["alice"], tmp_path / "l", source, resource="laptop") as laptop:
         for device in (a, phone, tablet, laptop):
-            _start(device)
+            start_session(device)
         now = int(time.time())
         bob_sign = (await a.capsule.contact(phone.me.jid)).sign
         published = [d.capsule.store.current_sessions(now)[0] for d in (phone, tablet)]
@@ -200,9 +158,9 @@ async def test_every_device_of_the_recipient_and_of_the_sender_reads_a_v1_capsul
         assert len(a.capsule.keyring.learn(phone.me.jid, bob_sign, published, now)) == 2
         own = [d.capsule.store.current_sessions(now)[0] for d in (a, laptop)]
         a.capsule.keyring.learn(a.me.jid, a.capsule.own_sign, own, now)
-        _send(a, phone.me.jid, "to every device")
+        send_text(a, phone.me.jid, "to every device")
         await a.settle()
-        [sent] = _messages(a)
+        [sent] = sent_messages(a)
         for device in (phone, tablet):
             _deliver(a, Message(xml=copy.deepcopy(sent.xml)), device)
             await device.settle()
@@ -263,34 +221,34 @@ def _low_order_record(cast: Cast, name: str, now: int) -> sessions.SessionRecord
 
 async def test_a_signed_low_order_session_key_is_refused_and_sends_still_work(
         stream_cast: Cast, tmp_path: Path) -> None:
-    async with _pair(stream_cast, tmp_path, "carol") as (a, c):
-        _start(a)
-        _start(c)
+    async with pair(stream_cast, tmp_path, "carol") as (a, c):
+        start_session(a)
+        start_session(c)
         now = int(time.time())
         bob_sign = (await a.capsule.contact("bob@capsule.test")).sign
         assert a.capsule.keyring.learn("bob@capsule.test", bob_sign,
                                        [_low_order_record(stream_cast, "bob", now)], now) == []
-        _send(a, "bob@capsule.test", "to bob")  # no valid record: v0, not a dead task
+        send_text(a, "bob@capsule.test", "to bob")  # no valid record: v0, not a dead task
         await a.settle()
-        assert _versions(_messages(a)) == [V0] and a.errors() == []
+        assert versions(sent_messages(a)) == [V0] and a.errors() == []
 
 
 async def test_an_unexpected_failure_while_sealing_is_a_capsule_error(
         stream_cast: Cast, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A bug in the send path (here a fake one) refuses the message and tells the app, rather
     than dying in a task nobody awaits."""
-    async with _pair(stream_cast, tmp_path) as (a, b):
-        _start(a)
-        _start(b)
-        await _introduce(a, b)
+    async with pair(stream_cast, tmp_path) as (a, b):
+        start_session(a)
+        start_session(b)
+        await introduce(a, b)
 
         def broken(*_args: Any, **_kwargs: Any) -> v1.Capsule:
             raise ValueError("a bug")
 
         monkeypatch.setattr(v1, "seal", broken)
-        _send(a, b.me.jid, "never in plaintext")
+        send_text(a, b.me.jid, "never in plaintext")
         await a.settle()
-        assert _messages(a) == [] and [f.reason for f in a.errors()] == ["seal-failed"]
+        assert sent_messages(a) == [] and [f.reason for f in a.errors()] == ["seal-failed"]
 
 
 def _with_old_session(who: Identity, where: Path) -> Identity:

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import xml.etree.ElementTree as ET
-from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
 
 from capsule import sessions, stanza_v1, v1
+from tests.helpers import VECTORS
 
-VECTORS = Path(__file__).parent / "data" / "v1-vectors.json"
 ALICE, BOB = "alice@example.org", "bob@example.org"
 INPUTS: dict[str, Any] = {
     "alice_signing_seed": "11" * 32, "alice_sign_cert": "a1" * 32,

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from capsule.jids import bare_jid, same_jid
 from capsule.xmppaddr import cert_jids, san_jids
-from capsule_ca.errors import CAError, IdentityMismatch
+from capsule_ca.errors import CAError, IdentityMismatch, UnsupportedKey
 from capsule_ca.profiles import Usage, render_extfile
 
 MIN_RSA_BITS = 2048
@@ -509,7 +509,7 @@ def _check_csr(csr_pem: bytes, jid: str, usage: Usage, email: str | None) -> Non
     if usage is Usage.SIGN and isinstance(key, ed25519.Ed25519PublicKey):
         pass  # Ed25519 signs (wire format v1); it cannot encrypt or do TLS here
     elif not isinstance(key, rsa.RSAPublicKey) or key.key_size < MIN_RSA_BITS:
-        raise CAError(f"the CSR must carry an RSA key of at least {MIN_RSA_BITS} bits"
+        raise UnsupportedKey(f"the CSR must carry an RSA key of at least {MIN_RSA_BITS} bits"
                       + (" or an Ed25519 key" if usage is Usage.SIGN else ""))
     try:
         san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value

@@ -54,6 +54,10 @@ class Demo:
     async def connect(self, name: str, with_capsule: bool = True) -> ClientXMPP:
         client = ClientXMPP(self.jids[name], self.passwords[name])
         published = attach(client, self.profile(name), PIN) if with_capsule else None
+        if name == "bob":  # before the login: what waited offline comes right after it
+            client.add_event_handler("message", self.on_bob_message)
+            client.add_event_handler("capsule_error",
+                                     lambda f: print(f"   bob: capsule error {f.reason}"))
         await login(client, "127.0.0.1", self.state.c2s_port, self.state.ca_root)
         client.send_presence()
         if published:
@@ -86,8 +90,6 @@ class Demo:
         step("both log in over STARTTLS, the server certificate checked against our CA")
         alice = await self.connect("alice")
         bob = await self.connect("bob")
-        bob.add_event_handler("message", self.on_bob_message)
-        bob.add_event_handler("capsule_error", lambda f: print(f"   bob: capsule error {f.reason}"))
 
         step("alice adds bob as a contact and waits to see him online")
         online = asyncio.Event()
@@ -129,7 +131,6 @@ class Demo:
 
         step("bob logs in again and reads what waited for him")
         bob = await self.connect("bob")
-        bob.add_event_handler("message", self.on_bob_message)
         await self.bob_reads(1)
         await bob.disconnect(wait=1)
         self.admin_view(queued)
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
               f"CA {state.ca_root}")
         asyncio.run(Demo(stack, directory).run())
     except (StackError, LoginError, CapsuleError, PanelError, TimeoutError) as exc:
-        print(f"demo: error: {exc or 'timed out'}", file=sys.stderr)
+        print(f"demo: error: {str(exc) or 'timed out'}", file=sys.stderr)
         return 1
     finally:
         stack.stop()

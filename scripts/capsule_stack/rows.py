@@ -55,7 +55,8 @@ class StoredRows:
             table = store_table(self.info.server, store)
         except SourceError as exc:
             raise StackError(str(exc)) from None
-        return table.name, table.stanza, table.rows_of(user, store), table.order or table.key
+        return (table.name, table.stanza, table.rows_of(user, store),
+                ", ".join(c for c in (table.key, table.order) if c))
 
     def stored(self, store: str, user: str) -> list[str]:
         """The stanzas the server stored for ``user`` in ``store`` ("archive" or "offline")."""

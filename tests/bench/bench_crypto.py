@@ -8,29 +8,14 @@ signature check (public) plus one unwrap (private). Printed, never asserted.
 from __future__ import annotations
 
 import os
-import statistics
-import time
-from collections.abc import Callable
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from capsule import algorithms as alg
 from capsule import core, envelope
+from tests.bench.timing import per_call
 from tests.helpers import body
-
-ROUNDS = int(os.environ.get("CAPSULE_BENCH_ROUNDS", "200"))
-
-
-def per_call(fn: Callable[[], object], rounds: int = ROUNDS, repeats: int = 5) -> float:
-    """Median over ``repeats`` of the mean seconds per call."""
-    samples = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        for _ in range(rounds):
-            fn()
-        samples.append((time.perf_counter() - began) / rounds)
-    return statistics.median(samples)
 
 
 @pytest.mark.parametrize("recipients", [1, 5])

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa, x25519
 from slixmpp import Message
 
 from capsule import core, envelope, sessions, stanza, stanza_v1, v1, wire
-from tests.bench.bench_crypto import per_call
+from tests.bench.timing import per_call
 from tests.helpers import body
 
 FP = "ab" * 32

@@ -11,7 +11,7 @@ VERDICTS = ("plaintext", "capsule", "bad-signature", "sender-mismatch", "recipie
             "unverified", "malformed", "other")
 FAILING = ("plaintext", "bad-signature", "sender-mismatch", "recipient-mismatch", "unverified",
            "malformed")
-TAMPERED = ("bad-signature", "sender-mismatch", "recipient-mismatch")
+_BIT = {verdict: 1 << i for i, verdict in enumerate(VERDICTS)}
 BARS = 48  # a conversation's timeline holds at most this many time buckets
 
 
@@ -101,7 +101,8 @@ class Timeline:
 class Conversation:
     peers: tuple[str, str]
     rows: int = 0
-    keys: set[int] = field(default_factory=set)  # hashes of message keys: ~60 bytes each
+    # hash of each message's key -> the verdicts its rows got, as bits (~100 bytes a message)
+    keys: dict[int, int] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(VERDICTS, 0))
     first: dt.datetime | None = None
     last: dt.datetime | None = None
@@ -134,20 +135,25 @@ class Report:
     missing: list[str] = field(default_factory=list)  # source tables that do not exist
 
     def add(self, finding: Finding) -> None:
+        self.tally(finding.sender, finding.recipient, hash(finding.key), finding.verdict,
+                   finding.row.when, finding if finding.verdict in FAILING else None)
+
+    def tally(self, a: str, b: str, key: int, verdict: str, when: dt.datetime | None,
+              failing: Finding | None) -> None:
+        """Count one row: its conversation (peers ``a`` and ``b``), the ``hash`` of its
+        finding's key, its verdict and time, and the finding itself when it is a problem
+        (``failing``). A message stored in several rows counts once per verdict: stored twice
+        alike, once; a tampered, unverified or readable copy beside a clean one, under both
+        (whichever row comes first: the count does not depend on the rows' order)."""
         self.rows += 1
-        a, b = finding.sender, finding.recipient
         peers = (a, b) if a <= b else (b, a)
         conv = self.conversations.get(peers)
         if conv is None:
             conv = self.conversations[peers] = Conversation(peers)
         conv.rows += 1
-        verdict, when = finding.verdict, finding.row.when
-        key = hash(finding.key)
-        if key not in conv.keys:
-            conv.keys.add(key)
-        elif verdict not in TAMPERED:  # a tampered copy of a message stored twice still counts
-            verdict = ""
-        if verdict:
+        seen, bit = conv.keys.get(key, 0), _BIT[verdict]
+        if not seen & bit:  # a message counts once under each verdict any of its rows got
+            conv.keys[key] = seen | bit
             conv.counts[verdict] += 1
             if when:
                 conv.timeline.add(when, verdict)
@@ -156,9 +162,9 @@ class Report:
                 conv.first = when
             if conv.last is None or when > conv.last:
                 conv.last = when
-        if finding.verdict in FAILING:
+        if failing is not None:
             if len(self.findings) < self.max_findings:
-                self.findings.append(finding)
+                self.findings.append(failing)
             else:
                 self.unlisted += 1
 

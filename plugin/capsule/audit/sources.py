@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 from urllib.parse import parse_qs, unquote, urlparse
 from xml.sax.saxutils import escape, quoteattr
 
@@ -43,6 +43,32 @@ class SourceError(Exception):
     """The audit source cannot be read (bad DSN, unreachable database, no table at all)."""
 
 
+class Share(NamedTuple):
+    """Part ``part`` of ``of`` disjoint shares of every table (one per audit worker): the rows
+    whose id falls in a :func:`block` numbered ``part`` modulo ``of``; rows with no id or a
+    negative one (block -1) all go to part 0."""
+
+    part: int
+    of: int
+
+    def sql(self, key: str) -> str:
+        """The SQL condition selecting this share by the row id column ``key``."""
+        mine = f"{key} >= 0 AND MOD({key} DIV {SHARE_BLOCK}, {self.of}) = {self.part}"
+        return f"({mine} OR {key} IS NULL OR {key} < 0)" if self.part == 0 else mine
+
+
+SHARE_BLOCK = 1024
+
+
+def block(row_id: str) -> int:
+    """The block of a row's id as :meth:`Share.sql` counts them (-1: none or negative); in a
+    table's order (the row id ascending, NULL first) blocks never decrease."""
+    return int(row_id) // SHARE_BLOCK if row_id.isascii() and row_id.isdigit() else -1
+
+
+WHOLE = Share(0, 1)
+
+
 @dataclass(frozen=True)
 class Table:
     """One server table of stored messages, described once for both readers: ``capsule audit``
@@ -62,17 +88,20 @@ class Table:
     body: str = "NULL"  # SQL: the body stored beside the stanza
     rebuild: str = ""  # SQL: (from, to, body) of a message kept only as columns
     where: str = ""  # SQL: a condition every stored message meets
-    order: str = ""  # SQL: the ORDER BY, the row id unless said
+    order: str = ""  # SQL: the ORDER BY after the row id (which alone may repeat)
 
-    @property
-    def sql(self) -> str:
-        """The audit's query: every stored message of every store in this table."""
+    def sql(self, share: Share = WHOLE) -> str:
+        """The audit's query: every stored message of every store in this table, in the order
+        of the row id, or one ``share`` of them (rows whose id modulo ``share.of`` is
+        ``share.part``: the shares of one table are disjoint and cover it)."""
         columns = ", ".join(c for c in (self.key, self.owner, self.time, self.stanza, self.body,
                                         self.rebuild) if c)
         stores = " OR ".join(c for c in self.stores.values() if c)
-        where = " AND ".join(c for c in (f"({stores})" if stores else "", self.where) if c)
+        part = share.sql(self.key) if share.of > 1 else ""
+        where = " AND ".join(c for c in (f"({stores})" if stores else "", self.where, part) if c)
+        order = ", ".join(c for c in (self.key, self.order) if c)
         return (f"SELECT {columns} FROM {self.name}"  # noqa: S608 - our own constant SQL
-                + (f" WHERE {where}" if where else "") + f" ORDER BY {self.order or self.key}")
+                + (f" WHERE {where}" if where else "") + f" ORDER BY {order}")
 
     def rows_of(self, user: str, store: str) -> str:
         """SQL condition: ``user``'s rows of ``store`` (the caller lets only a plain name in)."""
@@ -101,7 +130,7 @@ SQL_SOURCES: dict[str, list[Table]] = {
               1e-3, "stanza", {"archive": ""}, body="IF(stanza IS NULL, NULL, body)",
               rebuild=_OPENFIRE_REBUILT),
         Table("openfire ofOffline", "ofOffline", "messageID", "username", "creationDate", 1e-3,
-              "stanza", {"offline": ""}, user="username", order="username, messageID"),
+              "stanza", {"offline": ""}, user="username", order="username"),
     ],
 }
 
@@ -140,7 +169,13 @@ class Dsn:
         if password is None:
             password = unquote(url.password or "") or os.environ.get(
                 "CAPSULE_AUDIT_DB_PASSWORD", "")
-        socket = parse_qs(url.query).get("socket", [""])[0]
+        query = parse_qs(url.query, keep_blank_values=True)
+        unknown = sorted(set(query) - {"socket"})
+        if unknown:  # a password here would sit in argv, readable by every local user
+            raise SourceError(f"the DSN's ?{'&'.join(unknown)}: only ?socket=PATH is understood; "
+                              "a password goes in --db-password-file or "
+                              "$CAPSULE_AUDIT_DB_PASSWORD")
+        socket = query.get("socket", [""])[0]
         return cls(unquote(url.username or ""), password, url.hostname or "127.0.0.1",
                    url.port or 3306, url.path.strip("/"), socket)
 
@@ -174,8 +209,10 @@ def _words(exc: pymysql.MySQLError) -> str:
     return str(exc.args[-1]) if exc.args else type(exc).__name__
 
 
-def sql_rows(kind: str, dsn: Dsn, missing: MissingTable | None = None) -> Iterator[StoredRow]:
-    """Stream every stored message of a ``kind`` server ("ejabberd", "prosody", "openfire").
+def sql_rows(kind: str, dsn: Dsn, missing: MissingTable | None = None, share: Share = WHOLE
+             ) -> Iterator[StoredRow]:
+    """Stream every stored message of a ``kind`` server ("ejabberd", "prosody", "openfire"),
+    table by table in the order of each row id (or one ``share`` of them).
 
     A table that does not exist is passed to ``missing`` and the others are still read; with no
     ``missing`` (or when no table exists at all) it is a :class:`SourceError`.
@@ -187,7 +224,7 @@ def sql_rows(kind: str, dsn: Dsn, missing: MissingTable | None = None) -> Iterat
     try:
         for table in SQL_SOURCES[kind]:
             try:
-                yield from _stream(connection, table)
+                yield from _stream(connection, table, share)
             except pymysql.MySQLError as exc:
                 if exc.args and exc.args[0] == ER.NO_SUCH_TABLE:
                     absent.append((table.label, _words(exc)))
@@ -203,11 +240,11 @@ def sql_rows(kind: str, dsn: Dsn, missing: MissingTable | None = None) -> Iterat
         missing(label, words)
 
 
-def _stream(connection: Any, table: Table) -> Iterator[StoredRow]:
+def _stream(connection: Any, table: Table, share: Share) -> Iterator[StoredRow]:
     # no ``with``: closing a server-side cursor reads what is left, which fails (and hides
     # the real error) when the connection broke
     cursor = connection.cursor()
-    cursor.execute(table.sql)
+    cursor.execute(table.sql(share))
     label, unit = table.label, table.time_unit
     while rows := cursor.fetchmany(500):
         for row in rows:  # indexed, not unpacked: no list per row for the rebuild columns

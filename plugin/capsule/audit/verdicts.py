@@ -27,9 +27,10 @@ from capsule.stanza import FALLBACK_BODY
 from capsule.trust import TrustStore, VerifiedCert
 
 CAPSULE_TAG = f"{{{ns.NAMESPACE}}}capsule"
-V1_CAPSULE_TAG = f"{{{ns.V1_NAMESPACE}}}capsule"  # read on the whole-stanza path only
+V1_CAPSULE_TAG = f"{{{ns.V1_NAMESPACE}}}capsule"
 CAPSULE_OPEN, CAPSULE_CLOSE = "<capsule xmlns=", "</capsule>"
-CAPSULE_NS_VALUES = (f'"{ns.NAMESPACE}"', f"'{ns.NAMESPACE}'")
+CAPSULE_NS_VALUES = tuple(f"{quote}{namespace}{quote}" for namespace in (ns.NAMESPACE, ns.V1_NAMESPACE)
+                          for quote in "\"'")
 SPAN_TAG = "capsule-audit-span"  # takes a capsule's place while the rest of its row is parsed
 SPAN_ELEMENT = f"<{SPAN_TAG} xmlns=''/>"
 SEEN_MAX = 2000  # verdicts remembered, keyed by their capsule (~2 KB each)
@@ -156,8 +157,9 @@ def element_key(element: ET.Element) -> ElementKey:
 
 
 def capsule_span(text: str) -> tuple[int, int] | None:
-    """Where a stored stanza writes its capsule as ``<capsule xmlns='urn:capsule:0' …>`` up to
-    the first ``</capsule>`` after it, or None (then the whole stanza is parsed).
+    """Where a stored stanza writes its capsule as ``<capsule xmlns='urn:capsule:0' …>`` (or
+    ``urn:capsule:1``) up to the first ``</capsule>`` after it, or None (then the whole stanza
+    is parsed).
 
     Such text, if it parses on its own, is the same element wherever it stands: the element
     sets its own default namespace, a prefix it does not bind fails the parse, and with DTDs
@@ -169,7 +171,7 @@ def capsule_span(text: str) -> tuple[int, int] | None:
     if start < 0 or SPAN_TAG in text:
         return None
     after = start + len(CAPSULE_OPEN)
-    if text[after:after + len(ns.NAMESPACE) + 2] not in CAPSULE_NS_VALUES:
+    if not any(text.startswith(value, after) for value in CAPSULE_NS_VALUES):
         return None
     end = text.find(CAPSULE_CLOSE, after)
     return None if end < 0 else (start, end + len(CAPSULE_CLOSE))
@@ -263,7 +265,7 @@ class Auditor:
                 element = ET.fromstring(capsule)  # noqa: S314 - the caller refused DTDs
             except ET.ParseError:
                 return None
-            judgement = self._judgement(element)  # its tag is CAPSULE_TAG: see capsule_span
+            judgement = self._judgement(element)  # a v0 or v1 capsule: see capsule_span
             if len(self._spans) >= SEEN_MAX:
                 self._spans.clear()
             self._spans[capsule] = judgement

@@ -6,11 +6,13 @@ import argparse
 import gc
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
+from capsule.audit import parallel
 from capsule.audit.findings import FAILING, VERDICTS, Report
 from capsule.audit.panel import PanelError, check_ejabberd_queue, check_openfire_archive
 from capsule.audit.report import ReportError, as_html, as_json, as_table
@@ -30,6 +32,13 @@ from capsule.errors import ProfileError
 from capsule.pins import read_secret
 
 DB_PASSWORD_ENV = "CAPSULE_AUDIT_DB_PASSWORD"
+DEFAULT_JOBS = min(4, len(os.sched_getaffinity(0)))  # judging rows is CPU work: a core each
+
+
+def _jobs(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
+    return int(text)
 
 
 def _progress(enabled: bool, every: int = 5000) -> Iterator[None]:
@@ -56,6 +65,36 @@ def _dsn(args: argparse.Namespace) -> Dsn:
     password = (read_secret(password_file, DB_PASSWORD_ENV, "database password",
                             error=SourceError) if password_file else None)
     return Dsn.parse(dsn, password)  # else from $CAPSULE_AUDIT_DB_PASSWORD, if set
+
+
+def _write_whole(target: Path, text: str) -> None:
+    """The report file whole or not at all: a full disk must not leave a cut-off page that
+    looks like a report (written beside it, then renamed over it). A target that is not a
+    regular file (``/dev/stdout``, a FIFO) is written as it is."""
+    special = target.exists() and not target.is_file()
+    real = target.resolve()  # through a symbolic link: replace the file it names, not the link
+    partial = real.with_name(f".{real.name}.partial")
+    try:
+        if special:
+            target.write_text(text)
+        else:
+            partial.write_text(text)
+            partial.replace(real)
+    except OSError as exc:
+        if not special:
+            partial.unlink(missing_ok=True)
+        raise ReportError(f"cannot write the report to {target}: {exc.strerror}") from None
+
+
+def _split(args: argparse.Namespace, dsn: Dsn) -> bool:
+    """Whether this SQL audit runs in ``--jobs`` processes (the report is the same either way)."""
+    if args.jobs == 1 or threading.active_count() > 1:
+        return False  # forking beside a thread (the fetcher's, an embedding program's) is unsafe
+    odd = parallel.unsplittable(args.source, dsn)
+    if odd:
+        print(f"capsule audit: the row ids of {', '.join(odd)} are not integers: auditing in one "
+              "process", file=sys.stderr)
+    return not odd
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -88,32 +127,36 @@ def cmd_audit(args: argparse.Namespace) -> int:
             raise SourceError("--source mam and --fetch-certs need --jid, --password-file and "
                               "--port")
         password = read_secret(args.password_file, "", "XMPP password", error=SourceError)
-    if args.source == "mam":
-        assert password is not None
-        rows = mam_rows(args.jid, password, args.host, args.port, args.ca)
-        report = Report([f"MAM of {args.jid}"])
-    else:
-        report = Report([f"{args.source} tables"])
-        rows = sql_rows(args.source, _dsn(args), report.missing_table)
+    report = Report([f"MAM of {args.jid}" if args.source == "mam" else f"{args.source} tables"])
+    dsn = _dsn(args) if args.source != "mam" else None
     fetcher = (CertificateFetcher(args.jid, password, args.host, args.port, args.ca,
                                   args.ca_service) if args.fetch_certs and password else None)
     # what is loaded by now lives as long as the command: the full collections that the rows
     # in flight trigger need not walk it again and again (~15 % at 100k rows, bench_audit.py)
     gc.freeze()
+    auditor = Auditor(root, bundle, crl, fetcher.fetch if fetcher else None)
+    progress = _progress(args.progress or sys.stderr.isatty())
     try:
-        Auditor(root, bundle, crl, fetcher.fetch if fetcher else None).run(
-            rows, report, _progress(args.progress or sys.stderr.isatty()))
+        if dsn is None:
+            assert password is not None
+            auditor.run(mam_rows(args.jid, password, args.host, args.port, args.ca), report,
+                        progress)
+        elif _split(args, dsn):
+            parallel.audit(args.source, dsn, args.jobs, auditor.examine, report, progress)
+        else:
+            auditor.run(sql_rows(args.source, dsn, report.missing_table), report, progress)
     finally:
         if fetcher:
             fetcher.close()
     outputs = {"json": as_json, "html": as_html}
+    for kind, render in outputs.items():
+        target = targets[kind]
+        if target and target != "-":
+            _write_whole(Path(target), render(report))
     try:
         for kind, render in outputs.items():
-            target = targets[kind]
-            if target == "-":
+            if targets[kind] == "-":
                 print(render(report))
-            elif target:
-                Path(target).write_text(render(report))
         if "-" not in targets.values():
             print(as_table(report))
         sys.stdout.flush()
@@ -121,7 +164,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise ReportError("the report's reader closed the pipe before the end") from None
     except OSError as exc:
-        raise ReportError(f"cannot write the report to {exc.filename}: {exc.strerror}") from None
+        raise ReportError(f"cannot write the report to standard output: {exc.strerror}") from None
     failing = [v for v in args.fail_on if report.totals().get(v)]
     if failing:
         print(f"capsule audit: found {', '.join(failing)}", file=sys.stderr)
@@ -180,9 +223,15 @@ def add_parsers(top: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--ca-service", help="the CA service's JID for certificate look-ups")
     p.add_argument("--json", metavar="FILE", help="write the report as JSON (- for stdout)")
     p.add_argument("--html", metavar="FILE", help="write a self-contained HTML report")
-    p.add_argument("--fail-on", type=lambda v: [x for x in v.split(",") if x], default=[],
-                   help=f"exit 2 if any of these is found: {','.join(FAILING)}")
+    p.add_argument("--fail-on", type=lambda v: [x.strip() for x in v.split(",") if x.strip()],
+                   default=[], help="exit 2 if any of these verdicts is found (comma-separated): "
+                   f"the problems {','.join(FAILING)}, or also "
+                   f"{','.join(v for v in VERDICTS if v not in FAILING)}")
     p.add_argument("--progress", action="store_true", help="report progress on stderr")
+    p.add_argument("--jobs", type=_jobs, default=DEFAULT_JOBS, metavar="N",
+                   help="processes judging the rows of a SQL source, each reading its own share "
+                   f"(default {DEFAULT_JOBS}: this machine's cores, at most 4; 1 with "
+                   "--fetch-certs); the report is the same for any N")
     p.set_defaults(func=cmd_audit)
     _add_panel_parser(top)
 

@@ -97,6 +97,16 @@ class Cast:
         """A fake source that knows these identities' certificates."""
         return Directory({self[n].jid: self[n].bundle for n in names})
 
+    @asynccontextmanager
+    async def pair(self, workdir: Path, first: str = "alice", second: str = "bob",
+                   *others: str, **config: Any) -> AsyncIterator[tuple[Stream, Stream]]:
+        """``first`` and ``second`` on two streams, each finding both certificates (and
+        ``others``'), with the same plugin ``config``: the start of most two-party tests."""
+        directory = self.directory_of(first, second, *others)
+        async with Stream.open(self[first], workdir, directory, **config) as a, \
+                Stream.open(self[second], workdir, directory, **config) as b:
+            yield a, b
+
 
 class Directory(CertificateSource):
     """A fake CertificateSource (PEP needs a server): answers from a dict and counts fetches.
