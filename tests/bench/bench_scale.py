@@ -183,7 +183,7 @@ def _two_processes(cluster: ClusterStack, pool: Pool, n: int, run_dir: Path, cap
         rates = [2 * n * MESSAGES / exchange(MESSAGES) for _ in range(RUNS)]
     finally:
         for p in halves:
-            p.communicate("\n", timeout=120)
+            p.communicate("\n", timeout=600)
     return {"rss": statistics.mean(r["rss_kib_per_bot"] for r in ready),
             "login": max(r["login_s"] for r in ready), "rate": statistics.median(rates)}
 

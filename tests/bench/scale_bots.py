@@ -61,9 +61,9 @@ class Fleet:
         event = "capsule_message" if profile else "message"
         client.add_event_handler(event, self._got)
         client.add_event_handler("session_start", lambda _: client.send_presence())
-        await login(client, self.host, self.port, self.ca_root, timeout=300)
+        await login(client, self.host, self.port, self.ca_root, timeout=900)
         if published is not None:
-            await published(300)
+            await published(900)
 
     def _got(self, _msg: Any) -> None:
         self.received += 1
