@@ -47,6 +47,7 @@ class Fleet:
     received: int = 0
     all_in: asyncio.Event = field(default_factory=asyncio.Event)
     expected: int = 0
+    errors: list[str] = field(default_factory=list)  # capsule_error reasons
 
     async def log_in(self) -> dict[str, float]:
         before, began = rss_kib(), time.perf_counter()
@@ -60,6 +61,8 @@ class Fleet:
         published = await attach_async(client, profile, PIN) if profile else None
         event = "capsule_message" if profile else "message"
         client.add_event_handler(event, self._got)
+        client.add_event_handler("capsule_error", lambda failure: self.errors.append(
+            failure.reason))
         client.add_event_handler("session_start", lambda _: client.send_presence())
         await login(client, self.host, self.port, self.ca_root, timeout=900)
         if published is not None:
@@ -87,7 +90,11 @@ class Fleet:
                 else:
                     client.send_message(mto=JID(partner), mbody=f"plain {i}", mtype="chat")
             await asyncio.sleep(0)
-        await asyncio.wait_for(self.all_in.wait(), 600)
+        try:
+            await asyncio.wait_for(self.all_in.wait(), 600)
+        except TimeoutError:
+            raise TimeoutError(f"{self.received} of {self.expected} messages arrived in 600 s; "
+                               f"errors: {self.errors}") from None
         return time.perf_counter() - began
 
     async def close(self) -> None:
