@@ -175,7 +175,7 @@ class XEP_Capsule(BasePlugin):
             log.error("stream has no TLS: Capsule refuses to operate (allow_insecure is off)")
         await self.revocation.start()
         # round trips that need not wait for each other go out together: a login costs
-        # about two round trips, not five
+        # two round trips in series, not three (four with carbons)
         carbons = (asyncio.ensure_future(self.xmpp.plugin["xep_0280"].enable())
                    if self.options.carbons else None)
         if not (self.options.publish and self._usable()):
