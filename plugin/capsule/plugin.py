@@ -21,6 +21,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -405,6 +406,11 @@ class XEP_Capsule(BasePlugin):
         return out
 
 
+# attach_async's one thread: unlocks take turns anyway (capsule.profile_key), and in one thread
+# the KDF's memory is reused from one malloc arena (a pool of threads kept 8 MiB per thread)
+_UNLOCKING = ThreadPoolExecutor(1, thread_name_prefix="capsule-unlock")
+
+
 def attach(client: BaseXMPP, profile: str | Path, pin: str, **config: Any
            ) -> Callable[[float], Awaitable[None]]:
     """Register the capsule plugin on ``client`` (the one line of a bot, for scripts and tests).
@@ -428,7 +434,8 @@ async def attach_async(client: BaseXMPP, profile: str | Path, pin: str, **config
     import capsule
 
     path = Path(profile)
-    unlocked = await asyncio.to_thread(Profile.load, path, pin, config.get("key_file"))
+    unlocked = await asyncio.get_running_loop().run_in_executor(
+        _UNLOCKING, Profile.load, path, pin, config.get("key_file"))
     client.register_plugin("capsule", {"profile": str(path), "unlocked": unlocked, **config},
                            module=capsule)
     return _published(client)
