@@ -48,6 +48,9 @@ class Fleet:
     all_in: asyncio.Event = field(default_factory=asyncio.Event)
     expected: int = 0
     errors: list[str] = field(default_factory=list)  # capsule_error reasons
+    # 500 logins at once stalled ejabberd here (23 TCP connections never got a session, for
+    # plaintext bots too): a fleet starts its bots a hundred at a time
+    logging_in: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(100))
 
     async def log_in(self) -> dict[str, float]:
         before, began = rss_kib(), time.perf_counter()
@@ -56,6 +59,10 @@ class Fleet:
                 "rss_kib_per_bot": (rss_kib() - before) / len(self.spec)}
 
     async def _one(self, jid: str, password: str, profile: str | None, _partner: str) -> None:
+        async with self.logging_in:  # at most 100 at a time, plaintext or not
+            await self._log_in_one(jid, password, profile)
+
+    async def _log_in_one(self, jid: str, password: str, profile: str | None) -> None:
         client = ClientXMPP(jid, password)
         self.clients.append(client)
         published = await attach_async(client, profile, PIN) if profile else None
