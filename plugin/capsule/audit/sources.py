@@ -241,23 +241,32 @@ def sql_rows(kind: str, dsn: Dsn, missing: MissingTable | None = None, share: Sh
 
 
 def _stream(connection: Any, table: Table, share: Share) -> Iterator[StoredRow]:
-    # no ``with``: closing a server-side cursor reads what is left, which fails (and hides
-    # the real error) when the connection broke
     cursor = connection.cursor()
-    cursor.execute(table.sql(share))
-    label, unit = table.label, table.time_unit
-    while rows := cursor.fetchmany(500):
-        for row in rows:  # indexed, not unpacked: no list per row for the rebuild columns
-            stanza = row[3]
-            if stanza is None:
-                stanza = _rebuilt(*row[5:]) if len(row) > 5 else ""  # judged "other"
-            elif isinstance(stanza, bytes):
-                stanza = stanza.decode("utf-8", "replace")
-            column = row[4]
-            if isinstance(column, bytes):
-                column = column.decode("utf-8", "replace")
-            yield StoredRow(label, str(row[0]), row[1] or "", _time(row[2], unit), stanza,
-                            column or "")
+    try:
+        cursor.execute(table.sql(share))
+        label, unit = table.label, table.time_unit
+        while rows := cursor.fetchmany(500):
+            for row in rows:  # indexed, not unpacked: no list per row for the rebuild columns
+                stanza = row[3]
+                if stanza is None:
+                    stanza = _rebuilt(*row[5:]) if len(row) > 5 else ""  # judged "other"
+                elif isinstance(stanza, bytes):
+                    stanza = stanza.decode("utf-8", "replace")
+                column = row[4]
+                if isinstance(column, bytes):
+                    column = column.decode("utf-8", "replace")
+                yield StoredRow(label, str(row[0]), row[1] or "", _time(row[2], unit), stanza,
+                                column or "")
+    except BaseException:
+        # stopped early (an error, a dead connection, a reader gone): closing a server-side
+        # cursor, or dropping its result, reads the rest of the result from a socket that may
+        # be dead, and PyMySQL then fails inside ``__del__`` (a traceback on stderr, not an
+        # exception); sql_rows closes the connection, which drops the rest unread
+        result = getattr(cursor, "_result", None)
+        if result is not None:
+            result.unbuffered_active = False
+        cursor.connection = None
+        raise
     cursor.close()
 
 
