@@ -125,16 +125,19 @@ class Conversation:
         return "ENCRYPTED" if c["capsule"] else "OTHER"
 
 
+_NEVER = dt.datetime.min.replace(tzinfo=dt.UTC)  # sorts a missing time first
+
+
 def _order(finding: Finding) -> tuple[Any, ...]:
     """Where a finding stands among the listed: its store, then its row id (as a number when it
     is one), then everything the report shows of it, so that which findings are listed does not
     depend on the order the rows came in (nor on ``--jobs``)."""
-    row = finding.row
+    row, cert = finding.row, finding.cert
     digits = row.row_id.removeprefix("-")
     number = int(row.row_id) if digits.isascii() and digits.isdigit() else None
-    return (row.store, number is None, number or 0, row.row_id,
-            repr((row.when, finding.verdict, finding.sender, finding.recipient, finding.signer,
-                  finding.detail, finding.cert)))
+    return (row.store, number is None, number or 0, row.row_id, row.when or _NEVER,
+            finding.verdict, finding.sender, finding.recipient, finding.signer, finding.detail,
+            cert.fingerprint if cert else "", (cert.signed_at if cert else None) or _NEVER)
 
 
 @dataclass
