@@ -178,7 +178,7 @@ def _svg(timeline: dict[str, Any], width: int = 560, height: int = 56) -> str:
                           f"</title></rect>")
     minutes = timeline["bucket_seconds"] // 60
     return (f"<svg class='timeline' width='{width}' height='{height + 16}' role='img' "
-            f"aria-label='messages by verdict over time'>{''.join(shapes)}"
+            f"aria-label='stored rows by verdict over time'>{''.join(shapes)}"
             f"<line x1='0' x2='{width}' y1='{height}' y2='{height}' stroke='#999'/>"
             f"<text x='0' y='{height + 13}' font-size='11'>{e(bars[0]['start'])}</text>"
             f"<text x='{width}' y='{height + 13}' font-size='11' text-anchor='end'>"
