@@ -6,6 +6,7 @@ import asyncio
 import base64
 import dataclasses
 import datetime as dt
+import gc
 import json
 import os
 import re
@@ -31,7 +32,7 @@ from capsule import stanza as st
 from capsule.audit import parallel
 from capsule.audit.findings import BARS, VERDICTS, Report, StoredRow, Timeline
 from capsule.audit.panel import render
-from capsule.audit.report import as_html
+from capsule.audit.report import as_html, as_table
 from capsule.audit.sources import Dsn, SourceError, mam_rows, sql_rows
 from capsule.audit.verdicts import Auditor, CertificateBundle, StanzaReader, capsule_span
 from capsule.cli import main as capsule_main
@@ -436,6 +437,30 @@ def test_a_capsule_stored_for_someone_it_has_no_key_for_is_misaddressed(authorit
         "to the sender": "recipient-mismatch", "to nobody": "recipient-mismatch"}
 
 
+def test_a_misaddressed_capsule_makes_the_conversation_tampered(authority, pair):
+    alice, bob = pair
+    genuine = stored_text(sealed(alice, bob), bob.data.jid, "plain")
+    rows = [StoredRow("a", "1", "", None, genuine.replace('to="bob@capsule.test"',
+                                                          'to="carol@capsule.test"'))]
+    report = offline_auditor(authority, alice).run(rows, Report(["test"]))
+    assert [c.verdict for c in report.conversations.values()] == ["TAMPERED"]
+
+
+def test_the_terminal_report_shows_stored_text_inert(authority, pair):
+    """An operator's text reaches the terminal table: an escape sequence must not hide the
+    rest of the report, a line break must not forge a line; every verdict has its column."""
+    alice, _ = pair
+    rows = [StoredRow("openfire ofOffline", "1", "zzz@capsule.test\x1b[8m", None,
+                      "<message to='bob@capsule.test'><body>meet at noon</body></message>"),
+            StoredRow("openfire ofOffline", "2\n  ! capsule: forged", "", None,
+                      "<message from='a@capsule.test' to='b@capsule.test'><body>x</body>"
+                      "</message>")]
+    table = as_table(offline_auditor(authority, alice).run(rows, Report(["test"])))
+    assert "\x1b" not in table and "\\u001b[8m" in table
+    assert "\n  ! capsule: forged" not in table and len(table.splitlines()) == 8
+    assert table.splitlines()[0].split()[2:10] == [v[:9] for v in VERDICTS]
+
+
 def test_timeline_stays_small_and_loses_no_message():
     timeline = Timeline()
     start = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
@@ -724,9 +749,11 @@ def test_command_line_mistakes_are_one_line(xmpp_stack, new_account, tmp_path):
     assert account.jid in one_line()
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 def test_database_killed_mid_stream_is_a_source_error(xmpp_stack):
     """The database connection dies while rows stream: the audit stops with a SourceError
-    (exit 1 from the CLI), never a partial report that looks complete."""
+    (exit 1 from the CLI), never a partial report that looks complete, and nothing fails
+    later in a destructor (PyMySQL's would read the dead socket: a traceback on stderr)."""
     db = "openfire_killed"
     xmpp_stack.sql(f"DROP DATABASE IF EXISTS {db}; CREATE DATABASE {db};")
     xmpp_stack.sql(OPENFIRE_ARCHIVE + "INSERT INTO ofMessageArchive SELECT seq, 1, 'a', NULL, "
@@ -741,6 +768,8 @@ def test_database_killed_mid_stream_is_a_source_error(xmpp_stack):
     with pytest.raises(SourceError):
         for _ in rows:
             pass
+    del rows
+    gc.collect()  # the destructors run now, inside this test
     xmpp_stack.sql(f"DROP DATABASE {db}")
 
 
@@ -810,7 +839,8 @@ def test_every_jobs_count_gives_the_same_report(xmpp_stack, authority, pair, tmp
 
 def test_row_ids_that_are_not_integers_are_audited_in_one_process(xmpp_stack, tmp_path):
     """Shares are blocks of integer ids; an operator who made the id a string (or a decimal)
-    must not get a different report, or a crash, from --jobs: one process audits, and says so."""
+    must not get a different report, or a crash, from --jobs: one process audits, and says so,
+    whatever other table with a similar name sits beside it."""
     db = "openfire_odd_ids"
     xmpp_stack.sql(f"DROP DATABASE IF EXISTS {db}; CREATE DATABASE {db} CHARACTER SET utf8mb4")
     head = "<message from='carol@capsule.test/x' to='bob@capsule.test' id='x'>"
@@ -820,7 +850,9 @@ def test_row_ids_that_are_not_integers_are_audited_in_one_process(xmpp_stack, tm
                        f"{literal(head + child + '</message>')}, NULL, NULL)"
                        for i, child in rows.items())
     xmpp_stack.sql(OPENFIRE_ARCHIVE.replace("messageID BIGINT NULL", "messageID VARCHAR(40)")
-                   + f"INSERT INTO ofMessageArchive VALUES {values};", db)
+                   + f"INSERT INTO ofMessageArchive VALUES {values};"
+                   # a decoy differing only in case (table names are case-sensitive here)
+                   + "CREATE TABLE ofmessagearchive (messageID BIGINT);", db)
     capsule = str(Path(sys.executable).with_name("capsule"))
     outputs = []
     for jobs in ("1", "2"):
@@ -862,6 +894,92 @@ def test_killing_the_audit_ends_its_workers(xmpp_stack):
     while any(_alive(int(pid)) for pid in workers) or xmpp_stack.sql(queries).strip() != "0":
         assert time.monotonic() < deadline, "workers or their queries outlived the audit"
         time.sleep(0.1)
+    xmpp_stack.sql(f"DROP DATABASE {db}")
+
+
+def test_the_report_does_not_depend_on_the_order_rows_come_in(xmpp_stack, tmp_path):
+    """Openfire's archive allows duplicate and NULL ids; with an index an operator added, a
+    worker's share and the whole table are read by different plans, so rows with equal ids come
+    in another order. Nothing in the report may depend on that order (which findings are listed,
+    the timeline, the counts)."""
+    db = "openfire_ties"
+    xmpp_stack.sql(f"DROP DATABASE IF EXISTS {db}; CREATE DATABASE {db} CHARACTER SET utf8mb4")
+    xmpp_stack.sql(
+        OPENFIRE_ARCHIVE + "ALTER TABLE ofMessageArchive ADD pk INT AUTO_INCREMENT PRIMARY KEY, "
+        "ADD INDEX ix (messageID, fromJID(50) DESC);"
+        "INSERT INTO ofMessageArchive (messageID, conversationID, fromJID, toJID, sentDate, "
+        "stanza) SELECT NULL, 1, 'a', 'b', 1795700000000 + seq, CONCAT('<message from=\"u', "
+        "seq MOD 7, '@capsule.test\" to=\"bob@capsule.test\"><composing xmlns=\"http://jabber."
+        "org/protocol/chatstates\"/></message>') FROM seq_1_to_3000;"
+        "INSERT INTO ofMessageArchive (messageID, conversationID, fromJID, toJID, sentDate, "
+        "stanza) SELECT 1024 + seq MOD 20, 1, CONCAT('u', (seq * 37) MOD 300), 'b', "
+        "1795700000000 + seq * 1000, CONCAT('<message from=\"p', seq, '@capsule.test\" "
+        "to=\"bob@capsule.test\" id=\"p', seq, '\"><body>hi</body></message>') "
+        "FROM seq_1_to_300;", db)
+    capsule = str(Path(sys.executable).with_name("capsule"))
+    reports = []
+    for jobs in ("1", "2", "3"):
+        out = tmp_path / f"report{jobs}.json"
+        subprocess.run([capsule, "audit", "--source", "openfire", "--dsn", xmpp_stack.dsn(db),
+                        "--ca", str(xmpp_stack.info.ca_root), "--json", str(out), "--jobs", jobs],
+                       capture_output=True, timeout=120, check=True)
+        reports.append(out.read_text())
+    assert reports[0] == reports[1] == reports[2]
+    listed = json.loads(reports[0])["findings"]
+    assert len(listed) == 200 and [f["row"] for f in listed[:2]] == ["1024", "1024"]
+    xmpp_stack.sql(f"DROP DATABASE {db}")
+
+
+def test_altered_column_types_are_audited_not_crashed_on(xmpp_stack, tmp_path):
+    """An operator may alter a column's type (a time as DATETIME, an owner as a number): the
+    audit reads the rows anyway (one line on stderr at most, never a traceback)."""
+    db = "openfire_altered"
+    xmpp_stack.sql(f"DROP DATABASE IF EXISTS {db}; CREATE DATABASE {db} CHARACTER SET utf8mb4")
+    xmpp_stack.sql(
+        OPENFIRE_SCHEMA.replace("sentDate BIGINT", "sentDate DATETIME").replace(
+            "username VARCHAR(64)", "username INT")
+        + "INSERT INTO ofMessageArchive VALUES (1, 1, 'a', NULL, 'b', NULL, '2026-11-27 06:00:00', "
+        "'<message from=\"a@capsule.test\" to=\"b@capsule.test\"><body>x</body></message>', "
+        "NULL, NULL), (2, 1, 'a', NULL, 'b', NULL, '2026-11-27 06:01:00', NULL, 'y', NULL);"
+        "INSERT INTO ofOffline VALUES (7, 3, '1795700000007', 9, "
+        "'<message to=\"b@capsule.test\"><body>z</body></message>');", db)
+    capsule = str(Path(sys.executable).with_name("capsule"))
+    out = tmp_path / "report.json"
+    for jobs in ("1", "2"):
+        done = subprocess.run([capsule, "audit", "--source", "openfire", "--dsn",
+                               xmpp_stack.dsn(db), "--ca", str(xmpp_stack.info.ca_root),
+                               "--json", str(out), "--jobs", jobs, "--fail-on", "plaintext"],
+                              capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        data = json.loads(out.read_text())
+        assert data["rows"] == 3 and data["totals"]["plaintext"] == 3
+        assert "2026-11-27 06:00:00" in {f["time"] for f in data["findings"]}
+    xmpp_stack.sql(f"DROP DATABASE {db}")
+
+
+PROSODY_ARCHIVE = """
+CREATE TABLE prosodyarchive (sort_id INTEGER PRIMARY KEY AUTO_INCREMENT, host TEXT, user TEXT,
+  store TEXT, `key` TEXT, `when` INTEGER, `with` TEXT, type TEXT, value MEDIUMTEXT);
+"""
+
+
+def test_every_prosody_store_is_audited(xmpp_stack, tmp_path):
+    """Prosody keeps group chats in store muc_log (older mod_mam: archive2) beside archive and
+    offline: an auditor reads them all."""
+    db = "prosody_stores"
+    xmpp_stack.sql(f"DROP DATABASE IF EXISTS {db}; CREATE DATABASE {db} CHARACTER SET utf8mb4")
+    values = ", ".join(
+        f"('capsule.test', 'bob', '{store}', 'k{i}', 1795700000, 'x', 'xml', "
+        f"'<message xmlns=\"jabber:client\" from=\"c{i}@capsule.test\" to=\"bob@capsule.test\">"
+        f"<body>in {store}</body></message>')"
+        for i, store in enumerate(("archive", "offline", "muc_log", "archive2")))
+    xmpp_stack.sql(PROSODY_ARCHIVE + "INSERT INTO prosodyarchive (host, user, store, `key`, "
+                   f"`when`, `with`, type, value) VALUES {values};", db)
+    out = tmp_path / "report.json"
+    subprocess.run([str(Path(sys.executable).with_name("capsule")), "audit", "--source", "prosody",
+                    "--dsn", xmpp_stack.dsn(db), "--ca", str(xmpp_stack.info.ca_root),
+                    "--json", str(out)], capture_output=True, timeout=120, check=True)
+    assert json.loads(out.read_text())["totals"]["plaintext"] == 4
     xmpp_stack.sql(f"DROP DATABASE {db}")
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from operator import itemgetter
+from typing import Any, NamedTuple
 
 VERDICTS = ("plaintext", "capsule", "bad-signature", "sender-mismatch", "recipient-mismatch",
             "unverified", "malformed", "other")
@@ -115,7 +116,7 @@ class Conversation:
     @property
     def verdict(self) -> str:
         c = self.counts
-        if c["bad-signature"] or c["sender-mismatch"]:
+        if c["bad-signature"] or c["sender-mismatch"] or c["recipient-mismatch"]:
             return "TAMPERED"
         if c["plaintext"]:
             return "PLAINTEXT"
@@ -124,15 +125,45 @@ class Conversation:
         return "ENCRYPTED" if c["capsule"] else "OTHER"
 
 
+_NEVER = dt.datetime.min.replace(tzinfo=dt.UTC)  # sorts a missing time first
+
+
+def _order(finding: Finding) -> tuple[Any, ...]:
+    """Where a finding stands among the listed: its store, then its row id (as a number when it
+    is one), then everything the report shows of it, so that which findings are listed does not
+    depend on the order the rows came in (nor on ``--jobs``)."""
+    row, cert = finding.row, finding.cert
+    digits = row.row_id.removeprefix("-")
+    number = int(row.row_id) if digits.isascii() and digits.isdigit() else None
+    return (row.store, number is None, number or 0, row.row_id, row.when or _NEVER,
+            finding.verdict, finding.sender, finding.recipient, finding.signer, finding.detail,
+            cert.fingerprint if cert else "", (cert.signed_at if cert else None) or _NEVER)
+
+
 @dataclass
 class Report:
     sources: list[str]
     conversations: dict[tuple[str, str], Conversation] = field(default_factory=dict)
     rows: int = 0
-    findings: list[Finding] = field(default_factory=list)  # problems only, capped
     max_findings: int = 200
-    unlisted: int = 0  # findings beyond max_findings: counted, not kept
+    failing: int = 0  # problem rows, listed or not
     missing: list[str] = field(default_factory=list)  # source tables that do not exist
+    _kept: list[tuple[tuple[Any, ...], Finding]] = field(default_factory=list, repr=False)
+
+    @property
+    def findings(self) -> list[Finding]:
+        """The first ``max_findings`` problems in :func:`_order`."""
+        self._trim()
+        return [finding for _, finding in self._kept]
+
+    @property
+    def unlisted(self) -> int:
+        """Problems beyond ``max_findings``: counted, not kept."""
+        return self.failing - len(self.findings)
+
+    def _trim(self) -> None:
+        self._kept.sort(key=itemgetter(0))
+        del self._kept[self.max_findings:]
 
     def add(self, finding: Finding) -> None:
         self.tally(finding.sender, finding.recipient, hash(finding.key), finding.verdict,
@@ -143,8 +174,8 @@ class Report:
         """Count one row: its conversation (peers ``a`` and ``b``), the ``hash`` of its
         finding's key, its verdict and time, and the finding itself when it is a problem
         (``failing``). A message stored in several rows counts once per verdict: stored twice
-        alike, once; a tampered, unverified or readable copy beside a clean one, under both
-        (whichever row comes first: the count does not depend on the rows' order)."""
+        alike, once; a tampered, unverified or readable copy beside a clean one, under both.
+        Every row goes on the timeline at its time. Nothing here depends on the rows' order."""
         self.rows += 1
         peers = (a, b) if a <= b else (b, a)
         conv = self.conversations.get(peers)
@@ -155,18 +186,17 @@ class Report:
         if not seen & bit:  # a message counts once under each verdict any of its rows got
             conv.keys[key] = seen | bit
             conv.counts[verdict] += 1
-            if when:
-                conv.timeline.add(when, verdict)
         if when:
+            conv.timeline.add(when, verdict)
             if conv.first is None or when < conv.first:
                 conv.first = when
             if conv.last is None or when > conv.last:
                 conv.last = when
         if failing is not None:
-            if len(self.findings) < self.max_findings:
-                self.findings.append(failing)
-            else:
-                self.unlisted += 1
+            self.failing += 1
+            self._kept.append((_order(failing), failing))
+            if len(self._kept) >= 2 * self.max_findings:
+                self._trim()
 
     def missing_table(self, table: str, detail: str) -> None:
         self.missing.append(f"{table}: {detail}")

@@ -31,6 +31,9 @@ from multiprocessing.process import BaseProcess
 from operator import itemgetter
 from typing import Any
 
+import pymysql
+from pymysql.constants import FIELD_TYPE
+
 from capsule.audit.findings import FAILING, Finding, Report, StoredRow
 from capsule.audit.sources import (
     READ_TIMEOUT,
@@ -52,7 +55,8 @@ class WorkerFailed(SourceError):
         self.exit_code = exit_code
 
 
-INTEGER_TYPES = frozenset({"tinyint", "smallint", "mediumint", "int", "bigint"})
+INTEGER_TYPES = frozenset({FIELD_TYPE.TINY, FIELD_TYPE.SHORT, FIELD_TYPE.INT24, FIELD_TYPE.LONG,
+                           FIELD_TYPE.LONGLONG})
 BATCH = 256  # rows per message from a worker: few pickles, little memory in flight
 Examine = Callable[[StoredRow], Finding]
 Tally = tuple[str, str, int, str, dt.datetime | None, Finding | None]  # Report.tally's arguments
@@ -62,14 +66,19 @@ Block = tuple[int, int, list[Tally]]  # table index, block of row ids, its rows 
 def unsplittable(kind: str, dsn: Dsn) -> list[str]:
     """The tables of a ``kind`` server whose row id is not an integer column in this database
     (an operator may have altered the schema): shares are blocks of integer ids, so with such a
-    table one process audits (same report, one core)."""
-    with dsn.connect() as connection, connection.cursor() as cursor:
-        cursor.execute("SELECT TABLE_NAME, COLUMN_NAME, DATA_TYPE FROM information_schema.COLUMNS"
-                       " WHERE TABLE_SCHEMA = DATABASE()")
-        types = {(table.lower(), column.lower()): data_type.lower()
-                 for table, column, data_type in cursor.fetchall()}
-    return [table.label for table in SQL_SOURCES[kind]
-            if types.get((table.name.lower(), table.key.lower()), "int") not in INTEGER_TYPES]
+    table one process audits (same report, one core). Asked of the table the audit's own query
+    names, so the database resolves the name as it will for the audit."""
+    odd = []
+    with dsn.connect() as connection:
+        for table in SQL_SOURCES[kind]:
+            with connection.cursor() as cursor:
+                try:
+                    cursor.execute(f"SELECT {table.key} FROM {table.name} LIMIT 0")  # noqa: S608
+                except pymysql.MySQLError:
+                    continue  # missing or unreadable: the audit itself says so
+                if cursor.description[0][1] not in INTEGER_TYPES:
+                    odd.append(table.label)
+    return odd
 
 
 def audit(kind: str, dsn: Dsn, jobs: int, examine: Examine, report: Report,

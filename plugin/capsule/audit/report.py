@@ -16,8 +16,6 @@ from typing import Any
 
 from capsule.audit.findings import VERDICTS, CertFacts, Conversation, Finding, Report
 
-COLUMNS = ("plaintext", "capsule", "bad-signature", "sender-mismatch", "recipient-mismatch",
-           "unverified", "other")
 COLOURS = {"capsule": "#2e7d32", "plaintext": "#c62828", "bad-signature": "#6a1b9a",
            "sender-mismatch": "#ad1457", "recipient-mismatch": "#d81b60", "unverified": "#f9a825",
            "malformed": "#795548", "other": "#9e9e9e"}
@@ -87,12 +85,20 @@ def _valid(cert: dict[str, Any] | None) -> str:
     return "yes" if cert["valid_at_signing"] else "NO"
 
 
+def _shown(text: str) -> str:
+    """Operator-stored text made safe for a terminal: control characters (an escape sequence
+    hiding the rest of the report, a line break forging a line) and other unprintable ones
+    (bidi overrides) shown as ``\\uXXXX``."""
+    return text if text.isprintable() else "".join(
+        c if c.isprintable() else f"\\u{ord(c):04x}" for c in text)
+
+
 def as_table(report: Report) -> str:
     data = as_dict(report)
-    head = ["peers", "msgs", *[c[:9] for c in COLUMNS], "first", "last", "verdict", "timeline"]
-    rows = [[" <> ".join(c["peers"]), str(c["messages"]), *[str(c["counts"][k]) for k in COLUMNS],
-             c["first"], c["last"], c["verdict"], _spark(c["timeline"]["bars"])]
-            for c in data["conversations"]]
+    head = ["peers", "msgs", *[c[:9] for c in VERDICTS], "first", "last", "verdict", "timeline"]
+    rows = [[_shown(" <> ".join(c["peers"])), str(c["messages"]),
+             *[str(c["counts"][k]) for k in VERDICTS], c["first"], c["last"], c["verdict"],
+             _spark(c["timeline"]["bars"])] for c in data["conversations"]]
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
              for row in [head, *rows]]
@@ -100,14 +106,14 @@ def as_table(report: Report) -> str:
     totals = data["totals"]
     lines.append(f"\n{data['rows']} rows, {len(rows)} conversations: "
                  + ", ".join(f"{totals[v]} {v}" for v in VERDICTS if totals[v]))
-    lines += [f"  missing table {m}" for m in data["missing_tables"]]
+    lines += [f"  missing table {_shown(m)}" for m in data["missing_tables"]]
     for f in data["findings"][:20]:
         cert = f["certificate"]
         signed = (f" signer {f['signer']} cert serial {cert['serial'] or '?'} "
                   f"sha256 {cert['fingerprint'][:16]}… valid at signing: {_valid(cert)}"
                   if cert else "")
-        lines.append(f"  ! {f['verdict']}: {f['store']} row {f['row']} at {f['time']} "
-                     f"({f['from']} -> {f['to']}){signed} {f['detail']}".rstrip())
+        lines.append(_shown(f"  ! {f['verdict']}: {f['store']} row {f['row']} at {f['time']} "
+                            f"({f['from']} -> {f['to']}){signed} {f['detail']}".rstrip()))
     hidden = len(data["findings"]) - 20 + data["findings_not_listed"]
     if hidden > 0:
         lines.append(f"  … and {hidden} more findings (see --json or --html)")
@@ -172,7 +178,7 @@ def _svg(timeline: dict[str, Any], width: int = 560, height: int = 56) -> str:
                           f"</title></rect>")
     minutes = timeline["bucket_seconds"] // 60
     return (f"<svg class='timeline' width='{width}' height='{height + 16}' role='img' "
-            f"aria-label='messages by verdict over time'>{''.join(shapes)}"
+            f"aria-label='stored rows by verdict over time'>{''.join(shapes)}"
             f"<line x1='0' x2='{width}' y1='{height}' y2='{height}' stroke='#999'/>"
             f"<text x='0' y='{height + 13}' font-size='11'>{e(bars[0]['start'])}</text>"
             f"<text x='{width}' y='{height + 13}' font-size='11' text-anchor='end'>"
@@ -184,11 +190,11 @@ def _conversation(c: dict[str, Any]) -> str:
     e = html.escape
     present = " ".join(v for v in VERDICTS if c["counts"][v])
     attrs = f"data-verdicts='{e(present)}' data-peers='{e(' '.join(c['peers']))}'"
-    cells = "".join(f"<td>{c['counts'][k]}</td>" for k in COLUMNS)
+    cells = "".join(f"<td>{c['counts'][k]}</td>" for k in VERDICTS)
     return (f"<tbody class='conv {e(c['verdict'])}' {attrs}><tr><td>{e(' ⇄ '.join(c['peers']))}"
             f"</td><td>{c['messages']}</td>{cells}<td>{e(c['first'])}</td><td>{e(c['last'])}</td>"
             f"<td class='v'>{e(c['verdict'])}</td></tr><tr class='timeline'>"
-            f"<td colspan='{len(COLUMNS) + 5}'>{_svg(c['timeline'])}</td></tr></tbody>")
+            f"<td colspan='{len(VERDICTS) + 5}'>{_svg(c['timeline'])}</td></tr></tbody>")
 
 
 def _finding_row(f: dict[str, Any]) -> str:
@@ -219,7 +225,7 @@ def as_html(report: Report) -> str:
     peers = sorted({p for c in data["conversations"] for p in c["peers"] if p})
     options = "".join(f"<option value='{e(v)}'>{e(v)}</option>" for v in VERDICTS)
     peer_options = "".join(f"<option value='{e(p)}'>{e(p)}</option>" for p in peers)
-    head = "".join(f"<th>{e(h)}</th>" for h in ("peers", "messages", *COLUMNS, "first", "last",
+    head = "".join(f"<th>{e(h)}</th>" for h in ("peers", "messages", *VERDICTS, "first", "last",
                                                  "verdict"))
     conversations = "".join(_conversation(c) for c in data["conversations"])
     finding_head = "".join(f"<th>{h}</th>" for h in (

@@ -91,14 +91,14 @@ class Table:
     order: str = ""  # SQL: the ORDER BY after the row id (which alone may repeat)
 
     def sql(self, share: Share = WHOLE) -> str:
-        """The audit's query: every stored message of every store in this table, in the order
-        of the row id, or one ``share`` of them (rows whose id modulo ``share.of`` is
-        ``share.part``: the shares of one table are disjoint and cover it)."""
+        """The audit's query: every stored message in this table, of every store (also those
+        Capsule does not name, such as Prosody's ``muc_log`` or an older ``archive2``: an
+        auditor reads them all), in the order of the row id, or one ``share`` of them (the
+        shares of a table are disjoint and cover it)."""
         columns = ", ".join(c for c in (self.key, self.owner, self.time, self.stanza, self.body,
                                         self.rebuild) if c)
-        stores = " OR ".join(c for c in self.stores.values() if c)
         part = share.sql(self.key) if share.of > 1 else ""
-        where = " AND ".join(c for c in (f"({stores})" if stores else "", self.where, part) if c)
+        where = " AND ".join(c for c in (self.where, part) if c)
         order = ", ".join(c for c in (self.key, self.order) if c)
         return (f"SELECT {columns} FROM {self.name}"  # noqa: S608 - our own constant SQL
                 + (f" WHERE {where}" if where else "") + f" ORDER BY {order}")
@@ -241,39 +241,56 @@ def sql_rows(kind: str, dsn: Dsn, missing: MissingTable | None = None, share: Sh
 
 
 def _stream(connection: Any, table: Table, share: Share) -> Iterator[StoredRow]:
-    # no ``with``: closing a server-side cursor reads what is left, which fails (and hides
-    # the real error) when the connection broke
     cursor = connection.cursor()
-    cursor.execute(table.sql(share))
-    label, unit = table.label, table.time_unit
-    while rows := cursor.fetchmany(500):
-        for row in rows:  # indexed, not unpacked: no list per row for the rebuild columns
-            stanza = row[3]
-            if stanza is None:
-                stanza = _rebuilt(*row[5:]) if len(row) > 5 else ""  # judged "other"
-            elif isinstance(stanza, bytes):
-                stanza = stanza.decode("utf-8", "replace")
-            column = row[4]
-            if isinstance(column, bytes):
-                column = column.decode("utf-8", "replace")
-            yield StoredRow(label, str(row[0]), row[1] or "", _time(row[2], unit), stanza,
-                            column or "")
+    try:
+        cursor.execute(table.sql(share))
+        label, unit = table.label, table.time_unit
+        while rows := cursor.fetchmany(500):
+            for row in rows:  # indexed, not unpacked: no list per row for the rebuild columns
+                stanza = row[3]
+                if stanza is None:
+                    stanza = _rebuilt(*row[5:]) if len(row) > 5 else ""  # judged "other"
+                elif not isinstance(stanza, str):
+                    stanza = _text(stanza)
+                column, owner = row[4], row[1]
+                yield StoredRow(label, str(row[0]), owner if isinstance(owner, str) else _text(owner),
+                                _time(row[2], unit), stanza,
+                                column if isinstance(column, str) else _text(column))
+    except BaseException:
+        # stopped early (an error, a dead connection, a reader gone): closing a server-side
+        # cursor, or dropping its result, reads the rest of the result from a socket that may
+        # be dead, and PyMySQL then fails inside ``__del__`` (a traceback on stderr, not an
+        # exception); sql_rows closes the connection, which drops the rest unread
+        result = getattr(cursor, "_result", None)
+        if result is not None:
+            result.unbuffered_active = False
+        cursor.connection = None
+        raise
     cursor.close()
 
 
-def _rebuilt(sender: str | None, recipient: str | None, body: str | None) -> str:
+def _text(value: object) -> str:
+    """A column as text whatever type an operator gave it (bytes decoded, NULL empty)."""
+    if value is None:
+        return ""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _rebuilt(sender: object, recipient: object, body: object) -> str:
     """The stanza of an Openfire archive row that kept only its columns (escaped, not spliced)."""
-    text = f"<body>{escape(body)}</body>" if body is not None else ""
-    return (f"<message from={quoteattr(sender or '')} to={quoteattr(recipient or '')}>{text}"
+    text = f"<body>{escape(_text(body))}</body>" if body is not None else ""
+    return (f"<message from={quoteattr(_text(sender))} to={quoteattr(_text(recipient))}>{text}"
             f"</message>")
 
 
 def _time(value: object, unit: float) -> dt.datetime | None:
     if value is None:
         return None
+    if isinstance(value, dt.datetime):  # a column altered to DATETIME: taken as UTC
+        return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
     try:
         return dt.datetime.fromtimestamp(float(value) * unit, dt.UTC)  # type: ignore[arg-type]
-    except (ValueError, OverflowError, OSError):
+    except (TypeError, ValueError, OverflowError, OSError):  # a column altered to another type
         return None
 
 

@@ -32,7 +32,9 @@ from capsule.errors import ProfileError
 from capsule.pins import read_secret
 
 DB_PASSWORD_ENV = "CAPSULE_AUDIT_DB_PASSWORD"
-DEFAULT_JOBS = min(4, len(os.sched_getaffinity(0)))  # judging rows is CPU work: a core each
+# judging rows is CPU work: a core each (the cores this process may use, where the OS says)
+DEFAULT_JOBS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                   else os.cpu_count() or 1)
 
 
 def _jobs(text: str) -> int:
