@@ -91,9 +91,9 @@ class Table:
     order: str = ""  # SQL: the ORDER BY after the row id (which alone may repeat)
 
     def sql(self, share: Share = WHOLE) -> str:
-        """The audit's query: every stored message in this table, of every store (also those
-        Capsule does not name, such as Prosody's ``muc_log`` or an older ``archive2``: an
-        auditor reads them all), in the order of the row id, or one ``share`` of them (the
+        """The audit's query: every stored message in this table, of every store that holds
+        messages (also those Capsule itself does not write, such as Prosody's ``muc_log`` or
+        an older ``archive2``), in the order of the row id, or one ``share`` of them (the
         shares of a table are disjoint and cover it)."""
         columns = ", ".join(c for c in (self.key, self.owner, self.time, self.stanza, self.body,
                                         self.rebuild) if c)
@@ -111,6 +111,9 @@ class Table:
                             if c)
 
 
+# the stores where Prosody keeps messages (mod_mam, its older name, mod_muc_mam, mod_offline);
+# its other stores hold its own data (sessions, PEP nodes, ...), not messages
+PROSODY_MESSAGE_STORES = "'archive', 'archive2', 'muc_log', 'offline'"
 _OPENFIRE_REBUILT = ", ".join(f"IF(stanza IS NULL, {column}, NULL)"
                               for column in ("fromJID", "toJID", "body"))
 SQL_SOURCES: dict[str, list[Table]] = {
@@ -123,7 +126,7 @@ SQL_SOURCES: dict[str, list[Table]] = {
     "prosody": [
         Table("prosody archive/offline", "prosodyarchive", "sort_id", "CONCAT(user, '@', host)",
               "`when`", 1, "value", {"archive": "store = 'archive'", "offline": "store = 'offline'"},
-              user="user", where="type = 'xml'"),
+              user="user", where=f"type = 'xml' AND store IN ({PROSODY_MESSAGE_STORES})"),
     ],
     "openfire": [
         Table("openfire ofMessageArchive", "ofMessageArchive", "messageID", "NULL", "sentDate",
