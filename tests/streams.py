@@ -96,3 +96,15 @@ def start_session(stream: Stream) -> None:
                                  stream.capsule.store.current_sessions(now)[:1], now)
 
 
+
+
+async def v1_capsule_from(a: Stream, b: Stream, text: str) -> Message:
+    """Both streams logged in (session keys made), ``a`` knowing ``b``'s, ``a`` sends ``text``
+    to ``b``: the one message ``a`` sent."""
+    start_session(a)
+    start_session(b)
+    await introduce(a, b)
+    send_text(a, b.me.jid, text)
+    await a.settle()
+    [sent] = sent_messages(a)
+    return sent

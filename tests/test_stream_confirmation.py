@@ -18,15 +18,12 @@ from tests.streams import (
     V1,
     capsule_from,
     capsules_in,
-    introduce,
     journal_writes,
     pair,
     receipts_in,
     record,
-    send_text,
-    sent_messages,
-    start_session,
     until,
+    v1_capsule_from,
     versions,
 )
 
@@ -229,12 +226,7 @@ async def test_a_v1_capsule_is_confirmed_by_its_proof_only(stream_cast: Cast,
     """The proof derives from the message key whatever the wire format."""
     async with pair(stream_cast, tmp_path) as (a, b):
         record(a, "capsule_delivered")
-        start_session(a)
-        start_session(b)
-        await introduce(a, b)
-        send_text(a, b.me.jid, "forward secret")
-        await a.settle()
-        [out] = sent_messages(a)
+        out = await v1_capsule_from(a, b, "forward secret")
         assert versions([out]) == [V1] and out["request_receipt"]
         a.recv(f"<message from='{b.me.jid}/phone' to='{a.xmpp.boundjid}'>"
                + RECEIVED.format(sid=out["id"]) + "</message>")

@@ -23,7 +23,17 @@ from capsule import profile as profile_module
 from capsule.plugin import capsule_info
 from capsule.profile import Profile
 from capsule.testing.stream import PIN, Cast, Identity, Stream, message, seal_for
-from tests.streams import V0, V1, introduce, pair, send_text, sent_messages, start_session, versions
+from tests.streams import (
+    V0,
+    V1,
+    introduce,
+    pair,
+    send_text,
+    sent_messages,
+    start_session,
+    v1_capsule_from,
+    versions,
+)
 
 
 def _deliver(a: Stream, msg: Message, b: Stream) -> None:
@@ -35,12 +45,7 @@ def _deliver(a: Stream, msg: Message, b: Stream) -> None:
 async def test_v1_when_the_recipient_has_session_keys_and_both_sides_read_it(
         stream_cast: Cast, tmp_path: Path) -> None:
     async with pair(stream_cast, tmp_path, policy="require") as (a, b):
-        start_session(a)
-        start_session(b)
-        await introduce(a, b)
-        send_text(a, b.me.jid, "forward secret")
-        await a.settle()
-        [sent] = sent_messages(a)
+        sent = await v1_capsule_from(a, b, "forward secret")
         assert versions([sent]) == [V1]
         assert "forward secret" not in str(sent)
         a_copy = Message(xml=sent.xml)
@@ -122,12 +127,7 @@ async def test_hostile_session_records_give_no_v1(stream_cast: Cast, tmp_path: P
 async def test_after_retention_the_archived_capsule_is_session_expired(
         stream_cast: Cast, tmp_path: Path) -> None:
     async with pair(stream_cast, tmp_path) as (a, b):
-        start_session(a)
-        start_session(b)
-        await introduce(a, b)
-        send_text(a, b.me.jid, "gone after retention")
-        await a.settle()
-        [archived] = sent_messages(a)
+        archived = await v1_capsule_from(a, b, "gone after retention")
         archived["from"] = a.xmpp.boundjid
         later = int(time.time()) + alg.SESSION_LIFETIME_S + alg.SESSION_RETENTION_S
         b.capsule.keyring.rotate(later)  # destroys the key
