@@ -4,14 +4,19 @@ the server acked but nobody confirmed is sent again on a new session, then repor
 
 from __future__ import annotations
 
+import asyncio
 import errno
 from pathlib import Path
 
+import pytest
 from slixmpp import Message
+from slixmpp.xmlstream import StanzaBase
 
+from capsule import inbound
 from capsule import stanza as st
 from capsule.replay import Handed, JournalItem
 from capsule.testing.stream import Cast, Stream
+from capsule.trust import CertificateSource, CertPair
 from tests.streams import capsule_from, capsules_in, journal_writes, receipts_in, record, until
 
 SM = "urn:xmpp:sm:3"
@@ -182,3 +187,84 @@ async def test_a_capsule_whose_handed_mark_failed_is_delivered_again_after_a_res
             await b.settle()
             assert b.delivered() == [] and b.capsule.duplicates == 1 and b.errors() == []
             assert [r["receipt"] for r in receipts_in(b.sent())] == [out["id"]]
+
+
+def _acks(sent: list[Message | StanzaBase]) -> list[int]:
+    return [int(s.xml.get("h", -1)) for s in sent if s.xml.tag == f"{{{SM}}}a"]
+
+
+async def test_a_request_is_answered_once_the_capsule_before_it_is_handled(
+        stream_cast: Cast, tmp_path: Path) -> None:
+    """The server asks right after a capsule: one answer that counts it (answering at once,
+    then again unasked once handled, doubled the acks and, on ejabberd, its requests)."""
+    bob = stream_cast["bob"]
+    async with stream_cast.pair(tmp_path) as (a, b):
+        await _enable_sm(b)
+        b.recv(await capsule_from(a, bob.jid, "counted"))
+        b.recv(f"<r xmlns='{SM}'/>")
+        await b.settle()
+        assert len(b.delivered()) == 1
+        assert _acks(b.sent()) == [1]
+        b.recv(f"<r xmlns='{SM}'/>")  # nothing new since: answered at once
+        await b.settle()
+        assert _acks(b.sent()) == [1]
+
+
+class _Slow(CertificateSource):
+    """A look-up that takes as long as the test says (a slow PEP service)."""
+
+    def __init__(self, source: CertificateSource):
+        self.source, self.answer = source, asyncio.Event()
+
+    async def fetch(self, jid: str) -> CertPair | None:
+        await self.answer.wait()
+        return await self.source.fetch(jid)
+
+
+async def test_a_request_about_a_capsule_still_opening_is_answered_in_time_then_again(
+        stream_cast: Cast, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A capsule whose sender is still being looked up does not keep the server waiting past
+    ANSWER_WITHIN (nor is it counted before it is handled); its count follows unasked."""
+    monkeypatch.setattr(inbound, "ANSWER_WITHIN", 0.2)
+    alice, bob = stream_cast["alice"], stream_cast["bob"]
+    directory = stream_cast.directory_of("alice", "bob")
+    slow = _Slow(directory)
+    async with Stream.open(alice, tmp_path, directory) as a, \
+            Stream.open(bob, tmp_path, slow) as b:
+        await _enable_sm(b)
+        b.recv(await capsule_from(a, bob.jid, "looked up slowly"))
+        b.recv(f"<r xmlns='{SM}'/>")
+        await asyncio.sleep(0.1)
+        assert _acks(b.sent()) == []
+        await asyncio.sleep(0.3)
+        assert _acks(b.sent()) == [0]  # in time, and never ahead of the app
+        slow.answer.set()
+        await b.settle()
+        assert len(b.delivered()) == 1 and _acks(b.sent()) == [1]
+
+
+async def test_one_request_for_the_servers_ack_is_outstanding_at_a_time(
+        stream_cast: Cast, tmp_path: Path) -> None:
+    """Capsules sent while a request is unanswered ask again once it is answered (the answer
+    covers only what was sent before its request), not once per burst."""
+    bob = stream_cast["bob"]
+    async with Stream.open(stream_cast["alice"], tmp_path, stream_cast.directory_of("bob")) as a:
+        record(a, "capsule_acked")
+        await _enable_sm(a)
+
+        def requests() -> int:
+            return sum(s.xml.tag == f"{{{SM}}}r" for s in a.sent())
+
+        await a.capsule.send(bob.jid, "first")
+        await a.settle()
+        assert requests() == 1
+        for text in ("second", "third"):  # two bursts, the request still unanswered
+            await a.capsule.send(bob.jid, text)
+            await a.settle()
+        assert requests() == 0
+        a.recv(f"<a xmlns='{SM}' h='1'/>")
+        await a.settle()
+        assert requests() == 1  # for the second and third
+        a.recv(f"<a xmlns='{SM}' h='3'/>")
+        await a.settle()
+        assert requests() == 0 and len(a.named("capsule_acked")) == 3

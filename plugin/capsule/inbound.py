@@ -6,6 +6,12 @@ killed in between would have acked capsules it never delivered, and the server w
 them. This count takes over from slixmpp's: a capsule counts once its task finished (delivered
 or refused), and the count only covers an unbroken prefix of the stream, so the server keeps,
 and resends or stores offline, everything from the first capsule not yet done.
+
+It answers the server's requests too: a request (``<r/>``) that arrives while capsules before
+it are still being handled is answered once they are (at most ANSWER_WITHIN seconds later,
+then with what is handled, and unasked once the rest is), so a capsule costs the stream one
+request and one answer rather than an answer at once and another when handled (ejabberd asks
+again after every answer while it has unacked stanzas: each extra answer was an extra round).
 """
 
 from __future__ import annotations
@@ -17,6 +23,11 @@ from typing import Any
 from slixmpp import BaseXMPP, Iq, Message, Presence
 from slixmpp.plugins.xep_0198.stream_management import MAX_SEQ
 from slixmpp.xmlstream import StanzaBase
+from slixmpp.xmlstream.handler import Callback
+from slixmpp.xmlstream.matcher import MatchXPath
+
+SLIXMPP_ANSWER = "Stream Management Request Ack"  # xep_0198's handler of <r/>: ours replaces it
+ANSWER_WITHIN = 2.0  # seconds a request waits for the capsules before it (ejabberd waits 60)
 
 
 class HandledCount:
@@ -32,9 +43,14 @@ class HandledCount:
         self._finished: set[int] = set()  # handled, beyond the prefix
         self._seq: dict[int, tuple[int, int]] = {}  # id(stanza) -> (stream, position)
         self._claimed: set[int] = set()
-        self._ack: asyncio.Handle | None = None
+        self._asked = 0  # a request is owed an answer covering this prefix (0: none owed)
+        self._late: asyncio.TimerHandle | None = None  # the answer, should they take long
         xmpp.del_filter("in", self.sm._handle_incoming)  # ours replaces it
         xmpp.add_filter("in", self._arrive)  # first: created before any other "in" filter
+        xmpp.remove_handler(SLIXMPP_ANSWER)
+        xmpp.register_handler(Callback("capsule ack request",
+                                       MatchXPath(self.sm.stanza.RequestAck.tag_name()),
+                                       self._request, instream=True))
         xmpp.add_event_handler("sm_enabled", self._restart)
         xmpp.add_event_handler("session_resumed", self._restart)
 
@@ -43,11 +59,27 @@ class HandledCount:
         self.xmpp.del_event_handler("sm_enabled", self._restart)
         self.xmpp.del_event_handler("session_resumed", self._restart)
         self.xmpp.add_filter("in", self.sm._handle_incoming)
+        self.xmpp.remove_handler("capsule ack request")
+        self.xmpp.register_handler(Callback(SLIXMPP_ANSWER,
+                                            MatchXPath(self.sm.stanza.RequestAck.tag_name()),
+                                            self.sm._handle_request_ack, instream=True))
+        self._cancel_answer()
 
     def _restart(self, _event: Any) -> None:
         self._stream += 1
         self._base, self._next, self._done = self.sm.handled, 0, 0
         self._finished.clear()
+        self._asked = 0
+        self._cancel_answer()
+
+    def _request(self, _request: StanzaBase) -> None:
+        """The server asks how far we got: answered once what came before it is handled."""
+        self._asked = max(self._asked, self._next)
+        if self._done >= self._asked:
+            self._asked = 0
+            self._send_ack()
+        elif self._late is None:
+            self._late = asyncio.get_event_loop().call_later(ANSWER_WITHIN, self._answer_late)
 
     def _arrive(self, stanza: StanzaBase) -> StanzaBase:
         if self.sm.enabled_in and isinstance(stanza, Message | Presence | Iq):
@@ -85,11 +117,22 @@ class HandledCount:
             self._finished.discard(self._done)
             self._done += 1
         self.sm.handled = (self._base + self._done) % MAX_SEQ
-        if self._ack is None and not self._finished:  # one ack per batch handled
-            self._ack = asyncio.get_event_loop().call_soon(self._send_ack)
+        if self._asked and self._done >= self._asked:  # what the server asked about is done
+            self._asked = 0
+            self._cancel_answer()
+            asyncio.get_event_loop().call_soon(self._send_ack)  # after the whole batch
+
+    def _answer_late(self) -> None:
+        """What is handled so far; the rest is told unasked once handled (see _finish), so
+        that the server can let go of it."""
+        self._late = None
+        self._send_ack()
 
     def _send_ack(self) -> None:
-        """Tell the server unasked once a backlog is handled, so it can let go of it."""
-        self._ack = None
         if self.xmpp.transport is not None and self.sm.enabled_in:
             self.sm.send_ack()
+
+    def _cancel_answer(self) -> None:
+        if self._late is not None:
+            self._late.cancel()
+            self._late = None

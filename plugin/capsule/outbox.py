@@ -31,7 +31,7 @@ from typing import Any
 from slixmpp import JID, BaseXMPP, Message
 from slixmpp.xmlstream import StanzaBase
 from slixmpp.xmlstream.handler import Callback
-from slixmpp.xmlstream.matcher import StanzaPath
+from slixmpp.xmlstream.matcher import MatchXPath, StanzaPath
 
 from capsule import events, receipts
 from capsule import stanza as st
@@ -86,6 +86,9 @@ class Outbox:
         self._given_up: OrderedDict[Key, int] = OrderedDict()
         self._acked: OrderedDict[Key, None] = OrderedDict()  # room capsules, to report bounces
         self._ack_request: asyncio.Handle | None = None
+        # one request for the server's ack unanswered at a time: one asked meanwhile waits
+        # for the answer (an answer covers everything sent before its request)
+        self._asking = self._ask_again = False
         self.resent = 0
         self.unproven_receipts = 0  # receipts without the right proof (e.g. a plain client's)
         self.foreign_bounces = 0  # error bounces from neither the addressee nor its server
@@ -97,6 +100,8 @@ class Outbox:
         xmpp.register_handler(Callback("capsule receipt", StanzaPath("message/receipt"),
                                        self._on_receipt))
         sm = xmpp.plugin["xep_0198"]
+        xmpp.register_handler(Callback("capsule ack answer", MatchXPath(sm.stanza.Ack.tag_name()),
+                                       self._answered, instream=True))
         if getattr(xmpp, "sessionstarted", False) and not sm.enabled_out:  # logged in already
             enable = sm.stanza.Enable(xmpp)
             enable["resume"] = sm.allow_resume
@@ -110,6 +115,7 @@ class Outbox:
     def close(self) -> None:
         self.xmpp.del_filter("out", self._on_wire)
         self.xmpp.remove_handler("capsule receipt")
+        self.xmpp.remove_handler("capsule ack answer")
         for event, handler in self._events():
             self.xmpp.del_event_handler(event, handler)
         for entry in self.pending.values():
@@ -168,8 +174,19 @@ class Outbox:
     def _request_ack(self) -> None:
         self._ack_request = None
         sm = self.xmpp.plugin["xep_0198"]
-        if self.xmpp.transport is not None and sm.enabled_out:
+        if self.xmpp.transport is None or not sm.enabled_out:
+            return
+        if self._asking:
+            self._ask_again = True
+        else:
+            self._asking = True
             sm.request_ack()
+
+    def _answered(self, _ack: StanzaBase) -> None:
+        self._asking = False
+        if self._ask_again and self._ack_request is None:
+            self._ask_again = False
+            self._ack_request = asyncio.get_event_loop().call_soon(self._request_ack)
 
     def _on_acked(self, stanza: StanzaBase) -> None:
         key = key_of(stanza)
@@ -208,6 +225,7 @@ class Outbox:
     def _down(self, _event: Any) -> None:
         """The stream is gone: capsules slixmpp still queued for it come back here (it would
         write them to the next connection before the login); the rest stays in its queue."""
+        self._asking = self._ask_again = False  # no answer comes on a dead stream
         queue = self.xmpp.waiting_queue
         kept = []
         while not queue.empty():
@@ -232,6 +250,7 @@ class Outbox:
     def _resend(self, acked_too: bool) -> None:
         """Send what went out or waited and xep_0198 does not track (it forgets a dead
         session's unacked stanzas)."""
+        self._asking = self._ask_again = False  # a request on the old stream is not answered
         tracked = {id(stanza) for _seq, stanza in self.xmpp.plugin["xep_0198"].unacked_queue}
         again = [e.stanza for e in self.pending.values()
                  if e.out and id(e.stanza) not in tracked and (acked_too or not e.acked)]
