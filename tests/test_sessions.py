@@ -214,16 +214,14 @@ def test_rotation_at_login_daily_and_not_in_a_reconnect_loop(
 
     from capsule.keyring import Keyring
     bob = identity("bob")
-    saved: list[int] = []
     ring = Keyring(cast(Any, None), bob, rotate=alg.SESSION_ROTATE_S,
-                   retention=alg.SESSION_RETENTION_S, skew=300, timeout=5, refresh=3600,
-                   dirty=lambda: saved.append(1))
+                   retention=alg.SESSION_RETENTION_S, skew=300, timeout=5, refresh=3600)
     assert ring.rotate(NOW, force=True)  # the first login
     assert not ring.rotate(NOW + 60, force=True)  # a reconnect a minute later: no new key
     assert ring.rotate(NOW + 700, force=True)  # a later login
     assert not ring.rotate(NOW + 3600)  # the hourly check
     assert ring.rotate(NOW + 700 + DAY)  # daily
-    assert len(bob.data.sessions) == 3 and len(saved) == 3
+    assert len(bob.data.sessions) == 3  # each True: the caller saved
     assert ring.own(NOW + 700 + DAY) == bob.current_sessions(NOW + 700 + DAY)[0]
     old = set(bob.session_keys())
     later = NOW + 700 + DAY + 2 * DAY + 14 * DAY
@@ -266,8 +264,7 @@ def test_a_certificate_rotation_gives_a_new_session_record_at_once(
     from capsule.keyring import Keyring
     dave = identity("dave")
     ring = Keyring(cast(Any, None), dave, rotate=alg.SESSION_ROTATE_S,
-                   retention=alg.SESSION_RETENTION_S, skew=300, timeout=5, refresh=3600,
-                   dirty=lambda: None)
+                   retention=alg.SESSION_RETENTION_S, skew=300, timeout=5, refresh=3600)
     assert ring.rotate(NOW - 300, force=True)  # a login five minutes ago
     dave.rotate_keys()  # what `capsule rotate` does: new keys, new certificates
     for usage in (Usage.SIGN, Usage.ENCRYPT):

@@ -14,10 +14,12 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 from slixmpp.xmlstream import StanzaBase
 
 from capsule import discovery, stanza_v1
 from capsule import namespaces as ns
+from capsule.profile import Profile
 from capsule.testing.stream import Cast, Stream
 
 PUBSUB = "{http://jabber.org/protocol/pubsub}pubsub"
@@ -179,3 +181,22 @@ async def test_a_failed_read_publishes_as_before(stream_cast: Cast, tmp_path: Pa
             pep.failing[ns.CERTS_NODE] = failure
             await pep.log_in(alice)
             assert ns.CERTS_NODE in pep.published, failure
+
+
+async def test_a_login_saves_the_profile_once_with_the_session_key_it_publishes(
+        stream_cast: Cast, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The login's new session key is in the profile's first save (a fleet's logins each
+    stalled the event loop on a second fsynced save), and on disk before it is published."""
+    saved: list[set[bytes]] = []
+    save = Profile.save
+
+    def spy(profile: Profile) -> None:
+        saved.append(set(profile.session_keys()))
+        save(profile)
+
+    monkeypatch.setattr(Profile, "save", spy)
+    async with Stream.open(stream_cast["alice"], tmp_path, None, publish=True) as alice:
+        pep = FakePep()
+        await pep.log_in(alice)
+        [record], _ = stanza_v1.parse_sessions(pep.items[ns.SESSIONS_NODE])
+        assert len(saved) == 1 and record.sid in saved[0]

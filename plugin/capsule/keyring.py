@@ -11,7 +11,6 @@ import logging
 import time
 import xml.etree.ElementTree as ET
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from slixmpp import BaseXMPP
@@ -40,7 +39,7 @@ class Keyring:
     """Our session keys in ``store`` and the cached records of our contacts."""
 
     def __init__(self, xmpp: BaseXMPP, store: Profile, *, rotate: int, retention: int,
-                 skew: int, timeout: int, refresh: int, dirty: Callable[[], None]):
+                 skew: int, timeout: int, refresh: int):
         if not 0 < rotate <= alg.SESSION_LIFETIME_S // 2:
             raise ValueError(f"session_rotate must be 1..{alg.SESSION_LIFETIME_S // 2} s")
         if not 0 <= retention <= alg.SESSION_MAX_RETENTION_S:
@@ -48,7 +47,6 @@ class Keyring:
         self.xmpp, self.store = xmpp, store
         self.rotate_after, self.retention, self.skew = rotate, retention, skew
         self.timeout, self.refresh = timeout, refresh
-        self._dirty = dirty
         self._peers: OrderedDict[str, _Peer] = OrderedDict()
 
     # -- ours -------------------------------------------------------------------
@@ -71,7 +69,6 @@ class Keyring:
         age = None if newest is None else now - newest
         if age is None or age >= self.rotate_after or (force and age >= alg.SESSION_MIN_ROTATE_S):
             self.store.new_session(now)
-            self._dirty()
             return True
         return changed
 

@@ -106,9 +106,15 @@ class XEP_Capsule(BasePlugin):
         self.own_sign, self.own_encrypt = self.contacts.own_sign, self.contacts.own_encrypt
         self.keyring = Keyring(self.xmpp, self.store, rotate=options.session_rotate,
                                retention=options.session_retention, skew=options.skew,
-                               timeout=options.fetch_timeout, refresh=options.session_refresh,
-                               dirty=self._dirty)
-        self.keyring.destroy(int(time.time()))  # on every start: saved by DurableState now
+                               timeout=options.fetch_timeout, refresh=options.session_refresh)
+        # on every start, saved by DurableState now: what is past retention destroyed and,
+        # when we publish, the login's new session key (its rotation at session start then
+        # finds it fresh: one profile save per login, not two)
+        now = int(time.time())
+        if options.publish:
+            self.keyring.rotate(now, force=True)
+        else:
+            self.keyring.destroy(now)
         self.durable = DurableState(self.xmpp, self.store, options.save_delay,
                                     options.storage_retry, self._spawn)
         self.revocation = Revocation(self.xmpp, options, self.store, self.trust, self._locks,

@@ -386,6 +386,7 @@ class Profile:
 
 
 @functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=8)  # read on every seal (current_sessions): parsed once
 def _fingerprint(pem: str) -> str:
     return cert_fingerprint(x509.load_pem_x509_certificate(pem.encode()))
 

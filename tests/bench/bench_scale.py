@@ -79,10 +79,15 @@ def _enroll(job: tuple[str, Path]) -> None:
 
 @dataclass
 class Pool:
-    """The first ``accounts`` bots of ``profiles`` with accounts on ``stack``."""
+    """The first ``accounts`` bots of ``profiles`` with accounts on ``stack``, and each bot's
+    own profile in ``home``: a bot keeps it from one run to the next, as a restarted bot does.
+    (A fresh copy of the template per run made every run a new device of the account: its
+    session record from the run before stayed on PEP, valid for two days, and every capsule
+    was sealed to it too, so the first bots cost more to reach at each larger size.)"""
 
     stack: Stack
     profiles: Profiles
+    home: Path
     accounts: int = 0
 
     def grow(self, n: int) -> list[tuple[str, str, Path]]:
@@ -95,10 +100,11 @@ class Pool:
         self.accounts = max(self.accounts, n)
         return bots
 
-    @staticmethod
-    def profiles_of(bots: list[tuple[str, str, Path]], run_dir: Path) -> list[str]:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        return [str(shutil.copy(template, run_dir / template.name)) for _j, _p, template in bots]
+    def profiles_of(self, bots: list[tuple[str, str, Path]]) -> list[str]:
+        """Each bot's profile, made from its template on first use."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        return [str(mine if (mine := self.home / template.name).exists()
+                    else shutil.copy(template, mine)) for _j, _p, template in bots]
 
 
 def _row(layout: str, n: int, plain: dict[str, float], enc: dict[str, float]) -> str:
@@ -107,11 +113,9 @@ def _row(layout: str, n: int, plain: dict[str, float], enc: dict[str, float]) ->
             f"{plain['rate']:.0f} / {enc['rate']:.0f} | {enc['rate'] / plain['rate']:.2f} |")
 
 
-async def _one_process(stack: Stack, pool: Pool, n: int, run_dir: Path, capsule: bool
-                       ) -> dict[str, float]:
+async def _one_process(stack: Stack, pool: Pool, n: int, capsule: bool) -> dict[str, float]:
     bots = pool.grow(n)
-    profiles: list[str | None] = (list(pool.profiles_of(bots, run_dir)) if capsule
-                                  else [None] * n)
+    profiles: list[str | None] = list(pool.profiles_of(bots)) if capsule else [None] * n
     spec = [(jid, pw, profile, bots[(i + 1) % n][0])
             for i, ((jid, pw, _t), profile) in enumerate(zip(bots, profiles, strict=True))]
     fleet = Fleet(spec, "127.0.0.1", stack.info.c2s_port, str(stack.info.ca_root))
@@ -132,11 +136,11 @@ def profiles(tmp_path_factory: pytest.TempPathFactory) -> Profiles:
 
 
 async def bench_bots_in_one_process(xmpp_stack, tmp_path, profiles) -> None:
-    pool = Pool(xmpp_stack, profiles)
+    pool = Pool(xmpp_stack, profiles, tmp_path / "bots")
     rows = []
     for n in SIZES:
-        plain = await _one_process(xmpp_stack, pool, n, tmp_path / f"plain{n}", capsule=False)
-        enc = await _one_process(xmpp_stack, pool, n, tmp_path / f"capsule{n}", capsule=True)
+        plain = await _one_process(xmpp_stack, pool, n, capsule=False)
+        enc = await _one_process(xmpp_stack, pool, n, capsule=True)
         rows.append(_row(f"1 process, {xmpp_stack.info.server}", n, plain, enc))
         print(f"\n{rows[-1]}", flush=True)
     print("\n" + "\n".join([HEADER, "|---|---|---|---|---|---|", *rows]))
@@ -155,7 +159,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterStack]:
 def _two_processes(cluster: ClusterStack, pool: Pool, n: int, run_dir: Path, capsule: bool
                    ) -> dict[str, float]:
     bots = pool.grow(2 * n)
-    profiles: list[str | None] = (list(pool.profiles_of(bots, run_dir)) if capsule
+    profiles: list[str | None] = (list(pool.profiles_of(bots)) if capsule
                                   else [None] * (2 * n))
     halves = []
     for side in (0, 1):  # bot i of one process sends to bot i of the other
@@ -189,7 +193,7 @@ def _two_processes(cluster: ClusterStack, pool: Pool, n: int, run_dir: Path, cap
 
 
 def bench_two_processes_on_a_two_node_cluster(cluster, tmp_path, profiles) -> None:
-    pool = Pool(cluster, profiles)
+    pool = Pool(cluster, profiles, tmp_path / "bots")
     rows = []
     for n in SIZES:
         plain = _two_processes(cluster, pool, n, tmp_path / f"plain{n}", capsule=False)
