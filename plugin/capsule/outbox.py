@@ -179,13 +179,12 @@ class Outbox:
         if self._asking:
             self._ask_again = True
         else:
-            self._asking = True
+            self._asking, self._ask_again = True, False
             sm.request_ack()
 
     def _answered(self, _ack: StanzaBase) -> None:
         self._asking = False
         if self._ask_again and self._ack_request is None:
-            self._ask_again = False
             self._ack_request = asyncio.get_event_loop().call_soon(self._request_ack)
 
     def _on_acked(self, stanza: StanzaBase) -> None:
