@@ -21,6 +21,8 @@ T = TypeVar("T")
 HOST_ENV, PORT_ENV, TLS_CA_ENV = "CAPSULE_HOST", "CAPSULE_PORT", "CAPSULE_TLS_CA"
 # every node of a clustered server, "host:port host:port ..." (the plugin's ``endpoints``)
 ENDPOINTS_ENV = "CAPSULE_ENDPOINTS"
+# raised by login() when it gives up, so that a Reconnect does not log the client in after all
+LOGIN_ABANDONED = "capsule_login_abandoned"
 
 Endpoint = tuple[str, int]
 
@@ -123,6 +125,7 @@ async def login(
     except BaseException as exc:
         # slixmpp reschedules a failed connect on its own: stop that too, or the caller's next
         # attempt races it and the server replaces one session by the other
+        client.event(LOGIN_ABANDONED)
         client.cancel_connection_attempt()
         client.abort()
         if isinstance(exc, TimeoutError):
@@ -160,11 +163,15 @@ def enable_registration(client: ClientXMPP) -> None:
 
 
 class Reconnect:
-    """Reconnect a client whose session dropped, with capped exponential back-off and jitter.
+    """Reconnect a client whose session dropped or whose login failed, with capped exponential
+    back-off and jitter.
 
-    Armed by the first session, disarmed by the app's own ``disconnect()`` and by a refused
-    login or certificate (retrying would not help). slixmpp alone does not reconnect after a
-    lost stream; with stream management (XEP-0198) the new stream resumes the session.
+    Armed from the start: a first attempt that fails (refused, timed out, cut off before the
+    session, a TLS handshake broken by the network) is retried like a dropped session.
+    Disarmed by the app's own ``disconnect()`` and by a refused login or certificate (retrying
+    would not help). slixmpp alone retries only a refused TCP connection, to the same address,
+    and nothing after a lost stream; with stream management (XEP-0198) the new stream resumes
+    the session.
 
     ``endpoints``: the nodes of a clustered server, any of which serves the account. After a
     dropped session or a failed attempt the next one is tried (round robin, from the one the
@@ -177,7 +184,8 @@ class Reconnect:
         self.first, self.cap, self.login_timeout = first, cap, login_timeout
         self.endpoints = list(endpoints)
         self.delay = first
-        self.armed = self.in_session = bool(client.sessionstarted)  # maybe logged in already
+        self.armed = True
+        self.in_session = bool(client.sessionstarted)  # maybe logged in already
         self._retry: asyncio.TimerHandle | None = None
         self._watchdog: asyncio.TimerHandle | None = None
         self._app_disconnect = client.disconnect
@@ -187,8 +195,9 @@ class Reconnect:
 
     def _events(self) -> list[tuple[str, Callable[[Any], None]]]:
         return [("session_start", self._up), ("session_resumed", self._up),
-                ("disconnected", self._down), ("connection_failed", self._down),
-                ("failed_all_auth", self._stop), ("ssl_invalid_chain", self._stop)]
+                ("connecting", self._connecting), ("disconnected", self._down),
+                ("reconnect_delay", self._failed), ("ssl_invalid_chain", self._tls_failed),
+                ("failed_all_auth", self._stop), (LOGIN_ABANDONED, self._stop)]
 
     def close(self) -> None:
         self._stop(None)
@@ -197,8 +206,21 @@ class Reconnect:
             self.client.del_event_handler(event, handler)
 
     def _disconnect(self, *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
+        if self._tls_cut_off():
+            # slixmpp's own call, not the app's: a failed attempt like any other
+            self._drop(None)
+            done: asyncio.Future[Any] = asyncio.get_event_loop().create_future()
+            done.set_result(None)
+            return done
         self._stop(None)
         return self._app_disconnect(*args, **kwargs)
+
+    def _tls_cut_off(self) -> bool:
+        """Whether slixmpp's STARTTLS handshake just failed on a network error (it then calls
+        ``disconnect()`` itself, which must not stop the reconnecting)."""
+        attempt = self.client._current_connection_attempt
+        return (self.armed and not self.in_session and attempt is not None and attempt.done()
+                and not attempt.cancelled() and isinstance(attempt.exception(), OSError))
 
     def _up(self, _event: Any) -> None:
         self.armed, self.in_session, self.delay = True, True, self.first
@@ -213,6 +235,39 @@ class Reconnect:
             if timer is not None:
                 timer.cancel()
         self._retry = self._watchdog = None
+
+    def _connecting(self, _event: Any) -> None:
+        # every attempt, the app's first included: a server that accepts TCP but never opens a
+        # session (its database down, a handshake left hanging) is given up after login_timeout
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        self._watchdog = asyncio.get_event_loop().call_later(self.login_timeout, self._hung)
+
+    def _failed(self, _wait: Any) -> None:
+        """slixmpp's whole attempt failed and it is about to retry the same address on its own
+        schedule (1, 3, 9… s): ours replaces it."""
+        if not self.armed:
+            return
+        self.client.cancel_connection_attempt()
+        self._down(None)
+
+    def _tls_failed(self, error: Any) -> None:
+        if isinstance(error, ssl.SSLCertVerificationError):
+            self._stop(None)  # the certificate is refused: fail closed, tell no one else
+        elif self.armed and not self.in_session:
+            self._drop(error)  # a handshake cut off or garbled: try the next endpoint
+
+    def _drop(self, error: BaseException | None) -> None:
+        """End the current attempt so that the next one starts."""
+        transport = self.client.transport
+        if transport is None:
+            self._down(None)
+            return
+        self.client.abort()
+        if transport.get_protocol() is not self.client:
+            # a STARTTLS handshake that failed: asyncio's TLS layer swallowed the loss and
+            # slixmpp never hears of it (no "disconnected"), so tell it
+            self.client.connection_lost(error)
 
     def _down(self, _event: Any) -> None:
         self.in_session = False
@@ -237,20 +292,16 @@ class Reconnect:
         if not self.armed:
             return
         if self.client.transport is None:
-            self.client.connect(*self._next_address())
-        # else slixmpp's own retry got there first, or a TLS handshake reset by a restarting
-        # server left its transport behind (no retry ever came then); either way, and for a
-        # server that accepts TCP but never opens a session (its database down), the watchdog
-        # ends a login that does not come
-        self._watchdog = asyncio.get_event_loop().call_later(self.login_timeout, self._hung)
+            self.client.connect(*self._next_address())  # -> "connecting": the watchdog
+        else:
+            # a transport left behind (slixmpp's own retry got there first): the watchdog
+            # ends a login that does not come
+            self._connecting(None)
 
     def _hung(self) -> None:
         self._watchdog = None
         if self.armed and not self.in_session:
-            if self.client.transport is not None:
-                self.client.abort()  # -> disconnected -> another attempt
-            else:
-                self._down(None)
+            self._drop(None)  # -> disconnected -> another attempt
 
 
 async def probe_login(jid: str, password: str, host: str, port: int, ca_root: str | Path) -> None:
