@@ -7,7 +7,7 @@ options are not kept here: the PIN is read once (:func:`capsule.pins.plugin_pin`
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -59,9 +59,9 @@ class CapsuleOptions:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> CapsuleOptions:
-        """Check and convert the plugin config (ValueError for a bad policy or
-        ``forward_secrecy='require'`` without ``policy='require'``, ProfileError without a
-        profile)."""
+        """Check and convert the plugin config (ValueError for a bad policy, bad
+        ``endpoints`` or ``forward_secrecy='require'`` without ``policy='require'``,
+        ProfileError without a profile)."""
         if config.get("policy") not in POLICIES:
             raise ValueError(f"capsule policy must be one of {POLICIES}, not "
                              f"{config.get('policy')!r}")
@@ -79,8 +79,7 @@ class CapsuleOptions:
         given = {k: v for k, v in config.items() if k in names and v is not None}
         given["profile"] = Path(config["profile"])
         given["policy"] = cast(Policy, config["policy"])
-        given["endpoints"] = tuple((str(host), int(port))
-                                   for host, port in given.get("endpoints", ()))
+        given["endpoints"] = _endpoints(given.get("endpoints", ()))
         for name in ("allow_insecure", "publish", "carbons", "reconnect"):
             given[name] = bool(given.get(name, False))
         for name in ("skew", "max_age", "fetch_timeout", "outbox_limit", "max_envelope_bytes",
@@ -89,6 +88,25 @@ class CapsuleOptions:
             if name in given:
                 given[name] = int(given[name])
         return cls(**given)
+
+
+def _endpoints(value: Any) -> tuple[tuple[str, int], ...]:
+    """``endpoints`` as README shows it, a list of ``(host, port)`` pairs, else ValueError."""
+    shape = ("capsule endpoints must be a list of (host, port) pairs, e.g. "
+             "[('127.0.0.1', 5222), ('127.0.0.1', 5223)] (from $CAPSULE_ENDPOINTS: "
+             "capsule.connection.endpoints_from_env())")
+    if isinstance(value, str | bytes) or not isinstance(value, Sequence):
+        raise ValueError(f"{shape}, not {value!r}")
+    pairs = []
+    for item in value:
+        if isinstance(item, str | bytes) or not isinstance(item, Sequence) or len(item) != 2:
+            raise ValueError(f"{shape}, not {value!r}")
+        host, port = item
+        if not isinstance(host, str) or not host or isinstance(port, bool) or not (
+                isinstance(port, int) and 0 < port < 65536):
+            raise ValueError(f"{shape}: {item!r} is not a host name and a port number")
+        pairs.append((host, port))
+    return tuple(pairs)
 
 
 def default_config() -> dict[str, Any]:
