@@ -62,6 +62,16 @@ async def tls_cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
     writer.transport.abort()
 
 
+async def tls_hung(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A fake node that hangs in the STARTTLS handshake: the ClientHello is read, never
+    answered, and the connection stays open."""
+    await read_until(reader, b"<stream:stream")
+    writer.write(STREAM)
+    await read_until(reader, b"<starttls")
+    writer.write(PROCEED)
+    await reader.read()
+
+
 async def tls_garbled(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """A fake node that answers the ClientHello with bytes that are not TLS."""
     await read_until(reader, b"<stream:stream")
@@ -87,8 +97,8 @@ async def second_node() -> AsyncIterator[tuple[Endpoint, asyncio.Event]]:
     server.close()
 
 
-@pytest.mark.parametrize("first", [None, silent, tls_cut, tls_garbled],
-                         ids=["refused", "silent", "tls-cut", "tls-garbled"])
+@pytest.mark.parametrize("first", [None, silent, tls_cut, tls_hung, tls_garbled],
+                         ids=["refused", "silent", "tls-cut", "tls-hung", "tls-garbled"])
 async def test_a_failed_first_attempt_moves_to_the_next_endpoint(
         first: Handler | None, second_node: tuple[Endpoint, asyncio.Event]) -> None:
     """The app's own first connect() fails: the next endpoint is dialed, after the reconnect
