@@ -20,8 +20,15 @@ import pytest
 import pytest_asyncio
 from slixmpp import JID, ClientXMPP
 
-from capsule.connection import ENDPOINTS_ENV, LoginError, Reconnect, endpoints_from_env, login
-from capsule.plugin import attach
+from capsule.connection import (
+    ENDPOINTS_ENV,
+    LoginError,
+    Reconnect,
+    endpoints_from_env,
+    login,
+    tls_context,
+)
+from capsule.plugin import attach, attach_async
 from capsule.testing.identities import enroll
 from capsule.testing.inbox import Inbox
 from capsule_stack.cluster import ClusterStack, open_stack
@@ -29,10 +36,11 @@ from capsule_stack.fixtures import BOT_PIN, Account, Bot
 from capsule_stack.processes import pid_alive
 from capsule_stack.rows import wait_stored
 
-from .helpers import Ledger, rng, settle, verified_sender
+from .helpers import Ledger, capsule_of, rng, settle, verified_sender
 
 ROOT = Path(__file__).resolve().parents[1]
 BURST = 100
+FLEET = 6
 
 
 def stack_command(*args: object) -> subprocess.CompletedProcess[str]:
@@ -195,7 +203,7 @@ async def test_group_chat_with_occupants_on_both_nodes(node_bot, cluster):
 
 
 async def test_node_killed_its_bots_move_and_nothing_is_lost_silently(node_bot, cluster):
-    """Last in this module: it kills node 1 and brings the cluster back with `restart`."""
+    """It kills node 1; the next test brings it back with `restart`."""
     schedule = rng("cluster")
     # bounded: a capsule a dying node swallowed after its ack is resent halfway through the
     # receipt timeout (or at once, on the new session of a bot that moved), else reported
@@ -225,10 +233,63 @@ async def test_node_killed_its_bots_move_and_nothing_is_lost_silently(node_bot, 
               f"{len(ledger.acked)} acked, {len(ledger.confirmed)} confirmed, "
               f"{len(ledger.undelivered)} reported undelivered")
         ledger.check(sent[name])
+
+
+async def test_a_fleet_whose_first_node_dies_while_it_starts_logs_in_on_the_other(
+        cluster, tmp_path):
+    """After `restart` (node 1 back, whatever ran before), a fleet starts as README shows it
+    (attach_async, then connect to node 1) and node 1 is SIGKILLed midway: the bots it had,
+    and those whose first connect it refuses, all log in on node 2 by themselves. The last
+    cluster test here: node 1 stays dead."""
     restarted = stack_command("restart", "--dir", cluster.dir)
     assert restarted.returncode == 0, restarted.stderr
     status = stack_command("status", "--dir", cluster.dir).stdout
     assert status.count("; in the cluster") == 2, status
+    stack = open_stack(cluster.dir)  # the PIDs as restart left them
+    node1, node2 = stack.info.endpoints
+    clients: list[ClientXMPP] = []
+    on_node: dict[str, int | None] = {}  # the port of each bot's newest session
+    published = []
+    accounts = []
+    for i in range(FLEET):  # accounts and profiles first: the stack's tools need node 1
+        user, password = f"fleet{i}-{secrets.token_hex(4)}", secrets.token_urlsafe(12)
+        jid = stack.adduser(user, password)
+        enroll(stack.authority(), tmp_path / f"{user}.capsule", jid, BOT_PIN)
+        accounts.append((jid, password, tmp_path / f"{user}.capsule"))
+    try:
+        for i, (jid, password, profile) in enumerate(accounts):
+            client = ClientXMPP(jid, password)
+            client.enable_direct_tls = False
+            client.ssl_context = tls_context(stack.info.ca_root)
+            clients.append(client)
+            published.append(await attach_async(client, profile, BOT_PIN,
+                                                endpoints=stack.info.endpoints))
+
+            def up(_event: Any, client: ClientXMPP = client) -> None:
+                client.send_presence()
+                on_node[client.boundjid.bare] = client.transport.get_extra_info("peername")[1]
+
+            client.add_event_handler("session_start", up)
+            client.add_event_handler("session_resumed", up)
+            client.connect(*node1)
+            if i == FLEET // 2 - 1:  # half the fleet logging in there, the rest not yet
+                await asyncio.to_thread(stack.kill_node, 1)
+        await asyncio.gather(*(wait(60) for wait in published))
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        while sorted(on_node.items()) != sorted((c.boundjid.bare, node2[1]) for c in clients):
+            assert loop.time() - began < 60, f"not all on node 2 ({node2[1]}): {on_node}"
+            await asyncio.sleep(0.2)
+        first, last = clients[0], clients[-1]
+        inbox, text = Inbox(last), secret("fleet, both on node 2")
+        await capsule_of(first).send(last.boundjid.bare, text)
+        msg = await inbox.message()
+        assert msg["body"] == text and verified_sender(msg) == first.boundjid.bare
+    finally:
+        for client in clients:
+            if client.is_connected():
+                await client.disconnect(wait=1)
+        gc.collect()
 
 
 async def test_reconnect_goes_round_the_endpoints_and_reads_them_from_the_stack(monkeypatch):
