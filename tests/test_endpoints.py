@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 from slixmpp import ClientXMPP
 
-from capsule.connection import Endpoint, Reconnect
+from capsule.connection import Endpoint, LoginError, Reconnect, login
 from capsule.plugin import attach
+from capsule_ca import Authority
 
 from .helpers import PIN
 
@@ -125,6 +126,24 @@ async def test_a_failed_first_attempt_moves_to_the_next_endpoint(
         client.abort()
         if server is not None:
             server.close()
+
+
+async def test_login_that_gives_up_stops_the_reconnecting(
+        second_node: tuple[Endpoint, asyncio.Event], authority: Authority) -> None:
+    """``capsule.connection.login`` fails fast; the client must not log in behind its caller's
+    back afterwards (the caller's next attempt would race it)."""
+    node2, dialed = second_node
+    node1 = ("127.0.0.1", closed_port())
+    client = ClientXMPP("bot@capsule.test", "password")
+    reconnect = Reconnect(client, endpoints=[node1, node2])
+    try:
+        with pytest.raises(LoginError) as failed:
+            await login(client, *node1, ca_root=authority.root_path)
+        assert failed.value.reason == "connection"
+        with pytest.raises(TimeoutError):  # the back-off is 0.25-0.5 s
+            await asyncio.wait_for(dialed.wait(), 2)
+    finally:
+        reconnect.close()
 
 
 async def test_endpoints_option_is_checked_at_attach(identity: Callable[[str], object],
