@@ -246,6 +246,7 @@ async def test_a_fleet_whose_first_node_dies_while_it_starts_logs_in_on_the_othe
     status = stack_command("status", "--dir", cluster.dir).stdout
     assert status.count("; in the cluster") == 2, status
     stack = open_stack(cluster.dir)  # the PIDs as restart left them
+    assert isinstance(stack, ClusterStack)
     node1, node2 = stack.info.endpoints
     clients: list[ClientXMPP] = []
     on_node: dict[str, int | None] = {}  # the port of each bot's newest session
@@ -267,6 +268,7 @@ async def test_a_fleet_whose_first_node_dies_while_it_starts_logs_in_on_the_othe
 
             def up(_event: Any, client: ClientXMPP = client) -> None:
                 client.send_presence()
+                assert client.transport is not None
                 on_node[client.boundjid.bare] = client.transport.get_extra_info("peername")[1]
 
             client.add_event_handler("session_start", up)

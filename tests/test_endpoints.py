@@ -12,15 +12,17 @@ import asyncio
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import cast
 
 import pytest
 from slixmpp import ClientXMPP
+from slixmpp.plugins.base import PluginManager
 
 from capsule.connection import Endpoint, LoginError, Reconnect, login
 from capsule.plugin import attach
 from capsule_ca import Authority
 
-from .helpers import PIN
+from .helpers import PIN, capsule_of
 
 STREAM = (b"<?xml version='1.0'?><stream:stream xmlns='jabber:client' "
           b"xmlns:stream='http://etherx.jabber.org/streams' id='fake' from='capsule.test' "
@@ -162,7 +164,8 @@ async def test_endpoints_option_is_checked_at_attach(identity: Callable[[str], o
             attach(ClientXMPP("alice@capsule.test", "pw"), profile, PIN, endpoints=wrong_pair)
     client = ClientXMPP("alice@capsule.test", "pw")
     attach(client, profile, PIN, endpoints=[["127.0.0.1", 5222], ("::1", 5223)])
-    plugin = client.plugin["capsule"]
+    plugin = capsule_of(client)
     assert plugin.options.endpoints == (("127.0.0.1", 5222), ("::1", 5223))
+    assert plugin.reconnector is not None
     assert plugin.reconnector.endpoints == [("127.0.0.1", 5222), ("::1", 5223)]
-    client.plugin.disable("capsule")
+    cast(PluginManager, client.plugin).disable("capsule")
