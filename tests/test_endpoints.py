@@ -55,33 +55,31 @@ async def silent(reader: asyncio.StreamReader, _writer: asyncio.StreamWriter) ->
     await reader.read()
 
 
-async def tls_cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """A fake node that dies in the STARTTLS handshake: the ClientHello is never answered."""
-    await read_until(reader, b"<stream:stream")
-    writer.write(STREAM)
-    await read_until(reader, b"<starttls")
-    writer.write(PROCEED)
-    await reader.read(1)  # the ClientHello
-    writer.transport.abort()
-
-
-async def tls_hung(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """A fake node that hangs in the STARTTLS handshake: the ClientHello is read, never
-    answered, and the connection stays open."""
-    await read_until(reader, b"<stream:stream")
-    writer.write(STREAM)
-    await read_until(reader, b"<starttls")
-    writer.write(PROCEED)
-    await reader.read()
-
-
-async def tls_garbled(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """A fake node that answers the ClientHello with bytes that are not TLS."""
+async def to_the_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Open a stream offering STARTTLS, accept it, and read the start of the ClientHello."""
     await read_until(reader, b"<stream:stream")
     writer.write(STREAM)
     await read_until(reader, b"<starttls")
     writer.write(PROCEED)
     await reader.read(1)
+
+
+async def tls_cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A fake node that dies in the STARTTLS handshake: the ClientHello is never answered."""
+    await to_the_handshake(reader, writer)
+    writer.transport.abort()
+
+
+async def tls_hung(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A fake node that hangs in the STARTTLS handshake: the ClientHello is never answered
+    and the connection stays open."""
+    await to_the_handshake(reader, writer)
+    await reader.read()
+
+
+async def tls_garbled(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A fake node that answers the ClientHello with bytes that are not TLS."""
+    await to_the_handshake(reader, writer)
     writer.write(b"HTTP/1.1 400 Bad Request\r\n\r\n" * 4)
     await reader.read()
 
