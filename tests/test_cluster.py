@@ -8,6 +8,7 @@ delivered once or reported undelivered.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 import secrets
@@ -46,10 +47,16 @@ def stack_command(*args: object) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterStack]:
+    with running_cluster(tmp_path_factory.mktemp("cluster")) as stack:
+        yield stack
+
+
+@contextlib.contextmanager
+def running_cluster(directory: Path) -> Iterator[ClusterStack]:
+    """A two-node cluster started and, at the end, stopped with `scripts/stack`."""
     servers = os.environ.get("CAPSULE_SERVERS", "ejabberd")
     if "ejabberd" not in servers.split(","):
         pytest.skip(f"the cluster is ejabberd's; CAPSULE_SERVERS={servers} leaves it out")
-    directory = tmp_path_factory.mktemp("cluster")
     started = stack_command("start", "--nodes", 2, "--dir", directory)
     assert started.returncode == 0, started.stderr
     stack = open_stack(directory)

@@ -19,7 +19,7 @@ from capsule_stack.cluster import ClusterStack, open_stack
 from capsule_stack.processes import pid_alive, wait_for
 from capsule_stack.stack import Stack
 
-from .test_cluster import ROOT, stack_command
+from .test_cluster import ROOT, running_cluster, stack_command
 
 
 def shared_with_others(directory: Path, secret: str) -> dict[str, str]:
@@ -54,19 +54,8 @@ def test_bad_arguments_are_one_line_and_exit_1(args: tuple[str, ...], tmp_path: 
 @pytest.fixture(scope="module")
 def cli_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterStack]:
     """A two-node cluster for the tests below, which end with it stopped."""
-    servers = os.environ.get("CAPSULE_SERVERS", "ejabberd")
-    if "ejabberd" not in servers.split(","):
-        pytest.skip(f"the cluster is ejabberd's; CAPSULE_SERVERS={servers} leaves it out")
-    directory = tmp_path_factory.mktemp("cli-cluster")
-    started = stack_command("start", "--nodes", 2, "--dir", directory)
-    assert started.returncode == 0, started.stderr
-    stack = open_stack(directory)
-    assert isinstance(stack, ClusterStack)
-    try:
+    with running_cluster(tmp_path_factory.mktemp("cli-cluster")) as stack:
         yield stack
-    finally:
-        stopped = stack_command("stop", "--dir", directory)
-        assert stopped.returncode == 0, stopped.stderr
 
 
 def test_every_node_config_is_private(cli_cluster: ClusterStack) -> None:
