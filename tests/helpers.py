@@ -239,3 +239,21 @@ def seal_v1(alice: Profile, bob: Profile, now: int, text: str = "the archive mus
     return v1.seal(env, sender=alice.data.jid, sender_cert=fp, signing_key=alice.data.signing_key,
                    recipients=[v1.Recipient(p.data.jid, p.current_sessions(now)[0].pub)
                                for p in (alice, bob)])
+
+
+_HOLDER = """
+import os, sys, time
+from capsule.profile import Profile
+p = Profile.load(sys.argv[1], os.environ["CAPSULE_PIN"])
+p.hold()
+print("holding", flush=True)
+time.sleep(60)
+"""
+
+
+def hold_in_another_process(path: Path, pin: str) -> subprocess.Popen[bytes]:
+    """A process that opened ``path`` and holds it (a running bot), until killed."""
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(path)], stdout=subprocess.PIPE,
+                              env={**os.environ, "CAPSULE_PIN": pin})
+    assert holder.stdout is not None and holder.stdout.readline().strip() == b"holding"
+    return holder

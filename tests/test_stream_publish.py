@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from slixmpp.xmlstream import StanzaBase
 
-from capsule import discovery, stanza_v1
+from capsule import discovery, plugin, stanza_v1
 from capsule import namespaces as ns
 from capsule.profile import Profile
 from capsule.testing.stream import Cast, Stream
@@ -200,3 +200,29 @@ async def test_a_login_saves_the_profile_once_with_the_session_key_it_publishes(
         await pep.log_in(alice)
         [record], _ = stanza_v1.parse_sessions(pep.items[ns.SESSIONS_NODE])
         assert len(saved) == 1 and record.sid in saved[0]
+
+
+async def test_a_failed_read_of_our_session_keys_is_retried_until_they_are_published(
+        stream_cast: Cast, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without our item we have nothing to merge our new record into, so nothing is written;
+    but contacts seal v0 to us while no session key is on PEP: the publish is tried again."""
+    monkeypatch.setattr(plugin, "PUBLISH_RETRY_S", (0.2, 1.0))
+    async with Stream.open(stream_cast["alice"], tmp_path, None, publish=True,
+                           fetch_timeout=1) as alice:
+        pep = FakePep(failing={ns.SESSIONS_NODE: "internal-server-error"})
+        retried, published = False, asyncio.Event()
+        alice.xmpp.add_event_handler("capsule_sessions_published", lambda _: published.set())
+        alice.xmpp.sessionstarted = True  # as slixmpp's bind feature does before the event
+        alice.xmpp.event("session_start")
+        deadline = time.monotonic() + 30
+        while not published.is_set():
+            assert time.monotonic() < deadline, "our session keys were never published"
+            if alice.errors() and not retried:  # the failed read, reported; the server heals
+                assert [e.reason for e in alice.errors()] == ["lookup-failed"]
+                del pep.failing[ns.SESSIONS_NODE]
+                retried = True
+            await asyncio.sleep(0.01)
+            for stanza in alice.sent():
+                if stanza.name == "iq" and (answer := pep.answer(alice, stanza)):
+                    alice.recv(answer)
+        assert retried and ns.SESSIONS_NODE in pep.published
