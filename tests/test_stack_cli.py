@@ -19,7 +19,7 @@ from capsule_stack.cluster import ClusterStack, open_stack
 from capsule_stack.processes import pid_alive, wait_for
 from capsule_stack.stack import Stack
 
-from .test_cluster import ROOT, running_cluster, stack_command
+from .helpers import ROOT, running_cluster, stack_command
 
 
 def shared_with_others(directory: Path, secret: str) -> dict[str, str]:
