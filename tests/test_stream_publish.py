@@ -64,6 +64,13 @@ class FakePep:
             return (head.format("result") + f"<pubsub xmlns='http://jabber.org/protocol/pubsub'>"
                     f"<items node='{node}'><item id='current'>{payload}</item></items></pubsub>"
                     f"</iq>")
+        if owner is not None and iq["type"] == "set":  # a reconfiguration: applied
+            for field_ in owner.iter("{jabber:x:data}field"):
+                if field_.get("var") != "FORM_TYPE":
+                    value = field_.find("{jabber:x:data}value")
+                    self.options.setdefault(node, {})[field_.get("var", "")] = (
+                        "" if value is None else value.text or "")
+            return head.format("result") + "</iq>"
         if owner is not None:
             fields = "".join(f"<field var='{k}'><value>{v}</value></field>"
                              for k, v in self.options.get(node, {}).items())
@@ -226,3 +233,18 @@ async def test_a_failed_read_of_our_session_keys_is_retried_until_they_are_publi
                 if stanza.name == "iq" and (answer := pep.answer(alice, stanza)):
                     alice.recv(answer)
         assert retried and ns.SESSIONS_NODE in pep.published
+
+
+async def test_a_node_that_drops_our_item_while_we_are_offline_is_restored(
+        stream_cast: Cast, tmp_path: Path) -> None:
+    """Another client of the account set purge_offline (and an open publish model): while the
+    bot was offline contacts would find no certificates, and under policy prefer send
+    plaintext. The login restores both, whether it publishes or not."""
+    async with Stream.open(stream_cast["alice"], tmp_path, None, publish=True) as alice:
+        pep = _holding_our_chain(alice)
+        pep.options[ns.CERTS_NODE].update({"pubsub#purge_offline": "1",
+                                            "pubsub#publish_model": "open"})
+        await pep.log_in(alice)
+        assert pep.options[ns.CERTS_NODE]["pubsub#purge_offline"] == "0"
+        assert pep.options[ns.CERTS_NODE]["pubsub#publish_model"] == "publishers"
+        assert ns.CERTS_NODE not in pep.published  # the item itself was ours
