@@ -13,9 +13,11 @@ import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 from slixmpp import ClientXMPP, Message
@@ -26,7 +28,9 @@ from capsule import XEP_Capsule, capsule_info, core, envelope, v1
 from capsule import stanza as st
 from capsule.profile import Profile
 from capsule.testing.leaks import Plaintexts
+from capsule_stack.cluster import ClusterStack, open_stack
 from capsule_stack.fixtures import BOT_PIN, Account
+from capsule_stack.processes import pid_alive
 from capsule_stack.stack import Stack
 
 __all__ = ["BOT_PIN", "CAPSULE", "OPENFIRE_ARCHIVE", "OPENFIRE_OFFLINE", "PIN", "RECEIVER", "WIRE",
@@ -36,6 +40,7 @@ __all__ = ["BOT_PIN", "CAPSULE", "OPENFIRE_ARCHIVE", "OPENFIRE_OFFLINE", "PIN", 
 PIN = "246810"  # unit-test profiles (tests/conftest.py)
 # every plaintext the bot-to-bot tests send: fixture no_plaintext_in_debug_log looks for them
 secret = Plaintexts()
+ROOT = Path(__file__).resolve().parents[1]  # the checkout
 VECTORS = Path(__file__).parent / "data" / "v1-vectors.json"  # wire format v1 test vectors
 # Openfire's two stored-message tables, from its documented columns (a stand-in for its schema)
 OPENFIRE_ARCHIVE = """
@@ -239,3 +244,50 @@ def seal_v1(alice: Profile, bob: Profile, now: int, text: str = "the archive mus
     return v1.seal(env, sender=alice.data.jid, sender_cert=fp, signing_key=alice.data.signing_key,
                    recipients=[v1.Recipient(p.data.jid, p.current_sessions(now)[0].pub)
                                for p in (alice, bob)])
+
+
+_HOLDER = """
+import os, sys, time
+from capsule.profile import Profile
+p = Profile.load(sys.argv[1], os.environ["CAPSULE_PIN"])
+p.hold()
+print("holding", flush=True)
+time.sleep(60)
+"""
+
+
+def hold_in_another_process(path: Path, pin: str) -> subprocess.Popen[bytes]:
+    """A process that opened ``path`` and holds it (a running bot), until killed."""
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(path)], stdout=subprocess.PIPE,
+                              env={**os.environ, "CAPSULE_PIN": pin})
+    assert holder.stdout is not None and holder.stdout.readline().strip() == b"holding"
+    return holder
+
+
+def stack_command(*args: object) -> subprocess.CompletedProcess[str]:
+    """`scripts/stack ARGS` as a user types it (without the developer's CAPSULE_* settings)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAPSULE_")}
+    proc = subprocess.run([str(ROOT / "scripts/stack"), *map(str, args)], capture_output=True,
+                          text=True, env=env, timeout=300, check=False)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc
+
+
+@contextlib.contextmanager
+def running_cluster(directory: Path) -> Iterator[ClusterStack]:
+    """A two-node cluster started and, at the end, stopped with `scripts/stack`."""
+    servers = os.environ.get("CAPSULE_SERVERS", "ejabberd")
+    if "ejabberd" not in servers.split(","):
+        pytest.skip(f"the cluster is ejabberd's; CAPSULE_SERVERS={servers} leaves it out")
+    started = stack_command("start", "--nodes", 2, "--dir", directory)
+    assert started.returncode == 0, started.stderr
+    stack = open_stack(directory)
+    assert isinstance(stack, ClusterStack)
+    try:
+        yield stack
+    finally:
+        pids = dict(open_stack(directory).info.pids)  # as the last start/restart left them
+        stopped = stack_command("stop", "--dir", directory)
+        assert stopped.returncode == 0, stopped.stderr
+        # stop ends every node and MariaDB: no recorded process left
+        assert not [name for name, pid in pids.items() if pid_alive(pid, str(directory))]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import os
 import secrets
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -33,43 +32,26 @@ from capsule.testing.identities import enroll
 from capsule.testing.inbox import Inbox
 from capsule_stack.cluster import ClusterStack, open_stack
 from capsule_stack.fixtures import BOT_PIN, Account, Bot
-from capsule_stack.processes import pid_alive
 from capsule_stack.rows import wait_stored
 
-from .helpers import Ledger, capsule_of, rng, settle, verified_sender
+from .helpers import (
+    Ledger,
+    capsule_of,
+    rng,
+    running_cluster,
+    settle,
+    stack_command,
+    verified_sender,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
 BURST = 100
 FLEET = 6
 
 
-def stack_command(*args: object) -> subprocess.CompletedProcess[str]:
-    """`scripts/stack ARGS` as a user types it (without the developer's CAPSULE_* settings)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CAPSULE_")}
-    proc = subprocess.run([str(ROOT / "scripts/stack"), *map(str, args)], capture_output=True,
-                          text=True, env=env, timeout=300, check=False)
-    assert "Traceback" not in proc.stderr, proc.stderr
-    return proc
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterStack]:
-    servers = os.environ.get("CAPSULE_SERVERS", "ejabberd")
-    if "ejabberd" not in servers.split(","):
-        pytest.skip(f"the cluster is ejabberd's; CAPSULE_SERVERS={servers} leaves it out")
-    directory = tmp_path_factory.mktemp("cluster")
-    started = stack_command("start", "--nodes", 2, "--dir", directory)
-    assert started.returncode == 0, started.stderr
-    stack = open_stack(directory)
-    assert isinstance(stack, ClusterStack)
-    try:
+    with running_cluster(tmp_path_factory.mktemp("cluster")) as stack:
         yield stack
-    finally:
-        pids = dict(open_stack(directory).info.pids)  # as the last start/restart left them
-        stopped = stack_command("stop", "--dir", directory)
-        assert stopped.returncode == 0, stopped.stderr
-        # stop ends every node and MariaDB: no recorded process left
-        assert not [name for name, pid in pids.items() if pid_alive(pid, str(directory))]
 
 
 NodeBot = Callable[..., Awaitable[Bot]]

@@ -20,14 +20,17 @@ from capsule import core
 from capsule import profile as prof
 from capsule.errors import (
     CorruptProfile,
+    ProfileChanged,
     ProfileError,
+    ProfileInUse,
     ReplayedCapsule,
     UnsupportedVersion,
     WeakPin,
     WrongPin,
 )
-from capsule.profile import FAST_KDF, KdfParams, Profile, spki
+from capsule.profile import FAST_KDF, KdfParams, PinnedContact, Profile, now_iso, spki
 from capsule.replay import Handed, Verdict
+from tests.helpers import hold_in_another_process
 
 PIN = "1357902468"
 
@@ -251,35 +254,42 @@ def _litter(profile: Profile) -> list[Path]:
     return [p for p in profile.path.parent.iterdir() if p.name.startswith(".p.capsule.")]
 
 
-_HOLDER = """
-import sys, time
-from capsule.profile import Profile
-p = Profile.load(sys.argv[1], sys.argv[2])
-p.hold()
-print("holding", flush=True)
-time.sleep(60)
-"""
-
-
 def test_a_live_writers_temp_file_is_left_alone_and_the_profile_is_locked(saved: Profile
                                                                           ) -> None:
-    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(saved.path), PIN],
-                              stdout=subprocess.PIPE)
+    holder = hold_in_another_process(saved.path, PIN)
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == b"holding"
         in_flight = saved.path.with_name(".p.capsule.x8k2m0qa")  # as if mid-write
         in_flight.write_bytes(b"partial")
         reader = Profile.load(saved.path, PIN)  # reading is fine
         assert in_flight.exists()
-        with pytest.raises(ProfileError, match="in use by another process"):
+        with pytest.raises(ProfileInUse):
             reader.save()
-        with pytest.raises(ProfileError, match="in use by another process"):
+        with pytest.raises(ProfileInUse):
             reader.hold()
     finally:
         holder.kill()
         holder.wait()
     Profile.load(saved.path, PIN)
     assert not in_flight.exists()  # its writer is gone: litter now
+
+
+def test_a_copy_read_before_another_writer_saved_is_never_written_back(saved: Profile) -> None:
+    """A second bot on the profile, or a bot whose lock lapsed while another process wrote:
+    writing its copy would roll the replay state and session keys back. Refused, until the
+    file is read again."""
+    first, second = Profile.load(saved.path, PIN), Profile.load(saved.path, PIN)
+    first.hold()
+    with pytest.raises(ProfileInUse):
+        second.hold()
+    first.data.contacts["bob@capsule.test"] = PinnedContact("sign", "encrypt", now_iso())
+    first.release()  # saved with state only the first writer has, and let go
+    for attempt in (second.hold, second.save):
+        with pytest.raises(ProfileChanged):
+            attempt()
+    assert "bob@capsule.test" in Profile.load(saved.path, PIN).data.contacts  # not rolled back
+    third = Profile.load(saved.path, PIN)  # read afresh: may write
+    third.hold()
+    third.release()
 
 
 def _capsule(*args: str, pin: str) -> subprocess.CompletedProcess[str]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from slixmpp.xmlstream import StanzaBase
 
-from capsule import discovery, stanza_v1
+from capsule import discovery, plugin, stanza_v1
 from capsule import namespaces as ns
 from capsule.profile import Profile
 from capsule.testing.stream import Cast, Stream
@@ -64,6 +64,13 @@ class FakePep:
             return (head.format("result") + f"<pubsub xmlns='http://jabber.org/protocol/pubsub'>"
                     f"<items node='{node}'><item id='current'>{payload}</item></items></pubsub>"
                     f"</iq>")
+        if owner is not None and iq["type"] == "set":  # a reconfiguration: applied
+            for field_ in owner.iter("{jabber:x:data}field"):
+                if field_.get("var") != "FORM_TYPE":
+                    value = field_.find("{jabber:x:data}value")
+                    self.options.setdefault(node, {})[field_.get("var", "")] = (
+                        "" if value is None else value.text or "")
+            return head.format("result") + "</iq>"
         if owner is not None:
             fields = "".join(f"<field var='{k}'><value>{v}</value></field>"
                              for k, v in self.options.get(node, {}).items())
@@ -200,3 +207,44 @@ async def test_a_login_saves_the_profile_once_with_the_session_key_it_publishes(
         await pep.log_in(alice)
         [record], _ = stanza_v1.parse_sessions(pep.items[ns.SESSIONS_NODE])
         assert len(saved) == 1 and record.sid in saved[0]
+
+
+async def test_a_failed_read_of_our_session_keys_is_retried_until_they_are_published(
+        stream_cast: Cast, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without our item we have nothing to merge our new record into, so nothing is written;
+    but contacts seal v0 to us while no session key is on PEP: the publish is tried again."""
+    monkeypatch.setattr(plugin, "PUBLISH_RETRY_S", (0.2, 1.0))
+    async with Stream.open(stream_cast["alice"], tmp_path, None, publish=True,
+                           fetch_timeout=1) as alice:
+        pep = FakePep(failing={ns.SESSIONS_NODE: "internal-server-error"})
+        retried, published = False, asyncio.Event()
+        alice.xmpp.add_event_handler("capsule_sessions_published", lambda _: published.set())
+        alice.xmpp.sessionstarted = True  # as slixmpp's bind feature does before the event
+        alice.xmpp.event("session_start")
+        deadline = time.monotonic() + 30
+        while not published.is_set():
+            assert time.monotonic() < deadline, "our session keys were never published"
+            if alice.errors() and not retried:  # the failed read, reported; the server heals
+                assert [e.reason for e in alice.errors()] == ["lookup-failed"]
+                del pep.failing[ns.SESSIONS_NODE]
+                retried = True
+            await asyncio.sleep(0.01)
+            for stanza in alice.sent():
+                if stanza.name == "iq" and (answer := pep.answer(alice, stanza)):
+                    alice.recv(answer)
+        assert retried and ns.SESSIONS_NODE in pep.published
+
+
+async def test_a_node_that_drops_our_item_while_we_are_offline_is_restored(
+        stream_cast: Cast, tmp_path: Path) -> None:
+    """Another client of the account set purge_offline (and an open publish model): while the
+    bot was offline contacts would find no certificates, and under policy prefer send
+    plaintext. The login restores both, whether it publishes or not."""
+    async with Stream.open(stream_cast["alice"], tmp_path, None, publish=True) as alice:
+        pep = _holding_our_chain(alice)
+        pep.options[ns.CERTS_NODE].update({"pubsub#purge_offline": "1",
+                                            "pubsub#publish_model": "open"})
+        await pep.log_in(alice)
+        assert pep.options[ns.CERTS_NODE]["pubsub#purge_offline"] == "0"
+        assert pep.options[ns.CERTS_NODE]["pubsub#publish_model"] == "publishers"
+        assert ns.CERTS_NODE not in pep.published  # the item itself was ours

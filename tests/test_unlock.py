@@ -13,10 +13,11 @@ from typing import Any, cast
 import pytest
 from slixmpp import ClientXMPP
 
-from capsule.errors import ProfileError, WrongPin
-from capsule.plugin import XEP_Capsule, attach_async
+from capsule.errors import ProfileError, ProfileInUse, WrongPin
+from capsule.plugin import XEP_Capsule, attach, attach_async
 from capsule.profile import KdfParams, Profile
 from capsule.testing.stream import PIN, Cast
+from tests.helpers import hold_in_another_process
 
 STRONG_PIN = "4829163750"
 
@@ -79,3 +80,23 @@ def test_an_unlocked_profile_must_be_the_named_one(stream_cast: Cast, tmp_path: 
     with pytest.raises(ProfileError):
         client.register_plugin("capsule", {"profile": str(path),
                                            "unlocked": Profile.load(other, PIN)}, module=capsule)
+
+
+async def test_a_profile_another_process_holds_is_not_attached(
+        stream_cast: Cast, tmp_path: Path) -> None:
+    """A second bot on a running bot's profile would write its stale copy over the first's
+    replay state and session keys once it could: attaching fails (ProfileInUse), before any
+    login, publish or session key, with attach_async and attach alike."""
+    client, path = _client(stream_cast, tmp_path)
+    holder = hold_in_another_process(path, PIN)
+    held = path.read_bytes()
+    try:
+        with pytest.raises(ProfileInUse):
+            await attach_async(client, path, PIN, allow_insecure=True)
+        with pytest.raises(ProfileInUse):
+            attach(ClientXMPP(f"{stream_cast['alice'].jid}/two", "unused"), path, PIN,
+                   allow_insecure=True)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert path.read_bytes() == held  # nothing written over the holder's save

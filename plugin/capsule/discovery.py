@@ -36,6 +36,10 @@ DEFINITELY_NONE = frozenset({"item-not-found", "forbidden"})
 # ejabberd refuses pubsub#max_items as a publish option, so it is set only by reconfiguring.
 _PUBLISH_OPTIONS = {"pubsub#access_model": "open", "pubsub#persist_items": "true"}
 _NODE_CONFIG = {**_PUBLISH_OPTIONS, "pubsub#max_items": "1"}
+# settings no publish option carries, restored at login by reconfiguring where the server has
+# them: a node that drops our item whenever we go offline (contacts then find no certificates:
+# plaintext under policy prefer) or takes others' items is no directory of our keys
+_RESTORED = {"pubsub#purge_offline": "0", "pubsub#publish_model": "publishers"}
 PUBLISH_OPTIONS_FORM = "http://jabber.org/protocol/pubsub#publish-options"
 NODE_CONFIG_FORM = "http://jabber.org/protocol/pubsub#node_config"
 
@@ -106,13 +110,32 @@ async def published_item(xmpp: BaseXMPP, node: str, timeout: int, what: str
 
 
 async def _configured(xmpp: BaseXMPP, node: str, timeout: int) -> bool:
+    """Whether the node has the options a publish sets; settings only a reconfiguration
+    restores (_RESTORED) are put right here, when they differ."""
+    pubsub = xmpp.plugin["xep_0060"]
     try:
-        iq = await xmpp.plugin["xep_0060"].get_node_config(None, node, timeout=timeout)
+        iq = await pubsub.get_node_config(None, node, timeout=timeout)
     except (IqError, IqTimeout):
         return False
     values = iq["pubsub_owner"]["configure"]["form"].get_values()
+    wrong = {var: value for var, value in _RESTORED.items()
+             if var in values and _plain(values[var]) != value}
+    if wrong:
+        log.info("PEP node %s had %s; restoring it", node, ", ".join(sorted(wrong)))
+        try:
+            await pubsub.set_node_config(None, node, _form(NODE_CONFIG_FORM, wrong),
+                                         timeout=timeout)
+        except (IqError, IqTimeout) as exc:
+            log.warning("could not restore the options of PEP node %s: %s", node,
+                        exc.iq["error"]["condition"])
     return (values.get("pubsub#access_model") == _PUBLISH_OPTIONS["pubsub#access_model"]
-            and str(values.get("pubsub#persist_items")).lower() in ("1", "true"))
+            and _plain(values.get("pubsub#persist_items")) == "1")
+
+
+def _plain(value: object) -> str:
+    """A form value as our option tables write it (booleans as "1"/"0")."""
+    text = str(value).lower()
+    return {"true": "1", "false": "0"}.get(text, text)
 
 
 async def publish_item(xmpp: BaseXMPP, node: str, payload: ElementBase | ET.Element,

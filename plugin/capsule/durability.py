@@ -41,7 +41,12 @@ class DurableState:
         self._retry_handle: asyncio.TimerHandle | None = None
         self._commit = GroupCommit(store.append, self._journal_failed)
         self.error: StorageError | None = None
-        self.persist()  # take the profile lock, clear litter, start the journal
+        try:  # take the profile lock, clear litter, start the journal
+            self.store.hold()
+        except StorageError as exc:  # the disk: capsules are refused until a retry works
+            self._failed(exc)
+        # ProfileInUse and ProfileChanged leave the plugin unregistered: another process has
+        # the profile, and a second writer would roll its state back
 
     def remember(self, capsule: wire.AnyCapsule) -> tuple[asyncio.Future[None], bool]:
         """Judge a verified capsule; a NEW one's entry goes to the journal (the future). True

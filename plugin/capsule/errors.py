@@ -141,6 +141,20 @@ class WeakPin(ProfileError):
     reason = "weak-pin"
 
 
+class ProfileInUse(ProfileError):
+    """Another process (a running bot) holds the profile: a second writer would roll its
+    replay state and session keys back."""
+
+    reason = "profile-in-use"
+
+
+class ProfileChanged(ProfileError):
+    """Another process wrote the profile since this one read it: writing our copy would roll
+    its state back (capsules accepted twice, session keys lost). Open it again."""
+
+    reason = "profile-changed"
+
+
 class CorruptProfile(ProfileError):
     """The profile file is truncated or damaged."""
 

@@ -70,6 +70,7 @@ def failure(exc: CapsuleError, stanza: StanzaBase | None, peer: str) -> CapsuleF
 
 def fail(xmpp: BaseXMPP, exc: CapsuleError, stanza: StanzaBase | None, peer: str) -> None:
     """Log a refusal and raise ``capsule_error`` for it."""
-    log.warning("capsule %s for stanza %s with %s: %s", exc.reason,
-                stanza["id"] if stanza else "-", peer or "-", exc)
+    about = "".join([f" for stanza {stanza['id']}" if stanza else "",
+                     f" with {peer}" if peer else ""])
+    log.warning("capsule %s%s: %s", exc.reason, about, exc)
     xmpp.event("capsule_error", failure(exc, stanza, peer))

@@ -54,6 +54,7 @@ from capsule.trust import CertificateSource, TrustStore, VerifiedContact
 __all__ = ["CapsuleFailure", "CapsuleInfo", "PlaintextSent", "XEP_Capsule", "attach",
            "attach_async", "capsule_info"]
 log = logging.getLogger(__name__)
+PUBLISH_RETRY_S = (10.0, 300.0)  # a failed session-key publish: first retry, longest wait
 
 
 class XEP_Capsule(BasePlugin):
@@ -120,6 +121,7 @@ class XEP_Capsule(BasePlugin):
         self.revocation = Revocation(self.xmpp, options, self.store, self.trust, self._locks,
                                      self._dirty)
         self._sessions_timer: asyncio.TimerHandle | None = None
+        self._publish_retry = PUBLISH_RETRY_S[0]
         self._tend_later()
         self._republished = -float("inf")  # monotonic time of the last self-healing publish
         st.register()
@@ -215,14 +217,23 @@ class XEP_Capsule(BasePlugin):
                     return  # reported by persist(); the record stays unpublished
             if not await self.keyring.publish(now, self.own_sign):
                 log.debug("our session keys are on PEP already")
-        except CapsuleError as exc:
+        except CapsuleError as exc:  # e.g. our item could not be read: nothing to merge into
             events.fail(self.xmpp, exc, None, "")
+            self._retry_publish()
             return
         except (IqError, IqTimeout) as exc:
             log.warning("could not publish session keys: %s", exc.iq["error"]["condition"])
             self.xmpp.event("capsule_publish_failed", exc)
+            self._retry_publish()
             return
+        self._publish_retry = PUBLISH_RETRY_S[0]
         self.xmpp.event("capsule_sessions_published", self.store.data.jid)
+
+    def _retry_publish(self) -> None:
+        """Contacts seal v0 to us while our session keys are not on PEP: try again soon, then
+        less and less often (the hourly tending takes over at most PUBLISH_RETRY_S[1] on)."""
+        self._tend_later(self._publish_retry)
+        self._publish_retry = min(2 * self._publish_retry, PUBLISH_RETRY_S[1])
 
     def _republish(self) -> None:
         """Merge our record into our PEP item again (another device may have written over
@@ -240,9 +251,12 @@ class XEP_Capsule(BasePlugin):
         if self.keyring.destroy(int(time.time())):
             self.durable.persist()
 
-    def _tend_later(self) -> None:
+    def _tend_later(self, delay: float | None = None) -> None:
+        if self._sessions_timer:
+            self._sessions_timer.cancel()
         self._sessions_timer = self.xmpp.loop.call_later(
-            min(self.options.session_rotate, 3600), self._tend_sessions)
+            min(self.options.session_rotate, 3600) if delay is None else delay,
+            self._tend_sessions)
 
     def _tend_sessions(self) -> None:
         """Hourly, logged in or not, publishing or not: destroy what is past retention;

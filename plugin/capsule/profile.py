@@ -36,7 +36,9 @@ from capsule import journal, sessions, signatures
 from capsule.core import cert_fingerprint, parse_timestamp
 from capsule.errors import (
     CorruptProfile,
+    ProfileChanged,
     ProfileError,
+    ProfileInUse,
     StorageError,
     UnsupportedVersion,
     WrongPin,
@@ -69,6 +71,7 @@ class Profile:
         self._second = key_file
         self._lock = FileLock(path)
         self._holding = False
+        self._written: bytes | None = None  # the nonce of the file as we last read or wrote it
         self.journal: journal.Journal | None = None
         self._decryption_keys: tuple[list[Any], dict[str, rsa.RSAPrivateKey]] | None = None
 
@@ -163,6 +166,7 @@ class Profile:
         except (ValueError, AttributeError):
             raise CorruptProfile(f"{target} decrypts to damaged content") from None
         profile = cls(target, ProfileData.from_json(content), key, salt, kdf, second)
+        profile._written = nonce
         if epoch:
             profile.data.replay.load(journal.read(journal.journal_path(target),
                                                   journal.journal_key(key), epoch),
@@ -196,6 +200,7 @@ class Profile:
                 self.journal.close()
                 self.journal = None
             write_private(self.path, line + b"\n" + body)
+            self._written = nonce
             if self._holding:
                 self.journal = journal.Journal(journal.journal_path(self.path),
                                                journal.journal_key(self._key), epoch)
@@ -226,12 +231,21 @@ class Profile:
             self._lock.release()
 
     def _take_lock(self) -> None:
+        """Raises ProfileInUse while another process holds the file, ProfileChanged if one
+        wrote it since we read it (then we must not write), StorageError if locking fails."""
+        if self._lock.held:
+            return
         try:
-            if self._lock.acquire():
-                return
+            if not self._lock.acquire():
+                raise ProfileInUse(f"{self.path} is in use by another process (a running bot?)")
+            nonce = self._written and _header_nonce(self.path)
         except OSError as exc:
+            self._lock.release()
             raise StorageError(f"cannot lock {self.path}: {exc.strerror or exc}") from None
-        raise ProfileError(f"{self.path} is in use by another process (a running bot?)")
+        if nonce != self._written:
+            self._lock.release()
+            raise ProfileChanged(f"{self.path} was written by another process since this one "
+                                 f"opened it: open it again")
 
     def release(self) -> None:
         """Save (compacting the journal into the profile) and give the lock up."""
@@ -385,7 +399,19 @@ class Profile:
         return self.data.replay.accept(entry, int(time.time()) if now is None else now), entry
 
 
-@functools.lru_cache(maxsize=8)
+def _header_nonce(path: Path) -> bytes | None:
+    """The nonce in a profile file's header (unique per save), None if gone or unreadable."""
+    try:
+        with path.open("rb") as file:
+            line = file.readline()
+    except FileNotFoundError:
+        return None
+    try:
+        return base64.b64decode(json.loads(line[len(MAGIC):])["nonce"], validate=True)
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 @functools.lru_cache(maxsize=8)  # read on every seal (current_sessions): parsed once
 def _fingerprint(pem: str) -> str:
     return cert_fingerprint(x509.load_pem_x509_certificate(pem.encode()))

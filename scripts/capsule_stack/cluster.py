@@ -24,6 +24,8 @@ from capsule_stack.servers import Ejabberd, XMPPServer
 from capsule_stack.stack import Stack
 from capsule_stack.state import DEFAULT_DOMAIN, StackState
 
+MAX_NODES = 9  # node n listens on 127.0.0.n
+
 
 def _address(index: int) -> str:
     return f"127.0.0.{index}"
@@ -104,9 +106,13 @@ class ClusterStack(Stack):
         state.dist_port = _free_on_every_address(self.nodes)
         return state
 
-    def _ports(self) -> list[int]:
-        extra = [port for node in self.info.extra_nodes for port in node.values()]
-        return [*super()._ports(), *extra]
+    def _ports(self) -> list[tuple[str, str, int]]:
+        extra = [(f"node {index} {what.split('_')[0]}", "127.0.0.1", port)
+                 for index, node in enumerate(self.info.extra_nodes, 2)
+                 for what, port in node.items()]
+        dist = [("Erlang distribution", _address(index), self.info.dist_port)
+                for index in range(1, self.nodes + 1)]
+        return [*super()._ports(), *extra, *dist]
 
     def start(self) -> StackState:
         """Start MariaDB and node 1 (as Stack does), then every other node, each joined to
@@ -138,9 +144,17 @@ class ClusterStack(Stack):
                              f"(log: {others[-1].log})")
 
     def members(self) -> list[str]:
-        """The running cluster's nodes, as node 1 lists them."""
-        first = self.cluster_nodes()[0]
-        return [name.strip("'") for name in first.ctl("list_cluster").split()]
+        """The cluster's nodes, as the first running node that answers lists them (whether
+        MariaDB runs does not matter: the cluster is Erlang's); StackError if none answers."""
+        running = self.running()
+        failure = StackError(f"no node of the cluster in {self.dir} is running")
+        for node in self.cluster_nodes():
+            if running.get(node.pid_key):
+                try:
+                    return [name.strip("'") for name in node.ctl("list_cluster").split()]
+                except StackError as exc:
+                    failure = exc
+        raise failure
 
     def _end_processes(self) -> None:
         if self.state is not None:
@@ -155,11 +169,18 @@ class ClusterStack(Stack):
         self._save_state()
 
     def restart_server(self) -> None:
-        """Restart every node, MariaDB with them (data stay; the spools are the nodes' own)."""
+        """Restart every node and join them afresh (data stay; the spools are the nodes' own);
+        a live MariaDB keeps running, a dead one is started again."""
         if not self.info.pids:
             raise StackError(f"the stack in {self.dir} is stopped; use `start`")
-        self._end_processes()
-        self.start()
+        for node in reversed(self.cluster_nodes()[1:]):
+            self._terminate(node.pid_key, node.marker)
+        try:
+            super().restart_server()  # node 1, its spool wiped by ClusterNode.start
+            self._join_nodes()
+        except BaseException:
+            self._end_processes()
+            raise
 
     def kill_node(self, index: int) -> None:
         """SIGKILL node ``index`` (a crash: no goodbye to its clients or its peers)."""

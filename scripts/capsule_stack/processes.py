@@ -14,6 +14,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from capsule.files import write_private
+
 
 class StackError(Exception):
     """The stack could not be started, stopped or used; the message says what to do."""
@@ -76,8 +78,10 @@ def log_tail(path: Path, lines: int = 25) -> str:
 
 
 def render(template: str, target: Path, **values: Any) -> None:
+    """Fill ``template`` into ``target``, 0600 from its creation: configs hold the database
+    password."""
     text = resources.files("capsule_stack").joinpath("templates", template).read_text()
-    target.write_text(string.Template(text).substitute(values))
+    write_private(target, string.Template(text).substitute(values).encode())
 
 
 def run_tool(cmd: list[str], what: str, env: dict[str, str] | None = None, stdin: str = "") -> str:

@@ -40,8 +40,12 @@ class StoredRows:
         """Whether the running stack's server has the account (StackError when it is stopped,
         so a command on a stopped stack says so instead of what a dead server answers)."""
         running = self.running()
-        if not running or not all(running.values()):
+        if not running:
             raise StackError(f"the stack in {self.dir} is stopped (scripts/stack start)")
+        dead = [f"{name} (PID {self.info.pids[name]})" for name, up in running.items() if not up]
+        if dead:
+            raise StackError(f"{', '.join(dead)} of the stack in {self.dir} died; "
+                             f"`scripts/stack start` starts it again")
         if not re.fullmatch(r"[A-Za-z0-9._-]+", user):  # the only names that reach SQL
             raise StackError(f"refusing the user name {user!r} (letters, digits, . _ - only)")
         query = self._ACCOUNTS[self.info.server].format(u=user)

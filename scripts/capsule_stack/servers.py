@@ -92,8 +92,7 @@ class Ejabberd(XMPPServer):
     def configure(self, db: MariaDB, server_files: dict[str, Path]) -> None:
         for sub in ("logs", "spool", "home", "modules.d"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
-        shutil.copy(server_files["combined"], self.dir / "server.pem")
-        os.chmod(self.dir / "server.pem", 0o600)
+        write_private(self.dir / "server.pem", server_files["combined"].read_bytes())
         shutil.copy("/etc/ejabberd/inetrc", self.dir / "inetrc")
         cookie_path = self.home / ".erlang.cookie"
         if not cookie_path.exists():
@@ -150,7 +149,7 @@ class Prosody(XMPPServer):
     def configure(self, db: MariaDB, server_files: dict[str, Path]) -> None:
         (self.dir / "data").mkdir(parents=True, exist_ok=True)
         for key, target in (("cert", "server.crt"), ("key", "server.key")):
-            shutil.copy(server_files[key], self.dir / target)
+            write_private(self.dir / target, server_files[key].read_bytes())
         s = self.state
         render("prosody.cfg.lua", self.config, dir=self.dir, domain=s.domain,
                 db_port=s.db_port, db_name=s.db_name, db_user=s.db_name,

@@ -100,9 +100,11 @@ class Stack(StoredRows):
             http_port=free_port(),
         )
 
-    def _ports(self) -> list[int]:
+    def _ports(self) -> list[tuple[str, str, int]]:
+        """What the stack listens on, as (purpose, address, port): checked free before a start."""
         state = self.info
-        return [state.c2s_port, state.db_port, state.http_port]
+        return [("c2s", "127.0.0.1", state.c2s_port), ("MariaDB", "127.0.0.1", state.db_port),
+                ("HTTP", "127.0.0.1", state.http_port)]
 
     # -- lifecycle -------------------------------------------------------------
     def start(self) -> StackState:
@@ -119,12 +121,14 @@ class Stack(StoredRows):
             except LoginError:
                 pass
         self._end_processes()  # stale or half-dead: clean it before starting again
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.dir.chmod(0o700)  # it holds the CA, the keys and the passwords: the owner's only
         if self.state is None:
             self.state = self._new_state()
-        taken = [p for p in self._ports() if p and port_open(p)]
+        taken = [f"{what} port {host}:{port}" for what, host, port in self._ports()
+                 if port and port_open(port, host)]
         if taken:
-            raise StackError(f"port {taken[0]} of the stack in {self.dir} is used by another "
+            raise StackError(f"the {taken[0]} of the stack in {self.dir} is used by another "
                              f"process; stop it, or start a fresh stack with another --dir")
         db, server = self._parts()
         try:

@@ -8,15 +8,17 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import signal
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from capsule.connection import LoginError
 from capsule.files import write_private
 from capsule.pins import read_secret
 from capsule_ca import CAError
-from capsule_stack.cluster import ClusterStack, open_stack
+from capsule_stack.cluster import MAX_NODES, ClusterStack, open_stack
 from capsule_stack.processes import StackError
 from capsule_stack.stack import Stack
 from capsule_stack.state import DEFAULT_DOMAIN, SERVERS
@@ -25,8 +27,21 @@ DIR_ENV = "CAPSULE_STACK_DIR"
 PASSWORD_ENV = "CAPSULE_XMPP_PASSWORD"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line and exit 1, like every other failure."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(1, f"stack: error: {message} (scripts/stack --help)\n")
+
+
+def _node_count(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= MAX_NODES:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a node count from 1 to {MAX_NODES}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="scripts/stack", description=__doc__)
+    parser = _Parser(prog="scripts/stack", description=__doc__)
     parser.add_argument("command", choices=["start", "stop", "restart", "status", "adduser",
                                             "deluser"])
     parser.add_argument("user", nargs="?", help="account name for adduser/deluser")
@@ -36,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"checkout)")
     parser.add_argument("--domain", default=DEFAULT_DOMAIN)
     parser.add_argument("--ca", help="use this CA directory (passphrase in $CAPSULE_CA_PASSPHRASE)")
-    parser.add_argument("--nodes", type=int, choices=range(1, 10), metavar="N",
+    parser.add_argument("--nodes", type=_node_count, metavar="N",
                         help="start: ejabberd as a cluster of N nodes (default: as the stack was "
                         "first started, else 1)")
     parser.add_argument("--exports", action="store_true", help="status as shell exports")
@@ -54,7 +69,13 @@ def main(argv: list[str] | None = None) -> int:
         stack = open_stack(args.dir or default_dir, args.server, args.domain, args.ca, args.nodes)
         if args.command in ("adduser", "deluser") and not args.user:
             parser.error(f"{args.command} needs a user name")
-        return _run(stack, args)
+        code = _run(stack, args)
+        sys.stdout.flush()  # here, so that a closed stdout is seen below
+        return code
+    except BrokenPipeError:
+        # the reader went away (`status | head -1`): end quietly, as a killed-by-SIGPIPE tool
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except (StackError, LoginError, CAError, OSError) as exc:
         print(f"stack: error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 1
@@ -123,9 +144,18 @@ def _status(stack: Stack, exports: bool) -> int:
 
 
 def _nodes(stack: ClusterStack) -> None:
-    members = stack.members() if all(stack.running().values()) else []
+    running = stack.running()
+    try:
+        members: list[str] | None = stack.members()
+    except StackError:
+        members = None
     for node in stack.cluster_nodes():
-        joined = "in the cluster" if node.erlang_node in members else "NOT in the cluster"
+        if not running.get(node.pid_key):
+            joined = "not running"
+        elif members is None:
+            joined = "cluster membership unknown (no node answered list_cluster)"
+        else:
+            joined = "in the cluster" if node.erlang_node in members else "NOT in the cluster"
         print(f"node {node.index}   {node.erlang_node}: c2s {node.c2s_port}, http "
               f"{node.http_port}, distribution {stack.info.dist_port}; {joined}")
 

@@ -15,6 +15,7 @@ import json
 import resource
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -48,6 +49,8 @@ class Fleet:
     all_in: asyncio.Event = field(default_factory=asyncio.Event)
     expected: int = 0
     errors: list[str] = field(default_factory=list)  # capsule_error reasons
+    # what the senders' outboxes heard of their capsules, to tell where missing ones were lost
+    outcomes: Counter[str] = field(default_factory=Counter)
     # 500 logins at once stalled ejabberd here (23 TCP connections never got a session, for
     # plaintext bots too): a fleet starts its bots a hundred at a time
     logging_in: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(100))
@@ -71,6 +74,8 @@ class Fleet:
         client.add_event_handler("capsule_error", lambda failure: self.errors.append(
             failure.reason))
         client.add_event_handler("session_start", lambda _: client.send_presence())
+        for outcome in ("capsule_acked", "capsule_delivered", "capsule_undelivered"):
+            client.add_event_handler(outcome, lambda _e, o=outcome: self.outcomes.update([o]))
         await login(client, self.host, self.port, self.ca_root, timeout=900)
         if published is not None:
             await published(900)
@@ -101,7 +106,8 @@ class Fleet:
             await asyncio.wait_for(self.all_in.wait(), 600)
         except TimeoutError:
             raise TimeoutError(f"{self.received} of {self.expected} messages arrived in 600 s; "
-                               f"errors: {self.errors}") from None
+                               f"errors: {self.errors}; this fleet's capsules since it started: "
+                               f"{dict(self.outcomes)}") from None
         return time.perf_counter() - began
 
     async def close(self) -> None:
