@@ -239,8 +239,7 @@ class Reconnect:
     def _connecting(self, _event: Any) -> None:
         # every attempt, the app's first included: a server that accepts TCP but never opens a
         # session (its database down, a handshake left hanging) is given up after login_timeout
-        if self._watchdog is not None:
-            self._watchdog.cancel()
+        self._cancel()  # and the app's own connect() replaces a retry of ours
         self._watchdog = asyncio.get_event_loop().call_later(self.login_timeout, self._hung)
 
     def _failed(self, _wait: Any) -> None:
