@@ -21,7 +21,7 @@ T = TypeVar("T")
 HOST_ENV, PORT_ENV, TLS_CA_ENV = "CAPSULE_HOST", "CAPSULE_PORT", "CAPSULE_TLS_CA"
 # every node of a clustered server, "host:port host:port ..." (the plugin's ``endpoints``)
 ENDPOINTS_ENV = "CAPSULE_ENDPOINTS"
-# raised by login() when it gives up, so that a Reconnect does not log the client in after all
+# fired by login() when it gives up, so that a Reconnect does not log the client in after all
 LOGIN_ABANDONED = "capsule_login_abandoned"
 
 Endpoint = tuple[str, int]
