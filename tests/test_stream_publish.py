@@ -92,10 +92,14 @@ class FakePep:
             assert time.monotonic() < deadline, f"the login did not finish: {reported}"
             assert "capsule_publish_failed" not in reported
             await asyncio.sleep(0.005)
-            for stanza in stream.sent():
-                if stanza.name == "iq" and (answer := self.answer(stream, stanza)):
-                    stream.recv(answer)
+            self.serve(stream)
         await stream.settle()
+
+    def serve(self, stream: Stream) -> None:
+        """Answer the IQs the stream sent since the last call."""
+        for stanza in stream.sent():
+            if stanza.name == "iq" and (answer := self.answer(stream, stanza)):
+                stream.recv(answer)
 
 
 def _chain(stream: Stream) -> dict[str, str]:
@@ -229,9 +233,7 @@ async def test_a_failed_read_of_our_session_keys_is_retried_until_they_are_publi
                 del pep.failing[ns.SESSIONS_NODE]
                 retried = True
             await asyncio.sleep(0.01)
-            for stanza in alice.sent():
-                if stanza.name == "iq" and (answer := pep.answer(alice, stanza)):
-                    alice.recv(answer)
+            pep.serve(alice)
         assert retried and ns.SESSIONS_NODE in pep.published
 
 

@@ -47,10 +47,10 @@ class HandledCount:
         self._late: asyncio.TimerHandle | None = None  # the answer, should they take long
         xmpp.del_filter("in", self.sm._handle_incoming)  # ours replaces it
         xmpp.add_filter("in", self._arrive)  # first: created before any other "in" filter
+        self._requests = MatchXPath(self.sm.stanza.RequestAck.tag_name())
         xmpp.remove_handler(SLIXMPP_ANSWER)
-        xmpp.register_handler(Callback("capsule ack request",
-                                       MatchXPath(self.sm.stanza.RequestAck.tag_name()),
-                                       self._request, instream=True))
+        xmpp.register_handler(Callback("capsule ack request", self._requests, self._request,
+                                       instream=True))
         xmpp.add_event_handler("sm_enabled", self._restart)
         xmpp.add_event_handler("session_resumed", self._restart)
 
@@ -60,8 +60,7 @@ class HandledCount:
         self.xmpp.del_event_handler("session_resumed", self._restart)
         self.xmpp.add_filter("in", self.sm._handle_incoming)
         self.xmpp.remove_handler("capsule ack request")
-        self.xmpp.register_handler(Callback(SLIXMPP_ANSWER,
-                                            MatchXPath(self.sm.stanza.RequestAck.tag_name()),
+        self.xmpp.register_handler(Callback(SLIXMPP_ANSWER, self._requests,
                                             self.sm._handle_request_ack, instream=True))
         self._cancel_answer()
 
