@@ -1,10 +1,15 @@
 """Many bots per process, plaintext against Capsule in the same run (issue 15).
 
-Layout 1: N bots in this process, one server node. Layout 2: two processes of N bots each on
-the two nodes of an ejabberd cluster, every bot sending to its partner on the other node.
-Per N: RSS per bot after logging all in, time to log all in (concurrently), messages per
-second (every bot sends CAPSULE_BENCH_BOT_MESSAGES to its partner; median of
-CAPSULE_BENCH_RUNS exchanges after a warm-up capsule per pair), and encrypted / plaintext.
+Layout 1: one process of N bots on one server node, every bot sending to the next. Layout 2:
+two processes of N bots each on the two nodes of an ejabberd cluster, every bot sending to
+its partner on the other node. Every fleet, plaintext or Capsule, runs in processes of its
+own (scale_bots.py). Per N: RSS per bot after logging all in, time to log all in
+(concurrently; Capsule bots restarting with the profile they kept), messages per second
+(every bot sends CAPSULE_BENCH_BOT_MESSAGES to its partner; CAPSULE_BENCH_RUNS exchanges
+after a warm-up capsule per pair), encrypted / plaintext, and apart the first login of the
+Capsule bots new at this size (certificates published). Plaintext and Capsule fleets take
+turns, CAPSULE_BENCH_ROUNDS times each: medians over the rounds, the lowest and highest
+exchange shown.
 Sizes: CAPSULE_BENCH_BOTS (default 50,100,200,500). Printed, never asserted.
 """
 
@@ -23,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from scale_bots import PIN, Fleet  # beside this file (tests/bench is on sys.path)
+from scale_bots import PIN  # beside this file (tests/bench is on sys.path)
 from slixmpp import JID
 
 from capsule.testing.identities import enroll
@@ -34,11 +39,13 @@ from capsule_stack.state import DEFAULT_DOMAIN
 
 SIZES = [int(n) for n in os.environ.get("CAPSULE_BENCH_BOTS", "50,100,200,500").split(",")]
 MESSAGES = int(os.environ.get("CAPSULE_BENCH_BOT_MESSAGES", "5"))
-RUNS = int(os.environ.get("CAPSULE_BENCH_RUNS", "3"))
+RUNS = int(os.environ.get("CAPSULE_BENCH_RUNS", "2"))
+ROUNDS = int(os.environ.get("CAPSULE_BENCH_ROUNDS", "3"))
 WORKER = Path(__file__).with_name("scale_bots.py")
 CA_PASSPHRASE = b"bench CA passphrase"
-HEADER = ("| layout | bots | RSS per bot, plaintext / Capsule | log in all, plaintext / Capsule "
-          "| msg/s, plaintext / Capsule | ratio |")
+HEADER = ("| layout | bots per process | RSS per bot, plaintext / Capsule "
+          "| log in all, plaintext / Capsule | first log in, new Capsule bots "
+          "| msg/s, plaintext / Capsule (lowest..highest run) | ratio |")
 
 
 class Profiles:
@@ -89,6 +96,7 @@ class Pool:
     profiles: Profiles
     home: Path
     accounts: int = 0
+    logged_in: int = 0  # the first bots, whose Capsule first login is done
 
     def grow(self, n: int) -> list[tuple[str, str, Path]]:
         """The first ``n`` bots, enrolled and with accounts (made a few at a time)."""
@@ -100,6 +108,24 @@ class Pool:
         self.accounts = max(self.accounts, n)
         return bots
 
+    def first_logins(self, bots: list[tuple[str, str, Path]], port: int, run_dir: Path
+                     ) -> dict[str, float]:
+        """Log the Capsule bots never logged in before in (one process, not exchanging) and
+        out: a first login publishes the certificates and creates the PEP nodes, once in a
+        bot's life, so it is timed apart from the restarts the table compares."""
+        new = bots[self.logged_in:]
+        self.logged_in = max(self.logged_in, len(bots))
+        if not new:
+            return {"bots": 0, "login": 0.0}
+        profiles = self.profiles_of(new)
+        fleets = Fleets(run_dir, self.stack.info.ca_root)
+        try:
+            ready = fleets.start([([(jid, pw, profile, jid) for (jid, pw, _t), profile
+                                    in zip(new, profiles, strict=True)], port)])
+        finally:
+            fleets.close()
+        return {"bots": len(new), "login": ready[0]["login_s"]}
+
     def profiles_of(self, bots: list[tuple[str, str, Path]]) -> list[str]:
         """Each bot's profile, made from its template on first use."""
         self.home.mkdir(parents=True, exist_ok=True)
@@ -107,26 +133,120 @@ class Pool:
                     else shutil.copy(template, mine)) for _j, _p, template in bots]
 
 
-def _row(layout: str, n: int, plain: dict[str, float], enc: dict[str, float]) -> str:
+def _row(layout: str, n: int, plain: dict[str, float], enc: dict[str, float],
+         first: dict[str, float]) -> str:
     return (f"| {layout} | {n} | {plain['rss']:.0f} / {enc['rss']:.0f} KiB | "
             f"{plain['login']:.1f} / {enc['login']:.1f} s ({enc['login'] / plain['login']:.2f}x) | "
-            f"{plain['rate']:.0f} / {enc['rate']:.0f} | {enc['rate'] / plain['rate']:.2f} |")
+            f"{_first(first)} | {plain['rate']:.0f} / {enc['rate']:.0f} "
+            f"({_spread(plain)}; {_spread(enc)}) | {enc['rate'] / plain['rate']:.2f} |")
 
 
-async def _one_process(stack: Stack, pool: Pool, n: int, capsule: bool) -> dict[str, float]:
-    bots = pool.grow(n)
-    profiles: list[str | None] = list(pool.profiles_of(bots)) if capsule else [None] * n
-    spec = [(jid, pw, profile, bots[(i + 1) % n][0])
-            for i, ((jid, pw, _t), profile) in enumerate(zip(bots, profiles, strict=True))]
-    fleet = Fleet(spec, "127.0.0.1", stack.info.c2s_port, str(stack.info.ca_root))
+def _first(first: dict[str, float]) -> str:
+    if not first["bots"]:
+        return "-"
+    return f"{first['bots']:.0f} in {first['login']:.1f} s"
+
+
+def _spread(figures: dict[str, float]) -> str:
+    return f"{figures['low']:.0f}..{figures['high']:.0f}"
+
+
+class Fleets:
+    """Fleets of bots, each in a process of its own (scale_bots.py), so that plaintext and
+    Capsule are measured like for like: the same imports, a fresh heap, the same send
+    pattern. A fleet is one or more processes, each given its own bots, server endpoint and
+    partners; they exchange together and the slowest sets the time."""
+
+    def __init__(self, run_dir: Path, ca_root: Path):
+        self.run_dir, self.ca_root = run_dir, ca_root
+        self.processes: list[subprocess.Popen[str]] = []
+
+    def start(self, halves: list[tuple[list[tuple[str, str, str | None, str]], int]]
+              ) -> list[dict[str, float]]:
+        """Start one process per (bots, port); returns each one's login figures."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        for i, (bots, port) in enumerate(halves):
+            path = self.run_dir / f"spec{i}.json"
+            path.write_text(json.dumps({"bots": bots, "host": "127.0.0.1", "port": port,
+                                        "ca_root": str(self.ca_root)}))
+            self.processes.append(subprocess.Popen(
+                [sys.executable, str(WORKER), str(path)], stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, text=True))
+        return [json.loads(self._read(p)) for p in self.processes]
+
+    def exchange(self, messages: int) -> float:
+        """Every bot sends ``messages`` to its partner; seconds until the last process got all."""
+        for p in self.processes:
+            assert p.stdin is not None
+            p.stdin.write(f"{messages}\n")
+            p.stdin.flush()
+        return max(float(json.loads(self._read(p))["seconds"]) for p in self.processes)
+
+    def close(self) -> None:
+        for p in self.processes:
+            p.communicate("\n", timeout=600)
+            if p.returncode:
+                raise RuntimeError(f"a fleet process exited with {p.returncode}")
+
+    @staticmethod
+    def _read(p: subprocess.Popen[str]) -> str:
+        assert p.stdout is not None
+        line = p.stdout.readline()
+        if not line:
+            raise RuntimeError(f"a fleet process died (exit {p.wait()}): see its stderr above")
+        return line
+
+
+def _measure(fleets: Fleets, halves: list[tuple[list[tuple[str, str, str | None, str]], int]]
+             ) -> tuple[dict[str, float], list[float]]:
+    """Log the fleet in, warm it up, then RUNS exchanges: its login figures and msg/s."""
+    sent = sum(len(bots) for bots, _port in halves) * MESSAGES
     try:
-        ready = await fleet.log_in()
-        await fleet.warm_up()
-        rates = [MESSAGES * n / await fleet.exchange(MESSAGES) for _ in range(RUNS)]
+        ready = fleets.start(halves)
+        fleets.exchange(1)  # warm-up: certificate look-ups and pinning are not throughput
+        rates = [sent / fleets.exchange(MESSAGES) for _ in range(RUNS)]
     finally:
-        await fleet.close()
-    return {"rss": ready["rss_kib_per_bot"], "login": ready["login_s"],
-            "rate": statistics.median(rates)}
+        fleets.close()
+    return ({"rss": statistics.mean(r["rss_kib_per_bot"] for r in ready),
+             "login": max(r["login_s"] for r in ready)}, rates)
+
+
+def _summary(rounds: list[tuple[dict[str, float], list[float]]]) -> dict[str, float]:
+    """Medians over the rounds (RSS, login) and over all their exchanges (msg/s)."""
+    rates = sorted(rate for _ready, runs in rounds for rate in runs)
+    return {"rss": statistics.median(ready["rss"] for ready, _runs in rounds),
+            "login": statistics.median(ready["login"] for ready, _runs in rounds),
+            "rate": statistics.median(rates), "low": rates[0], "high": rates[-1]}
+
+
+def _layout(pool: Pool, n: int, ports: list[int], run_dir: Path
+            ) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    """Plaintext and Capsule, for ``n`` bots on each of ``ports`` (one process per port),
+    in ROUNDS alternating rounds (so that a change of the machine's load meets both); bot i
+    of one process sends to bot i of the next (with one process: to bot i + 1). Returns
+    plaintext, Capsule (restarted bots) and the new bots' first Capsule login."""
+    count = n * len(ports)
+    bots = pool.grow(count)
+    first = pool.first_logins(bots, ports[0], run_dir / "first")
+    step = n if len(ports) > 1 else 1
+
+    def halves(profiles: list[str | None]) -> list[tuple[list[tuple[str, str, str | None, str]],
+                                                          int]]:
+        return [([(bots[i][0], bots[i][1], profiles[i], bots[(i + step) % count][0])
+                  for i in range(side * n, side * n + n)], port)
+                for side, port in enumerate(ports)]
+
+    kinds = {"plain": halves([None] * count), "capsule": halves(list(pool.profiles_of(bots)))}
+    rounds: dict[str, list[tuple[dict[str, float], list[float]]]] = {kind: [] for kind in kinds}
+    for i in range(ROUNDS):
+        for kind, spec in kinds.items():
+            fleets = Fleets(run_dir / f"{kind}{i}", pool.stack.info.ca_root)
+            rounds[kind].append(_measure(fleets, spec))
+    return _summary(rounds["plain"]), _summary(rounds["capsule"]), first
+
+
+def _table(title: str, rows: list[str]) -> None:
+    print("\n" + "\n".join([title, HEADER, "|---|---|---|---|---|---|---|", *rows]))
 
 
 @pytest.fixture(scope="module")
@@ -135,15 +255,14 @@ def profiles(tmp_path_factory: pytest.TempPathFactory) -> Profiles:
     return Profiles(tmp_path_factory.mktemp("bench-profiles"))
 
 
-async def bench_bots_in_one_process(xmpp_stack, tmp_path, profiles) -> None:
+def bench_bots_in_one_process(xmpp_stack, tmp_path, profiles) -> None:
     pool = Pool(xmpp_stack, profiles, tmp_path / "bots")
     rows = []
     for n in SIZES:
-        plain = await _one_process(xmpp_stack, pool, n, capsule=False)
-        enc = await _one_process(xmpp_stack, pool, n, capsule=True)
-        rows.append(_row(f"1 process, {xmpp_stack.info.server}", n, plain, enc))
+        figures = _layout(pool, n, [xmpp_stack.info.c2s_port], tmp_path / f"{n}")
+        rows.append(_row(f"1 process, {xmpp_stack.info.server}", n, *figures))
         print(f"\n{rows[-1]}", flush=True)
-    print("\n" + "\n".join([HEADER, "|---|---|---|---|---|---|", *rows]))
+    _table("One process of N bots, one server", rows)
 
 
 @pytest.fixture(scope="module")
@@ -156,48 +275,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterStack]:
         stack.stop()
 
 
-def _two_processes(cluster: ClusterStack, pool: Pool, n: int, run_dir: Path, capsule: bool
-                   ) -> dict[str, float]:
-    bots = pool.grow(2 * n)
-    profiles: list[str | None] = (list(pool.profiles_of(bots)) if capsule
-                                  else [None] * (2 * n))
-    halves = []
-    for side in (0, 1):  # bot i of one process sends to bot i of the other
-        mine = range(side * n, side * n + n)
-        spec = {"bots": [(bots[i][0], bots[i][1], profiles[i], bots[(i + n) % (2 * n)][0])
-                         for i in mine],
-                "host": "127.0.0.1", "port": cluster.info.endpoints[side][1],
-                "ca_root": str(cluster.info.ca_root)}
-        path = run_dir / f"spec{side}.json"
-        run_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(spec))
-        halves.append(subprocess.Popen([sys.executable, str(WORKER), str(path)],
-                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
-    try:
-        ready = [json.loads(p.stdout.readline()) for p in halves]  # type: ignore[union-attr]
-
-        def exchange(messages: int) -> float:
-            for p in halves:
-                p.stdin.write(f"{messages}\n")  # type: ignore[union-attr]
-                p.stdin.flush()  # type: ignore[union-attr]
-            return max(float(json.loads(p.stdout.readline())["seconds"])  # type: ignore[union-attr]
-                       for p in halves)
-
-        exchange(1)  # warm-up: look-ups and pinning
-        rates = [2 * n * MESSAGES / exchange(MESSAGES) for _ in range(RUNS)]
-    finally:
-        for p in halves:
-            p.communicate("\n", timeout=600)
-    return {"rss": statistics.mean(r["rss_kib_per_bot"] for r in ready),
-            "login": max(r["login_s"] for r in ready), "rate": statistics.median(rates)}
-
-
 def bench_two_processes_on_a_two_node_cluster(cluster, tmp_path, profiles) -> None:
     pool = Pool(cluster, profiles, tmp_path / "bots")
+    ports = [port for _host, port in cluster.info.endpoints[:2]]
     rows = []
     for n in SIZES:
-        plain = _two_processes(cluster, pool, n, tmp_path / f"plain{n}", capsule=False)
-        enc = _two_processes(cluster, pool, n, tmp_path / f"capsule{n}", capsule=True)
-        rows.append(_row("2 processes, 2-node ejabberd cluster", n, plain, enc))
+        figures = _layout(pool, n, ports, tmp_path / f"{n}")
+        rows.append(_row("2 processes, 2-node ejabberd cluster", n, *figures))
         print(f"\n{rows[-1]}", flush=True)
-    print("\n" + "\n".join([HEADER, "|---|---|---|---|---|---|", *rows]))
+    _table("Two processes of N bots, one per node of a two-node cluster", rows)
