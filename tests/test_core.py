@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import struct
+import xml.etree.ElementTree as ET
 from typing import Any
 
 import pytest
@@ -128,6 +129,21 @@ def test_malformed_shapes_rejected_before_crypto(keys: dict[str, rsa.RSAPrivateK
 def _header(sender: str, *keyed: str) -> core.Header:
     return core.Header(sender, "fp", b"n" * 16, "t",
                        tuple(core.KeyEntry(j, "fp", b"k") for j in keyed), b"i" * 12)
+
+
+def test_an_envelope_carries_its_content_whole() -> None:
+    """Every element, attribute (namespaced ones and xml:lang too), text and tail comes out as
+    it went in; names that need escaping stay names."""
+    rich = ET.fromstring(
+        "<html xmlns='http://jabber.org/protocol/xhtml-im'><body xmlns='http://www.w3.org/1999/"
+        "xhtml' xmlns:f='urn:x:f' f:style='v' xml:lang='en'><p>a &amp; <b>b</b> c</p></body>"
+        "</html>")
+    text = body("<1> & 'two' \"3\"")
+    text[0].tail = "\n "
+    sender, to = "a'l&ice@x.test", ["b<o>b@x.test", 'c"a@x.test']
+    env = envelope.decode(envelope.encode([*text, rich], sender, to, "2026-11-27T11:00:00Z"))
+    assert (env.sender, env.recipients, env.time) == (sender, tuple(to), "2026-11-27T11:00:00Z")
+    assert [ET.tostring(el) for el in env.content] == [ET.tostring(el) for el in [*text, rich]]
 
 
 def test_envelope_addressing_checks() -> None:

@@ -20,10 +20,12 @@ from capsule import algorithms as alg
 from capsule import core, elements, v1
 from capsule import namespaces as ns
 from capsule.errors import EnvelopeMismatch, MalformedCapsule, UninterpretableContent
+from capsule.fastxml import escape
 
 _NS = "{" + ns.SCE_NAMESPACE + "}"
 MAX_BYTES = 128 * 1024  # an envelope larger than this is refused before decryption
 MAX_DEPTH = 32  # envelope, content, then XHTML-IM nesting; deeper is refused
+_OPEN = f'<envelope xmlns="{ns.SCE_NAMESPACE}"><content>'
 _PARTS = frozenset(_NS + part for part in ("content", "rpad", "time", "to", "from"))
 
 
@@ -36,19 +38,17 @@ class Envelope:
 
 
 def encode(content: Sequence[ET.Element], sender: str, recipients: Sequence[str], time: str) -> bytes:
-    """Serialise an envelope with fresh random padding (0..RPAD_MAX characters)."""
-    root = ET.Element(_NS + "envelope")
-    holder = ET.SubElement(root, _NS + "content")
-    holder.extend(content)
-    pad = base64.b64encode(os.urandom(secrets.randbelow(alg.RPAD_MAX // 4 * 3 + 1)))
-    ET.SubElement(root, _NS + "rpad").text = pad.decode()
-    ET.SubElement(root, _NS + "time", stamp=time)
-    for jid in recipients:
-        ET.SubElement(root, _NS + "to", jid=jid)
-    ET.SubElement(root, _NS + "from", jid=sender)
-    ET.register_namespace("", ns.SCE_NAMESPACE)
-    data: bytes = ET.tostring(root, encoding="utf-8", xml_declaration=False)
-    return data
+    """Serialise an envelope with fresh random padding (0..RPAD_MAX characters).
+
+    Written out directly but the content, which ElementTree serialises element by element
+    (all of it, namespaced attributes too: slixmpp's serialiser drops those without a
+    stream); one ``tostring`` of the whole tree cost ≈ 90 µs per capsule."""
+    pad = base64.b64encode(os.urandom(secrets.randbelow(alg.RPAD_MAX // 4 * 3 + 1))).decode()
+    parts = [_OPEN, *(ET.tostring(element, encoding="unicode") for element in content),
+             "</content><rpad>", pad, "</rpad>", f'<time stamp="{escape(time)}"/>',
+             *(f'<to jid="{escape(jid)}"/>' for jid in recipients),
+             f'<from jid="{escape(sender)}"/></envelope>']
+    return "".join(parts).encode()
 
 
 def decode(data: bytes, max_bytes: int = MAX_BYTES, max_depth: int = MAX_DEPTH) -> Envelope:

@@ -33,7 +33,7 @@ from cryptography.x509.oid import NameOID
 
 from capsule import algorithms as alg
 from capsule import journal, sessions, signatures
-from capsule.core import cert_fingerprint, parse_timestamp
+from capsule.core import cert_fingerprint
 from capsule.errors import (
     CorruptProfile,
     ProfileChanged,
@@ -366,10 +366,9 @@ class Profile:
         if not self.data.signing_cert:
             return []
         fp = _fingerprint(self.data.signing_cert)
-        live = [key.record for key in self.data.sessions
-                if key.expires > now and key.record.cert == fp]
-        live.sort(key=lambda r: (parse_timestamp(r.created), r.pub), reverse=True)
-        return live[:alg.SESSIONS_PUBLISHED]
+        live = [key for key in self.data.sessions if key.expires > now and key.record.cert == fp]
+        live.sort(key=lambda key: (key.created, key.record.pub), reverse=True)
+        return [key.record for key in live[:alg.SESSIONS_PUBLISHED]]
 
     def destroy_sessions(self, now: int, retention: int = alg.SESSION_RETENTION_S) -> int:
         """Forward secrecy: remove every session key whose record expired ``retention``

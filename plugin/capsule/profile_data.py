@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,9 +72,14 @@ class SessionKey:
             raise ValueError("a session key does not match its record")
         return cls(private, record)
 
-    @property
+    # read on every seal (Profile.current_sessions): parsed once
+    @functools.cached_property
     def expires(self) -> int:
         return parse_timestamp(self.record.expires)
+
+    @functools.cached_property
+    def created(self) -> int:
+        return parse_timestamp(self.record.created)
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable
 from typing import Literal
 
@@ -50,10 +51,10 @@ class Sender:
     async def seal(self, msg: Message, recipients: Iterable[str], room: str | None = None
                    ) -> wire.AnyCapsule:
         """:meth:`XEP_Capsule.seal`."""
-        return (await self._seal(msg, recipients, room))[0]
+        return (await self._seal(elements.content(msg.xml), recipients, room))[0]
 
-    async def _seal(self, msg: Message, recipients: Iterable[str], room: str | None = None
-                    ) -> tuple[wire.AnyCapsule, bytes]:
+    async def _seal(self, content: list[ET.Element], recipients: Iterable[str],
+                    room: str | None = None) -> tuple[wire.AnyCapsule, bytes]:
         """The capsule and its message key (for the proof its receipt must carry): v1 when
         every recipient and we have valid session keys, else v0 (NoForwardSecrecy under
         ``forward_secrecy='require'``)."""
@@ -68,7 +69,6 @@ class Sender:
         mine = self.keyring.own(now)
         records = {c.jid: await self.keyring.peer(c.jid, c.sign, now)
                    for c in contacts} if mine else {}
-        content = elements.content(msg.xml)
         addressees = [*bare, room] if room else bare
         sealed_env = envelope.encode(content, me, addressees, core.utc_timestamp())
         key = core.new_message_key()
@@ -95,8 +95,10 @@ class Sender:
         """:meth:`XEP_Capsule.encrypt_message`."""
         if msg["type"] == "groupchat":
             room = msg["to"].bare
-            return _wrap(msg, *await self._seal(msg, self.occupants(room), room=room))
-        return _wrap(msg, *await self._seal(msg, recipients or [msg["to"].bare]))
+            return _wrap(msg, *await self._seal(elements.content(msg.xml), self.occupants(room),
+                                                room=room))
+        return _wrap(msg, *await self._seal(elements.content(msg.xml),
+                                            recipients or [msg["to"].bare]))
 
     def occupants(self, room: str) -> list[str]:
         """:meth:`XEP_Capsule.occupants`."""
@@ -113,8 +115,9 @@ class Sender:
     async def send(self, targets: list[str | JID], body: str,
                    mtype: Literal["chat", "normal"]) -> list[str]:
         """:meth:`XEP_Capsule.send`."""
-        template = self.xmpp.make_message(mto=JID(targets[0]), mbody=body, mtype=mtype)
-        capsule, key = await self._seal(template, [str(t) for t in targets])
+        text = ET.Element(f"{{{elements.CLIENT}}}body")
+        text.text = body
+        capsule, key = await self._seal([text], [str(t) for t in targets])
         ids = []
         for target in targets:
             msg = self.xmpp.make_message(mto=JID(target), mtype=mtype)
