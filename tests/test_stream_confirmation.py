@@ -6,12 +6,14 @@ confirmation until its async work is done; a capsule the app could not take come
 from __future__ import annotations
 
 import asyncio
+import builtins
 import errno
 from pathlib import Path
 
+import pytest
 from slixmpp import Message
 
-from capsule import receipts
+from capsule import outbox, receipts
 from capsule.replay import Handed, JournalItem
 from capsule.testing.stream import Cast, Stream
 from tests.streams import (
@@ -84,8 +86,11 @@ def _app_message(stream: Stream, to: str, body: str, mid: str) -> Message:
     return msg
 
 
-async def test_ids_are_per_contact_and_a_reused_id_is_refused(stream_cast: Cast,
-                                                             tmp_path: Path) -> None:
+async def test_ids_are_per_contact_and_a_reused_id_is_refused(
+        stream_cast: Cast, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refused also when the app's message has the reported capsule's id(): CPython gives a
+    freed object's address to a later one (the outbox once took that message for the capsule
+    and dropped it, unreported: this test failed in about a third of its runs)."""
     bob, carol = stream_cast["bob"], stream_cast["carol"]
     async with stream_cast.pair(tmp_path, "alice", "bob", "carol") as (a, b):
         record(a, "capsule_delivered", "capsule_undelivered")
@@ -103,6 +108,7 @@ async def test_ids_are_per_contact_and_a_reused_id_is_refused(stream_cast: Cast,
         assert [(d.peer, d.stanza_id) for d in a.named("capsule_delivered")] == [
             (bob.jid, "same")]  # carol's is still waiting for carol
         assert (carol.jid, "same") in a.capsule.outbox.pending
+        monkeypatch.setattr(outbox, "id", _one_address, raising=False)
         a.recv(f"<message from='{carol.jid}' to='{a.xmpp.boundjid}' type='error' id='same'>"
                f"<error type='cancel'><service-unavailable "
                f"xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></message>")
@@ -111,9 +117,15 @@ async def test_ids_are_per_contact_and_a_reused_id_is_refused(stream_cast: Cast,
         _app_message(a, carol.jid, "to carol again", "same").send()  # reported: refused
         await a.settle()
         assert capsules_in(a.sent()) == []
-        # the bounce's own `undelivered` error may come before or after this refusal (seen in CI)
-        assert [(e.reason, e.peer) for e in a.errors()].count(("reused-id", carol.jid)) == 1
+        assert [(e.reason, e.peer) for e in a.errors()] == [
+            ("reused-id", bob.jid), ("undelivered", carol.jid), ("reused-id", carol.jid)]
         assert len(a.named("capsule_undelivered")) == 1 and to_carol["id"] == "same"
+
+
+def _one_address(obj: object) -> int:
+    """A fake ``id`` for the outbox: every message at one address, as a freed stanza's
+    successor may be (CPython's allocator cannot be made to reuse one on demand)."""
+    return 0 if isinstance(obj, Message) else builtins.id(obj)
 
 
 def _bounce(frm: str, to: str, sid: str) -> str:

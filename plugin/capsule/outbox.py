@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -82,8 +83,9 @@ class Outbox:
         self.limit = limit
         self.report = report
         self.pending: OrderedDict[Key, _Pending] = OrderedDict()
-        # never to be sent again: the id() of the stanza given up (its own resend is dropped)
-        self._given_up: OrderedDict[Key, int] = OrderedDict()
+        # never to be sent again: the stanza given up, held weakly (its own resend is dropped;
+        # its id() would be another stanza's once it is freed, and that one would go unsent)
+        self._given_up: OrderedDict[Key, weakref.ref[Message]] = OrderedDict()
         self._acked: OrderedDict[Key, None] = OrderedDict()  # room capsules, to report bounces
         self._ack_request: asyncio.Handle | None = None
         # one request for the server's ack unanswered at a time: one asked meanwhile waits
@@ -139,7 +141,7 @@ class Outbox:
             msg["id"] = self.xmpp.new_id()
         key = key_of(msg)
         entry = self.pending.get(key)
-        if (entry is not None and entry.stanza is msg) or self._given_up.get(key) == id(msg):
+        if (entry is not None and entry.stanza is msg) or self._is_given_up(key, msg):
             return
         if entry is not None or key in self._given_up:
             raise ReusedId(f"stanza id {key[1]} to {key[0]} is "
@@ -158,7 +160,7 @@ class Outbox:
         if not isinstance(stanza, Message) or not st.has_capsule(stanza):
             return stanza
         key = key_of(stanza)
-        if self._given_up.get(key) == id(stanza):
+        if self._is_given_up(key, stanza):
             log.info("capsule %s was reported undelivered: not sent", key[1])
             return None
         try:
@@ -297,11 +299,16 @@ class Outbox:
     def _give_up(self, key: Key, why: str) -> None:
         entry = self.pending.pop(key)
         entry.timer.cancel()
-        self._remember(self._given_up, key, id(entry.stanza))
+        self._remember(self._given_up, key, weakref.ref(entry.stanza))
         if self.xmpp.transport is None and not entry.acked:  # no resumption: slixmpp
             # would resend it (it holds what the server has not acked)
             self.xmpp.plugin["xep_0198"].sm_id = None
         self.report(Undelivered(why), entry.stanza, str(entry.stanza["to"].bare))
+
+    def _is_given_up(self, key: Key, stanza: StanzaBase) -> bool:
+        """Whether ``stanza`` is the very capsule reported undelivered under ``key``."""
+        given_up = self._given_up.get(key)
+        return given_up is not None and given_up() is stanza
 
     def _remember(self, ids: OrderedDict[Key, Any], key: Key, value: Any) -> None:
         ids[key] = value
