@@ -5,6 +5,7 @@ content (XHTML-IM, OOB) goes inside the capsule under any policy."""
 from __future__ import annotations
 
 import asyncio
+import builtins
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 from slixmpp import JID, Message
 from slixmpp.types import MessageTypes
 
-from capsule import elements
+from capsule import elements, sending
 from capsule.enrollment import FirstFound
 from capsule.errors import CapsuleError, CertificateLookupFailed
 from capsule.testing.stream import Cast, Directory, Stream
@@ -76,6 +77,42 @@ async def test_prefer_sends_plaintext_on_a_definite_none_and_tells_the_app(
         assert msg["body"] == "sensitive" and _reasons(bob) == []
         [event] = bob.named("capsule_plaintext_sent")
         assert (event.peer, event.reason) == ("legacy@capsule.test", "no-certificate")
+
+
+async def test_plaintext_let_out_once_is_never_another_messages(
+        stream_cast: Cast, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Policy prefer clears one message for plaintext; if that message never comes back to be
+    sent (a stream that died with it queued: slixmpp drops its queue), a later message, even
+    at the same address (CPython reuses a freed object's), is sealed like any other."""
+    dora, directory = stream_cast["dora"], stream_cast.directory_of("dora")
+    directory.answers["legacy@capsule.test"] = None  # publishes nothing: prefer lets it out
+    async with Stream.open(stream_cast["bob"], tmp_path, directory) as bob:
+        send, messages = bob.xmpp.send, []
+
+        def drop_the_cleared_message(stanza: Message, use_filters: bool = True) -> None:
+            if isinstance(stanza, Message):
+                messages.append(stanza)
+                if len(messages) == 2:  # the app's send, then the sender's, cleared: lost
+                    return
+            send(stanza, use_filters)
+
+        monkeypatch.setattr(bob.xmpp, "send", drop_the_cleared_message)
+        monkeypatch.setattr(sending, "id", _one_address, raising=False)
+        bob.xmpp.send_message(mto=JID("legacy@capsule.test"), mbody="clear", mtype="chat")
+        await bob.settle()
+        assert len(messages) == 2 and _messages(bob) == []
+        monkeypatch.setattr(bob.xmpp, "send", send)
+        bob.xmpp.send_message(mto=JID(dora.jid), mbody="for dora only", mtype="chat")
+        await bob.settle()
+        [msg] = _messages(bob)
+        assert msg["body"] != "for dora only" and msg.xml.find("{urn:capsule:0}capsule") is not None
+        assert bob.named("capsule_plaintext_sent") == [] and _reasons(bob) == []
+
+
+def _one_address(obj: object) -> int:
+    """A fake ``id`` for the send path: every message at one address, as a freed stanza's
+    successor may be (CPython's allocator cannot be made to reuse one on demand)."""
+    return 0 if isinstance(obj, Message) else builtins.id(obj)
 
 
 async def test_a_pinned_contact_never_gets_plaintext_again(stream_cast: Cast, tmp_path: Path) -> None:

@@ -35,6 +35,10 @@ from capsule.outbox import Outbox
 from capsule.profile import Profile
 
 log = logging.getLogger(__name__)
+# marks the very stanza policy prefer lets out in plaintext, until the out filter passes it
+# (never its id(): a stanza dropped before it came back, e.g. from the send queue of a
+# dead stream, would leave its address to the next message, which would then go out clear)
+_CLEARED = "capsule_cleared_for_plaintext"
 
 
 class Sender:
@@ -46,7 +50,6 @@ class Sender:
         self.xmpp, self.options, self.store = xmpp, options, store
         self.contacts, self.keyring, self.locks, self.outbox = contacts, keyring, locks, outbox
         self._spawn, self._check_usable = spawn, check_usable
-        self._cleared: set[int] = set()
 
     async def seal(self, msg: Message, recipients: Iterable[str], room: str | None = None
                    ) -> wire.AnyCapsule:
@@ -135,8 +138,8 @@ class Sender:
         if (not isinstance(stanza, Message) or st.has_capsule(stanza)
                 or not elements.readable(stanza.xml)):
             return stanza
-        if id(stanza) in self._cleared:  # plaintext allowed by policy prefer, coming back
-            self._cleared.discard(id(stanza))
+        if getattr(stanza, _CLEARED, False):  # plaintext allowed by policy prefer, coming back
+            delattr(stanza, _CLEARED)
             self._plaintext_sent(stanza, "no-certificate")
             return stanza
         if self.options.policy == "off":
@@ -161,7 +164,7 @@ class Sender:
                 if self.options.policy != "prefer" or stanza["type"] == "groupchat":
                     events.fail(self.xmpp, exc, stanza, to)
                     return
-                self._cleared.add(id(stanza))
+                setattr(stanza, _CLEARED, True)
             except CapsuleError as exc:
                 events.fail(self.xmpp, exc, stanza, to)  # refused: never fall back to plaintext
                 return
