@@ -15,6 +15,7 @@ import pytest
 from slixmpp import JID, ClientXMPP, Message
 
 from capsule import capsule_info, core, discovery, envelope
+from capsule import namespaces as ns
 from capsule import stanza as st
 from capsule.errors import NoCertificate, RevokedCertificate, UntrustedCertificate
 from capsule.testing.identities import enroll
@@ -182,6 +183,34 @@ async def test_policy_require(capsule_bot, connect, new_account, xmpp_stack):
     failure = await errors.error()
     assert failure.reason == "policy" and failure.peer == plain_account.jid
     await errors.nothing(0.5)
+
+
+async def test_a_node_set_to_drop_our_certificates_offline_is_restored_at_login(
+        xmpp_stack, capsule_bot, connect):
+    """Another client of the account sets our certificates node to drop its item whenever we
+    go offline (ejabberd's pubsub#purge_offline) and open to any publisher: then contacts find
+    no certificates while the bot is away. Its next login puts the node back, so a new contact
+    reaches it offline (Prosody has no such option and keeps the item either way)."""
+    alice = await capsule_bot("alice")
+    other = ClientXMPP(f"{alice.jid}/other", alice.account.password)
+    other.register_plugin("xep_0060")
+    await connect(alice.account, client=other)
+    form = other.plugin["xep_0004"].make_form(ftype="submit")
+    form.add_field(var="FORM_TYPE", ftype="hidden", value=discovery.NODE_CONFIG_FORM)
+    form.add_field(var="pubsub#purge_offline", value="1")
+    form.add_field(var="pubsub#publish_model", value="open")
+    await other.plugin["xep_0060"].set_node_config(None, ns.CERTS_NODE, form)
+    for client in (other, alice.client):
+        await client.disconnect(wait=1)
+    bob = await capsule_bot("bob")
+    if xmpp_stack.info.server == "ejabberd":  # the attack worked: the item went with us
+        with pytest.raises(NoCertificate):
+            await bob.capsule.contact(alice.jid)
+    alice = await capsule_bot("alice", account=alice.account, profile=alice.profile)
+    await alice.client.disconnect(wait=1)
+    carol = await capsule_bot("carol", policy="require")  # has never seen alice's certificates
+    await carol.capsule.send(alice.jid, secret("found while alice is offline"))
+    assert alice.jid in carol.capsule.store.data.contacts
 
 
 class EchoBot(ClientXMPP):
