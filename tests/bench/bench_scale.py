@@ -3,13 +3,14 @@
 Layout 1: one process of N bots on one server node, every bot sending to the next. Layout 2:
 two processes of N bots each on the two nodes of an ejabberd cluster, every bot sending to
 its partner on the other node. Every fleet, plaintext or Capsule, runs in processes of its
-own (scale_bots.py). Per N: RSS per bot after logging all in, time to log all in
-(concurrently; Capsule bots restarting with the profile they kept), messages per second
-(every bot sends CAPSULE_BENCH_BOT_MESSAGES to its partner; CAPSULE_BENCH_RUNS exchanges
-after a warm-up capsule per pair), encrypted / plaintext, and apart the first login of the
-Capsule bots new at this size (certificates published). Plaintext and Capsule fleets take
-turns, CAPSULE_BENCH_ROUNDS times each: medians over the rounds, the lowest and highest
-exchange shown.
+own (scale_bots.py), on the same accounts. Per N: RSS per bot once logged in and warmed up,
+time to log all in (concurrently; Capsule bots restarting with the profile they kept),
+messages per second (every bot sends CAPSULE_BENCH_BOT_MESSAGES to its partner;
+CAPSULE_BENCH_RUNS exchanges after a warm-up capsule per pair), encrypted / plaintext, and
+the first login of the bots new at this size, plaintext then Capsule (certificates
+published). Plaintext and Capsule fleets take turns, CAPSULE_BENCH_ROUNDS times each (ABBA):
+medians over the rounds, the lowest and highest exchange and round ratio shown. The
+profiles use the light Argon2id parameters of the tests (8 MiB, 1 iteration).
 Sizes: CAPSULE_BENCH_BOTS (default 50,100,200,500). Printed, never asserted.
 """
 
@@ -22,9 +23,10 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -41,15 +43,16 @@ SIZES = [int(n) for n in os.environ.get("CAPSULE_BENCH_BOTS", "50,100,200,500").
 MESSAGES = int(os.environ.get("CAPSULE_BENCH_BOT_MESSAGES", "5"))
 RUNS = int(os.environ.get("CAPSULE_BENCH_RUNS", "2"))
 ROUNDS = int(os.environ.get("CAPSULE_BENCH_ROUNDS", "3"))
+PAUSE = 3  # seconds between fleets: the server finishes the last one's archive writes
 WORKER = Path(__file__).with_name("scale_bots.py")
 CA_PASSPHRASE = b"bench CA passphrase"
 HEADER = ("| layout | bots per process | RSS per bot, plaintext / Capsule "
-          "| log in all, plaintext / Capsule | first log in, new Capsule bots "
-          "| msg/s, plaintext / Capsule (lowest..highest run) | ratio |")
+          "| log in all, plaintext / Capsule | first log in of the new bots, plaintext / Capsule "
+          "| msg/s, plaintext / Capsule (lowest..highest run) | ratio (lowest..highest round) |")
 
 
 class Profiles:
-    """Enrolled profile templates shared by both layouts (each run copies them fresh), all
+    """Enrolled profile templates shared by both layouts (each pool copies them once), all
     certified by one throwaway CA, so that any two of them trust each other whichever stack
     their accounts are on (every stack serves the same domain). Made in parallel processes:
     a profile's RSA key generation and its certificates cost ≈ 0.2 s, 1,000 of them minutes."""
@@ -96,7 +99,7 @@ class Pool:
     profiles: Profiles
     home: Path
     accounts: int = 0
-    logged_in: int = 0  # the first bots, whose Capsule first login is done
+    logged_in: set[str] = field(default_factory=set)  # Capsule bots logged in once
 
     def grow(self, n: int) -> list[tuple[str, str, Path]]:
         """The first ``n`` bots, enrolled and with accounts (made a few at a time)."""
@@ -108,24 +111,6 @@ class Pool:
         self.accounts = max(self.accounts, n)
         return bots
 
-    def first_logins(self, bots: list[tuple[str, str, Path]], port: int, run_dir: Path
-                     ) -> dict[str, float]:
-        """Log the Capsule bots never logged in before in (one process, not exchanging) and
-        out: a first login publishes the certificates and creates the PEP nodes, once in a
-        bot's life, so it is timed apart from the restarts the table compares."""
-        new = bots[self.logged_in:]
-        self.logged_in = max(self.logged_in, len(bots))
-        if not new:
-            return {"bots": 0, "login": 0.0}
-        profiles = self.profiles_of(new)
-        fleets = Fleets(run_dir, self.stack.info.ca_root)
-        try:
-            ready = fleets.start([([(jid, pw, profile, jid) for (jid, pw, _t), profile
-                                    in zip(new, profiles, strict=True)], port)])
-        finally:
-            fleets.close()
-        return {"bots": len(new), "login": ready[0]["login_s"]}
-
     def profiles_of(self, bots: list[tuple[str, str, Path]]) -> list[str]:
         """Each bot's profile, made from its template on first use."""
         self.home.mkdir(parents=True, exist_ok=True)
@@ -133,39 +118,57 @@ class Pool:
                     else shutil.copy(template, mine)) for _j, _p, template in bots]
 
 
+Spec = list[tuple[list[tuple[str, str, str | None, str]], int]]  # per process: bots, port
+
+
 def _row(layout: str, n: int, plain: dict[str, float], enc: dict[str, float],
          first: dict[str, float]) -> str:
     return (f"| {layout} | {n} | {plain['rss']:.0f} / {enc['rss']:.0f} KiB | "
             f"{plain['login']:.1f} / {enc['login']:.1f} s ({enc['login'] / plain['login']:.2f}x) | "
             f"{_first(first)} | {plain['rate']:.0f} / {enc['rate']:.0f} "
-            f"({_spread(plain)}; {_spread(enc)}) | {enc['rate'] / plain['rate']:.2f} |")
+            f"({plain['low']:.0f}..{plain['high']:.0f}; {enc['low']:.0f}..{enc['high']:.0f}) | "
+            f"{enc['rate'] / plain['rate']:.2f} ({enc['ratio_low']:.2f}..{enc['ratio_high']:.2f}) |")
 
 
 def _first(first: dict[str, float]) -> str:
     if not first["bots"]:
         return "-"
-    return f"{first['bots']:.0f} in {first['login']:.1f} s"
-
-
-def _spread(figures: dict[str, float]) -> str:
-    return f"{figures['low']:.0f}..{figures['high']:.0f}"
+    return (f"{first['bots']:.0f}: {first['plain']:.1f} / {first['capsule']:.1f} s "
+            f"({first['capsule'] / first['plain']:.2f}x)")
 
 
 class Fleets:
     """Fleets of bots, each in a process of its own (scale_bots.py), so that plaintext and
     Capsule are measured like for like: the same imports, a fresh heap, the same send
     pattern. A fleet is one or more processes, each given its own bots, server endpoint and
-    partners; they exchange together and the slowest sets the time."""
+    partners; they exchange together and the slowest sets the time. Every process is ended
+    however the measurement ends (killed if it does not end by itself)."""
 
     def __init__(self, run_dir: Path, ca_root: Path):
         self.run_dir, self.ca_root = run_dir, ca_root
         self.processes: list[subprocess.Popen[str]] = []
+        self.runs = 0
 
-    def start(self, halves: list[tuple[list[tuple[str, str, str | None, str]], int]]
-              ) -> list[dict[str, float]]:
+    def __enter__(self) -> Fleets:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        failed = []
+        for p in self.processes:
+            try:
+                p.communicate("\n", timeout=600)
+            except (subprocess.TimeoutExpired, OSError, ValueError):
+                p.kill()
+                p.wait()
+            if p.returncode:
+                failed.append(p.returncode)
+        if failed and exc[0] is None:
+            raise RuntimeError(f"fleet processes exited with {failed}")
+
+    def start(self, spec: Spec) -> list[dict[str, float]]:
         """Start one process per (bots, port); returns each one's login figures."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        for i, (bots, port) in enumerate(halves):
+        for i, (bots, port) in enumerate(spec):
             path = self.run_dir / f"spec{i}.json"
             path.write_text(json.dumps({"bots": bots, "host": "127.0.0.1", "port": port,
                                         "ca_root": str(self.ca_root)}))
@@ -174,19 +177,18 @@ class Fleets:
                 stdout=subprocess.PIPE, text=True))
         return [json.loads(self._read(p)) for p in self.processes]
 
-    def exchange(self, messages: int) -> float:
-        """Every bot sends ``messages`` to its partner; seconds until the last process got all."""
+    def exchange(self, messages: int) -> tuple[float, float]:
+        """Every bot sends ``messages`` to its partner, all tagged with this run's name (what
+        arrives untagged or from another run is not counted): seconds until the last process
+        got all of this run's, and the processes' mean RSS per bot by then (KiB)."""
+        self.runs += 1
         for p in self.processes:
             assert p.stdin is not None
-            p.stdin.write(f"{messages}\n")
+            p.stdin.write(f"{messages} run{self.runs}\n")
             p.stdin.flush()
-        return max(float(json.loads(self._read(p))["seconds"]) for p in self.processes)
-
-    def close(self) -> None:
-        for p in self.processes:
-            p.communicate("\n", timeout=600)
-            if p.returncode:
-                raise RuntimeError(f"a fleet process exited with {p.returncode}")
+        done = [json.loads(self._read(p)) for p in self.processes]
+        return (max(float(d["seconds"]) for d in done),
+                statistics.mean(float(d["rss_kib_per_bot"]) for d in done))
 
     @staticmethod
     def _read(p: subprocess.Popen[str]) -> str:
@@ -197,18 +199,20 @@ class Fleets:
         return line
 
 
-def _measure(fleets: Fleets, halves: list[tuple[list[tuple[str, str, str | None, str]], int]]
-             ) -> tuple[dict[str, float], list[float]]:
-    """Log the fleet in, warm it up, then RUNS exchanges: its login figures and msg/s."""
-    sent = sum(len(bots) for bots, _port in halves) * MESSAGES
-    try:
-        ready = fleets.start(halves)
-        fleets.exchange(1)  # warm-up: certificate look-ups and pinning are not throughput
-        rates = [sent / fleets.exchange(MESSAGES) for _ in range(RUNS)]
-    finally:
-        fleets.close()
-    return ({"rss": statistics.mean(r["rss_kib_per_bot"] for r in ready),
-             "login": max(r["login_s"] for r in ready)}, rates)
+def _measure(run_dir: Path, ca_root: Path, spec: Spec) -> tuple[dict[str, float], list[float]]:
+    """Log the fleet in, warm it up, then RUNS exchanges: login, RSS per bot once warm (its
+    contacts looked up), and the exchanges' msg/s."""
+    sent = sum(len(bots) for bots, _port in spec) * MESSAGES
+    with Fleets(run_dir, ca_root) as fleets:
+        ready = fleets.start(spec)
+        _seconds, rss = fleets.exchange(1)  # warm-up: look-ups and pinning are not throughput
+        rates = [sent / fleets.exchange(MESSAGES)[0] for _ in range(RUNS)]
+    return {"rss": rss, "login": max(r["login_s"] for r in ready)}, rates
+
+
+def _login_only(run_dir: Path, ca_root: Path, spec: Spec) -> float:
+    with Fleets(run_dir, ca_root) as fleets:
+        return max(r["login_s"] for r in fleets.start(spec))
 
 
 def _summary(rounds: list[tuple[dict[str, float], list[float]]]) -> dict[str, float]:
@@ -221,28 +225,44 @@ def _summary(rounds: list[tuple[dict[str, float], list[float]]]) -> dict[str, fl
 
 def _layout(pool: Pool, n: int, ports: list[int], run_dir: Path
             ) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
-    """Plaintext and Capsule, for ``n`` bots on each of ``ports`` (one process per port),
-    in ROUNDS alternating rounds (so that a change of the machine's load meets both); bot i
-    of one process sends to bot i of the next (with one process: to bot i + 1). Returns
-    plaintext, Capsule (restarted bots) and the new bots' first Capsule login."""
+    """Plaintext and Capsule, for ``n`` bots on each of ``ports`` (one process per port);
+    bot i of one process sends to bot i of the next (with one process: to bot i + 1).
+
+    The bots new at this size log in first, as plaintext then as Capsule bots (the first
+    login of a Capsule bot publishes its certificates: once in its life). Then ROUNDS rounds
+    of a plaintext and a Capsule fleet, in the order ABBA…, so that a drift of the machine's
+    speed meets both; a pause between fleets lets the server finish the last one's writes.
+    Returns plaintext, Capsule (restarted bots) and the first logins."""
     count = n * len(ports)
     bots = pool.grow(count)
-    first = pool.first_logins(bots, ports[0], run_dir / "first")
     step = n if len(ports) > 1 else 1
+    ca_root = pool.stack.info.ca_root
+    profiles: list[str | None] = list(pool.profiles_of(bots))
 
-    def halves(profiles: list[str | None]) -> list[tuple[list[tuple[str, str, str | None, str]],
-                                                          int]]:
-        return [([(bots[i][0], bots[i][1], profiles[i], bots[(i + step) % count][0])
-                  for i in range(side * n, side * n + n)], port)
+    def spec(kind: str, only_new: bool = False) -> Spec:
+        return [([(bots[i][0], bots[i][1], profiles[i] if kind == "capsule" else None,
+                   bots[(i + step) % count][0])
+                  for i in range(side * n, side * n + n)
+                  if not (only_new and bots[i][0] in pool.logged_in)], port)
                 for side, port in enumerate(ports)]
 
-    kinds = {"plain": halves([None] * count), "capsule": halves(list(pool.profiles_of(bots)))}
-    rounds: dict[str, list[tuple[dict[str, float], list[float]]]] = {kind: [] for kind in kinds}
+    first = {"bots": float(sum(len(b) for b, _p in spec("capsule", only_new=True)))}
+    if first["bots"]:
+        for kind in ("plain", "capsule"):
+            first[kind] = _login_only(run_dir / f"first-{kind}", ca_root,
+                                      [(b, port) for b, port in spec(kind, True) if b])
+            time.sleep(PAUSE)
+        pool.logged_in.update(jid for jid, _pw, _t in bots)
+    rounds: dict[str, list[tuple[dict[str, float], list[float]]]] = {"plain": [], "capsule": []}
     for i in range(ROUNDS):
-        for kind, spec in kinds.items():
-            fleets = Fleets(run_dir / f"{kind}{i}", pool.stack.info.ca_root)
-            rounds[kind].append(_measure(fleets, spec))
-    return _summary(rounds["plain"]), _summary(rounds["capsule"]), first
+        for kind in ("plain", "capsule") if i % 2 == 0 else ("capsule", "plain"):
+            rounds[kind].append(_measure(run_dir / f"{kind}{i}", ca_root, spec(kind)))
+            time.sleep(PAUSE)
+    plain, enc = _summary(rounds["plain"]), _summary(rounds["capsule"])
+    ratios = sorted(statistics.median(c[1]) / statistics.median(p[1])
+                    for p, c in zip(rounds["plain"], rounds["capsule"], strict=True))
+    enc.update(ratio_low=ratios[0], ratio_high=ratios[-1])
+    return plain, enc, first
 
 
 def _table(title: str, rows: list[str]) -> None:

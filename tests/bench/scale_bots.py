@@ -2,7 +2,8 @@
 the scaling benchmark prints. Also run as a program (one of the cluster layout's processes):
 
     python scale_bots.py SPEC.json   # logs in and prints its figures (JSON); then per line
-                                     # M on stdin sends M per bot, prints {"seconds": ...}
+                                     # "M RUN" on stdin sends M per bot tagged RUN, prints
+                                     # {"seconds": ..., "rss_kib_per_bot": ...}
 
 SPEC: {"bots": [[jid, password, profile-or-null, partner-jid], ...], "host", "port", "ca_root"};
 a null profile is a plaintext bot.
@@ -45,9 +46,14 @@ class Fleet:
     port: int
     ca_root: str
     clients: list[ClientXMPP] = field(default_factory=list)
-    received: int = 0
+    # messages counted per run tag (a message of another run, or untagged, e.g. one left from
+    # an earlier fleet of these accounts, counts for nothing); the other process's capsules
+    # may come before this one is told to start the run: counted all the same
+    received: Counter[str] = field(default_factory=Counter)
+    run: str = ""
     all_in: asyncio.Event = field(default_factory=asyncio.Event)
     expected: int = 0
+    rss_before: int = 0
     errors: list[str] = field(default_factory=list)  # capsule_error reasons
     # what the senders' outboxes heard of their capsules, to tell where missing ones were lost
     outcomes: Counter[str] = field(default_factory=Counter)
@@ -56,10 +62,13 @@ class Fleet:
     logging_in: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(100))
 
     async def log_in(self) -> dict[str, float]:
-        before, began = rss_kib(), time.perf_counter()
+        self.rss_before, began = rss_kib(), time.perf_counter()
         await asyncio.gather(*(self._one(*bot) for bot in self.spec))
-        return {"login_s": time.perf_counter() - began,
-                "rss_kib_per_bot": (rss_kib() - before) / len(self.spec)}
+        return {"login_s": time.perf_counter() - began, "rss_kib_per_bot": self.rss_per_bot()}
+
+    def rss_per_bot(self) -> float:
+        """What the process grew by since just before the logins, per bot (KiB)."""
+        return (rss_kib() - self.rss_before) / len(self.spec)
 
     async def _one(self, jid: str, password: str, profile: str | None, _partner: str) -> None:
         async with self.logging_in:  # at most 100 at a time, plaintext or not
@@ -80,34 +89,34 @@ class Fleet:
         if published is not None:
             await published(900)
 
-    def _got(self, _msg: Any) -> None:
-        self.received += 1
-        if self.received >= self.expected:
+    def _got(self, msg: Any) -> None:
+        run = str(msg["body"]).split(" ", 1)[0]
+        self.received[run] += 1
+        if run == self.run and self.received[run] >= self.expected:
             self.all_in.set()
 
-    async def warm_up(self) -> None:
-        """One capsule per pair first: certificate look-ups and pinning are not throughput."""
-        await self.exchange(1)
-
-    async def exchange(self, messages: int) -> float:
-        """Every bot sends ``messages`` to its partner; seconds until this fleet got as many."""
-        self.received, self.expected = 0, messages * len(self.spec)
+    async def exchange(self, messages: int, run: str) -> float:
+        """Every bot sends ``messages`` to its partner, tagged ``run``; seconds until this
+        fleet got as many of the run's."""
+        self.run, self.expected = run, messages * len(self.spec)
         self.all_in.clear()
+        if self.received[run] >= self.expected:
+            self.all_in.set()
         began = time.perf_counter()
         for i in range(messages):
             for client, (_jid, _pw, profile, partner) in zip(self.clients, self.spec, strict=True):
                 if profile:
                     await cast(PluginManager, client.plugin)["capsule"].send(partner,
-                                                                             f"capsule {i}")
+                                                                             f"{run} {i}")
                 else:
-                    client.send_message(mto=JID(partner), mbody=f"plain {i}", mtype="chat")
+                    client.send_message(mto=JID(partner), mbody=f"{run} {i}", mtype="chat")
             await asyncio.sleep(0)
         try:
             await asyncio.wait_for(self.all_in.wait(), 600)
         except TimeoutError:
-            raise TimeoutError(f"{self.received} of {self.expected} messages arrived in 600 s; "
-                               f"errors: {self.errors}; this fleet's capsules since it started: "
-                               f"{dict(self.outcomes)}") from None
+            raise TimeoutError(f"{self.received[run]} of {self.expected} messages arrived in "
+                               f"600 s; errors: {self.errors}; this fleet's capsules since it "
+                               f"started: {dict(self.outcomes)}") from None
         return time.perf_counter() - began
 
     async def close(self) -> None:
@@ -121,8 +130,10 @@ async def _program(spec_path: str) -> None:
     print(json.dumps(await fleet.log_in()), flush=True)
     loop = asyncio.get_running_loop()
     while (line := await loop.run_in_executor(None, sys.stdin.readline)).strip():
-        seconds = await fleet.exchange(int(line))  # each line: messages per bot, then go
-        print(json.dumps({"seconds": seconds}), flush=True)
+        messages, run = line.split()  # each line: messages per bot and the run's tag, then go
+        seconds = await fleet.exchange(int(messages), run)
+        print(json.dumps({"seconds": seconds, "rss_kib_per_bot": fleet.rss_per_bot()}),
+              flush=True)
     await fleet.close()
 
 
