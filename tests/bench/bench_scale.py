@@ -154,10 +154,17 @@ class Fleets:
 
     def __exit__(self, *exc: object) -> None:
         failed = []
+        for p in self.processes:  # all told at once: each waits for its receipts, then ends
+            try:
+                assert p.stdin is not None
+                p.stdin.write("\n")
+                p.stdin.close()
+            except OSError:
+                pass  # it died already
         for p in self.processes:
             try:
-                p.communicate("\n", timeout=600)
-            except (subprocess.TimeoutExpired, OSError, ValueError):
+                p.wait(timeout=600)
+            except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
             if p.returncode:

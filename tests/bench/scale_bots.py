@@ -54,6 +54,8 @@ class Fleet:
     all_in: asyncio.Event = field(default_factory=asyncio.Event)
     expected: int = 0
     rss_before: int = 0
+    sent: int = 0  # capsules sent, and whether all of them have their receipt (or failed)
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
     errors: list[str] = field(default_factory=list)  # capsule_error reasons
     # what the senders' outboxes heard of their capsules, to tell where missing ones were lost
     outcomes: Counter[str] = field(default_factory=Counter)
@@ -84,7 +86,7 @@ class Fleet:
             failure.reason))
         client.add_event_handler("session_start", lambda _: client.send_presence())
         for outcome in ("capsule_acked", "capsule_delivered", "capsule_undelivered"):
-            client.add_event_handler(outcome, lambda _e, o=outcome: self.outcomes.update([o]))
+            client.add_event_handler(outcome, lambda _e, o=outcome: self._outcome(o))
         await login(client, self.host, self.port, self.ca_root, timeout=900)
         if published is not None:
             await published(900)
@@ -108,6 +110,8 @@ class Fleet:
                 if profile:
                     await cast(PluginManager, client.plugin)["capsule"].send(partner,
                                                                              f"{run} {i}")
+                    self.sent += 1
+                    self.settled.clear()
                 else:
                     client.send_message(mto=JID(partner), mbody=f"{run} {i}", mtype="chat")
             await asyncio.sleep(0)
@@ -119,7 +123,20 @@ class Fleet:
                                f"started: {dict(self.outcomes)}") from None
         return time.perf_counter() - began
 
+    def _outcome(self, outcome: str) -> None:
+        self.outcomes[outcome] += 1
+        if self.outcomes["capsule_delivered"] + self.outcomes["capsule_undelivered"] >= self.sent:
+            self.settled.set()
+
     async def close(self) -> None:
+        """Stop as an operator stops a bot: once every capsule's receipt is in (at most
+        30 s), so that the next start of these bots has nothing left to send again."""
+        if self.sent:
+            try:
+                await asyncio.wait_for(self.settled.wait(), 30)
+            except TimeoutError:
+                print(f"not settled: {dict(self.outcomes)} of {self.sent} capsules",
+                      file=sys.stderr)
         await asyncio.gather(*(c.disconnect(wait=2) for c in self.clients if c.is_connected()))
 
 
