@@ -4,6 +4,7 @@ sent, a capsule from one stream to another, v1 session keys as a login makes the
 from __future__ import annotations
 
 import asyncio
+import builtins
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -108,3 +109,9 @@ async def v1_capsule_from(a: Stream, b: Stream, text: str) -> Message:
     await a.settle()
     [sent] = sent_messages(a)
     return sent
+
+
+def one_address(obj: object) -> int:
+    """A fake ``id`` (monkeypatched into a module): every message at one address, as a freed
+    stanza's successor may be (CPython's allocator cannot be made to reuse one on demand)."""
+    return 0 if isinstance(obj, Message) else builtins.id(obj)

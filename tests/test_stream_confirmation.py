@@ -6,7 +6,6 @@ confirmation until its async work is done; a capsule the app could not take come
 from __future__ import annotations
 
 import asyncio
-import builtins
 import errno
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from tests.streams import (
     capsule_from,
     capsules_in,
     journal_writes,
+    one_address,
     pair,
     receipts_in,
     record,
@@ -108,7 +108,7 @@ async def test_ids_are_per_contact_and_a_reused_id_is_refused(
         assert [(d.peer, d.stanza_id) for d in a.named("capsule_delivered")] == [
             (bob.jid, "same")]  # carol's is still waiting for carol
         assert (carol.jid, "same") in a.capsule.outbox.pending
-        monkeypatch.setattr(outbox, "id", _one_address, raising=False)
+        monkeypatch.setattr(outbox, "id", one_address, raising=False)
         a.recv(f"<message from='{carol.jid}' to='{a.xmpp.boundjid}' type='error' id='same'>"
                f"<error type='cancel'><service-unavailable "
                f"xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></message>")
@@ -121,11 +121,6 @@ async def test_ids_are_per_contact_and_a_reused_id_is_refused(
             ("reused-id", bob.jid), ("undelivered", carol.jid), ("reused-id", carol.jid)]
         assert len(a.named("capsule_undelivered")) == 1 and to_carol["id"] == "same"
 
-
-def _one_address(obj: object) -> int:
-    """A fake ``id`` for the outbox: every message at one address, as a freed stanza's
-    successor may be (CPython's allocator cannot be made to reuse one on demand)."""
-    return 0 if isinstance(obj, Message) else builtins.id(obj)
 
 
 def _bounce(frm: str, to: str, sid: str) -> str:

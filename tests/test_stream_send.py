@@ -5,7 +5,6 @@ content (XHTML-IM, OOB) goes inside the capsule under any policy."""
 from __future__ import annotations
 
 import asyncio
-import builtins
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from capsule import elements, sending
 from capsule.enrollment import FirstFound
 from capsule.errors import CapsuleError, CertificateLookupFailed
 from capsule.testing.stream import Cast, Directory, Stream
+from tests.streams import one_address
 
 HTML = ("<html xmlns='http://jabber.org/protocol/xhtml-im'><body xmlns='http://www.w3.org/1999/xhtml'>"
         "<p>secret <b>html</b></p></body></html>")
@@ -97,7 +97,7 @@ async def test_plaintext_let_out_once_is_never_another_messages(
             send(stanza, use_filters)
 
         monkeypatch.setattr(bob.xmpp, "send", drop_the_cleared_message)
-        monkeypatch.setattr(sending, "id", _one_address, raising=False)
+        monkeypatch.setattr(sending, "id", one_address, raising=False)
         bob.xmpp.send_message(mto=JID("legacy@capsule.test"), mbody="clear", mtype="chat")
         await bob.settle()
         assert len(messages) == 2 and _messages(bob) == []
@@ -108,11 +108,6 @@ async def test_plaintext_let_out_once_is_never_another_messages(
         assert msg["body"] != "for dora only" and msg.xml.find("{urn:capsule:0}capsule") is not None
         assert bob.named("capsule_plaintext_sent") == [] and _reasons(bob) == []
 
-
-def _one_address(obj: object) -> int:
-    """A fake ``id`` for the send path: every message at one address, as a freed stanza's
-    successor may be (CPython's allocator cannot be made to reuse one on demand)."""
-    return 0 if isinstance(obj, Message) else builtins.id(obj)
 
 
 async def test_a_pinned_contact_never_gets_plaintext_again(stream_cast: Cast, tmp_path: Path) -> None:
