@@ -96,12 +96,11 @@ class Sender:
     async def encrypt_message(self, msg: Message, recipients: Iterable[str] | None = None
                               ) -> Message:
         """:meth:`XEP_Capsule.encrypt_message`."""
+        content = elements.content(msg.xml)
         if msg["type"] == "groupchat":
             room = msg["to"].bare
-            return _wrap(msg, *await self._seal(elements.content(msg.xml), self.occupants(room),
-                                                room=room))
-        return _wrap(msg, *await self._seal(elements.content(msg.xml),
-                                            recipients or [msg["to"].bare]))
+            return _wrap(msg, *await self._seal(content, self.occupants(room), room=room))
+        return _wrap(msg, *await self._seal(content, recipients or [msg["to"].bare]))
 
     def occupants(self, room: str) -> list[str]:
         """:meth:`XEP_Capsule.occupants`."""
