@@ -27,7 +27,7 @@ from capsule.replay import Entry, Handed, JournalItem, Verdict
 log = logging.getLogger(__name__)
 COMPACT_AFTER = 512  # journal records (batches) before the profile is saved
 
-Spawn = Callable[[Coroutine[Any, Any, None]], None]
+Spawn = Callable[[Coroutine[Any, Any, None]], asyncio.Future[None]]
 
 
 class DurableState:

@@ -17,6 +17,7 @@ done by :mod:`~capsule.receiving`, :mod:`~capsule.sending`, :mod:`~capsule.conta
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -142,6 +143,9 @@ class XEP_Capsule(BasePlugin):
         self.xmpp.add_filter("out", self._filter_out)
         for event, handler in self._events():
             self.xmpp.add_event_handler(event, handler)
+        # the app's disconnect() ends the stream once our receipts are written
+        self._end_stream = self.xmpp.disconnect
+        setattr(self.xmpp, "disconnect", self._disconnect)  # noqa: B010 - before Reconnect's
         self.reconnector = (Reconnect(self.xmpp, cap=options.reconnect_max,
                                       endpoints=options.endpoints)
                             if options.reconnect and isinstance(self.xmpp, ClientXMPP) else None)
@@ -165,8 +169,32 @@ class XEP_Capsule(BasePlugin):
         self.handled.close()
         self.outbox.close()
         if self.reconnector:
-            self.reconnector.close()
+            self.reconnector.close()  # gives disconnect() back to ours
+        setattr(self.xmpp, "disconnect", self._end_stream)  # noqa: B010
         self.durable.release()
+
+    def _disconnect(self, wait: float = 2.0, reason: str | None = None,
+                    ignore_send_queue: bool = False) -> asyncio.Future[Any]:
+        """slixmpp's ``disconnect()``, once the receipts of the capsules taken from the
+        stream and everything queued before are written (at most ``wait`` seconds more).
+
+        The server drops what comes after the stream's end, and a receipt lost there leaves
+        its sender waiting half its ``receipt_timeout`` for a resend. slixmpp alone ends the
+        stream at once when its send queue is empty, also while the last stanza taken from
+        it is still in its filters (xep_0115's is a coroutine, run for every stanza): that
+        stanza is written after the end."""
+        if not wait or ignore_send_queue or self.xmpp.transport is None:
+            return self._end_stream(wait, reason, ignore_send_queue)
+        return asyncio.ensure_future(self._end_once_written(wait, reason))
+
+    async def _end_once_written(self, wait: float, reason: str | None) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        await self.receiver.answered(wait)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.xmpp.waiting_queue.join(),
+                                   max(0.0, deadline - loop.time()))
+        await self._end_stream(wait, reason)
 
     def session_bind(self, jid: JID) -> None:
         # also called before plugin_init when registered on a client already logged in
@@ -273,10 +301,11 @@ class XEP_Capsule(BasePlugin):
     def _dirty(self) -> None:
         self.durable.dirty()
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     def _usable(self) -> bool:
         return self.secure or self.options.allow_insecure
