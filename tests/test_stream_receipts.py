@@ -301,9 +301,9 @@ async def test_a_receipt_sent_as_the_app_stops_is_written_before_the_streams_end
     bob = stream_cast["bob"]
     async with stream_cast.pair(tmp_path) as (a, b):
         out = await capsule_from(a, bob.jid, "the last one")
-        send, stopping = b.xmpp.send, []
+        send, stopping = b.xmpp.send, list[asyncio.Future[None]]()
 
-        def stop_right_after_a_receipt(data: StanzaBase, use_filters: bool = True) -> None:
+        def stop_right_after_a_receipt(data: StanzaBase | str, use_filters: bool = True) -> None:
             send(data, use_filters)
             if isinstance(data, Message) and data["receipt"] and not stopping:
                 # the app, the next instant: slixmpp has taken the receipt from its queue
