@@ -115,3 +115,26 @@ def one_address(obj: object) -> int:
     """A fake ``id`` (monkeypatched into a module): every message at one address, as a freed
     stanza's successor may be (CPython's allocator cannot be made to reuse one on demand)."""
     return 0 if isinstance(obj, Message) else builtins.id(obj)
+
+
+class Wire:
+    """What a client writes from now on, raw (the stream's end is no stanza)."""
+
+    def __init__(self, stream: Stream):
+        self.stream = stream
+        self.written: list[str] = []
+        self.ended()
+        self.written.clear()
+
+    def ended(self) -> bool:
+        """Whether the client wrote its stream's end (collecting what it wrote meanwhile)."""
+        while (data := self.stream.transport.next_sent()) is not None:
+            self.written.append(data.decode() if isinstance(data, bytes) else data)
+        return self.stream.xmpp.stream_footer in self.written
+
+    def receipt_before_the_end(self, sid: str) -> bool:
+        end = self.written.index(self.stream.xmpp.stream_footer)
+        return any(sid in data for data in self.written[:end] if "urn:xmpp:receipts" in data)
+
+    def receipts(self) -> list[str]:
+        return [data for data in self.written if "urn:xmpp:receipts" in data]

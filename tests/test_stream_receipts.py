@@ -18,7 +18,15 @@ from capsule import stanza as st
 from capsule.replay import Handed, JournalItem
 from capsule.testing.stream import Cast, Stream
 from capsule.trust import CertificateSource, CertPair
-from tests.streams import capsule_from, capsules_in, journal_writes, receipts_in, record, until
+from tests.streams import (
+    Wire,
+    capsule_from,
+    capsules_in,
+    journal_writes,
+    receipts_in,
+    record,
+    until,
+)
 
 SM = "urn:xmpp:sm:3"
 
@@ -271,29 +279,6 @@ async def test_one_request_for_the_servers_ack_is_outstanding_at_a_time(
         assert requests() == 0 and len(a.named("capsule_acked")) == 3
 
 
-class _Wire:
-    """What a client writes from now on, raw (the stream's end is no stanza)."""
-
-    def __init__(self, stream: Stream):
-        self.stream = stream
-        self.written: list[str] = []
-        self.ended()
-        self.written.clear()
-
-    def ended(self) -> bool:
-        """Whether the client wrote its stream's end (collecting what it wrote meanwhile)."""
-        while (data := self.stream.transport.next_sent()) is not None:
-            self.written.append(data.decode() if isinstance(data, bytes) else data)
-        return self.stream.xmpp.stream_footer in self.written
-
-    def receipt_before_the_end(self, sid: str) -> bool:
-        end = self.written.index(self.stream.xmpp.stream_footer)
-        return any(sid in data for data in self.written[:end] if "urn:xmpp:receipts" in data)
-
-    def receipts(self) -> list[str]:
-        return [data for data in self.written if "urn:xmpp:receipts" in data]
-
-
 async def test_a_receipt_sent_as_the_app_stops_is_written_before_the_streams_end(
         stream_cast: Cast, tmp_path: Path) -> None:
     """What the cluster bench lost (2 to 31 receipts of a process's 550 or 1,100: its receiver
@@ -313,7 +298,7 @@ async def test_a_receipt_sent_as_the_app_stops_is_written_before_the_streams_end
                     lambda: stopping.append(b.xmpp.disconnect(wait=10)))
 
         b.xmpp.send = stop_right_after_a_receipt  # type: ignore[method-assign]
-        wire = _Wire(b)
+        wire = Wire(b)
         b.recv(out)
         await until(wire.ended)
         assert len(wire.receipts()) == 1 and wire.receipt_before_the_end(out["id"])
@@ -340,7 +325,7 @@ async def test_the_app_stopping_lets_the_receipts_in_hand_out_first(
         b.recv(out)
         await until(marking.is_set)
         assert len(b.delivered()) == 1
-        wire = _Wire(b)
+        wire = Wire(b)
         stopping = b.xmpp.disconnect(wait=10)
         for _ in range(50):  # what disconnect() writes at once is written now
             await asyncio.sleep(0)
@@ -361,7 +346,7 @@ async def test_a_capsule_the_app_still_holds_does_not_keep_the_stream_open(
         b.xmpp.add_event_handler("capsule_message", lambda msg: held.append(b.capsule.hold(msg)))
         b.recv(out)
         await until(lambda: b.delivered())
-        wire = _Wire(b)
+        wire = Wire(b)
         stopping = b.xmpp.disconnect(wait=0.2)
         await until(wire.ended)
         assert wire.receipts() == []

@@ -16,7 +16,7 @@ from capsule import elements, sending
 from capsule.enrollment import FirstFound
 from capsule.errors import CapsuleError, CertificateLookupFailed
 from capsule.testing.stream import Cast, Directory, Stream
-from tests.streams import one_address
+from tests.streams import Wire, one_address, send_text, until
 
 HTML = ("<html xmlns='http://jabber.org/protocol/xhtml-im'><body xmlns='http://www.w3.org/1999/xhtml'>"
         "<p>secret <b>html</b></p></body></html>")
@@ -229,3 +229,19 @@ async def test_the_ca_fallback_keeps_failures_closed(stream_cast: Cast, tmp_path
             assert [m["body"] for m in sent] == ["hi"] and bob.named("capsule_plaintext_sent")
         else:
             assert sent == [] and _reasons(bob) == [outcome]
+
+
+async def test_a_message_sent_as_the_app_stops_leaves_before_the_streams_end(
+        stream_cast: Cast, tmp_path: Path) -> None:
+    """``send_message`` then ``disconnect()`` at once: the capsule, sealed by a task, is
+    written before the stream's end (the server drops what follows it)."""
+    bob = stream_cast["bob"]
+    async with stream_cast.pair(tmp_path) as (a, _b):
+        wire = Wire(a)
+        send_text(a, bob.jid, "said just before stopping")
+        stopping = a.xmpp.disconnect(wait=10)
+        await until(wire.ended)
+        end = wire.written.index(a.xmpp.stream_footer)
+        assert [data for data in wire.written[:end] if "urn:capsule" in data]
+        a.recv(a.xmpp.stream_footer)  # the server ends its stream too
+        await asyncio.wait_for(stopping, 20)

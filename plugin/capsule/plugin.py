@@ -40,6 +40,7 @@ from capsule.durability import DurableState
 from capsule.errors import CapsuleError, PolicyViolation, ProfileError
 from capsule.events import CapsuleFailure, CapsuleInfo, PlaintextSent, capsule_info
 from capsule.inbound import HandledCount
+from capsule.inflight import InFlight
 from capsule.keyring import Keyring
 from capsule.locks import LockTable
 from capsule.options import CapsuleOptions, default_config
@@ -130,20 +131,23 @@ class XEP_Capsule(BasePlugin):
         fastxml.install()
         enrollment.register()
         self.handled = HandledCount(self.xmpp)  # its "in" filter must come before ours
+        self.in_flight = InFlight(self._spawn)  # what the stream's end waits for
         self.receiver = Receiver(self.xmpp, options, self.store, self.contacts, self.durable,
-                                 self._locks, self.handled, self._spawn, self._check_usable,
+                                 self._locks, self.handled, self.in_flight.spawn,
+                                 self._check_usable,
                                  self._republish)
         self.outbox = Outbox(self.xmpp, options.delivery_timeout, options.outbox_limit,
                              self._undelivered, options.receipt_timeout)
         self.sender = Sender(self.xmpp, options, self.store, self.contacts, self.keyring,
-                             self._locks, self.outbox, self._spawn, self._check_usable)
+                             self._locks, self.outbox, self.in_flight.spawn,
+                             self._check_usable)
         self._filter_in = self.receiver.filter_in
         self._filter_out = self.sender.filter_out
         self.xmpp.add_filter("in", self._filter_in)
         self.xmpp.add_filter("out", self._filter_out)
         for event, handler in self._events():
             self.xmpp.add_event_handler(event, handler)
-        # the app's disconnect() ends the stream once our receipts are written
+        # the app's disconnect() ends the stream once our work on it is written
         self._end_stream = self.xmpp.disconnect
         setattr(self.xmpp, "disconnect", self._disconnect)  # noqa: B010 - before Reconnect's
         self.reconnector = (Reconnect(self.xmpp, cap=options.reconnect_max,
@@ -175,11 +179,12 @@ class XEP_Capsule(BasePlugin):
 
     def _disconnect(self, wait: float = 2.0, reason: str | None = None,
                     ignore_send_queue: bool = False) -> asyncio.Future[Any]:
-        """slixmpp's ``disconnect()``, once the receipts of the capsules taken from the
-        stream and everything queued before are written (at most ``wait`` seconds more).
+        """slixmpp's ``disconnect()``, once the capsules taken from the stream are confirmed,
+        the messages sent are sealed and all of it is written (at most ``wait`` s more).
 
-        The server drops what comes after the stream's end, and a receipt lost there leaves
-        its sender waiting half its ``receipt_timeout`` for a resend. slixmpp alone ends the
+        The server drops what comes after the stream's end: a receipt lost there leaves its
+        sender waiting half its ``receipt_timeout`` for a resend, a capsule waits in the
+        outbox for the next session (if the process lives on). slixmpp alone ends the
         stream at once when its send queue is empty, also while the last stanza taken from
         it is still in its filters (xep_0115's is a coroutine, run for every stanza): that
         stanza is written after the end."""
@@ -190,10 +195,15 @@ class XEP_Capsule(BasePlugin):
     async def _end_once_written(self, wait: float, reason: str | None) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
-        await self.receiver.answered(wait)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.xmpp.waiting_queue.join(),
-                                   max(0.0, deadline - loop.time()))
+            # each starts the other: a message taken from the queue is sealed by a task that
+            # queues the capsule; a capsule is opened by a task whose last queues its receipt
+            while True:
+                started = self.in_flight.started
+                await self.in_flight.done(deadline - loop.time())
+                await asyncio.wait_for(self.xmpp.waiting_queue.join(), deadline - loop.time())
+                if self.in_flight.started == started and not self.in_flight.busy:
+                    break
         await self._end_stream(wait, reason)
 
     def session_bind(self, jid: JID) -> None:

@@ -13,8 +13,8 @@ import copy
 import datetime as dt
 import logging
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Coroutine
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Literal
 
 from slixmpp import JID, BaseXMPP, Message
 from slixmpp.plugins import xep_0082
@@ -58,8 +58,6 @@ class Receiver:
         self._spawn, self._check_usable = spawn, check_usable
         self._sessions_missing = sessions_missing  # a v1 capsule for us, but not our keys
         self.duplicates = 0  # resends and copies of accepted capsules, dropped quietly
-        # capsules taken from the stream and not yet confirmed or refused (see answered())
-        self._answering: set[asyncio.Future[None]] = set()
 
     def filter_in(self, stanza: StanzaBase) -> StanzaBase | None:
         if not isinstance(stanza, Message):
@@ -83,7 +81,7 @@ class Receiver:
                 events.fail(self.xmpp, EnvelopeMismatch(f"a capsule from the room {peer} itself"),
                             stanza, peer)
             else:  # a room serialises all of its occupants
-                self._answer(self.handled.hold(stanza, self._receive(stanza, "in " + peer)))
+                self._spawn(self.handled.hold(stanza, self._receive(stanza, "in " + peer)))
             return None
         if self.options.policy != "require" or not elements.readable(stanza.xml):
             return stanza
@@ -134,23 +132,7 @@ class Receiver:
                 self.xmpp.event("groupchat_message", msg)
         # handled now (the server's XEP-0198 count may cover it: the app has it); its mark
         # and then its receipt follow, so the receipt says "on disk and with the app"
-        self._answer(self._confirm(msg, stanza, proof))
-
-    def _answer(self, work: Coroutine[Any, Any, None]) -> None:
-        """Run ``work`` on a capsule from the stream, up to its receipt: see :meth:`answered`."""
-        task = self._spawn(work)
-        self._answering.add(task)
-        task.add_done_callback(self._answering.discard)
-
-    async def answered(self, timeout: float) -> None:
-        """Wait, at most ``timeout`` seconds, until every capsule taken from the stream so far
-        is handed over and confirmed, or refused: before the app's ``disconnect()`` ends the
-        stream, since a receipt written after the stream's end is dropped by the server and
-        its sender waits until it resends, halfway through its ``receipt_timeout``."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while self._answering and (left := deadline - loop.time()) > 0:
-            await asyncio.wait(set(self._answering), timeout=left)
+        self._spawn(self._confirm(msg, stanza, proof))
 
     async def _confirm(self, msg: Message, stanza: Message, proof: bytes) -> None:
         for held in getattr(msg, "capsule_holds", ()):
