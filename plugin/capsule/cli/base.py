@@ -33,6 +33,14 @@ def add_profile_options(p: argparse.ArgumentParser, key_file_help: str) -> None:
     p.add_argument("--key-file", help=key_file_help)
 
 
+def add_share_unlock(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--share-unlock-with", metavar="OTHER",
+                   help="take OTHER profile's Argon2id salt and parameters (the PIN, and key "
+                   "file if OTHER has one, must open it): a process that opens both with the "
+                   "PIN stretches it once, so a fleet of bots starts without one slow unlock "
+                   "per bot")
+
+
 def add_short_pin(p: argparse.ArgumentParser) -> None:
     p.add_argument("--short-pin", action="store_true",
                    help="allow a PIN of 6-9 digits or a passphrase of 8-11 characters "
