@@ -229,9 +229,14 @@ def test_format_2_profiles_load_save_as_2_and_become_3_with_a_new_pin(saved: Pro
     old = Profile.load(saved.path, PIN)
     old.save()  # its key is Argon2id's output: it stays format 2 until the PIN changes
     assert _version(saved.path) == 2 and Profile.load(saved.path, PIN).data.jid == saved.data.jid
+    with pytest.raises(ProfileError, match="change its PIN first"):  # its key is Argon2id's
+        Profile.create(saved.path.with_name("b.capsule"), "b@capsule.test", PIN,
+                       share_unlock_with=saved.path)
     old.change_pin("new passphrase!")
     assert _version(saved.path) == 3
     assert Profile.load(saved.path, "new passphrase!").data.jid == saved.data.jid
+    Profile.create(saved.path.with_name("b.capsule"), "b@capsule.test", "new passphrase!",
+                   share_unlock_with=saved.path)
 
 
 @pytest.fixture
@@ -272,7 +277,11 @@ def test_an_unlock_is_shared_only_under_the_pin_and_key_file_that_open_it(
         saved: Profile, tmp_path: Path) -> None:
     with pytest.raises(WrongPin, match="does not open"):
         Profile.create(tmp_path / "b.capsule", "b@capsule.test", "2468013579",
-                       share_unlock_with=saved.path)
+                       key_file=tmp_path / "b.key", share_unlock_with=saved.path)
+    assert not (tmp_path / "b.key").exists()  # refused: nothing written, not even a key file
+    with pytest.raises(ProfileError, match="itself"):
+        Profile.create(tmp_path / "b.capsule", "b@capsule.test", PIN,
+                       share_unlock_with=tmp_path / "b.capsule")
     bound = Profile.create(tmp_path / "k.capsule", "k@capsule.test", PIN, kdf=FAST_KDF,
                            key_file=tmp_path / "k.key")
     with pytest.raises(ProfileError, match="key file"):
@@ -284,6 +293,20 @@ def test_an_unlock_is_shared_only_under_the_pin_and_key_file_that_open_it(
     shared = Profile.create(tmp_path / "e.capsule", "e@capsule.test", PIN,
                             key_file=tmp_path / "k.key", share_unlock_with=bound.path)
     assert shared.unlock == bound.unlock
+
+
+def test_what_a_process_stretched_stays_its_own(argon2id_runs: list[bytes]) -> None:
+    FAST_KDF.derive(PIN, bytes(16))
+    FAST_KDF.guess(PIN)  # measuring a guess's cost (--short-pin) keeps nothing, finds nothing
+    FAST_KDF.guess(PIN)
+    assert len(argon2id_runs) == 3 and len(profile_key._STRETCHED) == 1
+    read, write = os.pipe()
+    if (child := os.fork()) == 0:  # a forked child (a worker of a pool) starts with nothing
+        os.write(write, b"%d %d" % (len(profile_key._STRETCHED), len(argon2id_runs)))
+        os._exit(0)
+    os.close(write)
+    os.waitpid(child, 0)
+    assert os.read(read, 64) == b"0 3"
 
 
 def test_a_fleet_changes_its_pin_and_keeps_one_unlock(
@@ -423,6 +446,18 @@ def test_init_shares_an_unlock_only_under_the_pin_that_opens_the_other(tmp_path:
                                               pin=pin).stdout.splitlines()
                     if line.startswith("unlock")) for path in (first, second)}
     assert len(unlocks) == 1 and "Argon2id salt" in unlocks.pop()
+    for argv in (["profile", "init", "--profile", str(tmp_path / "c.capsule"), "--jid",
+                  "c@capsule.test", "--share-unlock-with", ""],  # an unset $FIRST in a script
+                 ["enroll", "--profile", second, "--share-unlock-with", first,
+                  "--ca", "ca@capsule.test"]):  # an existing profile: change-pin's job
+        ignored = _capsule(*argv, pin=pin)
+        assert ignored.returncode == 1 and ignored.stderr.count("\n") == 1, ignored.stderr
+    assert not (tmp_path / "c.capsule").exists()
+    (tmp_path / "latin1.pin").write_bytes("pässword for ä bot".encode("latin-1"))
+    garbled = _capsule("profile", "show", "--profile", first, "--pin-file",
+                       str(tmp_path / "latin1.pin"), pin=pin)
+    assert garbled.returncode == 1 and "not UTF-8" in garbled.stderr
+    assert garbled.stderr.count("\n") == 1
 
 
 def test_init_with_a_key_file_and_show_says_so(tmp_path: Path) -> None:

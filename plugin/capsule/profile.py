@@ -109,15 +109,18 @@ class Profile:
             raise ProfileError(str(exc)) from None
         if key_bits not in alg.ACCEPTED_RSA_BITS:
             raise ProfileError(f"RSA key size must be one of {alg.ACCEPTED_RSA_BITS}")
-        if kdf and share_unlock_with:
+        if kdf and share_unlock_with is not None:
             raise ProfileError("give the KDF parameters or a profile to share the unlock with, "
                                "not both")
         secret = check_pin(pin, short_pin)
-        second = new_key_file(Path(key_file)) if key_file else None
-        if share_unlock_with:
-            salt, kdf = _unlock_of(Path(share_unlock_with), pin, second)
+        if share_unlock_with is not None:  # checked before anything is written
+            if Path(share_unlock_with).absolute() == target.absolute():
+                raise ProfileError(f"{target} cannot share the unlock of itself")
+            existing = read_key_file(key_file) if key_file and Path(key_file).exists() else None
+            salt, kdf = _unlock_of(share_unlock_with, pin, existing)
         else:
             salt, kdf = os.urandom(alg.KDF_SALT_BYTES), (kdf or KdfParams()).check()
+        second = new_key_file(Path(key_file)) if key_file else None
         key_salt = os.urandom(alg.KDF_SALT_BYTES)
         data = ProfileData(
             jid=jid, email=email,
@@ -269,12 +272,12 @@ class Profile:
         """Re-encrypt under a new PIN (the key file, if any, stays bound) and a new salt, or
         the salt of ``share_unlock_with`` (which the new PIN must open); a format 2 file
         becomes format 3."""
-        if kdf and share_unlock_with:
+        if kdf and share_unlock_with is not None:
             raise ProfileError("give the KDF parameters or a profile to share the unlock with, "
                                "not both")
         secret = check_pin(new_pin, short_pin)
-        if share_unlock_with:
-            self._salt, self._kdf = _unlock_of(Path(share_unlock_with), new_pin, self._second)
+        if share_unlock_with is not None:
+            self._salt, self._kdf = _unlock_of(share_unlock_with, new_pin, self._second)
         else:
             self._salt, self._kdf = os.urandom(alg.KDF_SALT_BYTES), (kdf or self._kdf).check()
         self.data.secret = secret
@@ -459,13 +462,23 @@ class _Sealed:
                            + (", or the wrong key file)" if key_file else ")")) from None
 
 
-def _unlock_of(other: Path, pin: str, key_file: bytes | None) -> tuple[bytes, KdfParams]:
+def _unlock_of(named: str | os.PathLike[str], pin: str, key_file: bytes | None
+               ) -> tuple[bytes, KdfParams]:
     """The Argon2id salt and parameters of ``other``, once ``pin`` (and the key file) open it:
-    profiles share an unlock only under one PIN, else each would still run its own."""
+    profiles share an unlock only under one PIN, else each would still run its own. A format 1
+    or 2 ``other`` is refused: its key is Argon2id's output itself, which would give away the
+    keys of every profile sharing its salt."""
+    if not os.fspath(named):  # e.g. an unset variable in a fleet's script
+        raise ProfileError("no profile named to share the unlock of (an empty path)")
+    other = Path(named)
     sealed = _Sealed.read(other)
+    if sealed.key_salt is None:
+        raise ProfileError(f"{other} is an older profile format, whose key is the shared "
+                           f"Argon2id output itself: change its PIN first (capsule profile "
+                           f"change-pin), which makes it format 3")
     if sealed.needs_key_file and key_file is None:
-        raise ProfileError(f"{other} is bound to a key file: give the same key file to share "
-                           f"its unlock")
+        raise ProfileError(f"{other} is bound to a key file: only a profile bound to the same "
+                           f"key file shares its unlock")
     try:
         sealed.open(pin, key_file if sealed.needs_key_file else None)
     except WrongPin:

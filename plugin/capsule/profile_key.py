@@ -5,8 +5,9 @@ profile's own with HKDF over a salt of its own.
 The Argon2id output depends only on the PIN, the salt and the parameters, so profiles made to
 share a salt (``--share-unlock-with``) and opened with one PIN in one process stretch the PIN
 once: the process keeps the outputs it derived, looked up by salt, parameters and a keyed hash
-of the PIN (a wrong PIN never finds a right PIN's output). At rest nothing changes: each file
-still costs a thief one Argon2id run per guess, and its key is its own."""
+of the PIN (a wrong PIN never finds a right PIN's output; the hash key is renewed, and what
+was kept dropped, in a forked child). At rest nothing changes: each file still costs a thief
+one Argon2id run per guess, and its key is its own."""
 
 from __future__ import annotations
 
@@ -30,6 +31,15 @@ _DERIVING = threading.Lock()
 _STRETCHED: dict[tuple[bytes, KdfParams, bytes], bytes] = {}  # (salt, params, PIN tag) -> output
 _STRETCHED_MAX = 64  # distinct PIN/salt pairs a process keeps (oldest dropped first)
 _PIN_TAG_KEY = os.urandom(32)  # this process's: a tag says nothing about a PIN elsewhere
+
+
+def _forget_in_child() -> None:
+    global _PIN_TAG_KEY
+    _STRETCHED.clear()
+    _PIN_TAG_KEY = os.urandom(32)
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
 
 
 @dataclass(frozen=True)
@@ -63,21 +73,37 @@ class KdfParams:
 
     def _stretch(self, pin: str, salt: bytes) -> bytes:
         self.check()
-        secret = pin.encode()
+        secret = _encoded(pin)
         found = (salt, self, hmac.digest(_PIN_TAG_KEY, secret, hashlib.sha256))
         with _DERIVING:
             if found in _STRETCHED:
                 return _STRETCHED[found]
-            key = Argon2id(salt=salt, length=alg.PROFILE_KEY_BYTES, iterations=self.iterations,
-                           lanes=self.lanes, memory_cost=self.memory_cost).derive(secret)
+            key = self._argon2id(secret, salt)
             if len(_STRETCHED) >= _STRETCHED_MAX:
                 del _STRETCHED[next(iter(_STRETCHED))]
             _STRETCHED[found] = key
         return key
 
+    def guess(self, pin: str) -> None:
+        """One Argon2id run over ``pin``, kept nowhere: what each guess costs a thief."""
+        self.check()
+        with _DERIVING:
+            self._argon2id(_encoded(pin), os.urandom(alg.KDF_SALT_BYTES))
+
+    def _argon2id(self, secret: bytes, salt: bytes) -> bytes:
+        return Argon2id(salt=salt, length=alg.PROFILE_KEY_BYTES, iterations=self.iterations,
+                        lanes=self.lanes, memory_cost=self.memory_cost).derive(secret)
+
     def describe(self) -> str:
         return (f"Argon2id {self.memory_cost // 1024} MiB, {self.iterations} iteration(s), "
                 f"{self.lanes} lane(s)")
+
+
+def _encoded(pin: str) -> bytes:
+    try:
+        return pin.encode()
+    except UnicodeEncodeError:  # lone surrogates, e.g. undecodable bytes of the environment
+        raise ProfileError("the PIN is not valid text (UTF-8)") from None
 
 
 FAST_KDF = KdfParams(memory_cost=8192, iterations=1, lanes=1)  # for tests and bulk bots

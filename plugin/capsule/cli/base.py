@@ -89,7 +89,7 @@ def new_pin(args: argparse.Namespace, file: str | None, env: str) -> str:
                    short_ok=args.short_pin)
     if check_pin(pin, args.short_pin) == "short":
         began = time.perf_counter()
-        KdfParams().derive(pin, bytes(16))
+        KdfParams().guess(pin)
         print(f"warning: a short PIN. {brute_force_cost(pin, time.perf_counter() - began)}. "
               f"Bind the profile to a key file (--key-file) or choose 10+ digits.",
               file=sys.stderr)

@@ -71,6 +71,9 @@ def _connect_and(args: argparse.Namespace, profile: Profile, rotate: bool) -> No
 
 def cmd_enroll(args: argparse.Namespace) -> None:
     path = Path(args.profile)
+    if path.exists() and args.share_unlock_with is not None:
+        raise ProfileError(f"{path} exists: --share-unlock-with is for a new profile (for this "
+                           f"one: capsule profile change-pin --share-unlock-with)")
     if path.exists():
         profile = open_profile(args)
     else:
