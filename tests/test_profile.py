@@ -1,5 +1,5 @@
 """The PIN-encrypted profile: round trip, wrong PIN, damage, KDF bounds, PIN strength, key file,
-format 1 migration, atomic saves, the lock and no litter."""
+formats 1 and 2, a shared unlock, atomic saves, the lock and no litter."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
-from capsule import core
+from capsule import core, profile_key
 from capsule import profile as prof
 from capsule.errors import (
     CorruptProfile,
@@ -52,8 +53,8 @@ def test_round_trip_keeps_keys_and_hides_them(saved: Profile) -> None:
 def test_default_kdf_parameters_are_stored_in_header(tmp_path: Path) -> None:
     p = Profile.create(tmp_path / "strong.capsule", "bob@capsule.test", "correct horse battery")
     header = json.loads(p.path.read_bytes().split(b"\n", 1)[0][len(prof.MAGIC):])
-    assert header["version"] == 2 and header["cipher"] == "AES-256-GCM"
-    assert header["key_file"] is False
+    assert header["version"] == 3 and header["cipher"] == "AES-256-GCM"
+    assert header["key_file"] is False and len(base64.b64decode(header["key_salt"])) == 16
     assert header["kdf"]["name"] == "argon2id"
     assert (header["kdf"]["memory_cost"], header["kdf"]["iterations"], header["kdf"]["lanes"]) == (
         KdfParams().memory_cost, KdfParams().iterations, KdfParams().lanes)
@@ -107,7 +108,9 @@ def test_wrong_pin_is_clear_and_changes_nothing(saved: Profile) -> None:
     (lambda raw: raw[: len(raw) // 2], WrongPin, "wrong PIN"),  # truncated ciphertext
     (lambda raw: raw[:20], CorruptProfile, "truncated"),
     (lambda raw: b"garbage" + raw, CorruptProfile, "not a Capsule profile"),
-    (lambda raw: raw.replace(b'"version": 2', b'"version": 9'), UnsupportedVersion, "format 9"),
+    (lambda raw: raw.replace(b'"version": 3', b'"version": 9'), UnsupportedVersion, "format 9"),
+    (lambda raw: raw.replace(b'"version": 3', b'"version": 2'), WrongPin, "altered"),  # downgrade
+    (lambda raw: raw.replace(b'"key_salt"', b'"key_sal"'), CorruptProfile, "damaged header"),
     (lambda raw: raw.replace(b'"key_file": false', b'"key_file": 0'), WrongPin, "altered"),
     (lambda raw: raw.replace(b'"iterations": 1', b'"iterations": 2'), WrongPin, "altered"),
     (lambda raw: raw[:-5] + bytes([raw[-5] ^ 0x40]) + raw[-4:], WrongPin, "altered"),
@@ -174,20 +177,32 @@ def test_key_file_binds_the_profile_to_a_second_secret(tmp_path: Path) -> None:
         Profile.load(p.path, "another long passphrase")
 
 
+def _rewrite_in_format(version: int, profile: Profile, content: dict[str, object]) -> None:
+    """Rewrite ``profile`` as Capsule wrote format 1 or 2 files: the key was Argon2id's output."""
+    nonce = os.urandom(12)
+    header: dict[str, object] = {
+        "version": version, "cipher": "AES-256-GCM",
+        "kdf": {"name": "argon2id", "salt": base64.b64encode(profile._salt).decode(),
+                "memory_cost": FAST_KDF.memory_cost, "iterations": FAST_KDF.iterations,
+                "lanes": FAST_KDF.lanes},
+        "nonce": base64.b64encode(nonce).decode()}
+    if version == 2:
+        header["key_file"] = False
+    line = prof.MAGIC + json.dumps(header, sort_keys=True).encode()
+    key = FAST_KDF.derive(PIN, profile._salt)
+    profile.path.write_bytes(line + b"\n" + AESGCM(key).encrypt(nonce, json.dumps(content).encode(),
+                                                                line))
+
+
 def _format_1(profile: Profile, replay: list[list[str]], horizon: str) -> None:
-    """Rewrite ``profile`` as a format-1 file (as Capsule wrote them before format 2)."""
     content = profile.data.to_json()
     del content["secret"]
     content["replay"], content["replay_horizon"] = replay, horizon
-    nonce = os.urandom(12)
-    header = {"version": 1, "cipher": "AES-256-GCM",
-              "kdf": {"name": "argon2id", "salt": base64.b64encode(profile._salt).decode(),
-                      "memory_cost": FAST_KDF.memory_cost, "iterations": FAST_KDF.iterations,
-                      "lanes": FAST_KDF.lanes},
-              "nonce": base64.b64encode(nonce).decode()}
-    line = prof.MAGIC + json.dumps(header, sort_keys=True).encode()
-    body = AESGCM(profile._key).encrypt(nonce, json.dumps(content).encode(), line)
-    profile.path.write_bytes(line + b"\n" + body)
+    _rewrite_in_format(1, profile, content)
+
+
+def _version(path: Path) -> int:
+    return int(json.loads(path.read_bytes().split(b"\n")[0][len(prof.MAGIC):])["version"])
 
 
 def test_format_1_profiles_load_and_a_poisoned_horizon_is_cut_to_the_clock(saved: Profile
@@ -205,8 +220,109 @@ def test_format_1_profiles_load_and_a_poisoned_horizon_is_cut_to_the_clock(saved
     assert old.remember("carol@capsule.test", os.urandom(16), fresh, b"x",
                         now)[0] is Verdict.NEW
     old.save()
-    assert json.loads(old.path.read_bytes().split(b"\n")[0][len(prof.MAGIC):])["version"] == 2
+    assert _version(old.path) == 2
     assert Profile.load(saved.path, PIN).data.replay.floor <= now
+
+
+def test_format_2_profiles_load_save_as_2_and_become_3_with_a_new_pin(saved: Profile) -> None:
+    _rewrite_in_format(2, saved, saved.data.to_json())
+    old = Profile.load(saved.path, PIN)
+    old.save()  # its key is Argon2id's output: it stays format 2 until the PIN changes
+    assert _version(saved.path) == 2 and Profile.load(saved.path, PIN).data.jid == saved.data.jid
+    with pytest.raises(ProfileError, match="change its PIN first"):  # its key is Argon2id's
+        Profile.create(saved.path.with_name("b.capsule"), "b@capsule.test", PIN,
+                       share_unlock_with=saved.path)
+    old.change_pin("new passphrase!")
+    assert _version(saved.path) == 3
+    assert Profile.load(saved.path, "new passphrase!").data.jid == saved.data.jid
+    Profile.create(saved.path.with_name("b.capsule"), "b@capsule.test", "new passphrase!",
+                   share_unlock_with=saved.path)
+
+
+@pytest.fixture
+def argon2id_runs(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """A fresh process's view: nothing stretched yet, and every Argon2id run (the real KDF)
+    counted, by its salt."""
+    runs: list[bytes] = []
+
+    def counted(*, salt: bytes, length: int, iterations: int, lanes: int, memory_cost: int
+                ) -> Argon2id:
+        runs.append(salt)
+        return Argon2id(salt=salt, length=length, iterations=iterations, lanes=lanes,
+                        memory_cost=memory_cost)
+
+    monkeypatch.setattr(profile_key, "_STRETCHED", {})
+    monkeypatch.setattr(profile_key, "Argon2id", counted)
+    return runs
+
+
+def test_profiles_sharing_an_unlock_stretch_the_pin_once_and_keep_keys_of_their_own(
+        saved: Profile, tmp_path: Path, argon2id_runs: list[bytes]) -> None:
+    fleet = [saved] + [Profile.create(tmp_path / f"b{i}.capsule", f"b{i}@capsule.test", PIN,
+                                      share_unlock_with=saved.path) for i in range(3)]
+    assert len(argon2id_runs) == 1  # the first profile's, when the second was made
+    profile_key._STRETCHED.clear()  # a process that starts the fleet
+    opened = [Profile.load(p.path, PIN) for p in fleet]
+    assert len(argon2id_runs) == 2
+    assert [p.data.jid for p in opened] == [p.data.jid for p in fleet]
+    assert len({p.unlock for p in opened}) == 1  # one salt, one set of parameters
+    assert len({p._key for p in opened}) == len(fleet)  # keys (and journal keys) of their own
+    with pytest.raises(WrongPin):  # what one PIN stretched never opens a profile for another
+        Profile.load(fleet[1].path, "1357902469")
+    with pytest.raises(WrongPin):
+        Profile.load(fleet[0].path, "1357902469")
+
+
+def test_an_unlock_is_shared_only_under_the_pin_and_key_file_that_open_it(
+        saved: Profile, tmp_path: Path) -> None:
+    with pytest.raises(WrongPin, match="does not open"):
+        Profile.create(tmp_path / "b.capsule", "b@capsule.test", "2468013579",
+                       key_file=tmp_path / "b.key", share_unlock_with=saved.path)
+    assert not (tmp_path / "b.key").exists()  # refused: nothing written, not even a key file
+    with pytest.raises(ProfileError, match="itself"):
+        Profile.create(tmp_path / "b.capsule", "b@capsule.test", PIN,
+                       share_unlock_with=tmp_path / "b.capsule")
+    bound = Profile.create(tmp_path / "k.capsule", "k@capsule.test", PIN, kdf=FAST_KDF,
+                           key_file=tmp_path / "k.key")
+    with pytest.raises(ProfileError, match="key file"):
+        Profile.create(tmp_path / "c.capsule", "c@capsule.test", PIN, share_unlock_with=bound.path)
+    assert not (tmp_path / "b.capsule").exists() and not (tmp_path / "c.capsule").exists()
+    with pytest.raises(ProfileError, match="not both"):
+        Profile.create(tmp_path / "d.capsule", "d@capsule.test", PIN, kdf=FAST_KDF,
+                       share_unlock_with=saved.path)
+    shared = Profile.create(tmp_path / "e.capsule", "e@capsule.test", PIN,
+                            key_file=tmp_path / "k.key", share_unlock_with=bound.path)
+    assert shared.unlock == bound.unlock
+
+
+def test_what_a_process_stretched_stays_its_own(argon2id_runs: list[bytes]) -> None:
+    FAST_KDF.derive(PIN, bytes(16))
+    FAST_KDF.guess(PIN)  # measuring a guess's cost (--short-pin) keeps nothing, finds nothing
+    FAST_KDF.guess(PIN)
+    assert len(argon2id_runs) == 3 and len(profile_key._STRETCHED) == 1
+    read, write = os.pipe()
+    if (child := os.fork()) == 0:  # a forked child (a worker of a pool) starts with nothing
+        os.write(write, b"%d %d" % (len(profile_key._STRETCHED), len(argon2id_runs)))
+        os._exit(0)
+    os.close(write)
+    os.waitpid(child, 0)
+    assert os.read(read, 64) == b"0 3"
+
+
+def test_a_fleet_changes_its_pin_and_keeps_one_unlock(
+        saved: Profile, tmp_path: Path, argon2id_runs: list[bytes]) -> None:
+    other = Profile.create(tmp_path / "b.capsule", "b@capsule.test", PIN,
+                           share_unlock_with=saved.path)
+    saved.change_pin("new passphrase!")
+    other.change_pin("new passphrase!", share_unlock_with=saved.path)
+    profile_key._STRETCHED.clear()
+    runs = len(argon2id_runs)
+    assert {Profile.load(p, "new passphrase!").unlock for p in (saved.path, other.path)} == {
+        saved.unlock}
+    assert len(argon2id_runs) == runs + 1
+    with pytest.raises(WrongPin, match="does not open"):  # the PIN the first one now has
+        other.change_pin("another passphrase", share_unlock_with=saved.path)
+    assert Profile.load(other.path, "new passphrase!").unlock == saved.unlock  # unchanged
 
 
 def test_replay_state_persists(saved: Profile) -> None:
@@ -312,6 +428,36 @@ def test_init_refuses_a_short_pin_unless_asked_and_then_states_the_cost(tmp_path
     assert "10^6 PINs" in warning and "core-hours" in warning and "135790" not in warning
     shown = _capsule("profile", "show", "--profile", path, pin="135790")
     assert "protected Argon2id 64 MiB" in shown.stdout and "SHORT PIN" in shown.stdout
+
+
+def test_init_shares_an_unlock_only_under_the_pin_that_opens_the_other(tmp_path: Path) -> None:
+    first, second = str(tmp_path / "a.capsule"), str(tmp_path / "b.capsule")
+    pin = "correct horse battery staple"
+    assert _capsule("profile", "init", "--profile", first, "--jid", "a@capsule.test",
+                    pin=pin).returncode == 0
+    refused = _capsule("profile", "init", "--profile", second, "--jid", "b@capsule.test",
+                       "--share-unlock-with", first, pin="another horse battery staple")
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1
+    assert "does not open" in refused.stderr and not Path(second).exists()
+    made = _capsule("profile", "init", "--profile", second, "--jid", "b@capsule.test",
+                    "--share-unlock-with", first, pin=pin)
+    assert made.returncode == 0, made.stderr
+    unlocks = {next(line for line in _capsule("profile", "show", "--profile", path,
+                                              pin=pin).stdout.splitlines()
+                    if line.startswith("unlock")) for path in (first, second)}
+    assert len(unlocks) == 1 and "Argon2id salt" in unlocks.pop()
+    for argv in (["profile", "init", "--profile", str(tmp_path / "c.capsule"), "--jid",
+                  "c@capsule.test", "--share-unlock-with", ""],  # an unset $FIRST in a script
+                 ["enroll", "--profile", second, "--share-unlock-with", first,
+                  "--ca", "ca@capsule.test"]):  # an existing profile: change-pin's job
+        ignored = _capsule(*argv, pin=pin)
+        assert ignored.returncode == 1 and ignored.stderr.count("\n") == 1, ignored.stderr
+    assert not (tmp_path / "c.capsule").exists()
+    (tmp_path / "latin1.pin").write_bytes("pässword for ä bot".encode("latin-1"))
+    garbled = _capsule("profile", "show", "--profile", first, "--pin-file",
+                       str(tmp_path / "latin1.pin"), pin=pin)
+    assert garbled.returncode == 1 and "not UTF-8" in garbled.stderr
+    assert garbled.stderr.count("\n") == 1
 
 
 def test_init_with_a_key_file_and_show_says_so(tmp_path: Path) -> None:

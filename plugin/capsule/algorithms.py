@@ -25,6 +25,7 @@ PROFILE_KEY_BYTES = 32  # AES-256-GCM key of the profile file
 JOURNAL_EPOCH_BYTES = 16  # names the profile save a journal belongs to
 KEY_FILE_BYTES = 32  # the optional second secret kept outside the profile
 PROFILE_KEY_FILE_INFO = b"capsule profile key: pin + key file"
+PROFILE_KEY_INFO = b"capsule profile key: this profile's"  # format 3, over its key salt
 JOURNAL_KEY_INFO = b"capsule replay journal"
 RECEIPT_KEY_INFO = b"capsule receipt proof"  # HKDF label: the message key -> receipt MAC key
 KEY_HASH = hashes.SHA256()  # HKDF for the keys above, HMAC of the receipt proof

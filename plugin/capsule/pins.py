@@ -27,10 +27,16 @@ def read_secret(file: str | None, env: str, what: str, confirm: bool = False,
     without ``prompt`` or a terminal); ``error`` is raised when there is none."""
     if file:
         try:
-            return Path(file).read_text().rstrip("\r\n")
+            return Path(file).read_text(encoding="utf-8").rstrip("\r\n")
         except OSError as exc:
             raise error(f"cannot read {file}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise error(f"{file} is not UTF-8 text") from None
     if env and os.environ.get(env):
+        try:
+            os.environ[env].encode()
+        except UnicodeEncodeError:  # undecodable bytes in the environment
+            raise error(f"${env} is not UTF-8 text") from None
         return os.environ[env]
     if not prompt or not sys.stdin.isatty():
         raise error(f"no {what}: use its file option, ${env} or a terminal" if prompt

@@ -1,13 +1,17 @@
 """The local profile: one file per account, AES-256-GCM under an Argon2id key from the PIN.
 
-File layout (version 2; version 1 files are read and rewritten as 2 at the next save)::
+File layout (version 3; versions 1 and 2 are read, 1 is rewritten as 2 at the next save and
+2 as 3 at a change of PIN)::
 
     CAPSULE-PROFILE <header JSON>\n<AES-256-GCM ciphertext + tag>
 
 The header names the format version, the KDF and its parameters (bounded before use), the
-salt, the nonce and whether a key file is needed; the whole first line is the associated data,
-so changing a parameter breaks the tag. With a key file the profile key is derived from the PIN
-*and* 32 random bytes kept elsewhere: the file alone cannot be brute-forced. Saves are atomic
+salt, the key salt (format 3), the nonce and whether a key file is needed; the whole first line
+is the associated data, so changing a parameter breaks the tag. With a key file the profile key
+is derived from the PIN *and* 32 random bytes kept elsewhere: the file alone cannot be
+brute-forced. Format 3 derives the key over a salt of the profile's own after Argon2id, so
+profiles may share Argon2id's salt (one unlock per process, capsule.profile_key) and still
+each have a key of their own. Saves are atomic
 (temp file, fsync, rename, fsync of the directory) under the profile lock; replay entries
 accepted between saves are in the journal beside it (capsule.journal).
 """
@@ -21,6 +25,7 @@ import json
 import os
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +57,8 @@ from capsule.replay import Entry, JournalItem, Verdict
 from capsule.xmppaddr import cert_jids, xmppaddr_name
 
 MAGIC = b"CAPSULE-PROFILE "
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 __all__ = ["FAST_KDF", "FORMAT_VERSION", "KdfParams", "PinnedContact", "Profile", "ProfileData",
            "now_iso"]
 
@@ -62,13 +67,14 @@ class Profile:
     """An unlocked profile. The derived key stays in memory so saves need no Argon2 run."""
 
     def __init__(self, path: Path, data: ProfileData, key: bytes, salt: bytes, kdf: KdfParams,
-                 key_file: bytes | None = None):
+                 key_file: bytes | None = None, key_salt: bytes | None = None):
         self.path = path
         self.data = data
         self._key = key
         self._salt = salt
         self._kdf = kdf
         self._second = key_file
+        self._key_salt = key_salt  # None: a format 1 or 2 file
         self._lock = FileLock(path)
         self._holding = False
         self._written: bytes | None = None  # the nonce of the file as we last read or wrote it
@@ -83,12 +89,16 @@ class Profile:
     def create(cls, path: str | os.PathLike[str], jid: str, pin: str, email: str | None = None,
                key_bits: int = alg.DEFAULT_RSA_BITS, kdf: KdfParams | None = None,
                short_pin: bool = False, key_file: str | os.PathLike[str] | None = None,
-               signing: str = alg.SIGNING_KEY_TYPES[0]) -> Profile:
+               signing: str = alg.SIGNING_KEY_TYPES[0],
+               share_unlock_with: str | os.PathLike[str] | None = None) -> Profile:
         """Generate signing and encryption key pairs locally and write a new profile.
 
         ``signing``: 'ed25519' (the default) or 'rsa' (of ``key_bits``). A PIN shorter than
         10 digits / 12 characters needs ``short_pin``. ``key_file``: bind
         the profile key to that file too (created with 32 random bytes if missing).
+        ``share_unlock_with``: another profile, which ``pin`` (and the key file) must open,
+        whose Argon2id salt and parameters this one takes instead of ``kdf``: a process that
+        opens both with the PIN runs Argon2id once.
         """
         target = Path(path)
         if target.exists():
@@ -99,74 +109,50 @@ class Profile:
             raise ProfileError(str(exc)) from None
         if key_bits not in alg.ACCEPTED_RSA_BITS:
             raise ProfileError(f"RSA key size must be one of {alg.ACCEPTED_RSA_BITS}")
+        if kdf and share_unlock_with is not None:
+            raise ProfileError("give the KDF parameters or a profile to share the unlock with, "
+                               "not both")
         secret = check_pin(pin, short_pin)
-        kdf = (kdf or KdfParams()).check()
+        if share_unlock_with is not None:  # checked before anything is written
+            if Path(share_unlock_with).absolute() == target.absolute():
+                raise ProfileError(f"{target} cannot share the unlock of itself")
+            existing = read_key_file(key_file) if key_file and Path(key_file).exists() else None
+            salt, kdf = _unlock_of(share_unlock_with, pin, existing)
+        else:
+            salt, kdf = os.urandom(alg.KDF_SALT_BYTES), (kdf or KdfParams()).check()
         second = new_key_file(Path(key_file)) if key_file else None
-        salt = os.urandom(alg.KDF_SALT_BYTES)
+        key_salt = os.urandom(alg.KDF_SALT_BYTES)
         data = ProfileData(
             jid=jid, email=email,
             signing_key=_new_signing_key(signing, key_bits),
             encryption_key=rsa.generate_private_key(alg.RSA_PUBLIC_EXPONENT, key_bits),
             secret=secret,
         )
-        profile = cls(target, data, kdf.derive(pin, salt, second), salt, kdf, second)
+        profile = cls(target, data, kdf.derive(pin, salt, second, key_salt), salt, kdf, second,
+                      key_salt)
         profile.save()
         return profile
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], pin: str,
              key_file: str | os.PathLike[str] | None = None) -> Profile:
-        """Open a profile (format 1 or 2) and the replay entries journalled since its save."""
+        """Open a profile (any readable format) and the replay entries journalled since its save."""
         target = Path(path)
-        try:
-            raw = target.read_bytes()
-        except FileNotFoundError:
-            raise ProfileError(f"no profile at {target} (create one with `capsule profile init`)"
-                               ) from None
-        except OSError as exc:
-            raise ProfileError(f"cannot read {target}: {exc.strerror}") from None
-        line, sep, ciphertext = raw.partition(b"\n")
-        if not raw.startswith(MAGIC) or not sep:
-            raise CorruptProfile(f"{target} is not a Capsule profile or is truncated")
-        try:
-            header = json.loads(line[len(MAGIC):])
-            version = header["version"]
-        except (ValueError, KeyError, TypeError):
-            raise CorruptProfile(f"{target} has a damaged header") from None
-        if version not in READABLE_VERSIONS:
-            raise UnsupportedVersion(
-                f"{target} is profile format {version}; this Capsule reads {READABLE_VERSIONS}")
-        try:
-            k = header["kdf"]
-            if k["name"] != "argon2id" or header["cipher"] != "AES-256-GCM":
-                raise UnsupportedVersion(f"{target} uses {k['name']}/{header['cipher']}")
-            kdf = KdfParams(int(k["memory_cost"]), int(k["iterations"]), int(k["lanes"]))
-            salt = base64.b64decode(k["salt"], validate=True)
-            nonce = base64.b64decode(header["nonce"], validate=True)
-            needs_key_file = bool(header.get("key_file", False))
-        except (KeyError, TypeError, ValueError):
-            raise CorruptProfile(f"{target} has a damaged header") from None
-        kdf.check()
-        if len(ciphertext) < alg.TAG_BYTES or len(salt) < alg.KDF_SALT_BYTES or len(nonce) != alg.IV_BYTES:
-            raise CorruptProfile(f"{target} is truncated")
-        if needs_key_file and key_file is None:
+        sealed = _Sealed.read(target)
+        if sealed.needs_key_file and key_file is None:
             raise ProfileError(f"{target} is bound to a key file: give its path (key_file, "
                                f"--key-file)")
-        second = read_key_file(key_file) if needs_key_file and key_file else None
-        key = kdf.derive(pin, salt, second)
-        try:
-            plain = AESGCM(key).decrypt(nonce, ciphertext, line)
-        except InvalidTag:
-            raise WrongPin(f"wrong PIN for {target} (or the file was altered"
-                           + (", or the wrong key file)" if second else ")")) from None
+        second = read_key_file(key_file) if sealed.needs_key_file and key_file else None
+        key, plain = sealed.open(pin, second)
         try:
             content = json.loads(plain)
             epoch = bytes.fromhex(content.get("journal_epoch", ""))
             marked = content.get("journal_marks") is True  # journals that mark handed capsules
         except (ValueError, AttributeError):
             raise CorruptProfile(f"{target} decrypts to damaged content") from None
-        profile = cls(target, ProfileData.from_json(content), key, salt, kdf, second)
-        profile._written = nonce
+        profile = cls(target, ProfileData.from_json(content), key, sealed.salt, sealed.kdf,
+                      second, sealed.key_salt)
+        profile._written = sealed.nonce
         if epoch:
             profile.data.replay.load(journal.read(journal.journal_path(target),
                                                   journal.journal_key(key), epoch),
@@ -181,14 +167,16 @@ class Profile:
         with a journal attached, start its next epoch. Raises StorageError if the disk fails."""
         nonce = os.urandom(alg.IV_BYTES)
         epoch = os.urandom(alg.JOURNAL_EPOCH_BYTES)
-        header = {
-            "version": FORMAT_VERSION, "cipher": "AES-256-GCM",
+        header: dict[str, Any] = {
+            "version": FORMAT_VERSION if self._key_salt else 2, "cipher": "AES-256-GCM",
             "kdf": {"name": "argon2id", "salt": base64.b64encode(self._salt).decode(),
                     "memory_cost": self._kdf.memory_cost, "iterations": self._kdf.iterations,
                     "lanes": self._kdf.lanes},
             "key_file": self._second is not None,
             "nonce": base64.b64encode(nonce).decode(),
         }
+        if self._key_salt:
+            header["key_salt"] = base64.b64encode(self._key_salt).decode()
         line = MAGIC + json.dumps(header, sort_keys=True).encode()
         content = {**self.data.to_json(), "journal_epoch": epoch.hex(), "journal_marks": True}
         body = AESGCM(self._key).encrypt(nonce, json.dumps(content).encode(), line)
@@ -274,13 +262,27 @@ class Profile:
         second = " + a key file kept outside the profile" if self._second else " (no key file)"
         return f"{self._kdf.describe()} over {secret}{second}"
 
-    def change_pin(self, new_pin: str, kdf: KdfParams | None = None, short_pin: bool = False
-                   ) -> None:
-        """Re-encrypt under a new PIN (the key file, if any, stays bound)."""
-        self.data.secret = check_pin(new_pin, short_pin)
-        self._kdf = (kdf or self._kdf).check()
-        self._salt = os.urandom(alg.KDF_SALT_BYTES)
-        self._key = self._kdf.derive(new_pin, self._salt, self._second)
+    @property
+    def unlock(self) -> str:
+        """Which profiles share this one's Argon2id run: those with this salt (and PIN)."""
+        return f"Argon2id salt {self._salt.hex()}"
+
+    def change_pin(self, new_pin: str, kdf: KdfParams | None = None, short_pin: bool = False,
+                   share_unlock_with: str | os.PathLike[str] | None = None) -> None:
+        """Re-encrypt under a new PIN (the key file, if any, stays bound) and a new salt, or
+        the salt of ``share_unlock_with`` (which the new PIN must open); a format 2 file
+        becomes format 3."""
+        if kdf and share_unlock_with is not None:
+            raise ProfileError("give the KDF parameters or a profile to share the unlock with, "
+                               "not both")
+        secret = check_pin(new_pin, short_pin)
+        if share_unlock_with is not None:
+            self._salt, self._kdf = _unlock_of(share_unlock_with, new_pin, self._second)
+        else:
+            self._salt, self._kdf = os.urandom(alg.KDF_SALT_BYTES), (kdf or self._kdf).check()
+        self.data.secret = secret
+        self._key_salt = os.urandom(alg.KDF_SALT_BYTES)
+        self._key = self._kdf.derive(new_pin, self._salt, self._second, self._key_salt)
         self.save()
 
     # -- certificates -----------------------------------------------------------
@@ -396,6 +398,93 @@ class Profile:
         FutureCapsule, StaleCapsule or ReplayedCapsule. Durable only once journalled."""
         entry = Entry.of(sender, nid, ts, signature)
         return self.data.replay.accept(entry, int(time.time()) if now is None else now), entry
+
+
+@dataclass(frozen=True)
+class _Sealed:
+    """A profile file as read, before any PIN: its header's fields and the ciphertext."""
+
+    path: Path
+    line: bytes  # the header line: the associated data
+    ciphertext: bytes
+    kdf: KdfParams
+    salt: bytes
+    key_salt: bytes | None
+    nonce: bytes
+    needs_key_file: bool
+
+    @classmethod
+    def read(cls, target: Path) -> _Sealed:
+        try:
+            raw = target.read_bytes()
+        except FileNotFoundError:
+            raise ProfileError(f"no profile at {target} (create one with `capsule profile init`)"
+                               ) from None
+        except OSError as exc:
+            raise ProfileError(f"cannot read {target}: {exc.strerror}") from None
+        line, sep, ciphertext = raw.partition(b"\n")
+        if not raw.startswith(MAGIC) or not sep:
+            raise CorruptProfile(f"{target} is not a Capsule profile or is truncated")
+        try:
+            header = json.loads(line[len(MAGIC):])
+            version = header["version"]
+        except (ValueError, KeyError, TypeError):
+            raise CorruptProfile(f"{target} has a damaged header") from None
+        if version not in READABLE_VERSIONS:
+            raise UnsupportedVersion(
+                f"{target} is profile format {version}; this Capsule reads {READABLE_VERSIONS}")
+        try:
+            k = header["kdf"]
+            if k["name"] != "argon2id" or header["cipher"] != "AES-256-GCM":
+                raise UnsupportedVersion(f"{target} uses {k['name']}/{header['cipher']}")
+            kdf = KdfParams(int(k["memory_cost"]), int(k["iterations"]), int(k["lanes"]))
+            salt = base64.b64decode(k["salt"], validate=True)
+            key_salt = (base64.b64decode(header["key_salt"], validate=True) if version >= 3
+                        else None)
+            nonce = base64.b64decode(header["nonce"], validate=True)
+            needs_key_file = bool(header.get("key_file", False))
+        except (KeyError, TypeError, ValueError):
+            raise CorruptProfile(f"{target} has a damaged header") from None
+        kdf.check()
+        if (len(ciphertext) < alg.TAG_BYTES or len(salt) < alg.KDF_SALT_BYTES
+                or len(nonce) != alg.IV_BYTES
+                or (key_salt is not None and len(key_salt) < alg.KDF_SALT_BYTES)):
+            raise CorruptProfile(f"{target} is truncated")
+        return cls(target, line, ciphertext, kdf, salt, key_salt, nonce, needs_key_file)
+
+    def open(self, pin: str, key_file: bytes | None) -> tuple[bytes, bytes]:
+        """The profile key and the plaintext; WrongPin if they do not decrypt."""
+        key = self.kdf.derive(pin, self.salt, key_file, self.key_salt)
+        try:
+            return key, AESGCM(key).decrypt(self.nonce, self.ciphertext, self.line)
+        except InvalidTag:
+            raise WrongPin(f"wrong PIN for {self.path} (or the file was altered"
+                           + (", or the wrong key file)" if key_file else ")")) from None
+
+
+def _unlock_of(named: str | os.PathLike[str], pin: str, key_file: bytes | None
+               ) -> tuple[bytes, KdfParams]:
+    """The Argon2id salt and parameters of ``other``, once ``pin`` (and the key file) open it:
+    profiles share an unlock only under one PIN, else each would still run its own. A format 1
+    or 2 ``other`` is refused: its key is Argon2id's output itself, which would give away the
+    keys of every profile sharing its salt."""
+    if not os.fspath(named):  # e.g. an unset variable in a fleet's script
+        raise ProfileError("no profile named to share the unlock of (an empty path)")
+    other = Path(named)
+    sealed = _Sealed.read(other)
+    if sealed.key_salt is None:
+        raise ProfileError(f"{other} is an older profile format, whose key is the shared "
+                           f"Argon2id output itself: change its PIN first (capsule profile "
+                           f"change-pin), which makes it format 3")
+    if sealed.needs_key_file and key_file is None:
+        raise ProfileError(f"{other} is bound to a key file: only a profile bound to the same "
+                           f"key file shares its unlock")
+    try:
+        sealed.open(pin, key_file if sealed.needs_key_file else None)
+    except WrongPin:
+        raise WrongPin(f"the PIN (or key file) given does not open {other}: a profile shares "
+                       f"an unlock only with profiles of the same PIN") from None
+    return sealed.salt, sealed.kdf
 
 
 def _header_nonce(path: Path) -> bytes | None:

@@ -12,6 +12,10 @@ published). Plaintext and Capsule fleets take turns, CAPSULE_BENCH_ROUNDS times 
 medians over the rounds, the lowest and highest exchange and round ratio shown. The
 profiles use the light Argon2id parameters of the tests (8 MiB, 1 iteration).
 Sizes: CAPSULE_BENCH_BOTS (default 50,100,200,500). Printed, never asserted.
+
+A third bench logs in CAPSULE_BENCH_UNLOCK_BOTS (default 50) bots whose profiles have the
+default Argon2id parameters (64 MiB, 3 iterations, 4 lanes): plaintext, each profile with a
+salt of its own, and all sharing one (``--share-unlock-with``), in turns.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import pytest
 from scale_bots import PIN  # beside this file (tests/bench is on sys.path)
 from slixmpp import JID
 
+from capsule.profile import FAST_KDF, KdfParams
 from capsule.testing.identities import enroll
 from capsule_ca import Authority
 from capsule_stack.cluster import ClusterStack
@@ -43,6 +48,7 @@ SIZES = [int(n) for n in os.environ.get("CAPSULE_BENCH_BOTS", "50,100,200,500").
 MESSAGES = int(os.environ.get("CAPSULE_BENCH_BOT_MESSAGES", "5"))
 RUNS = int(os.environ.get("CAPSULE_BENCH_RUNS", "2"))
 ROUNDS = int(os.environ.get("CAPSULE_BENCH_ROUNDS", "3"))
+UNLOCK_BOTS = int(os.environ.get("CAPSULE_BENCH_UNLOCK_BOTS", "50"))
 PAUSE = 3  # seconds between fleets: the server finishes the last one's archive writes
 WORKER = Path(__file__).with_name("scale_bots.py")
 CA_PASSPHRASE = b"bench CA passphrase"
@@ -57,20 +63,28 @@ class Profiles:
     their accounts are on (every stack serves the same domain). Made in parallel processes:
     a profile's RSA key generation and its certificates cost ≈ 0.2 s, 1,000 of them minutes."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, kdf: KdfParams = FAST_KDF, shared: bool = False):
         self.directory = directory
         self.ca_dir = directory / "ca"
         Authority.init(self.ca_dir, "Bench CA", CA_PASSPHRASE)
         self.bots: list[tuple[str, str, Path]] = []  # jid, password, profile template
+        self.kdf, self.shared = kdf, shared  # shared: every profile takes the first's unlock
 
     def grow(self, n: int) -> None:
         new = [(f"bot{i}-{secrets.token_hex(3)}@{DEFAULT_DOMAIN}", secrets.token_hex(8),
                 self.directory / f"bot{i}.capsule") for i in range(len(self.bots), n)]
+        share = None
+        if new and self.shared:
+            share = (self.bots or new)[0][2]
+            if not self.bots:  # the first is made here; the others share its unlock
+                _open_ca(self.ca_dir)
+                _enroll((new[0][0], share, self.kdf, None))
+                self.bots, new = new[:1], new[1:]
         if new:
             with ProcessPoolExecutor(os.cpu_count(), initializer=_open_ca,
                                      initargs=(self.ca_dir,)) as workers:
-                list(workers.map(_enroll, [(jid, path) for jid, _pw, path in new],
-                                 chunksize=8))
+                list(workers.map(_enroll, [(jid, path, self.kdf, share)
+                                           for jid, _pw, path in new], chunksize=8))
             self.bots += new
 
 
@@ -82,9 +96,10 @@ def _open_ca(ca_dir: Path) -> None:
     _ca = Authority(ca_dir, CA_PASSPHRASE)
 
 
-def _enroll(job: tuple[str, Path]) -> None:
+def _enroll(job: tuple[str, Path, KdfParams, Path | None]) -> None:
     assert _ca is not None
-    enroll(_ca, job[1], job[0], PIN)  # the CA's lock serialises its part
+    jid, path, kdf, share = job
+    enroll(_ca, path, jid, PIN, kdf, share_unlock_with=share)  # the CA's lock serialises its part
 
 
 @dataclass
@@ -311,3 +326,38 @@ def bench_two_processes_on_a_two_node_cluster(cluster, tmp_path, profiles) -> No
         rows.append(_row("2 processes, 2-node ejabberd cluster", n, *figures))
         print(f"\n{rows[-1]}", flush=True)
     _table("Two processes of N bots, one per node of a two-node cluster", rows)
+
+
+def bench_a_fleet_unlocking_with_default_argon2id(xmpp_stack, tmp_path) -> None:
+    """Log in UNLOCK_BOTS bots in one process: plaintext; Capsule with the default Argon2id
+    parameters and a salt per profile (one unlock per bot); the same with every profile
+    sharing the first's salt (one unlock per process). The Capsule bots restart (their
+    certificates are on PEP from a first login); kinds take turns, ROUNDS times."""
+    n, port = UNLOCK_BOTS, xmpp_stack.info.c2s_port
+    pools = {kind: Pool(xmpp_stack, Profiles(tmp_path / f"{kind}-profiles", KdfParams(),
+                                              shared=kind == "shared"), tmp_path / kind)
+             for kind in ("own", "shared")}
+    specs: dict[str, Spec] = {}
+    for kind, pool in pools.items():
+        bots = pool.grow(n)
+        specs[kind] = [([(jid, pw, path, jid) for (jid, pw, _t), path
+                         in zip(bots, pool.profiles_of(bots), strict=True)], port)]
+        _login_only(tmp_path / f"first-{kind}", xmpp_stack.info.ca_root, specs[kind])
+    specs["plain"] = [([(jid, pw, None, partner) for jid, pw, _p, partner in specs["own"][0][0]],
+                       port)]
+    kinds = ["plain", "own", "shared"]
+    logins: dict[str, list[float]] = {kind: [] for kind in kinds}
+    for i in range(ROUNDS):
+        for kind in kinds[i % 3:] + kinds[:i % 3]:
+            logins[kind].append(_login_only(tmp_path / f"{kind}{i}", xmpp_stack.info.ca_root,
+                                            specs[kind]))
+            time.sleep(PAUSE)
+    plain = statistics.median(logins["plain"])
+    cells = [f"{statistics.median(logins[k]):.1f} s ({statistics.median(logins[k]) / plain:.2f}x; "
+             f"{min(logins[k]):.1f}..{max(logins[k]):.1f})" for k in ("own", "shared")]
+    print(f"\n{n} bots in one process, {xmpp_stack.info.server}, default Argon2id (64 MiB, 3 "
+          f"iterations, 4 lanes), log in all (median of {ROUNDS}; lowest..highest):\n"
+          f"| bots | plaintext | Capsule, an unlock per bot | Capsule, one shared unlock |\n"
+          f"|---|---|---|---|\n"
+          f"| {n} | {plain:.1f} s ({min(logins['plain']):.1f}..{max(logins['plain']):.1f}) "
+          f"| {cells[0]} | {cells[1]} |", flush=True)

@@ -33,6 +33,14 @@ def add_profile_options(p: argparse.ArgumentParser, key_file_help: str) -> None:
     p.add_argument("--key-file", help=key_file_help)
 
 
+def add_share_unlock(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--share-unlock-with", metavar="OTHER",
+                   help="take OTHER profile's Argon2id salt and parameters (the PIN, and key "
+                   "file if OTHER has one, must open it): a process that opens both with the "
+                   "PIN stretches it once, so a fleet of bots starts without one slow unlock "
+                   "per bot")
+
+
 def add_short_pin(p: argparse.ArgumentParser) -> None:
     p.add_argument("--short-pin", action="store_true",
                    help="allow a PIN of 6-9 digits or a passphrase of 8-11 characters "
@@ -81,7 +89,7 @@ def new_pin(args: argparse.Namespace, file: str | None, env: str) -> str:
                    short_ok=args.short_pin)
     if check_pin(pin, args.short_pin) == "short":
         began = time.perf_counter()
-        KdfParams().derive(pin, bytes(16))
+        KdfParams().guess(pin)
         print(f"warning: a short PIN. {brute_force_cost(pin, time.perf_counter() - began)}. "
               f"Bind the profile to a key file (--key-file) or choose 10+ digits.",
               file=sys.stderr)

@@ -13,6 +13,7 @@ from capsule import enrollment
 from capsule.cli.base import (
     add_profile_options,
     add_server_options,
+    add_share_unlock,
     add_short_pin,
     new_pin,
     open_profile,
@@ -70,6 +71,9 @@ def _connect_and(args: argparse.Namespace, profile: Profile, rotate: bool) -> No
 
 def cmd_enroll(args: argparse.Namespace) -> None:
     path = Path(args.profile)
+    if path.exists() and args.share_unlock_with is not None:
+        raise ProfileError(f"{path} exists: --share-unlock-with is for a new profile (for this "
+                           f"one: capsule profile change-pin --share-unlock-with)")
     if path.exists():
         profile = open_profile(args)
     else:
@@ -77,7 +81,8 @@ def cmd_enroll(args: argparse.Namespace) -> None:
             raise ProfileError(f"{path} does not exist: give --jid to create it")
         pin = new_pin(args, args.pin_file, PIN_ENV)
         profile = Profile.create(path, args.jid, pin, email=args.email, short_pin=args.short_pin,
-                                 key_file=args.key_file)
+                                 key_file=args.key_file,
+                                 share_unlock_with=args.share_unlock_with)
         print(f"created {path} for {args.jid}")
     _connect_and(args, profile, rotate=False)
     print(f"{profile.data.jid} is enrolled with {args.ca}; certificates stored and published")
@@ -108,6 +113,7 @@ def add_parsers(top: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
             p.add_argument("--jid", help="your bare JID (to create the profile)")
             p.add_argument("--email", help="an e-mail address for the certificates")
             add_short_pin(p)
+            add_share_unlock(p)
             p.add_argument("--register", action="store_true",
                            help="create the XMPP account in-band (XEP-0077) if the server allows")
         p.set_defaults(func=func)

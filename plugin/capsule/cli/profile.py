@@ -10,7 +10,14 @@ from cryptography import x509
 
 from capsule import algorithms as alg
 from capsule import enrollment
-from capsule.cli.base import NEW_PIN_ENV, add_profile_options, add_short_pin, new_pin, open_profile
+from capsule.cli.base import (
+    NEW_PIN_ENV,
+    add_profile_options,
+    add_share_unlock,
+    add_short_pin,
+    new_pin,
+    open_profile,
+)
 from capsule.core import cert_fingerprint, utc_timestamp
 from capsule.errors import ProfileError, UntrustedCertificate
 from capsule.pins import PIN_ENV
@@ -22,7 +29,8 @@ def cmd_init(args: argparse.Namespace) -> None:
     pin = new_pin(args, args.pin_file, PIN_ENV)
     print(f"generating an {args.sign.upper()} signing key and an RSA encryption key…", flush=True)
     profile = Profile.create(args.profile, args.jid, pin, email=args.email, key_bits=args.key_bits,
-                             short_pin=args.short_pin, key_file=args.key_file, signing=args.sign)
+                             short_pin=args.short_pin, key_file=args.key_file, signing=args.sign,
+                             share_unlock_with=args.share_unlock_with)
     base = Path(args.profile)
     for usage in ("sign", "encrypt"):
         csr = base.with_name(f"{base.name}.{usage}.csr")
@@ -78,6 +86,8 @@ def cmd_show(args: argparse.Namespace) -> None:
     data = profile.data
     print(f"JID       {data.jid}" + (f" <{data.email}>" if data.email else ""))
     print(f"protected {profile.protection}")
+    print(f"unlock    {profile.unlock} (profiles with this salt and PIN: one Argon2id run "
+          f"per process)")
     for label, pem in (("sign", data.signing_cert), ("encrypt", data.encryption_cert),
                        ("CA root", data.ca_root)):
         if not pem:
@@ -99,7 +109,8 @@ def cmd_show(args: argparse.Namespace) -> None:
 
 def cmd_change_pin(args: argparse.Namespace) -> None:
     profile = open_profile(args)
-    profile.change_pin(new_pin(args, args.new_pin_file, NEW_PIN_ENV), short_pin=args.short_pin)
+    profile.change_pin(new_pin(args, args.new_pin_file, NEW_PIN_ENV), short_pin=args.short_pin,
+                       share_unlock_with=args.share_unlock_with)
     print(f"PIN of {args.profile} changed")
 
 
@@ -120,6 +131,7 @@ def add_parser(top: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="signing key type (ed25519: v1's fast signatures; rsa: of --key-bits, "
                    "for peers older than wire format v1)")
     add_short_pin(p)
+    add_share_unlock(p)
     p.set_defaults(func=cmd_init)
     p = command("import-cert", "store issued certificates and the CA root")
     p.add_argument("certs", nargs="+",
@@ -130,4 +142,5 @@ def add_parser(top: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p = command("change-pin", "re-encrypt the profile under a new PIN")
     p.add_argument("--new-pin-file", help=f"file with the new PIN (else ${NEW_PIN_ENV})")
     add_short_pin(p)
+    add_share_unlock(p)
     p.set_defaults(func=cmd_change_pin)
