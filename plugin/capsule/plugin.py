@@ -134,8 +134,7 @@ class XEP_Capsule(BasePlugin):
         self.in_flight = InFlight(self._spawn)  # what the stream's end waits for
         self.receiver = Receiver(self.xmpp, options, self.store, self.contacts, self.durable,
                                  self._locks, self.handled, self.in_flight.spawn,
-                                 self._check_usable,
-                                 self._republish)
+                                 self._check_usable, self._republish)
         self.outbox = Outbox(self.xmpp, options.delivery_timeout, options.outbox_limit,
                              self._undelivered, options.receipt_timeout)
         self.sender = Sender(self.xmpp, options, self.store, self.contacts, self.keyring,
