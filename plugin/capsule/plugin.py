@@ -487,8 +487,8 @@ async def attach_async(client: BaseXMPP, profile: str | Path, pin: str, **config
                        ) -> Callable[[float], Awaitable[None]]:
     """:func:`attach` for a process of many bots: the profile is opened (Argon2id, by default
     64 MiB and ≈ 0.3 s of CPU) in a worker thread, so the event loop keeps serving the bots
-    already running meanwhile. Unlocks run one at a time per process; each bot keeps its own
-    profile and PIN."""
+    already running meanwhile. Unlocks run one at a time per process; profiles made with
+    ``--share-unlock-with`` and opened with one PIN share one (capsule.profile_key)."""
     import capsule
 
     path = Path(profile)
