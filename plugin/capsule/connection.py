@@ -201,7 +201,8 @@ class Reconnect:
 
     def close(self) -> None:
         self._stop(None)
-        setattr(self.client, "disconnect", self._app_disconnect)  # noqa: B010
+        if self.client.disconnect == self._disconnect:  # else a wrapper of the app's came after
+            setattr(self.client, "disconnect", self._app_disconnect)  # noqa: B010
         for event, handler in self._events():
             self.client.del_event_handler(event, handler)
 
@@ -213,6 +214,8 @@ class Reconnect:
             done.set_result(None)
             return done
         self._stop(None)
+        if self.client.transport is None:  # an attempt under way would bring the bot back
+            self.client.cancel_connection_attempt()
         return self._app_disconnect(*args, **kwargs)
 
     def _tls_cut_off(self) -> bool:

@@ -173,7 +173,8 @@ class XEP_Capsule(BasePlugin):
         self.outbox.close()
         if self.reconnector:
             self.reconnector.close()  # gives disconnect() back to ours
-        setattr(self.xmpp, "disconnect", self._end_stream)  # noqa: B010
+        if self.xmpp.disconnect == self._disconnect:  # else a wrapper of the app's came after
+            setattr(self.xmpp, "disconnect", self._end_stream)  # noqa: B010
         self.durable.release()
 
     def _disconnect(self, wait: float = 2.0, reason: str | None = None,
@@ -186,24 +187,27 @@ class XEP_Capsule(BasePlugin):
         outbox for the next session (if the process lives on). slixmpp alone ends the
         stream at once when its send queue is empty, also while the last stanza taken from
         it is still in its filters (xep_0115's is a coroutine, run for every stanza): that
-        stanza is written after the end."""
+        stanza is written after the end. Past ``wait`` the end is written at once, as slixmpp
+        does once its queue took that long; a stop whose stream is lost meanwhile ends no
+        later one."""
         if not wait or ignore_send_queue or self.xmpp.transport is None:
             return self._end_stream(wait, reason, ignore_send_queue)
+        self.xmpp.disconnect_reason = reason  # as slixmpp: a stream lost meanwhile says why
         return asyncio.ensure_future(self._end_once_written(wait, reason))
 
     async def _end_once_written(self, wait: float, reason: str | None) -> None:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
+        deadline, transport, written = loop.time() + wait, self.xmpp.transport, False
         with contextlib.suppress(TimeoutError):
             # each starts the other: a message taken from the queue is sealed by a task that
             # queues the capsule; a capsule is opened by a task whose last queues its receipt
-            while True:
+            while not written:
                 started = self.in_flight.started
                 await self.in_flight.done(deadline - loop.time())
                 await asyncio.wait_for(self.xmpp.waiting_queue.join(), deadline - loop.time())
-                if self.in_flight.started == started and not self.in_flight.busy:
-                    break
-        await self._end_stream(wait, reason)
+                written = self.in_flight.started == started and not self.in_flight.busy
+        if self.xmpp.transport is transport:
+            await self._end_stream(wait if written else 0, reason, True)
 
     def session_bind(self, jid: JID) -> None:
         # also called before plugin_init when registered on a client already logged in
