@@ -190,6 +190,8 @@ class XEP_Capsule(BasePlugin):
         stanza is written after the end. Past ``wait`` the end is written at once, as slixmpp
         does once its queue took that long; a stop whose stream is lost meanwhile ends no
         later one."""
+        if wait is True:  # as slixmpp reads its documented ``disconnect(wait=True)``
+            wait = 2.0
         if not wait or ignore_send_queue or self.xmpp.transport is None:
             return self._end_stream(wait, reason, ignore_send_queue)
         self.xmpp.disconnect_reason = reason  # as slixmpp: a stream lost meanwhile says why
