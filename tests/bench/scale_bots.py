@@ -12,7 +12,9 @@ a null profile is a plaintext bot.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
+import os
 import resource
 import sys
 import time
@@ -145,6 +147,8 @@ async def _program(spec_path: str) -> None:
     fleet = Fleet([tuple(bot) for bot in spec["bots"]], spec["host"], spec["port"],
                   spec["ca_root"])
     print(json.dumps(await fleet.log_in()), flush=True)
+    if os.environ.get("CAPSULE_BENCH_GC_FREEZE"):  # what the logins made: never collected again
+        gc.freeze()
     loop = asyncio.get_running_loop()
     while (line := await loop.run_in_executor(None, sys.stdin.readline)).strip():
         messages, run = line.split()  # each line: messages per bot and the run's tag, then go
