@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
+import gc
 import os
 from pathlib import Path
 from typing import Any
@@ -159,6 +160,22 @@ def test_entries_age_out_into_the_horizon_and_survive_a_round_trip() -> None:
         again.accept(old, NOW)
 
 
+
+
+
+def test_what_a_bot_remembers_gives_the_collector_nothing_to_walk() -> None:
+    """A bot keeps up to PER_SENDER_MAX entries per sender for 30 days: as objects of their own
+    they would be walked by every full collection of its process (the cost of that grows with
+    the objects alive; README, "Scaling out"). Kept as atoms, the collector stops tracking them."""
+    state = ReplayState()
+    state.accept(entry(A), NOW)  # a sender's own containers, once
+    gc.collect()
+    tracked = len(gc.get_objects())
+    for i in range(2000):
+        state.accept(entry(A, offset=-i), NOW)
+    gc.collect()
+    assert len(state) == 2001
+    assert len(gc.get_objects()) - tracked < 20  # was 2000 or more: an Entry each
 
 
 @settings(max_examples=200, deadline=None)

@@ -95,9 +95,16 @@ class TimeRules:
     max_age: int = DEFAULT_MAX_AGE
 
 
+# What an entry keeps of itself: (ts, sig). A plain tuple of atoms, which the collector stops
+# tracking: a bot holds up to PER_SENDER_MAX of these per sender for 30 days, and an Entry
+# object each would be walked by every full collection of the process (the cost of a
+# collection grows with the tracked objects alive; see README, "Scaling out").
+_Kept = tuple[int, str]
+
+
 @dataclass
 class _Sender:
-    entries: dict[str, Entry] = field(default_factory=dict)  # nid -> entry
+    entries: dict[str, _Kept] = field(default_factory=dict)  # nid -> (ts, sig)
     heap: list[tuple[int, str]] = field(default_factory=list)  # (ts, nid), lazily cleaned
     horizon: int = 0
     unhanded: set[str] = field(default_factory=set)  # accepted, not yet handed to the app
@@ -130,7 +137,7 @@ class ReplayState:
         known = self._senders.get(entry.sender)
         seen = known.entries.get(entry.nid) if known else None
         if known is not None and seen is not None:
-            if seen.sig in (entry.sig, ""):
+            if seen[1] in (entry.sig, ""):
                 return Verdict.UNHANDED if entry.nid in known.orphans else Verdict.DUPLICATE
             raise ReplayedCapsule(f"{who} reuses the nid of another capsule")
         if entry.ts < now - self.rules.max_age:
@@ -143,7 +150,7 @@ class ReplayState:
     def add(self, entry: Entry, now: int) -> None:
         """Record an entry judged NEW; evicts what left the window or exceeds the bound."""
         state = self._senders.setdefault(entry.sender, _Sender())
-        state.entries[entry.nid] = entry
+        state.entries[entry.nid] = (entry.ts, entry.sig)
         state.unhanded.add(entry.nid)
         heapq.heappush(state.heap, (entry.ts, entry.nid))
         self._evict(state, now)
@@ -179,7 +186,7 @@ class ReplayState:
     def forget(self, entry: Entry) -> None:
         """Undo :meth:`add` (its journal write failed); the heap is cleaned lazily."""
         state = self._senders.get(entry.sender)
-        if state and state.entries.get(entry.nid) == entry:
+        if state and state.entries.get(entry.nid) == (entry.ts, entry.sig):
             del state.entries[entry.nid]
             state.unhanded.discard(entry.nid)
             state.orphans.discard(entry.nid)
@@ -188,8 +195,8 @@ class ReplayState:
         cutoff = now - self.rules.max_age
         while state.heap:
             ts, nid = state.heap[0]
-            entry = state.entries.get(nid)
-            if entry is None or entry.ts != ts:  # forgotten
+            kept = state.entries.get(nid)
+            if kept is None or kept[0] != ts:  # forgotten
                 heapq.heappop(state.heap)
                 continue
             over = len(state.entries) - self.per_sender
@@ -202,7 +209,8 @@ class ReplayState:
             state.horizon = max(state.horizon, ts)
 
     def entries(self) -> list[Entry]:
-        return [e for s in self._senders.values() for e in s.entries.values()]
+        return [Entry(sender, nid, ts, sig) for sender, s in self._senders.items()
+                for nid, (ts, sig) in s.entries.items()]
 
     def to_json(self, now: int) -> dict[str, Any]:
         for state in self._senders.values():
@@ -230,7 +238,7 @@ class ReplayState:
                 continue
             s = self._senders.setdefault(item.sender, _Sender())
             if item.nid not in s.entries:
-                s.entries[item.nid] = item
+                s.entries[item.nid] = (item.ts, item.sig)
                 heapq.heappush(s.heap, (item.ts, item.nid))
                 if unhanded:
                     self._orphan(item.sender, item.nid)
