@@ -408,11 +408,17 @@ def test_a_copy_read_before_another_writer_saved_is_never_written_back(saved: Pr
     third.release()
 
 
-def _capsule(*args: str, pin: str) -> subprocess.CompletedProcess[str]:
-    """The `capsule` command as a user runs it (PIN from the environment, never in argv)."""
+def _capsule(*args: str, pin: str, new_pin: str = "") -> subprocess.CompletedProcess[str]:
+    """The `capsule` command as a user runs it (PINs from the environment, never in argv)."""
     return subprocess.run([str(Path(sys.executable).with_name("capsule")), *args],
                           capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "CAPSULE_PIN": pin})
+                          env={**os.environ, "CAPSULE_PIN": pin, "CAPSULE_NEW_PIN": new_pin})
+
+
+def _unlock_line(path: str, pin: str) -> str:
+    shown = _capsule("profile", "show", "--profile", path, pin=pin)
+    assert shown.returncode == 0, shown.stderr
+    return next(line for line in shown.stdout.splitlines() if line.startswith("unlock"))
 
 
 def test_init_refuses_a_short_pin_unless_asked_and_then_states_the_cost(tmp_path: Path) -> None:
@@ -442,9 +448,7 @@ def test_init_shares_an_unlock_only_under_the_pin_that_opens_the_other(tmp_path:
     made = _capsule("profile", "init", "--profile", second, "--jid", "b@capsule.test",
                     "--share-unlock-with", first, pin=pin)
     assert made.returncode == 0, made.stderr
-    unlocks = {next(line for line in _capsule("profile", "show", "--profile", path,
-                                              pin=pin).stdout.splitlines()
-                    if line.startswith("unlock")) for path in (first, second)}
+    unlocks = {_unlock_line(path, pin) for path in (first, second)}
     assert len(unlocks) == 1 and "Argon2id salt" in unlocks.pop()
     for argv in (["profile", "init", "--profile", str(tmp_path / "c.capsule"), "--jid",
                   "c@capsule.test", "--share-unlock-with", ""],  # an unset $FIRST in a script
@@ -458,6 +462,26 @@ def test_init_shares_an_unlock_only_under_the_pin_that_opens_the_other(tmp_path:
                        str(tmp_path / "latin1.pin"), pin=pin)
     assert garbled.returncode == 1 and "not UTF-8" in garbled.stderr
     assert garbled.stderr.count("\n") == 1
+
+
+def test_change_pin_joins_an_unlock_only_under_the_pin_that_opens_the_other(
+        tmp_path: Path) -> None:
+    fleet, loner = str(tmp_path / "a.capsule"), str(tmp_path / "b.capsule")
+    pin, old = "correct horse battery staple", "a pin of its own, long enough"
+    for path, its_pin in ((fleet, pin), (loner, old)):
+        assert _capsule("profile", "init", "--profile", path, "--jid", "x@capsule.test",
+                        pin=its_pin).returncode == 0
+    refused = _capsule("profile", "change-pin", "--profile", loner, "--share-unlock-with",
+                       fleet, pin=old, new_pin="not the fleet's pin, though long")
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "does not open" in refused.stderr and "not the fleet" not in refused.stderr
+    before = _unlock_line(loner, old)  # unchanged: still its old PIN and salt
+    assert before != _unlock_line(fleet, pin)
+    joined = _capsule("profile", "change-pin", "--profile", loner, "--share-unlock-with", fleet,
+                      pin=old, new_pin=pin)
+    assert joined.returncode == 0, joined.stderr
+    assert _unlock_line(loner, pin) == _unlock_line(fleet, pin)
+    assert _capsule("profile", "show", "--profile", loner, pin=old).returncode == 1
 
 
 def test_init_with_a_key_file_and_show_says_so(tmp_path: Path) -> None:

@@ -109,17 +109,12 @@ class Profile:
             raise ProfileError(str(exc)) from None
         if key_bits not in alg.ACCEPTED_RSA_BITS:
             raise ProfileError(f"RSA key size must be one of {alg.ACCEPTED_RSA_BITS}")
-        if kdf and share_unlock_with is not None:
-            raise ProfileError("give the KDF parameters or a profile to share the unlock with, "
-                               "not both")
         secret = check_pin(pin, short_pin)
-        if share_unlock_with is not None:  # checked before anything is written
-            if Path(share_unlock_with).absolute() == target.absolute():
-                raise ProfileError(f"{target} cannot share the unlock of itself")
-            existing = read_key_file(key_file) if key_file and Path(key_file).exists() else None
-            salt, kdf = _unlock_of(share_unlock_with, pin, existing)
-        else:
-            salt, kdf = os.urandom(alg.KDF_SALT_BYTES), (kdf or KdfParams()).check()
+        if share_unlock_with is not None and Path(share_unlock_with).absolute() == target.absolute():
+            raise ProfileError(f"{target} cannot share the unlock of itself")
+        # the unlock to share is checked before anything is written
+        existing = read_key_file(key_file) if key_file and Path(key_file).exists() else None
+        salt, kdf = _new_unlock(pin, kdf, KdfParams(), share_unlock_with, existing)
         second = new_key_file(Path(key_file)) if key_file else None
         key_salt = os.urandom(alg.KDF_SALT_BYTES)
         data = ProfileData(
@@ -272,14 +267,9 @@ class Profile:
         """Re-encrypt under a new PIN (the key file, if any, stays bound) and a new salt, or
         the salt of ``share_unlock_with`` (which the new PIN must open); a format 2 file
         becomes format 3."""
-        if kdf and share_unlock_with is not None:
-            raise ProfileError("give the KDF parameters or a profile to share the unlock with, "
-                               "not both")
         secret = check_pin(new_pin, short_pin)
-        if share_unlock_with is not None:
-            self._salt, self._kdf = _unlock_of(share_unlock_with, new_pin, self._second)
-        else:
-            self._salt, self._kdf = os.urandom(alg.KDF_SALT_BYTES), (kdf or self._kdf).check()
+        self._salt, self._kdf = _new_unlock(new_pin, kdf, self._kdf, share_unlock_with,
+                                            self._second)
         self.data.secret = secret
         self._key_salt = os.urandom(alg.KDF_SALT_BYTES)
         self._key = self._kdf.derive(new_pin, self._salt, self._second, self._key_salt)
@@ -460,6 +450,19 @@ class _Sealed:
         except InvalidTag:
             raise WrongPin(f"wrong PIN for {self.path} (or the file was altered"
                            + (", or the wrong key file)" if key_file else ")")) from None
+
+
+def _new_unlock(pin: str, kdf: KdfParams | None, default: KdfParams,
+                share_unlock_with: str | os.PathLike[str] | None, key_file: bytes | None
+                ) -> tuple[bytes, KdfParams]:
+    """The salt and Argon2id parameters of a profile sealed anew under ``pin``: a fresh salt
+    with ``kdf`` (else ``default``), or those of the profile ``share_unlock_with``."""
+    if share_unlock_with is None:
+        return os.urandom(alg.KDF_SALT_BYTES), (kdf or default).check()
+    if kdf:
+        raise ProfileError("give the KDF parameters or a profile to share the unlock with, "
+                           "not both")
+    return _unlock_of(share_unlock_with, pin, key_file)
 
 
 def _unlock_of(named: str | os.PathLike[str], pin: str, key_file: bytes | None
