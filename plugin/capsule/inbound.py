@@ -30,6 +30,12 @@ SLIXMPP_ANSWER = "Stream Management Request Ack"  # xep_0198's handler of <r/>: 
 ANSWER_WITHIN = 2.0  # seconds a request waits for the capsules before it (ejabberd waits 60)
 
 
+# marks an incoming stanza carries while it is counted (on the stanza itself: keyed by its id()
+# they would pass to another stanza once this one is freed)
+_POSITION = "capsule_sm_position"  # (stream, position in it)
+_CLAIMED = "capsule_sm_claimed"  # a capsule task counts it once done, not its dispatch
+
+
 class HandledCount:
     """Counts incoming stanzas for XEP-0198 acks only when handled, in stream order."""
 
@@ -41,8 +47,6 @@ class HandledCount:
         self._next = 0  # position of the next incoming stanza in this stream
         self._done = 0  # length of the handled prefix
         self._finished: set[int] = set()  # handled, beyond the prefix
-        self._seq: dict[int, tuple[int, int]] = {}  # id(stanza) -> (stream, position)
-        self._claimed: set[int] = set()
         self._asked = 0  # a request is owed an answer covering this prefix (0: none owed)
         self._late: asyncio.TimerHandle | None = None  # the answer, should they take long
         xmpp.del_filter("in", self.sm._handle_incoming)  # ours replaces it
@@ -82,23 +86,21 @@ class HandledCount:
 
     def _arrive(self, stanza: StanzaBase) -> StanzaBase:
         if self.sm.enabled_in and isinstance(stanza, Message | Presence | Iq):
-            self._seq[id(stanza)] = (self._stream, self._next)
+            setattr(stanza, _POSITION, (self._stream, self._next))
             self._next += 1
             # unless a capsule task claims it meanwhile, it is handled once dispatched
             asyncio.get_event_loop().call_soon(self._settle, stanza)
         return stanza
 
     def _settle(self, stanza: StanzaBase) -> None:
-        if id(stanza) in self._claimed:
-            self._claimed.discard(id(stanza))
-        else:
+        if not stanza.__dict__.pop(_CLAIMED, False):
             self._finish(stanza)
 
     def hold(self, stanza: StanzaBase, task: Coroutine[Any, Any, None]
              ) -> Coroutine[Any, Any, None]:
         """``task`` (the handling of ``stanza``), after which alone the stanza counts."""
-        if id(stanza) in self._seq:
-            self._claimed.add(id(stanza))  # now, before the stanza's dispatch settles it
+        if hasattr(stanza, _POSITION):
+            setattr(stanza, _CLAIMED, True)  # now, before the stanza's dispatch settles it
         return self._run(stanza, task)
 
     async def _run(self, stanza: StanzaBase, task: Coroutine[Any, Any, None]) -> None:
@@ -108,7 +110,7 @@ class HandledCount:
             self._finish(stanza)
 
     def _finish(self, stanza: StanzaBase) -> None:
-        stream, position = self._seq.pop(id(stanza), (-1, 0))
+        stream, position = stanza.__dict__.pop(_POSITION, (-1, 0))
         if stream != self._stream:  # unknown, or from a stream that is gone: resent anyway
             return
         self._finished.add(position)
