@@ -5,8 +5,10 @@ two processes of N bots each on the two nodes of an ejabberd cluster, every bot 
 its partner on the other node. Every fleet, plaintext or Capsule, runs in processes of its
 own (scale_bots.py), on the same accounts. Per N: RSS per bot once logged in and warmed up,
 time to log all in (concurrently; Capsule bots restarting with the profile they kept),
-messages per second (every bot sends CAPSULE_BENCH_BOT_MESSAGES to its partner;
-CAPSULE_BENCH_RUNS exchanges after a warm-up capsule per pair), encrypted / plaintext, and
+messages per second (CAPSULE_BENCH_RUNS exchanges of CAPSULE_BENCH_EXCHANGE messages in all,
+default 1,000, every bot sending its share at once to its partner, after a warm-up capsule per
+pair: the same burst at every size, so that only the number of bots differs), the fleet
+processes' CPU time per message and the garbage collector's part of it, encrypted / plaintext, and
 the first login of the bots new at this size, plaintext then Capsule (certificates
 published). Plaintext and Capsule fleets take turns, CAPSULE_BENCH_ROUNDS times each (ABBA):
 medians over the rounds, the lowest and highest exchange and round ratio shown. The
@@ -47,7 +49,7 @@ from capsule_stack.stack import Stack
 from capsule_stack.state import DEFAULT_DOMAIN
 
 SIZES = [int(n) for n in os.environ.get("CAPSULE_BENCH_BOTS", "50,100,200,500").split(",")]
-MESSAGES = int(os.environ.get("CAPSULE_BENCH_BOT_MESSAGES", "5"))
+EXCHANGE = int(os.environ.get("CAPSULE_BENCH_EXCHANGE", "1000"))
 RUNS = int(os.environ.get("CAPSULE_BENCH_RUNS", "2"))
 ROUNDS = int(os.environ.get("CAPSULE_BENCH_ROUNDS", "3"))
 UNLOCK_BOTS = int(os.environ.get("CAPSULE_BENCH_UNLOCK_BOTS", "50"))
@@ -56,7 +58,8 @@ WORKER = Path(__file__).with_name("scale_bots.py")
 CA_PASSPHRASE = b"bench CA passphrase"
 HEADER = ("| layout | bots per process | RSS per bot, plaintext / Capsule "
           "| log in all, plaintext / Capsule | first log in of the new bots, plaintext / Capsule "
-          "| msg/s, plaintext / Capsule (lowest..highest run) | ratio (lowest..highest round) |")
+          "| msg/s, plaintext / Capsule (lowest..highest run) | ratio (lowest..highest round) "
+          "| CPU per message, plaintext / Capsule (of it the collector) |")
 
 
 class Profiles:
@@ -144,7 +147,8 @@ def _row(layout: str, n: int, plain: dict[str, float], enc: dict[str, float],
             f"{plain['login']:.1f} / {enc['login']:.1f} s ({enc['login'] / plain['login']:.2f}x) | "
             f"{_first(first)} | {plain['rate']:.0f} / {enc['rate']:.0f} "
             f"({plain['low']:.0f}..{plain['high']:.0f}; {enc['low']:.0f}..{enc['high']:.0f}) | "
-            f"{enc['rate'] / plain['rate']:.2f} ({enc['ratio_low']:.2f}..{enc['ratio_high']:.2f}) |")
+            f"{enc['rate'] / plain['rate']:.2f} ({enc['ratio_low']:.2f}..{enc['ratio_high']:.2f}) | "
+            f"{plain['cpu']:.2f} / {enc['cpu']:.2f} ms ({plain['gc']:.2f} / {enc['gc']:.2f}) |")
 
 
 def _first(first: dict[str, float]) -> str:
@@ -201,18 +205,21 @@ class Fleets:
                 stdout=subprocess.PIPE, text=True))
         return [json.loads(self._read(p)) for p in self.processes]
 
-    def exchange(self, messages: int) -> tuple[float, float]:
+    def exchange(self, messages: int) -> dict[str, float]:
         """Every bot sends ``messages`` to its partner, all tagged with this run's name (what
         arrives untagged or from another run is not counted): seconds until the last process
-        got all of this run's, and the processes' mean RSS per bot by then (KiB)."""
+        got all of this run's, the processes' mean RSS per bot by then (KiB), their CPU time
+        and the collector's part of it (seconds, all processes)."""
         self.runs += 1
         for p in self.processes:
             assert p.stdin is not None
             p.stdin.write(f"{messages} run{self.runs}\n")
             p.stdin.flush()
         done = [json.loads(self._read(p)) for p in self.processes]
-        return (max(float(d["seconds"]) for d in done),
-                statistics.mean(float(d["rss_kib_per_bot"]) for d in done))
+        return {"seconds": max(float(d["seconds"]) for d in done),
+                "rss": statistics.mean(float(d["rss_kib_per_bot"]) for d in done),
+                "cpu": sum(float(d["cpu_s"]) for d in done),
+                "gc": sum(float(d["gc_s"]) for d in done)}
 
     @staticmethod
     def _read(p: subprocess.Popen[str]) -> str:
@@ -223,15 +230,22 @@ class Fleets:
         return line
 
 
-def _measure(run_dir: Path, ca_root: Path, spec: Spec) -> tuple[dict[str, float], list[float]]:
+Run = dict[str, float]  # an exchange's msg/s, and its CPU and collector ms per message
+
+
+def _measure(run_dir: Path, ca_root: Path, spec: Spec) -> tuple[dict[str, float], list[Run]]:
     """Log the fleet in, warm it up, then RUNS exchanges: login, RSS per bot once warm (its
-    contacts looked up), and the exchanges' msg/s."""
-    sent = sum(len(bots) for bots, _port in spec) * MESSAGES
+    contacts looked up), and the exchanges' figures."""
+    bots = sum(len(bots) for bots, _port in spec)
+    per_bot = max(1, round(EXCHANGE / bots))
+    sent = bots * per_bot
     with Fleets(run_dir, ca_root) as fleets:
         ready = fleets.start(spec)
-        _seconds, rss = fleets.exchange(1)  # warm-up: look-ups and pinning are not throughput
-        rates = [sent / fleets.exchange(MESSAGES)[0] for _ in range(RUNS)]
-    return {"rss": rss, "login": max(r["login_s"] for r in ready)}, rates
+        warm = fleets.exchange(1)  # warm-up: look-ups and pinning are not throughput
+        runs = [fleets.exchange(per_bot) for _ in range(RUNS)]
+    return ({"rss": warm["rss"], "login": max(r["login_s"] for r in ready)},
+            [{"rate": sent / r["seconds"], "cpu": 1000 * r["cpu"] / sent,
+              "gc": 1000 * r["gc"] / sent} for r in runs])
 
 
 def _login_only(run_dir: Path, ca_root: Path, spec: Spec) -> float:
@@ -239,12 +253,14 @@ def _login_only(run_dir: Path, ca_root: Path, spec: Spec) -> float:
         return max(r["login_s"] for r in fleets.start(spec))
 
 
-def _summary(rounds: list[tuple[dict[str, float], list[float]]]) -> dict[str, float]:
-    """Medians over the rounds (RSS, login) and over all their exchanges (msg/s)."""
-    rates = sorted(rate for _ready, runs in rounds for rate in runs)
+def _summary(rounds: list[tuple[dict[str, float], list[Run]]]) -> dict[str, float]:
+    """Medians over the rounds (RSS, login) and over all their exchanges (the rest)."""
+    rates = sorted(run["rate"] for _ready, runs in rounds for run in runs)
     return {"rss": statistics.median(ready["rss"] for ready, _runs in rounds),
             "login": statistics.median(ready["login"] for ready, _runs in rounds),
-            "rate": statistics.median(rates), "low": rates[0], "high": rates[-1]}
+            "rate": statistics.median(rates), "low": rates[0], "high": rates[-1],
+            **{k: statistics.median(run[k] for _ready, runs in rounds for run in runs)
+               for k in ("cpu", "gc")}}
 
 
 def _layout(pool: Pool, n: int, ports: list[int], run_dir: Path
@@ -277,20 +293,21 @@ def _layout(pool: Pool, n: int, ports: list[int], run_dir: Path
                                       [(b, port) for b, port in spec(kind, True) if b])
             time.sleep(PAUSE)
         pool.logged_in.update(jid for jid, _pw, _t in bots)
-    rounds: dict[str, list[tuple[dict[str, float], list[float]]]] = {"plain": [], "capsule": []}
+    rounds: dict[str, list[tuple[dict[str, float], list[Run]]]] = {"plain": [], "capsule": []}
     for i in range(ROUNDS):
         for kind in ("plain", "capsule") if i % 2 == 0 else ("capsule", "plain"):
             rounds[kind].append(_measure(run_dir / f"{kind}{i}", ca_root, spec(kind)))
             time.sleep(PAUSE)
     plain, enc = _summary(rounds["plain"]), _summary(rounds["capsule"])
-    ratios = sorted(statistics.median(c[1]) / statistics.median(p[1])
+    ratios = sorted(statistics.median(r["rate"] for r in c[1])
+                    / statistics.median(r["rate"] for r in p[1])
                     for p, c in zip(rounds["plain"], rounds["capsule"], strict=True))
     enc.update(ratio_low=ratios[0], ratio_high=ratios[-1])
     return plain, enc, first
 
 
 def _table(title: str, rows: list[str]) -> None:
-    print("\n" + "\n".join([title, HEADER, "|---|---|---|---|---|---|---|", *rows]))
+    print("\n" + "\n".join([title, HEADER, "|---|---|---|---|---|---|---|---|", *rows]))
 
 
 @pytest.fixture(scope="module")

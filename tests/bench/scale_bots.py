@@ -3,7 +3,8 @@ the scaling benchmark prints. Also run as a program (one of the cluster layout's
 
     python scale_bots.py SPEC.json   # logs in and prints its figures (JSON); then per line
                                      # "M RUN" on stdin sends M per bot tagged RUN, prints
-                                     # {"seconds": ..., "rss_kib_per_bot": ...}
+                                     # {"seconds", "rss_kib_per_bot", "cpu_s", "gc_s"}:
+                                     # the process's CPU time, and of it the collector's
 
 SPEC: {"bots": [[jid, password, profile-or-null, partner-jid], ...], "host", "port", "ca_root"};
 a null profile is a plaintext bot.
@@ -61,9 +62,21 @@ class Fleet:
     errors: list[str] = field(default_factory=list)  # capsule_error reasons
     # what the senders' outboxes heard of their capsules, to tell where missing ones were lost
     outcomes: Counter[str] = field(default_factory=Counter)
+    gc_seconds: float = 0.0  # CPU time of this thread in the garbage collector, all told
+    _gc_began: float = 0.0
     # 500 logins at once stalled ejabberd here (23 TCP connections never got a session, for
     # plaintext bots too): a fleet starts its bots a hundred at a time
     logging_in: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(100))
+
+    def time_collections(self) -> None:
+        """Count the collector's CPU time from now on (where a fleet's CPU goes as it grows)."""
+        gc.callbacks.append(self._collecting)
+
+    def _collecting(self, phase: str, _info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_began = time.thread_time()
+        else:
+            self.gc_seconds += time.thread_time() - self._gc_began
 
     async def log_in(self) -> dict[str, float]:
         self.rss_before, began = rss_kib(), time.perf_counter()
@@ -146,15 +159,18 @@ async def _program(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     fleet = Fleet([tuple(bot) for bot in spec["bots"]], spec["host"], spec["port"],
                   spec["ca_root"])
+    fleet.time_collections()
     print(json.dumps(await fleet.log_in()), flush=True)
     if os.environ.get("CAPSULE_BENCH_GC_FREEZE"):  # what the logins made: never collected again
         gc.freeze()
     loop = asyncio.get_running_loop()
     while (line := await loop.run_in_executor(None, sys.stdin.readline)).strip():
         messages, run = line.split()  # each line: messages per bot and the run's tag, then go
+        cpu, collecting = time.process_time(), fleet.gc_seconds
         seconds = await fleet.exchange(int(messages), run)
-        print(json.dumps({"seconds": seconds, "rss_kib_per_bot": fleet.rss_per_bot()}),
-              flush=True)
+        print(json.dumps({"seconds": seconds, "rss_kib_per_bot": fleet.rss_per_bot(),
+                          "cpu_s": time.process_time() - cpu,
+                          "gc_s": fleet.gc_seconds - collecting}), flush=True)
     await fleet.close()
 
 
