@@ -323,6 +323,8 @@ def test_a_fleet_changes_its_pin_and_keeps_one_unlock(
     with pytest.raises(WrongPin, match="does not open"):  # the PIN the first one now has
         other.change_pin("another passphrase", share_unlock_with=saved.path)
     assert Profile.load(other.path, "new passphrase!").unlock == saved.unlock  # unchanged
+    with pytest.raises(ProfileError, match="not both"):
+        other.change_pin("new passphrase!", kdf=FAST_KDF, share_unlock_with=saved.path)
 
 
 def test_replay_state_persists(saved: Profile) -> None:

@@ -113,7 +113,8 @@ class Profile:
         if share_unlock_with is not None and Path(share_unlock_with).absolute() == target.absolute():
             raise ProfileError(f"{target} cannot share the unlock of itself")
         # the unlock to share is checked before anything is written
-        existing = read_key_file(key_file) if key_file and Path(key_file).exists() else None
+        existing = (read_key_file(key_file) if share_unlock_with is not None and key_file
+                    and Path(key_file).exists() else None)
         salt, kdf = _new_unlock(pin, kdf, KdfParams(), share_unlock_with, existing)
         second = new_key_file(Path(key_file)) if key_file else None
         key_salt = os.urandom(alg.KDF_SALT_BYTES)
