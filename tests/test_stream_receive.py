@@ -7,10 +7,14 @@ from __future__ import annotations
 import datetime as dt
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import cast
 
 import pytest
+from slixmpp import JID, Message
+from slixmpp.plugins.base import PluginManager
 
 from capsule import elements
+from capsule.errors import PolicyViolation
 from capsule.plugin import capsule_info
 from capsule.testing.stream import Cast, Stream, message, seal_for
 
@@ -179,3 +183,25 @@ async def test_an_oversized_envelope_is_refused(stream_cast: Cast, tmp_path: Pat
                        f"{bob.jid}/stream"))
         await b.settle()
         assert b.delivered() == [] and _reasons(b) == ["malformed"]
+
+
+async def test_a_bot_without_rooms_loads_no_muc_and_refuses_group_chat_both_ways(
+        stream_cast: Cast, tmp_path: Path) -> None:
+    """``rooms=False`` (a fleet's bots that join no room: ten fewer handlers per stanza) must
+    not turn group chat into a path around the policy: refused, never let out or in clear."""
+    alice, bob = stream_cast["alice"], stream_cast["bob"]
+    capsule_ = seal_for(alice, [alice, bob], [body("to the room")],
+                        addressees=[bob.jid, ROOM])
+    async with Stream.open(bob, tmp_path, stream_cast.directory_of("alice"),
+                           rooms=False) as b:
+        assert not cast(PluginManager, b.xmpp.plugin).enabled("xep_0045")
+        b.recv(message(capsule_, f"{ROOM}/alice", f"{bob.jid}/stream", "groupchat"))
+        await b.settle()
+        assert b.delivered() == [] and b.named("groupchat_message") == []
+        assert _reasons(b) == ["envelope-mismatch"]
+        with pytest.raises(PolicyViolation, match="rooms=False"):
+            await b.capsule.send_groupchat(ROOM, "sealed for the room?")
+        b.xmpp.send_message(mto=JID(ROOM), mbody="in clear?", mtype="groupchat")
+        await b.settle()
+        assert [s for s in b.sent() if isinstance(s, Message)] == []
+        assert _reasons(b) == ["envelope-mismatch", "policy"]

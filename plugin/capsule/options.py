@@ -32,6 +32,7 @@ class CapsuleOptions:
     allow_insecure: bool = False  # operate on a stream without TLS
     publish: bool = True  # publish our certificates to PEP on session start
     carbons: bool = False  # enable XEP-0280 and decrypt carbon copies for this resource
+    rooms: bool = True  # load XEP-0045 for group chat; False: a bot without rooms, fewer handlers
     crl: str | None = None  # path of the CA's CRL file, re-read when it changes
     crl_refresh: float = 300  # seconds between CRL refreshes (file and CA service)
     crl_retry: float = 30  # seconds before a failed fetch of an expired CRL is tried again
@@ -80,7 +81,7 @@ class CapsuleOptions:
         given["profile"] = Path(config["profile"])
         given["policy"] = cast(Policy, config["policy"])
         given["endpoints"] = _endpoints(given.get("endpoints", ()))
-        for name in ("allow_insecure", "publish", "carbons", "reconnect"):
+        for name in ("allow_insecure", "publish", "carbons", "rooms", "reconnect"):
             given[name] = bool(given.get(name, False))
         for name in ("skew", "max_age", "fetch_timeout", "outbox_limit", "max_envelope_bytes",
                      "max_envelope_depth", "session_rotate", "session_retention",

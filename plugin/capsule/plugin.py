@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from slixmpp import JID, BaseXMPP, ClientXMPP, Message
+from slixmpp import JID, BaseXMPP, ClientXMPP, ComponentXMPP, Message
 from slixmpp.exceptions import IqError, IqTimeout
 from slixmpp.plugins import BasePlugin
 from slixmpp.xmlstream import StanzaBase
@@ -72,6 +72,12 @@ class XEP_Capsule(BasePlugin):
     _profile_jid: str | None = None  # whose profile is open (set by plugin_init)
 
     # -- life cycle ------------------------------------------------------------
+    def __init__(self, xmpp: ClientXMPP | ComponentXMPP, config: dict[str, Any] | None = None):
+        super().__init__(xmpp, config)
+        if self.config.get("rooms") is False:  # no XEP-0045: its ten stanza handlers would
+            # match every stanza of a bot that joins no room (README, "Options")
+            vars(self)["dependencies"] = self.dependencies - {"xep_0045"}
+
     def plugin_init(self) -> None:
         self.options = options = CapsuleOptions.from_config(self.config)
         unlocked, self.config["unlocked"] = self.config.get("unlocked"), None

@@ -258,6 +258,9 @@ class Receiver:
         if stanza["type"] != "groupchat":
             return str(stanza["from"].bare)
         room, nick = stanza["from"].bare, stanza["from"].resource
+        if not self.options.rooms:
+            raise EnvelopeMismatch(f"cannot tell who {nick} in {room} is: group chat is off "
+                                   f"for this bot (option rooms=False)")
         jid = self.xmpp.plugin["xep_0045"].get_jid_property(JID(room), nick, "jid")
         if not jid:
             raise EnvelopeMismatch(f"cannot tell who {nick} in {room} is (anonymous room?)")

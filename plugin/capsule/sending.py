@@ -104,6 +104,9 @@ class Sender:
 
     def occupants(self, room: str) -> list[str]:
         """:meth:`XEP_Capsule.occupants`."""
+        if not self.options.rooms:
+            raise PolicyViolation(f"group chat is off for this bot (option rooms=False): "
+                                  f"nothing sent to {room}")
         muc = self.xmpp.plugin["xep_0045"]
         jids = []
         for nick in muc.get_roster(JID(room)):
