@@ -16,6 +16,7 @@ profiles use the light Argon2id parameters of the tests (8 MiB, 1 iteration).
 Sizes: CAPSULE_BENCH_BOTS (default 50,100,200,500). Printed, never asserted.
 
 CAPSULE_BENCH_GC_FREEZE=1: every fleet process calls gc.freeze() once logged in.
+CAPSULE_BENCH_ROOMS=0: the Capsule bots run with the plugin option rooms=False.
 
 A third bench logs in CAPSULE_BENCH_UNLOCK_BOTS (default 50) bots whose profiles have the
 default Argon2id parameters (64 MiB, 3 iterations, 4 lanes): plaintext, each profile with a

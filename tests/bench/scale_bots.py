@@ -31,6 +31,8 @@ from capsule.connection import login
 from capsule.plugin import attach_async
 
 PIN = "482916"
+# CAPSULE_BENCH_ROOMS=0: the Capsule bots run with rooms=False (they join no room)
+OPTIONS = {"rooms": False} if os.environ.get("CAPSULE_BENCH_ROOMS") == "0" else {}
 
 
 def rss_kib() -> int:
@@ -94,7 +96,7 @@ class Fleet:
     async def _log_in_one(self, jid: str, password: str, profile: str | None) -> None:
         client = ClientXMPP(jid, password)
         self.clients.append(client)
-        published = await attach_async(client, profile, PIN) if profile else None
+        published = await attach_async(client, profile, PIN, **OPTIONS) if profile else None
         event = "capsule_message" if profile else "message"
         client.add_event_handler(event, self._got)
         client.add_event_handler("capsule_error", lambda failure: self.errors.append(
