@@ -19,6 +19,7 @@ from slixmpp import ClientXMPP
 from slixmpp.plugins.base import PluginManager
 
 from capsule.connection import Endpoint, LoginError, Reconnect, login
+from capsule.options import BOOLEANS
 from capsule.plugin import attach
 from capsule_ca import Authority
 
@@ -166,4 +167,21 @@ async def test_endpoints_option_is_checked_at_attach(identity: Callable[[str], o
     assert plugin.options.endpoints == (("127.0.0.1", 5222), ("::1", 5223))
     assert plugin.reconnector is not None
     assert plugin.reconnector.endpoints == [("127.0.0.1", 5222), ("::1", 5223)]
+    cast(PluginManager, client.plugin).disable("capsule")
+
+
+async def test_switches_are_booleans_or_refused_at_attach(identity: Callable[[str], object],
+                                                          tmp_path: Path) -> None:
+    """A switch read from a config file or the environment arrives as text: "false" must not
+    mean True (``allow_insecure="false"`` would allow a stream without TLS)."""
+    identity("alice")
+    profile = tmp_path / "alice.capsule"
+    for name in BOOLEANS:
+        for wrong in ("false", "False", "0", 0, 1):
+            with pytest.raises(ValueError, match=f"{name} must be True or False"):
+                attach(ClientXMPP("alice@capsule.test", "pw"), profile, PIN, **{name: wrong})
+    client = ClientXMPP("alice@capsule.test", "pw")
+    attach(client, profile, PIN, rooms=None)  # unset: the default
+    assert capsule_of(client).options.rooms
+    assert cast(PluginManager, client.plugin).enabled("xep_0045")
     cast(PluginManager, client.plugin).disable("capsule")

@@ -187,7 +187,7 @@ async def test_an_oversized_envelope_is_refused(stream_cast: Cast, tmp_path: Pat
 
 async def test_a_bot_without_rooms_loads_no_muc_and_refuses_group_chat_both_ways(
         stream_cast: Cast, tmp_path: Path) -> None:
-    """``rooms=False`` (a fleet's bots that join no room: ten fewer handlers per stanza) must
+    """``rooms=False`` (a fleet's bots that join no room: nine fewer handlers per stanza) must
     not turn group chat into a path around the policy: refused, never let out or in clear."""
     alice, bob = stream_cast["alice"], stream_cast["bob"]
     capsule_ = seal_for(alice, [alice, bob], [body("to the room")],
@@ -201,6 +201,9 @@ async def test_a_bot_without_rooms_loads_no_muc_and_refuses_group_chat_both_ways
         assert _reasons(b) == ["envelope-mismatch"]
         with pytest.raises(PolicyViolation, match="rooms=False"):
             await b.capsule.send_groupchat(ROOM, "sealed for the room?")
+        with pytest.raises(PolicyViolation, match="rooms=False"):  # the explicit API too
+            await b.capsule.seal(b.xmpp.make_message(mto=JID(ROOM), mbody="x"),
+                                 [alice.jid], room=ROOM)
         b.xmpp.send_message(mto=JID(ROOM), mbody="in clear?", mtype="groupchat")
         await b.settle()
         assert [s for s in b.sent() if isinstance(s, Message)] == []

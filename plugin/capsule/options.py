@@ -24,6 +24,9 @@ ForwardSecrecy = Literal["prefer", "require"]
 FORWARD_SECRECY: tuple[ForwardSecrecy, ...] = ("prefer", "require")
 
 
+BOOLEANS = ("allow_insecure", "publish", "carbons", "rooms", "reconnect")
+
+
 @dataclass(frozen=True)
 class CapsuleOptions:
     profile: Path  # the profile file
@@ -61,8 +64,8 @@ class CapsuleOptions:
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> CapsuleOptions:
         """Check and convert the plugin config (ValueError for a bad policy, bad
-        ``endpoints`` or ``forward_secrecy='require'`` without ``policy='require'``,
-        ProfileError without a profile)."""
+        ``endpoints``, a switch that is not a bool, or ``forward_secrecy='require'`` without
+        ``policy='require'``; ProfileError without a profile)."""
         if config.get("policy") not in POLICIES:
             raise ValueError(f"capsule policy must be one of {POLICIES}, not "
                              f"{config.get('policy')!r}")
@@ -81,8 +84,10 @@ class CapsuleOptions:
         given["profile"] = Path(config["profile"])
         given["policy"] = cast(Policy, config["policy"])
         given["endpoints"] = _endpoints(given.get("endpoints", ()))
-        for name in ("allow_insecure", "publish", "carbons", "rooms", "reconnect"):
-            given[name] = bool(given.get(name, False))
+        for name in BOOLEANS:  # "false" from a config file must not mean True
+            if name in given and not isinstance(given[name], bool):
+                raise ValueError(f"capsule option {name} must be True or False, not "
+                                 f"{given[name]!r}")
         for name in ("skew", "max_age", "fetch_timeout", "outbox_limit", "max_envelope_bytes",
                      "max_envelope_depth", "session_rotate", "session_retention",
                      "session_refresh"):

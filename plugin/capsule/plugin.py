@@ -74,8 +74,9 @@ class XEP_Capsule(BasePlugin):
     # -- life cycle ------------------------------------------------------------
     def __init__(self, xmpp: ClientXMPP | ComponentXMPP, config: dict[str, Any] | None = None):
         super().__init__(xmpp, config)
-        if self.config.get("rooms") is False:  # no XEP-0045: its ten stanza handlers would
-            # match every stanza of a bot that joins no room (README, "Options")
+        if self.config.get("rooms") is False:  # no XEP-0045: its nine stanza handlers would
+            # match every stanza of a bot that joins no room (README, "Options"); a value
+            # that is not a bool is refused by plugin_init
             vars(self)["dependencies"] = self.dependencies - {"xep_0045"}
 
     def plugin_init(self) -> None:

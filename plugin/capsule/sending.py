@@ -62,6 +62,8 @@ class Sender:
         every recipient and we have valid session keys, else v0 (NoForwardSecrecy under
         ``forward_secrecy='require'``)."""
         self._check_usable()
+        if room is not None:
+            self._check_rooms(room)
         me = self.store.data.jid
         bare = list(dict.fromkeys(JID(r).bare for r in recipients))
         if not bare:
@@ -102,11 +104,14 @@ class Sender:
             return _wrap(msg, *await self._seal(content, self.occupants(room), room=room))
         return _wrap(msg, *await self._seal(content, recipients or [msg["to"].bare]))
 
-    def occupants(self, room: str) -> list[str]:
-        """:meth:`XEP_Capsule.occupants`."""
+    def _check_rooms(self, room: str) -> None:
         if not self.options.rooms:
             raise PolicyViolation(f"group chat is off for this bot (option rooms=False): "
-                                  f"nothing sent to {room}")
+                                  f"nothing sealed for {room}")
+
+    def occupants(self, room: str) -> list[str]:
+        """:meth:`XEP_Capsule.occupants`."""
+        self._check_rooms(room)
         muc = self.xmpp.plugin["xep_0045"]
         jids = []
         for nick in muc.get_roster(JID(room)):
