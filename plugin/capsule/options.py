@@ -24,9 +24,6 @@ ForwardSecrecy = Literal["prefer", "require"]
 FORWARD_SECRECY: tuple[ForwardSecrecy, ...] = ("prefer", "require")
 
 
-BOOLEANS = ("allow_insecure", "publish", "carbons", "rooms", "reconnect")
-
-
 @dataclass(frozen=True)
 class CapsuleOptions:
     profile: Path  # the profile file
@@ -94,6 +91,10 @@ class CapsuleOptions:
             if name in given:
                 given[name] = int(given[name])
         return cls(**given)
+
+
+# the switches, as the fields declare them (a value that is not a bool is refused)
+BOOLEANS = tuple(f.name for f in dataclasses.fields(CapsuleOptions) if f.type == "bool")
 
 
 def _endpoints(value: Any) -> tuple[tuple[str, int], ...]:
