@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import threading
 from pathlib import Path
 
@@ -148,6 +149,72 @@ async def test_acked_but_unconfirmed_is_sent_again_on_a_new_session_then_reporte
                f"<received xmlns='urn:xmpp:receipts' id='{out['id']}'/></message>")
         await a.settle()
         assert a.named("capsule_delivered") == []
+
+
+async def test_a_capsule_waiting_for_its_receipt_is_kept_as_text(
+        stream_cast: Cast, tmp_path: Path) -> None:
+    """A bot whose contact is away holds up to ``outbox_limit`` capsules for ``receipt_timeout``
+    seconds; as stanzas (some thirty objects each) every full collection of its process would
+    walk them (README, "Scaling out"). Once the server acked one, its text is kept instead, and
+    it is still sent again as the very capsule, and confirmed by its receipt."""
+    bob = stream_cast["bob"]
+    count = 100
+    async with stream_cast.pair(tmp_path, receipt_timeout=3) as (a, b):
+        record(a, "capsule_delivered")
+        await _enable_sm(a)
+        out = await capsule_from(a, bob.jid, "the first")
+        for i in range(count - 1):
+            await capsule_from(a, bob.jid, f"number {i}")
+        gc.collect()
+        before = len(gc.get_objects())
+        a.recv(f"<a xmlns='{SM}' h='{count}'/>")
+        await a.settle()
+        gc.collect()
+        assert len(a.capsule.outbox.pending) == count
+        assert before - len(gc.get_objects()) > 20 * count  # old code: as many as before
+        copies: list[Message] = []
+
+        def resent() -> bool:
+            copies.extend(capsules_in(a.sent()))
+            return len(copies) == count
+
+        await until(resent)  # halfway through the bound: every one of them again
+        [again] = [c for c in copies if c["id"] == out["id"]]
+        assert str(again) == str(out).replace(f' from="{a.xmpp.boundjid}"', "")
+        b.recv(out)
+        await b.settle()
+        [receipt] = receipts_in(b.sent())
+        receipt["from"] = b.xmpp.boundjid
+        a.recv(receipt)
+        await a.settle()
+        assert [d.stanza_id for d in a.named("capsule_delivered")] == [out["id"]]
+        assert len(a.capsule.outbox.pending) == count - 1
+
+
+async def test_the_apps_own_stanza_sent_again_is_still_that_capsule_once_kept_as_text(
+        stream_cast: Cast, tmp_path: Path) -> None:
+    """The outbox knows a capsule by its stanza; once only its text is kept, the app's own
+    stanza sent again is the same capsule (sent, no ``reused-id``), and after the capsule was
+    reported undelivered it is dropped, as before the text was kept."""
+    bob = stream_cast["bob"]
+    async with stream_cast.pair(tmp_path, receipt_timeout=1) as (a, _b):
+        record(a, "capsule_undelivered")
+        await _enable_sm(a)
+        msg = a.xmpp.make_message(mto=bob.jid, mbody="mine", mtype="chat")
+        msg["id"] = "app-1"
+        msg.send()
+        await a.settle()
+        [out] = capsules_in(a.sent())
+        a.recv(f"<a xmlns='{SM}' h='1'/>")
+        await a.settle()
+        msg.send()  # the app sends its (sealed) stanza once more
+        await a.settle()
+        assert [str(c) for c in capsules_in(a.sent())] == [str(out)] and a.errors() == []
+        await until(lambda: a.named("capsule_undelivered"))
+        a.sent()
+        msg.send()  # reported undelivered: never sent again, and no second error
+        await a.settle()
+        assert capsules_in(a.sent()) == [] and [e.reason for e in a.errors()] == ["undelivered"]
 
 
 async def test_rooms_get_no_receipt_request(stream_cast: Cast, tmp_path: Path) -> None:

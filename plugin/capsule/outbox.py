@@ -22,8 +22,10 @@ capsule is the identical stanza: the receiver drops the copy as a duplicate and 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import weakref
+import xml.etree.ElementTree as ET
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,13 +64,48 @@ class Delivered:
     peer: str
 
 
-@dataclass
+def _text(stanza: StanzaBase) -> str:
+    return ET.tostring(stanza.xml, encoding="unicode")
+
+
+def _digest(stanza: StanzaBase) -> bytes:
+    return hashlib.sha256(_text(stanza).encode()).digest()
+
+
+@dataclass(slots=True)
 class _Pending:
-    stanza: Message
+    # the stanza while it is on its way; once the server acked it, only its text (one string,
+    # which the collector never walks, where a stanza is some thirty objects): a bot whose
+    # contact is away holds up to `outbox_limit` capsules for `receipt_timeout` seconds
+    stanza: Message | None
     timer: asyncio.TimerHandle
     out: bool = False  # written to a stream or waiting for one: (re)sent on the next stream
     acked: bool = False  # by the server; a one-to-one capsule then waits for its receipt
     proof: bytes | None = None  # the receipt's expected proof (capsule.receipts.proof)
+    confirmed: bool = False  # a type that gets a receipt (receipts.confirmed)
+    text: str = ""  # the acked stanza, while `stanza` is None
+
+    def shelve(self) -> None:
+        """Keep only the text of a stanza nobody else holds any more (the server acked it)."""
+        if self.stanza is not None:
+            self.text, self.stanza = _text(self.stanza), None
+
+    def holds(self, msg: StanzaBase) -> bool:
+        """Whether ``msg`` is this very capsule: the stanza held, or (shelved) one with its
+        text, e.g. the app's own stanza sent again; the entry then follows that one."""
+        if self.stanza is msg:
+            return True
+        if self.stanza is None and isinstance(msg, Message) and _text(msg) == self.text:
+            self.stanza, self.text = msg, ""
+            return True
+        return False
+
+    def message(self, xmpp: BaseXMPP) -> Message:
+        """The stanza, made again from its text if shelved (to send once more or report)."""
+        if self.stanza is None:
+            self.stanza = Message(xmpp, ET.fromstring(self.text))  # noqa: S314 (our own text)
+            self.text = ""
+        return self.stanza
 
 
 class Outbox:
@@ -84,8 +121,9 @@ class Outbox:
         self.report = report
         self.pending: OrderedDict[Key, _Pending] = OrderedDict()
         # never to be sent again: the stanza given up, held weakly (its own resend is dropped;
-        # its id() would be another stanza's once it is freed, and that one would go unsent)
-        self._given_up: OrderedDict[Key, weakref.ref[Message]] = OrderedDict()
+        # its id() would be another stanza's once it is freed, and that one would go unsent),
+        # and the digest of its text, for a copy made from the text or the app's own again
+        self._given_up: OrderedDict[Key, tuple[weakref.ref[Message], bytes]] = OrderedDict()
         self._acked: OrderedDict[Key, None] = OrderedDict()  # room capsules, to report bounces
         self._ack_request: asyncio.Handle | None = None
         # one request for the server's ack unanswered at a time: one asked meanwhile waits
@@ -141,7 +179,7 @@ class Outbox:
             msg["id"] = self.xmpp.new_id()
         key = key_of(msg)
         entry = self.pending.get(key)
-        if (entry is not None and entry.stanza is msg) or self._is_given_up(key, msg):
+        if (entry is not None and entry.holds(msg)) or self._is_given_up(key, msg):
             return
         if entry is not None or key in self._given_up:
             raise ReusedId(f"stanza id {key[1]} to {key[0]} is "
@@ -151,7 +189,7 @@ class Outbox:
         message_key = receipts.take_key(msg)
         proof = receipts.proof(message_key, key[1], key[0]) if message_key else None
         timer = asyncio.get_event_loop().call_later(self.timeout, self._expire, key)
-        self.pending[key] = _Pending(msg, timer, proof=proof)
+        self.pending[key] = _Pending(msg, timer, proof=proof, confirmed=receipts.confirmed(msg))
         if len(self.pending) > self.limit:
             self._give_up(next(iter(self.pending)),
                           f"the outbox holds {self.limit} unacknowledged capsules already")
@@ -192,12 +230,18 @@ class Outbox:
     def _on_acked(self, stanza: StanzaBase) -> None:
         key = key_of(stanza)
         entry = self.pending.get(key) if isinstance(stanza, Message) else None
-        if entry is None or entry.acked:
+        if entry is None:
+            return
+        if entry.acked:  # a copy sent again, acked again
+            if entry.stanza is stanza:
+                entry.shelve()
             return
         peer, sid = key
         entry.timer.cancel()
-        if receipts.confirmed(entry.stanza):  # now the contact's receipt
+        if entry.confirmed:  # now the contact's receipt
             entry.acked = True
+            if entry.stanza is stanza:  # written and out of stream management's queue
+                entry.shelve()
             entry.timer = asyncio.get_event_loop().call_later(self.receipt_timeout / 2,
                                                               self._nudge, key)
         else:
@@ -210,7 +254,7 @@ class Outbox:
         with the proof that its reader opened it (any client there may answer a request)."""
         peer, sid = str(receipt["from"].bare), str(receipt["receipt"])
         entry = self.pending.get((peer, sid))
-        if entry is None or not receipts.confirmed(entry.stanza):
+        if entry is None or not entry.confirmed:
             log.debug("ignored a receipt from %s for %s: no such capsule to it", peer, sid)
             return
         if not isinstance(receipt, Message) or not receipts.proven(receipt, entry.proof):
@@ -218,7 +262,7 @@ class Outbox:
             log.debug("ignored a receipt from %s for %s without its proof", receipt["from"], sid)
             return
         if not entry.acked:  # the server's ack is on its way; the receipt implies it
-            self._on_acked(entry.stanza)
+            self._on_acked(entry.message(self.xmpp))
         del self.pending[(peer, sid)]
         entry.timer.cancel()
         self.xmpp.event("capsule_delivered", Delivered(sid, peer))
@@ -253,7 +297,7 @@ class Outbox:
         session's unacked stanzas)."""
         self._asking = self._ask_again = False  # a request on the old stream is not answered
         tracked = {id(stanza) for _seq, stanza in self.xmpp.plugin["xep_0198"].unacked_queue}
-        again = [e.stanza for e in self.pending.values()
+        again = [e.message(self.xmpp) for e in self.pending.values()
                  if e.out and id(e.stanza) not in tracked and (acked_too or not e.acked)]
         if again:
             log.info("sending %d unconfirmed capsules again", len(again))
@@ -269,7 +313,7 @@ class Outbox:
         key = (str(frm.bare), sid)
         if not frm.user and key not in self.pending:  # the addressee's server
             key = next((k for k, e in self.pending.items()
-                        if k[1] == sid and e.stanza["type"] != "groupchat"
+                        if k[1] == sid and e.confirmed
                         and JID(k[0]).domain == frm.domain), key)
         if key in self.pending:
             self._give_up(key, why)
@@ -288,27 +332,29 @@ class Outbox:
                                                           self._expire, key)
         if self.xmpp.transport is not None and self.xmpp.plugin["xep_0198"].enabled_out:
             self.resent += 1
-            self.xmpp.send(entry.stanza)
+            self.xmpp.send(entry.message(self.xmpp))
 
     def _expire(self, key: Key) -> None:
         entry = self.pending[key]
-        self._give_up(key, f"no receipt from {entry.stanza['to'].bare} within "
+        self._give_up(key, f"no receipt from {key[0]} within "
                            f"{self.receipt_timeout:g} s of the server's ack" if entry.acked else
                       f"not acknowledged by the server within {self.timeout:g} s")
 
     def _give_up(self, key: Key, why: str) -> None:
         entry = self.pending.pop(key)
         entry.timer.cancel()
-        self._remember(self._given_up, key, weakref.ref(entry.stanza))
+        stanza = entry.message(self.xmpp)
+        self._remember(self._given_up, key, (weakref.ref(stanza), _digest(stanza)))
         if self.xmpp.transport is None and not entry.acked:  # no resumption: slixmpp
             # would resend it (it holds what the server has not acked)
             self.xmpp.plugin["xep_0198"].sm_id = None
-        self.report(Undelivered(why), entry.stanza, str(entry.stanza["to"].bare))
+        self.report(Undelivered(why), stanza, key[0])
 
     def _is_given_up(self, key: Key, stanza: StanzaBase) -> bool:
         """Whether ``stanza`` is the very capsule reported undelivered under ``key``."""
         given_up = self._given_up.get(key)
-        return given_up is not None and given_up() is stanza
+        return given_up is not None and (given_up[0]() is stanza
+                                         or given_up[1] == _digest(stanza))
 
     def _remember(self, ids: OrderedDict[Key, Any], key: Key, value: Any) -> None:
         ids[key] = value
