@@ -217,6 +217,37 @@ async def test_the_apps_own_stanza_sent_again_is_still_that_capsule_once_kept_as
         assert capsules_in(a.sent()) == [] and [e.reason for e in a.errors()] == ["undelivered"]
 
 
+async def test_a_capsule_reported_undelivered_is_not_sent_again_on_a_resumed_stream(
+        stream_cast: Cast, tmp_path: Path) -> None:
+    """slixmpp resends the stanzas the server has not acked on a resumed stream, past the
+    plugin's filters: the copy sent halfway through the receipt bound, unacked when the
+    capsule was reported, must not go again (README: reported capsules are never sent again),
+    and the acks after it still count right."""
+    bob = stream_cast["bob"]
+    async with stream_cast.pair(tmp_path, receipt_timeout=1) as (a, _b):
+        record(a, "capsule_acked", "capsule_undelivered")
+        await _enable_sm(a)
+        out = await capsule_from(a, bob.jid, "halfway again")
+        a.recv(f"<a xmlns='{SM}' h='1'/>")
+        await a.settle()
+        await until(lambda: a.named("capsule_undelivered"))
+        assert [c["id"] for c in capsules_in(a.sent())] == [out["id"]]  # the copy, unacked
+        a.xmpp.event("disconnected", None)
+        await a.settle()
+        sm = a.xmpp.plugin["xep_0198"]
+        resume = sm.stanza.Resume(a.xmpp)  # what slixmpp sends on the new connection
+        resume["h"], resume["previd"] = sm.handled, "session-1"
+        resume.send()
+        await a.settle()
+        a.recv(f"<resumed xmlns='{SM}' h='1' previd='session-1'/>")
+        await a.settle()
+        assert capsules_in(a.sent()) == []
+        later = await capsule_from(a, bob.jid, "after the resumption")
+        a.recv(f"<a xmlns='{SM}' h='2'/>")  # the server's count: this one, not the copy
+        await a.settle()
+        assert [x.stanza_id for x in a.named("capsule_acked")] == [out["id"], later["id"]]
+
+
 async def test_rooms_get_no_receipt_request(stream_cast: Cast, tmp_path: Path) -> None:
     alice, bob = stream_cast["alice"], stream_cast["bob"]
     room = "room@muc.capsule.test"

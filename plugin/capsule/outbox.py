@@ -26,7 +26,7 @@ import hashlib
 import logging
 import weakref
 import xml.etree.ElementTree as ET
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -271,17 +271,37 @@ class Outbox:
         """The stream is gone: capsules slixmpp still queued for it come back here (it would
         write them to the next connection before the login); the rest stays in its queue."""
         self._asking = self._ask_again = False  # no answer comes on a dead stream
+        for msg in self._unqueue(lambda s: isinstance(s, Message) and key_of(s) in self.pending):
+            self.pending[key_of(msg)].out = True
+
+    def _unqueue(self, picked: Callable[[Any], bool]) -> list[Any]:
+        """Take the stanzas ``picked`` chooses out of slixmpp's send queue (the rest stay, in
+        their order)."""
         queue = self.xmpp.waiting_queue
-        kept = []
+        taken: list[Any] = []
+        kept: list[Any] = []
         while not queue.empty():
             item = queue.get_nowait()
             queue.task_done()
-            if isinstance(item[0], Message) and key_of(item[0]) in self.pending:
-                self.pending[key_of(item[0])].out = True
-            else:
-                kept.append(item)
+            (taken if picked(item[0]) else kept).append(item)
         for item in kept:
             queue.put_nowait(item)
+        return [stanza for stanza, _use_filters in taken]
+
+    def _drop_given_up(self) -> None:
+        """slixmpp resends what the server had not acked on a resumed stream past the filters
+        (``_on_wire``): a capsule reported undelivered meanwhile (a copy sent halfway through
+        the receipt bound, say) is taken back out, also from stream management's unacked
+        queue, which counts what the server acks (everything the server had is out of it:
+        the resumption's ack came first)."""
+        sm = self.xmpp.plugin["xep_0198"]
+        given_up = {id(stanza) for _seq, stanza in sm.unacked_queue
+                    if isinstance(stanza, Message) and self._is_given_up(key_of(stanza), stanza)}
+        if given_up:
+            self._unqueue(lambda s: id(s) in given_up)
+            sm.unacked_queue = deque(item for item in sm.unacked_queue
+                                     if id(item[1]) not in given_up)
+            log.info("not sending again %d capsules reported undelivered", len(given_up))
 
     def _resend_all(self, _event: Any) -> None:
         """A new session (the old one is lost, maybe with the server's memory): everything
@@ -290,6 +310,7 @@ class Outbox:
 
     def _resend_unacked(self, _event: Any) -> None:
         """A resumed session: the server kept what it acked."""
+        self._drop_given_up()
         self._resend(acked_too=False)
 
     def _resend(self, acked_too: bool) -> None:
