@@ -16,6 +16,9 @@ profiles use the light Argon2id parameters of the tests (8 MiB, 1 iteration).
 Sizes: CAPSULE_BENCH_BOTS (default 50,100,200,500). Printed, never asserted.
 
 CAPSULE_BENCH_GC_FREEZE=1: every fleet process calls gc.freeze() once logged in.
+CAPSULE_BENCH_GC=off: every fleet process calls gc.disable() once logged in (nothing the bots
+make is cyclic: every collection in our runs freed nothing), to tell the collector's share of
+a fall in the ratio from the bots' own work.
 CAPSULE_BENCH_ROOMS=0: the Capsule bots run with the plugin option rooms=False.
 
 A third bench logs in CAPSULE_BENCH_UNLOCK_BOTS (default 50) bots whose profiles have the

@@ -165,6 +165,8 @@ async def _program(spec_path: str) -> None:
     print(json.dumps(await fleet.log_in()), flush=True)
     if os.environ.get("CAPSULE_BENCH_GC_FREEZE"):  # what the logins made: never collected again
         gc.freeze()
+    if os.environ.get("CAPSULE_BENCH_GC") == "off":  # no collections at all from now on: what
+        gc.disable()  # grows with the bots then is the fleet's own work, not the collector's
     loop = asyncio.get_running_loop()
     while (line := await loop.run_in_executor(None, sys.stdin.readline)).strip():
         messages, run = line.split()  # each line: messages per bot and the run's tag, then go
