@@ -61,6 +61,17 @@ async def capsule_from(a: Stream, to: str, body: str) -> Message:
     return out
 
 
+async def receipt_back(capsule: Message, a: Stream, b: Stream) -> None:
+    """``b`` gets ``a``'s capsule; its receipt goes back to ``a``, as the servers route them."""
+    capsule["from"] = a.xmpp.boundjid
+    b.recv(capsule)
+    await b.settle()
+    [receipt] = receipts_in(b.sent())
+    receipt["from"] = b.xmpp.boundjid
+    a.recv(receipt)
+    await a.settle()
+
+
 def sent_messages(stream: Stream) -> list[Message]:
     return [s for s in stream.sent() if isinstance(s, Message)]
 

@@ -22,6 +22,7 @@ from tests.streams import (
     journal_writes,
     one_address,
     pair,
+    receipt_back,
     receipts_in,
     record,
     until,
@@ -40,17 +41,6 @@ def test_the_proof_binds_the_message_key_the_id_and_the_addressee() -> None:
                 receipts.proof(key, "id-2", "bob@capsule.test"),
                 receipts.proof(key, "id-1", "carol@capsule.test"),
                 receipts.proof(key, "id-1b", "ob@capsule.test")}) == 5  # no ambiguous framing
-
-
-async def _receipt_back(capsule: Message, a: Stream, b: Stream) -> None:
-    """``b`` gets ``a``'s capsule; its receipt goes back to ``a``, as the servers route them."""
-    capsule["from"] = a.xmpp.boundjid
-    b.recv(capsule)
-    await b.settle()
-    [receipt] = receipts_in(b.sent())
-    receipt["from"] = b.xmpp.boundjid
-    a.recv(receipt)
-    await a.settle()
 
 
 async def test_a_plain_clients_receipt_does_not_confirm_a_capsule(
@@ -76,7 +66,7 @@ async def test_a_plain_clients_receipt_does_not_confirm_a_capsule(
         await a.settle()
         assert [d.stanza_id for d in a.named("capsule_delivered")] == []
         assert a.capsule.outbox.unproven_receipts == 4 and (bob.jid, sid) in a.capsule.outbox.pending
-        await _receipt_back(out, a, b)
+        await receipt_back(out, a, b)
         assert [d.stanza_id for d in a.named("capsule_delivered")] == [sid]
 
 
@@ -104,7 +94,7 @@ async def test_ids_are_per_contact_and_a_reused_id_is_refused(
         assert capsules_in(a.sent()) == []
         [refused] = a.errors()
         assert (refused.reason, refused.stanza_id, refused.peer) == ("reused-id", "same", bob.jid)
-        await _receipt_back(to_bob, a, b)
+        await receipt_back(to_bob, a, b)
         assert [(d.peer, d.stanza_id) for d in a.named("capsule_delivered")] == [
             (bob.jid, "same")]  # carol's is still waiting for carol
         assert (carol.jid, "same") in a.capsule.outbox.pending
@@ -239,5 +229,5 @@ async def test_a_v1_capsule_is_confirmed_by_its_proof_only(stream_cast: Cast,
                + RECEIVED.format(sid=out["id"]) + "</message>")
         await a.settle()
         assert a.named("capsule_delivered") == [] and a.capsule.outbox.unproven_receipts == 1
-        await _receipt_back(out, a, b)
+        await receipt_back(out, a, b)
         assert [d.stanza_id for d in a.named("capsule_delivered")] == [out["id"]]

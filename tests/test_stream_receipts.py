@@ -24,6 +24,7 @@ from tests.streams import (
     capsule_from,
     capsules_in,
     journal_writes,
+    receipt_back,
     receipts_in,
     record,
     until,
@@ -151,12 +152,13 @@ async def test_acked_but_unconfirmed_is_sent_again_on_a_new_session_then_reporte
         assert a.named("capsule_delivered") == []
 
 
-async def test_a_capsule_waiting_for_its_receipt_is_kept_as_text(
+async def test_a_capsule_waiting_for_its_receipt_is_kept_as_its_xml(
         stream_cast: Cast, tmp_path: Path) -> None:
     """A bot whose contact is away holds up to ``outbox_limit`` capsules for ``receipt_timeout``
     seconds; as stanzas (some thirty objects each) every full collection of its process would
-    walk them (README, "Scaling out"). Once the server acked one, its text is kept instead, and
-    it is still sent again as the very capsule, and confirmed by its receipt."""
+    walk them (README, "Scaling out"). Once the server acked one, only its XML is kept (the
+    stanza object and its plugins' wrappers go), and it is still sent again as the very
+    capsule, and confirmed by its receipt."""
     bob = stream_cast["bob"]
     count = 100
     async with stream_cast.pair(tmp_path, receipt_timeout=3) as (a, b):
@@ -181,21 +183,16 @@ async def test_a_capsule_waiting_for_its_receipt_is_kept_as_text(
         await until(resent)  # halfway through the bound: every one of them again
         [again] = [c for c in copies if c["id"] == out["id"]]
         assert str(again) == str(out).replace(f' from="{a.xmpp.boundjid}"', "")
-        b.recv(out)
-        await b.settle()
-        [receipt] = receipts_in(b.sent())
-        receipt["from"] = b.xmpp.boundjid
-        a.recv(receipt)
-        await a.settle()
+        await receipt_back(out, a, b)
         assert [d.stanza_id for d in a.named("capsule_delivered")] == [out["id"]]
         assert len(a.capsule.outbox.pending) == count - 1
 
 
-async def test_the_apps_own_stanza_sent_again_is_still_that_capsule_once_kept_as_text(
+async def test_the_apps_own_stanza_sent_again_is_still_that_capsule_once_shelved(
         stream_cast: Cast, tmp_path: Path) -> None:
-    """The outbox knows a capsule by its stanza; once only its text is kept, the app's own
+    """The outbox knows a capsule by its XML; once only that is kept, the app's own
     stanza sent again is the same capsule (sent, no ``reused-id``), and after the capsule was
-    reported undelivered it is dropped, as before the text was kept."""
+    reported undelivered it is dropped."""
     bob = stream_cast["bob"]
     async with stream_cast.pair(tmp_path, receipt_timeout=1) as (a, _b):
         record(a, "capsule_undelivered")

@@ -22,7 +22,6 @@ capsule is the identical stanza: the receiver drops the copy as a duplicate and 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import weakref
 import xml.etree.ElementTree as ET
@@ -64,47 +63,33 @@ class Delivered:
     peer: str
 
 
-def _text(stanza: StanzaBase) -> str:
-    return ET.tostring(stanza.xml, encoding="unicode")
-
-
-def _digest(stanza: StanzaBase) -> bytes:
-    return hashlib.sha256(_text(stanza).encode()).digest()
-
-
 @dataclass(slots=True)
 class _Pending:
-    # the stanza while it is on its way; once the server acked it, only its text (one string,
-    # which the collector never walks, where a stanza is some thirty objects): a bot whose
-    # contact is away holds up to `outbox_limit` capsules for `receipt_timeout` seconds
+    # the stanza while it is on its way; once the server acked it, only its XML: the stanza
+    # object and its plugins' wrappers (half of its tracked objects, more for v0) are dropped,
+    # since a bot whose contact is away holds up to `outbox_limit` capsules for
+    # `receipt_timeout` seconds and every full collection of its process walks them
     stanza: Message | None
     timer: asyncio.TimerHandle
+    xml: ET.Element  # the capsule's stanza, in any of its wrappers: the capsule's identity
     out: bool = False  # written to a stream or waiting for one: (re)sent on the next stream
     acked: bool = False  # by the server; a one-to-one capsule then waits for its receipt
     proof: bytes | None = None  # the receipt's expected proof (capsule.receipts.proof)
     confirmed: bool = False  # a type that gets a receipt (receipts.confirmed)
-    text: str = ""  # the acked stanza, while `stanza` is None
 
     def shelve(self) -> None:
-        """Keep only the text of a stanza nobody else holds any more (the server acked it)."""
-        if self.stanza is not None:
-            self.text, self.stanza = _text(self.stanza), None
+        """Drop the stanza's wrappers (the server acked it): made again if it is sent again."""
+        self.stanza = None
 
     def holds(self, msg: StanzaBase) -> bool:
-        """Whether ``msg`` is this very capsule: the stanza held, or (shelved) one with its
-        text, e.g. the app's own stanza sent again; the entry then follows that one."""
-        if self.stanza is msg:
-            return True
-        if self.stanza is None and isinstance(msg, Message) and _text(msg) == self.text:
-            self.stanza, self.text = msg, ""
-            return True
-        return False
+        """Whether ``msg`` is this very capsule: any stanza of its XML (the app's own sent
+        again, a copy wrapped anew to be sent again)."""
+        return msg.xml is self.xml
 
     def message(self, xmpp: BaseXMPP) -> Message:
-        """The stanza, made again from its text if shelved (to send once more or report)."""
+        """The stanza, wrapped again if shelved (to send once more or report)."""
         if self.stanza is None:
-            self.stanza = Message(xmpp, ET.fromstring(self.text))  # noqa: S314 (our own text)
-            self.text = ""
+            self.stanza = Message(xmpp, self.xml)
         return self.stanza
 
 
@@ -121,9 +106,9 @@ class Outbox:
         self.report = report
         self.pending: OrderedDict[Key, _Pending] = OrderedDict()
         # never to be sent again: the stanza given up, held weakly (its own resend is dropped;
-        # its id() would be another stanza's once it is freed, and that one would go unsent),
-        # and the digest of its text, for a copy made from the text or the app's own again
-        self._given_up: OrderedDict[Key, tuple[weakref.ref[Message], bytes]] = OrderedDict()
+        # its id() would be another stanza's once it is freed, and that one would go unsent);
+        # its XML, which any wrapper of it shares (the app's own stanza, a copy from the shelf)
+        self._given_up: OrderedDict[Key, weakref.ref[ET.Element]] = OrderedDict()
         self._acked: OrderedDict[Key, None] = OrderedDict()  # room capsules, to report bounces
         self._ack_request: asyncio.Handle | None = None
         # one request for the server's ack unanswered at a time: one asked meanwhile waits
@@ -189,7 +174,8 @@ class Outbox:
         message_key = receipts.take_key(msg)
         proof = receipts.proof(message_key, key[1], key[0]) if message_key else None
         timer = asyncio.get_event_loop().call_later(self.timeout, self._expire, key)
-        self.pending[key] = _Pending(msg, timer, proof=proof, confirmed=receipts.confirmed(msg))
+        self.pending[key] = _Pending(msg, timer, msg.xml, proof=proof,
+                                     confirmed=receipts.confirmed(msg))
         if len(self.pending) > self.limit:
             self._give_up(next(iter(self.pending)),
                           f"the outbox holds {self.limit} unacknowledged capsules already")
@@ -233,15 +219,13 @@ class Outbox:
         if entry is None:
             return
         if entry.acked:  # a copy sent again, acked again
-            if entry.stanza is stanza:
-                entry.shelve()
+            entry.shelve()
             return
         peer, sid = key
         entry.timer.cancel()
         if entry.confirmed:  # now the contact's receipt
             entry.acked = True
-            if entry.stanza is stanza:  # written and out of stream management's queue
-                entry.shelve()
+            entry.shelve()
             entry.timer = asyncio.get_event_loop().call_later(self.receipt_timeout / 2,
                                                               self._nudge, key)
         else:
@@ -262,7 +246,7 @@ class Outbox:
             log.debug("ignored a receipt from %s for %s without its proof", receipt["from"], sid)
             return
         if not entry.acked:  # the server's ack is on its way; the receipt implies it
-            self._on_acked(entry.message(self.xmpp))
+            self.xmpp.event("capsule_acked", Acked(sid, peer))
         del self.pending[(peer, sid)]
         entry.timer.cancel()
         self.xmpp.event("capsule_delivered", Delivered(sid, peer))
@@ -317,9 +301,9 @@ class Outbox:
         """Send what went out or waited and xep_0198 does not track (it forgets a dead
         session's unacked stanzas)."""
         self._asking = self._ask_again = False  # a request on the old stream is not answered
-        tracked = {id(stanza) for _seq, stanza in self.xmpp.plugin["xep_0198"].unacked_queue}
+        tracked = {id(stanza.xml) for _seq, stanza in self.xmpp.plugin["xep_0198"].unacked_queue}
         again = [e.message(self.xmpp) for e in self.pending.values()
-                 if e.out and id(e.stanza) not in tracked and (acked_too or not e.acked)]
+                 if e.out and id(e.xml) not in tracked and (acked_too or not e.acked)]
         if again:
             log.info("sending %d unconfirmed capsules again", len(again))
         for msg in again:
@@ -365,7 +349,7 @@ class Outbox:
         entry = self.pending.pop(key)
         entry.timer.cancel()
         stanza = entry.message(self.xmpp)
-        self._remember(self._given_up, key, (weakref.ref(stanza), _digest(stanza)))
+        self._remember(self._given_up, key, weakref.ref(entry.xml))
         if self.xmpp.transport is None and not entry.acked:  # no resumption: slixmpp
             # would resend it (it holds what the server has not acked)
             self.xmpp.plugin["xep_0198"].sm_id = None
@@ -374,8 +358,7 @@ class Outbox:
     def _is_given_up(self, key: Key, stanza: StanzaBase) -> bool:
         """Whether ``stanza`` is the very capsule reported undelivered under ``key``."""
         given_up = self._given_up.get(key)
-        return given_up is not None and (given_up[0]() is stanza
-                                         or given_up[1] == _digest(stanza))
+        return given_up is not None and given_up() is stanza.xml
 
     def _remember(self, ids: OrderedDict[Key, Any], key: Key, value: Any) -> None:
         ids[key] = value
