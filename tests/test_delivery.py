@@ -55,9 +55,7 @@ async def test_server_killed_mid_burst(xmpp_stack, capsule_bot):
 
 def nid_of(bot: Any, peer: str, sid: str) -> str:
     """The nonce of a capsule just sent (still in the outbox): what the receiver reports."""
-    stanza = bot.capsule.outbox.pending[(peer, sid)].stanza
-    assert stanza is not None  # not acked yet: not shelved
-    element = wire.find(stanza.xml)
+    element = wire.find(bot.capsule.outbox.pending[(peer, sid)].xml)
     assert element is not None
     return wire.parse(element).header.nid.hex()
 
